@@ -1,0 +1,122 @@
+//! The admin endpoint: `/metrics` (Prometheus text), `/healthz` (the process serves),
+//! `/readyz` (listeners bound, identity loaded, not draining) and `/v1/status` (JSON: identity,
+//! listeners, open tunnels with what their handshakes negotiated), which `tapproof status` and the
+//! quickstart read.
+
+use crate::state::AgentState;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Where the agent actually listens (ports given as 0 in config are resolved here).
+#[derive(Debug, Clone, Serialize)]
+pub struct BoundAddresses {
+    pub admin: SocketAddr,
+    pub tunnel: Option<SocketAddr>,
+    pub outbound: Vec<BoundOutbound>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BoundOutbound {
+    pub service: String,
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone)]
+struct AdminState {
+    agent: Arc<AgentState>,
+    bound: Arc<BoundAddresses>,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    agent: Arc<AgentState>,
+    bound: BoundAddresses,
+    shutdown: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/status", get(status))
+        .with_state(AdminState {
+            agent,
+            bound: Arc::new(bound),
+        });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::warn!(error = %e, "admin endpoint stopped");
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    s.agent
+        .metrics
+        .cert_expiry_seconds
+        .set(s.agent.material.current().seconds_to_expiry());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.agent.metrics.encode(),
+    )
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.agent.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    id: String,
+    trust_domain: String,
+    ready: bool,
+    certificate: CertificateStatus,
+    listeners: Arc<BoundAddresses>,
+    tunnels: Vec<Arc<crate::state::TunnelStats>>,
+}
+
+#[derive(Serialize)]
+struct CertificateStatus {
+    serial: String,
+    not_before_unix: i64,
+    not_after_unix: i64,
+    seconds_to_expiry: i64,
+    bundle_roots: usize,
+    reloads: u64,
+}
+
+async fn status(State(s): State<AdminState>) -> impl IntoResponse {
+    let material = s.agent.material.current();
+    let svid = material.svid();
+    Json(Status {
+        id: svid.id.to_string(),
+        trust_domain: s.agent.config.trust_domain.to_string(),
+        ready: s.agent.ready.load(Ordering::Acquire),
+        certificate: CertificateStatus {
+            serial: svid.serial.clone(),
+            not_before_unix: svid.not_before,
+            not_after_unix: svid.not_after,
+            seconds_to_expiry: material.seconds_to_expiry(),
+            bundle_roots: material.root_count(),
+            reloads: s.agent.material.generation(),
+        },
+        listeners: s.bound.clone(),
+        tunnels: s.agent.tunnels(),
+    })
+}

@@ -1,0 +1,361 @@
+//! The agent's TOML configuration: plain typed data, parsed strictly (an unknown key is an error,
+//! not a silent default), then checked for the rules a type cannot express. Every error names the
+//! key it is about.
+
+use crate::policy::AllowPattern;
+use serde::{Deserialize, Deserializer};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tapproof_identity::{SpiffeId, TrustDomain};
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15000";
+pub const DEFAULT_TUNNEL_LISTEN: &str = "0.0.0.0:15008";
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_STREAMS: u32 = 4096;
+/// HTTP/2 flow-control windows: large, so that one stream can fill a fast link with some delay
+/// (window / RTT bounds a stream's throughput).
+pub const DEFAULT_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+pub const DEFAULT_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// HTTP/2 frame size: large frames mean fewer frame headers and fewer TLS records per byte.
+pub const DEFAULT_MAX_FRAME: u32 = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The SPIFFE trust domain every peer and our own identity must belong to.
+    #[serde(deserialize_with = "de_from_str")]
+    pub trust_domain: TrustDomain,
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
+    #[serde(default)]
+    pub inbound: Vec<InboundConfig>,
+    #[serde(default)]
+    pub outbound: Vec<OutboundConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Certificate chain, leaf first; the leaf carries exactly one spiffe:// URI SAN.
+    pub cert: PathBuf,
+    /// The leaf's private key, mode 0600.
+    pub key: PathBuf,
+    /// Trusted roots of the trust domain.
+    pub bundle: PathBuf,
+    /// How often the three files are checked for changes.
+    #[serde(default = "default_reload_interval", deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// /metrics, /healthz, /readyz and /v1/status. Plain HTTP: keep it on loopback.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// Where peers' tunnels arrive (only bound when there is an [[inbound]]).
+    #[serde(default = "default_tunnel_listen")]
+    pub listen: SocketAddr,
+    /// Refuse handshakes that did not use X25519MLKEM768.
+    #[serde(default)]
+    pub require_post_quantum: bool,
+    #[serde(default = "default_handshake_timeout", deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    /// For TCP connects, to peers and to `forward` addresses.
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// On SIGTERM, how long open streams may run before the agent exits anyway.
+    #[serde(default = "default_drain_timeout", deserialize_with = "de_duration")]
+    pub drain_timeout: Duration,
+    /// Streams one tunnel carries at once; further app connections wait for a slot.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+    #[serde(default = "default_stream_window")]
+    pub stream_window: u32,
+    #[serde(default = "default_connection_window")]
+    pub connection_window: u32,
+    #[serde(default = "default_max_frame")]
+    pub max_frame_size: u32,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_tunnel_listen(),
+            require_post_quantum: false,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_concurrent_streams: DEFAULT_MAX_STREAMS,
+            stream_window: DEFAULT_STREAM_WINDOW,
+            connection_window: DEFAULT_CONNECTION_WINDOW,
+            max_frame_size: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// The name peers ask for (the CONNECT authority).
+    pub service: String,
+    /// The local plaintext address streams are joined to.
+    pub forward: SocketAddr,
+    /// SPIFFE IDs that may open this service: exact IDs, or a prefix ending in `/*`.
+    #[serde(default)]
+    pub allow: Vec<AllowPattern>,
+    /// Permit a `forward` address off this host (its traffic then crosses a network in plaintext).
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// The plaintext side, where local apps connect.
+    pub listen: SocketAddr,
+    /// The service asked for at the peer.
+    pub service: String,
+    /// Peer agents' tunnel addresses, tried in turn.
+    pub peers: Vec<SocketAddr>,
+    /// The identity the peer agent must prove.
+    #[serde(deserialize_with = "de_from_str")]
+    pub server_id: SpiffeId,
+    /// Permit a `listen` address reachable from the network (plaintext accepted from off-host).
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN.parse().expect("constant is a valid address")
+}
+fn default_tunnel_listen() -> SocketAddr {
+    DEFAULT_TUNNEL_LISTEN
+        .parse()
+        .expect("constant is a valid address")
+}
+fn default_reload_interval() -> Duration {
+    DEFAULT_RELOAD_INTERVAL
+}
+fn default_handshake_timeout() -> Duration {
+    DEFAULT_HANDSHAKE_TIMEOUT
+}
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_drain_timeout() -> Duration {
+    DEFAULT_DRAIN_TIMEOUT
+}
+fn default_max_streams() -> u32 {
+    DEFAULT_MAX_STREAMS
+}
+fn default_stream_window() -> u32 {
+    DEFAULT_STREAM_WINDOW
+}
+fn default_connection_window() -> u32 {
+    DEFAULT_CONNECTION_WINDOW
+}
+fn default_max_frame() -> u32 {
+    DEFAULT_MAX_FRAME
+}
+
+fn de_from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("{e} (write durations like \"500ms\", \"30s\", \"5m\")"))
+    })
+}
+
+/// Service names travel as the CONNECT authority and become `spiffe://<td>/svc/<name>`, so they
+/// follow the SPIFFE path-segment alphabet.
+pub fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        if self.identity.reload_interval.is_zero() {
+            return Err(invalid(
+                "identity.reload_interval".into(),
+                "must be more than zero".into(),
+            ));
+        }
+        let t = &self.tunnel;
+        if !(16_384..=16_777_215).contains(&t.max_frame_size) {
+            return Err(invalid(
+                "tunnel.max_frame_size".into(),
+                "must be between 16384 and 16777215 (HTTP/2 limits)".into(),
+            ));
+        }
+        for (key, v) in [
+            ("tunnel.stream_window", t.stream_window),
+            ("tunnel.connection_window", t.connection_window),
+        ] {
+            if !(65_535..=2_147_483_647).contains(&v) {
+                return Err(invalid(
+                    key.into(),
+                    "must be between 65535 and 2147483647 (HTTP/2 limits)".into(),
+                ));
+            }
+        }
+        if t.max_concurrent_streams == 0 {
+            return Err(invalid(
+                "tunnel.max_concurrent_streams".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        let mut services = HashSet::new();
+        for (i, inbound) in self.inbound.iter().enumerate() {
+            let key = |k: &str| format!("inbound[{i}].{k}");
+            if !valid_service_name(&inbound.service) {
+                return Err(invalid(
+                    key("service"),
+                    format!(
+                        "{:?} is not a valid service name (letters, digits, '.', '-', '_')",
+                        inbound.service
+                    ),
+                ));
+            }
+            if !services.insert(inbound.service.as_str()) {
+                return Err(invalid(
+                    key("service"),
+                    format!("service {:?} is configured twice", inbound.service),
+                ));
+            }
+            if !inbound.forward.ip().is_loopback() && !inbound.allow_non_loopback {
+                return Err(invalid(key("forward"), format!("{} is not a loopback address: the plaintext leg would cross a network; set allow_non_loopback = true to accept that", inbound.forward)));
+            }
+            if inbound.allow.is_empty() {
+                return Err(invalid(
+                    key("allow"),
+                    "is empty, so no peer could use this service; list the SPIFFE IDs that may".into(),
+                ));
+            }
+            for (j, pattern) in inbound.allow.iter().enumerate() {
+                if pattern.trust_domain() != &self.trust_domain {
+                    return Err(invalid(
+                        format!("inbound[{i}].allow[{j}]"),
+                        format!(
+                            "{pattern} is not in trust domain {}; it could never match",
+                            self.trust_domain
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut listens = HashSet::new();
+        for (i, outbound) in self.outbound.iter().enumerate() {
+            let key = |k: &str| format!("outbound[{i}].{k}");
+            if !valid_service_name(&outbound.service) {
+                return Err(invalid(
+                    key("service"),
+                    format!(
+                        "{:?} is not a valid service name (letters, digits, '.', '-', '_')",
+                        outbound.service
+                    ),
+                ));
+            }
+            if !outbound.listen.ip().is_loopback() && !outbound.allow_non_loopback {
+                return Err(invalid(key("listen"), format!("{} is not a loopback address: apps off this host could send plaintext to it; set allow_non_loopback = true to accept that", outbound.listen)));
+            }
+            if outbound.listen.port() != 0 && !listens.insert(outbound.listen) {
+                return Err(invalid(
+                    key("listen"),
+                    format!("{} is used by another [[outbound]]", outbound.listen),
+                ));
+            }
+            if outbound.peers.is_empty() {
+                return Err(invalid(
+                    key("peers"),
+                    "is empty; list at least one peer agent's tunnel address".into(),
+                ));
+            }
+            if outbound.server_id.trust_domain() != &self.trust_domain {
+                return Err(invalid(
+                    key("server_id"),
+                    format!(
+                        "{} is not in trust domain {}",
+                        outbound.server_id, self.trust_domain
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

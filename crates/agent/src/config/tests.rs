@@ -1,0 +1,144 @@
+use super::*;
+
+const EXAMPLE: &str = r#"
+trust_domain = "example.org"
+[identity]
+cert = "/etc/tapproof/node.pem"
+key = "/etc/tapproof/node.key"
+bundle = "/etc/tapproof/bundle.pem"
+[admin]
+listen = "127.0.0.1:15000"
+[tunnel]
+listen = "0.0.0.0:15008"
+require_post_quantum = false
+[[inbound]]
+service = "db"
+forward = "127.0.0.1:5432"
+allow = ["spiffe://example.org/node/web-1", "spiffe://example.org/svc/*"]
+[[outbound]]
+listen = "127.0.0.1:15432"
+service = "db"
+peers = ["10.0.0.2:15008"]
+server_id = "spiffe://example.org/node/db-1"
+"#;
+
+fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+    AgentConfig::parse(Path::new("agent.toml"), text)
+}
+
+fn err(text: &str) -> String {
+    parse(text).unwrap_err().to_string()
+}
+
+#[test]
+fn parses_the_documented_example() {
+    let c = parse(EXAMPLE).unwrap();
+    assert_eq!(c.trust_domain.as_str(), "example.org");
+    assert_eq!(c.inbound[0].allow.len(), 2);
+    assert_eq!(
+        c.outbound[0].server_id.to_string(),
+        "spiffe://example.org/node/db-1"
+    );
+    assert_eq!(c.tunnel.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    assert_eq!(c.identity.reload_interval, DEFAULT_RELOAD_INTERVAL);
+}
+
+#[test]
+fn defaults_apply_when_sections_are_missing() {
+    let c = parse("trust_domain = \"example.org\"\n[identity]\ncert = \"a\"\nkey = \"b\"\nbundle = \"c\"\n")
+        .unwrap();
+    assert_eq!(c.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+    assert_eq!(c.tunnel.listen.to_string(), DEFAULT_TUNNEL_LISTEN);
+    assert!(c.inbound.is_empty() && c.outbound.is_empty());
+}
+
+#[test]
+fn parses_durations() {
+    let text = EXAMPLE.replace(
+        "require_post_quantum = false",
+        "drain_timeout = \"1m 30s\"\nhandshake_timeout = \"250ms\"",
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.tunnel.drain_timeout, Duration::from_secs(90));
+    assert_eq!(c.tunnel.handshake_timeout, Duration::from_millis(250));
+    let e = err(&EXAMPLE.replace("require_post_quantum = false", "drain_timeout = \"soon\""));
+    assert!(e.contains("drain_timeout") && e.contains("30s"), "{e}");
+}
+
+#[test]
+fn unknown_keys_are_errors_that_name_the_key() {
+    let e = err(&EXAMPLE.replace("require_post_quantum", "require_postquantum"));
+    assert!(e.contains("require_postquantum"), "{e}");
+    let e = err(&format!("{EXAMPLE}\nfoo = 1\n"));
+    assert!(e.contains("foo"), "{e}");
+}
+
+#[test]
+fn bad_values_are_errors_that_name_the_key() {
+    let cases = [
+        (EXAMPLE.replace("127.0.0.1:5432", "localhost:5432"), "forward"),
+        (
+            EXAMPLE.replace("\"example.org\"", "\"Example.org\""),
+            "trust_domain",
+        ),
+        (
+            EXAMPLE.replace("spiffe://example.org/node/db-1", "https://db-1"),
+            "server_id",
+        ),
+        (EXAMPLE.replace("10.0.0.2:15008", "10.0.0.2"), "peers"),
+    ];
+    for (text, key) in cases {
+        let e = err(&text);
+        assert!(e.contains(key), "{key}: {e}");
+    }
+    let e = err(&EXAMPLE.replace("spiffe://example.org/svc/*", "spiffe://example.org/svc/**"));
+    assert!(e.contains("allow") || e.contains("svc/**"), "{e}");
+}
+
+#[test]
+fn semantic_rules_name_the_key() {
+    let cases = [
+        (
+            EXAMPLE.replace("127.0.0.1:5432", "10.1.1.1:5432"),
+            "inbound[0].forward",
+        ),
+        (
+            EXAMPLE.replace("127.0.0.1:15432", "0.0.0.0:15432"),
+            "outbound[0].listen",
+        ),
+        (EXAMPLE.replace("[\"10.0.0.2:15008\"]", "[]"), "outbound[0].peers"),
+        (
+            EXAMPLE.replace("spiffe://example.org/node/db-1", "spiffe://other.org/node/db-1"),
+            "outbound[0].server_id",
+        ),
+        (
+            EXAMPLE.replace("spiffe://example.org/node/web-1", "spiffe://other.org/node/web-1"),
+            "inbound[0].allow[0]",
+        ),
+        (
+            EXAMPLE.replace("service = \"db\"\nforward", "service = \"d b\"\nforward"),
+            "inbound[0].service",
+        ),
+        (
+            EXAMPLE.replace(
+                "allow = [\"spiffe://example.org/node/web-1\", \"spiffe://example.org/svc/*\"]",
+                "allow = []",
+            ),
+            "inbound[0].allow",
+        ),
+    ];
+    for (text, key) in cases {
+        let e = err(&text);
+        assert!(e.contains(key), "{key}: {e}");
+    }
+    let twice = format!("{EXAMPLE}\n[[inbound]]\nservice = \"db\"\nforward = \"127.0.0.1:1\"\nallow = [\"spiffe://example.org/a\"]\n");
+    assert!(err(&twice).contains("configured twice"));
+}
+
+#[test]
+fn overrides_permit_non_loopback_plaintext_legs() {
+    let text = EXAMPLE
+        .replace("127.0.0.1:5432\"", "10.1.1.1:5432\"\nallow_non_loopback = true")
+        .replace("127.0.0.1:15432\"", "0.0.0.0:15432\"\nallow_non_loopback = true");
+    parse(&text).unwrap();
+}

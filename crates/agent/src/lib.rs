@@ -1,0 +1,157 @@
+//! The tapproof agent, the data plane: outbound listeners take plaintext from local apps and
+//! carry each connection as an HTTP/2 CONNECT stream over a pooled mutual-TLS 1.3 tunnel to the
+//! peer agent; the inbound tunnel listener verifies the peer's SPIFFE identity, checks policy per
+//! stream and forwards to the local service. Never plaintext off the host.
+
+pub mod admin;
+pub mod config;
+mod copy;
+mod drain;
+mod inbound;
+pub mod metrics;
+mod outbound;
+pub mod policy;
+mod pool;
+mod state;
+
+pub use admin::{BoundAddresses, BoundOutbound};
+pub use config::{AgentConfig, ConfigError};
+pub use state::AgentState;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tapproof_tls::{IdentityFiles, MaterialError, ReloadingMaterial};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("identity: {0}")]
+    Identity(#[from] MaterialError),
+    #[error("{key} = {addr}: cannot listen: {source}")]
+    Bind {
+        key: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot write ready file {path}: {source}")]
+    ReadyFile { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    /// Written (atomically) with the bound addresses as JSON once every listener is up.
+    pub ready_file: Option<PathBuf>,
+}
+
+async fn bind(key: String, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind { key, addr, source })
+}
+
+fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(fallback)
+}
+
+/// Loads the identity, binds every listener, serves until `shutdown` resolves, then drains.
+pub async fn run(
+    config: AgentConfig,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let files = IdentityFiles {
+        cert: config.identity.cert.clone(),
+        key: config.identity.key.clone(),
+        bundle: config.identity.bundle.clone(),
+    };
+    let material = ReloadingMaterial::load(files, config.trust_domain.clone())?;
+    let admin_listener = bind("admin.listen".into(), config.admin.listen).await?;
+    let tunnel_listener = if config.inbound.is_empty() {
+        None
+    } else {
+        Some(bind("tunnel.listen".into(), config.tunnel.listen).await?)
+    };
+    let mut outbound_listeners = Vec::new();
+    for (i, o) in config.outbound.iter().enumerate() {
+        outbound_listeners.push(bind(format!("outbound[{i}].listen"), o.listen).await?);
+    }
+    let bound = BoundAddresses {
+        admin: local(&admin_listener, config.admin.listen),
+        tunnel: tunnel_listener.as_ref().map(|l| local(l, config.tunnel.listen)),
+        outbound: config
+            .outbound
+            .iter()
+            .zip(&outbound_listeners)
+            .map(|(o, l)| BoundOutbound {
+                service: o.service.clone(),
+                listen: local(l, o.listen),
+            })
+            .collect(),
+    };
+
+    let state = Arc::new(AgentState::new(config, material));
+    let stop = CancellationToken::new();
+    let streams = TaskTracker::new();
+    let material = state.material.current();
+    info!(id = %material.id(), serial = %material.svid().serial, expires_in_s = material.seconds_to_expiry(),
+          admin = %bound.admin, tunnel = ?bound.tunnel, outbound = ?bound.outbound, "agent listening");
+    state
+        .metrics
+        .cert_expiry_seconds
+        .set(material.seconds_to_expiry());
+
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        state.clone(),
+        bound.clone(),
+        admin_stop.clone(),
+    ));
+    tokio::spawn(drain::reload_loop(state.clone(), stop.clone()));
+    let mut serving = Vec::new();
+    if let Some(listener) = tunnel_listener {
+        serving.push(tokio::spawn(inbound::serve(
+            listener,
+            state.clone(),
+            stop.clone(),
+            streams.clone(),
+        )));
+    }
+    for (listener, outbound) in outbound_listeners.into_iter().zip(state.config.outbound.clone()) {
+        serving.push(tokio::spawn(outbound::serve(
+            listener,
+            outbound,
+            state.clone(),
+            stop.clone(),
+            streams.clone(),
+        )));
+    }
+    state.ready.store(true, Ordering::Release);
+    if let Some(path) = &options.ready_file {
+        write_ready_file(path, &bound).map_err(|source| AgentError::ReadyFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+
+    shutdown.await;
+    drain::drain(&state, stop, streams, serving).await;
+    admin_stop.cancel();
+    let _ = admin.await;
+    Ok(())
+}
+
+fn write_ready_file(path: &std::path::Path, bound: &BoundAddresses) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(bound).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, path)
+}

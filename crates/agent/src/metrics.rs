@@ -1,0 +1,160 @@
+//! Prometheus metrics of the agent, served at the admin `/metrics`.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Which side of a tunnel: we accepted it (`inbound`) or opened it (`outbound`).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Side {
+    Inbound,
+    Outbound,
+}
+
+/// Bytes flow: from the local app into the tunnel, or out of the tunnel to the local app.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Flow {
+    AppToTunnel,
+    TunnelToApp,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SideLabel {
+    pub side: Side,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub side: Side,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub side: Side,
+    pub flow: Flow,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub service: String,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub side: Side,
+    pub service: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub tunnels: Family<SideLabel, Counter>,
+    pub tunnels_open: Family<SideLabel, Gauge>,
+    pub streams: Family<ServiceLabels, Counter>,
+    pub streams_open: Family<SideLabel, Gauge>,
+    pub stream_failures: Family<FailureLabels, Counter>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub handshakes: Family<SideLabel, Counter>,
+    pub handshake_failures: Family<FailureLabels, Counter>,
+    pub tunnel_errors: Family<FailureLabels, Counter>,
+    pub policy_denials: Family<DenialLabels, Counter>,
+    pub cert_expiry_seconds: Gauge,
+    pub cert_reloads: Counter,
+    pub cert_reload_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tapproof");
+        let m = Self {
+            tunnels: Family::default(),
+            tunnels_open: Family::default(),
+            streams: Family::default(),
+            streams_open: Family::default(),
+            stream_failures: Family::default(),
+            bytes: Family::default(),
+            handshakes: Family::default(),
+            handshake_failures: Family::default(),
+            tunnel_errors: Family::default(),
+            policy_denials: Family::default(),
+            cert_expiry_seconds: Gauge::default(),
+            cert_reloads: Counter::default(),
+            cert_reload_failures: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("tunnels", "TLS tunnel connections established", m.tunnels.clone());
+        registry.register(
+            "tunnels_open",
+            "TLS tunnel connections open now",
+            m.tunnels_open.clone(),
+        );
+        registry.register(
+            "streams",
+            "Streams (one per app connection) carried",
+            m.streams.clone(),
+        );
+        registry.register("streams_open", "Streams open now", m.streams_open.clone());
+        registry.register(
+            "stream_failures",
+            "App connections or streams that failed, by reason",
+            m.stream_failures.clone(),
+        );
+        registry.register("bytes", "Payload bytes carried, by flow", m.bytes.clone());
+        registry.register("handshakes", "Completed TLS handshakes", m.handshakes.clone());
+        registry.register(
+            "handshake_failures",
+            "Failed TLS handshakes, by reason",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "tunnel_errors",
+            "Tunnels closed by a protocol error after the handshake",
+            m.tunnel_errors.clone(),
+        );
+        registry.register(
+            "policy_denials",
+            "Streams refused by policy or for an unknown service",
+            m.policy_denials.clone(),
+        );
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until this agent's certificate expires",
+            m.cert_expiry_seconds.clone(),
+        );
+        registry.register(
+            "certificate_reloads",
+            "Identity files re-read and swapped in",
+            m.cert_reloads.clone(),
+        );
+        registry.register(
+            "certificate_reload_failures",
+            "Changed identity files that failed checks (old identity kept)",
+            m.cert_reload_failures.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn handshake_failed(&self, side: Side, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&FailureLabels { side, reason })
+            .inc();
+    }
+
+    pub fn stream_failed(&self, side: Side, reason: &'static str) {
+        self.stream_failures
+            .get_or_create(&FailureLabels { side, reason })
+            .inc();
+    }
+}

@@ -1,0 +1,147 @@
+//! The plaintext side: each app connection accepted on an outbound listener becomes one HTTP/2
+//! CONNECT stream, on the pooled tunnel, to the peer agent that fronts the service.
+
+use crate::config::OutboundConfig;
+use crate::copy::splice;
+use crate::metrics::{ServiceLabels, Side, SideLabel};
+use crate::pool::{Pool, Tunnel};
+use crate::state::AgentState;
+use http::{Method, Request, StatusCode};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+pub async fn serve(
+    listener: TcpListener,
+    outbound: OutboundConfig,
+    state: Arc<AgentState>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let pool = Arc::new(Pool::new(outbound.clone(), state.clone()));
+    let outbound = Arc::new(outbound);
+    loop {
+        let (tcp, app) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(service = %outbound.service, error = %e, "outbound listener: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (pool, state, outbound) = (pool.clone(), state.clone(), outbound.clone());
+        tracker.spawn(async move { connection(tcp, app, pool, outbound, state).await });
+    }
+}
+
+/// Opens a stream, retrying once on a fresh tunnel when the pooled one turns out to be gone
+/// (the peer restarted or sent GOAWAY while draining).
+async fn open_stream(
+    pool: &Pool,
+    service: &str,
+) -> Result<(Tunnel, h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>), String> {
+    let mut last = String::new();
+    for _ in 0..2 {
+        let tunnel = pool.tunnel().await.map_err(|e| e.to_string())?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(service)
+            .body(())
+            .map_err(|e| format!("bad service name {service:?}: {e}"))?;
+        let ready = tunnel.sender.clone().ready().await;
+        match ready.and_then(|mut s| s.send_request(request, false)) {
+            Ok((response, send)) => return Ok((tunnel, response, send)),
+            Err(e) => {
+                tunnel.mark_dead();
+                last = e.to_string();
+            }
+        }
+    }
+    Err(format!("tunnel unusable: {last}"))
+}
+
+async fn connection(
+    tcp: TcpStream,
+    app: SocketAddr,
+    pool: Arc<Pool>,
+    outbound: Arc<OutboundConfig>,
+    state: Arc<AgentState>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let metrics = &state.metrics;
+    let service = outbound.service.as_str();
+    let wait = state.config.tunnel.connect_timeout + state.config.tunnel.handshake_timeout;
+    let (tunnel, response, send) = match timeout(wait, open_stream(&pool, service)).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(e)) => {
+            metrics.stream_failed(Side::Outbound, "no_tunnel");
+            warn!(%app, service, error = %e, "outbound: app connection closed, no tunnel");
+            return;
+        }
+        Err(_) => {
+            metrics.stream_failed(Side::Outbound, "timeout");
+            warn!(%app, service, "outbound: app connection closed, no tunnel in time");
+            return;
+        }
+    };
+    let response = match timeout(wait, response).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            metrics.stream_failed(Side::Outbound, "stream_error");
+            warn!(%app, service, error = %e, "outbound: stream failed before an answer");
+            return;
+        }
+        Err(_) => {
+            metrics.stream_failed(Side::Outbound, "timeout");
+            warn!(%app, service, "outbound: peer did not answer the stream in time");
+            return;
+        }
+    };
+    if response.status() != StatusCode::OK {
+        let reason = match response.status() {
+            StatusCode::FORBIDDEN => "denied_by_peer",
+            StatusCode::NOT_FOUND => "unknown_service_at_peer",
+            _ => "refused_by_peer",
+        };
+        metrics.stream_failed(Side::Outbound, reason);
+        warn!(%app, service, status = %response.status(), peer_id = %tunnel.stats.peer_id, "outbound: peer refused the stream");
+        return;
+    }
+    metrics
+        .streams
+        .get_or_create(&ServiceLabels {
+            side: Side::Outbound,
+            service: service.to_owned(),
+        })
+        .inc();
+    let open = metrics
+        .streams_open
+        .get_or_create(&SideLabel { side: Side::Outbound })
+        .clone();
+    open.inc();
+    tunnel.stats.streams_total.fetch_add(1, Ordering::Relaxed);
+    tunnel.stats.streams_open.fetch_add(1, Ordering::Relaxed);
+    let result = splice(
+        tcp,
+        send,
+        response.into_body(),
+        Side::Outbound,
+        metrics,
+        &tunnel.stats,
+    )
+    .await;
+    tunnel.stats.streams_open.fetch_sub(1, Ordering::Relaxed);
+    open.dec();
+    if let Err(e) = result {
+        metrics.stream_failed(Side::Outbound, "reset");
+        debug!(%app, service, error = %e, "outbound: stream ended with error");
+    }
+}

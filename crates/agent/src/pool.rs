@@ -1,0 +1,195 @@
+//! One long-lived TLS connection per outbound, shared by all its app connections as HTTP/2
+//! streams: one handshake, not one per app connection. When the connection dies the next app
+//! connection dials again, trying each peer in turn; after every peer failed, new attempts wait
+//! out an exponential backoff so a dead peer is not hammered.
+
+use crate::config::OutboundConfig;
+use crate::metrics::{Side, SideLabel};
+use crate::state::{AgentState, TunnelStats};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use rand::Rng;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tapproof_tls::{client_session, connect, failure_reason, ClientTls};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio::time::{timeout, Instant};
+use tracing::{info, warn};
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no peer of service {service} could be reached (last error: {last})")]
+    AllPeersFailed { service: String, last: String },
+    #[error("cannot build TLS configuration: {0}")]
+    Tls(String),
+}
+
+#[derive(Clone)]
+pub struct Tunnel {
+    pub sender: SendRequest<Bytes>,
+    pub stats: Arc<TunnelStats>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Tunnel {
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    pub fn mark_dead(&self) {
+        self.alive.store(false, Ordering::Release);
+    }
+}
+
+struct Inner {
+    current: Option<Tunnel>,
+    next_peer: usize,
+    failures: u32,
+    retry_at: Option<Instant>,
+    tls: Option<(u64, ClientTls)>,
+}
+
+pub struct Pool {
+    outbound: OutboundConfig,
+    state: Arc<AgentState>,
+    inner: Mutex<Inner>,
+}
+
+impl Pool {
+    pub fn new(outbound: OutboundConfig, state: Arc<AgentState>) -> Self {
+        Self {
+            outbound,
+            state,
+            inner: Mutex::new(Inner {
+                current: None,
+                next_peer: 0,
+                failures: 0,
+                retry_at: None,
+                tls: None,
+            }),
+        }
+    }
+
+    /// A live tunnel, dialling one if needed. Callers serialise on the lock, so a burst of app
+    /// connections leads to one handshake.
+    pub async fn tunnel(&self) -> Result<Tunnel, PoolError> {
+        let mut inner = self.inner.lock().await;
+        if let Some(t) = &inner.current {
+            if t.is_alive() {
+                return Ok(t.clone());
+            }
+        }
+        inner.current = None;
+        if let Some(at) = inner.retry_at {
+            tokio::time::sleep_until(at).await;
+        }
+        let generation = self.state.material.generation();
+        let tls = match &inner.tls {
+            Some((g, tls)) if *g == generation => tls.clone(),
+            _ => {
+                let (g, tls) = self
+                    .state
+                    .client_tls(&self.outbound.server_id)
+                    .map_err(|e| PoolError::Tls(e.to_string()))?;
+                inner.tls = Some((g, tls.clone()));
+                tls
+            }
+        };
+        let peers = &self.outbound.peers;
+        let mut last = String::new();
+        for i in 0..peers.len() {
+            let index = (inner.next_peer + i) % peers.len();
+            match self.dial(peers[index], &tls).await {
+                Ok(t) => {
+                    inner.next_peer = index;
+                    inner.failures = 0;
+                    inner.retry_at = None;
+                    inner.current = Some(t.clone());
+                    return Ok(t);
+                }
+                Err(e) => {
+                    warn!(service = %self.outbound.service, peer = %peers[index], error = %e, "outbound: peer unreachable");
+                    last = e;
+                }
+            }
+        }
+        inner.failures = inner.failures.saturating_add(1);
+        let backoff = BACKOFF_START
+            .saturating_mul(1 << inner.failures.min(10))
+            .min(BACKOFF_MAX);
+        let jitter = rand::rng().random_range(0.5..1.0);
+        inner.retry_at = Some(Instant::now() + backoff.mul_f64(jitter));
+        Err(PoolError::AllPeersFailed {
+            service: self.outbound.service.clone(),
+            last,
+        })
+    }
+
+    async fn dial(&self, peer: SocketAddr, tls: &ClientTls) -> Result<Tunnel, String> {
+        let cfg = &self.state.config.tunnel;
+        let metrics = &self.state.metrics;
+        let tcp = match timeout(cfg.connect_timeout, TcpStream::connect(peer)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(format!("connect: {e}")),
+            Err(_) => return Err("connect: timed out".into()),
+        };
+        let _ = tcp.set_nodelay(true);
+        let stream = match timeout(cfg.handshake_timeout, connect(tls, tcp, peer)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let reason = failure_reason(&e);
+                metrics.handshake_failed(Side::Outbound, reason);
+                return Err(format!("TLS handshake failed ({reason}): {e}"));
+            }
+            Err(_) => {
+                metrics.handshake_failed(Side::Outbound, "timeout");
+                return Err("TLS handshake timed out".into());
+            }
+        };
+        let session = client_session(&stream);
+        metrics
+            .handshakes
+            .get_or_create(&SideLabel { side: Side::Outbound })
+            .inc();
+        let mut builder = h2::client::Builder::new();
+        builder
+            .initial_window_size(cfg.stream_window)
+            .initial_connection_window_size(cfg.connection_window)
+            .max_frame_size(cfg.max_frame_size)
+            .max_send_buffer_size(4 * cfg.max_frame_size as usize)
+            .enable_push(false);
+        let (sender, connection) =
+            match timeout(cfg.handshake_timeout, builder.handshake::<_, Bytes>(stream)).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => return Err(format!("HTTP/2 handshake failed: {e}")),
+                Err(_) => return Err("HTTP/2 handshake timed out".into()),
+            };
+        info!(service = %self.outbound.service, %peer, peer_id = ?session.peer_id.as_ref().map(|p| p.to_string()),
+              version = %session.version, cipher = %session.cipher, group = %session.group,
+              resumed = session.resumed, "outbound: tunnel established");
+        let guard = self.state.open_tunnel(Side::Outbound, peer, &session);
+        let alive = Arc::new(AtomicBool::new(true));
+        let tunnel = Tunnel {
+            sender,
+            stats: guard.stats.clone(),
+            alive: alive.clone(),
+        };
+        let service = self.outbound.service.clone();
+        tokio::spawn(async move {
+            let result = connection.await;
+            alive.store(false, Ordering::Release);
+            drop(guard);
+            match result {
+                Ok(()) => info!(service = %service, %peer, "outbound: tunnel closed"),
+                Err(e) => warn!(service = %service, %peer, error = %e, "outbound: tunnel closed with error"),
+            }
+        });
+        Ok(tunnel)
+    }
+}

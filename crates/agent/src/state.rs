@@ -1,0 +1,152 @@
+//! State shared by the agent's tasks: configuration, identity material with the TLS configs built
+//! from it, metrics, and the table of open tunnels that `/v1/status` shows.
+
+use crate::config::AgentConfig;
+use crate::metrics::{Metrics, Side, SideLabel};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tapproof_identity::SpiffeId;
+use tapproof_tls::{ClientTls, KxPolicy, MaterialError, ReloadingMaterial, ServerTls, SessionInfo};
+
+pub struct AgentState {
+    pub config: AgentConfig,
+    pub material: ReloadingMaterial,
+    pub metrics: Metrics,
+    pub ready: AtomicBool,
+    server_tls: Mutex<Option<(u64, ServerTls)>>,
+    tunnels: Mutex<BTreeMap<u64, Arc<TunnelStats>>>,
+    next_tunnel: AtomicU64,
+}
+
+/// One TLS connection between two agents and what it has carried.
+#[derive(Debug, Serialize)]
+pub struct TunnelStats {
+    pub id: u64,
+    pub side: &'static str,
+    pub peer_addr: SocketAddr,
+    pub peer_id: String,
+    pub tls_version: String,
+    pub cipher: String,
+    pub key_exchange: String,
+    pub resumed: bool,
+    pub opened_unix: u64,
+    pub streams_total: AtomicU64,
+    pub streams_open: AtomicU64,
+    pub bytes_app_to_tunnel: AtomicU64,
+    pub bytes_tunnel_to_app: AtomicU64,
+}
+
+/// Removes a tunnel from the table (and the open gauge) when the connection's task ends.
+pub struct TunnelGuard {
+    state: Arc<AgentState>,
+    pub stats: Arc<TunnelStats>,
+    side: Side,
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.state.tunnels_table().remove(&self.stats.id);
+        self.state
+            .metrics
+            .tunnels_open
+            .get_or_create(&SideLabel { side: self.side })
+            .dec();
+    }
+}
+
+impl AgentState {
+    pub fn new(config: AgentConfig, material: ReloadingMaterial) -> Self {
+        Self {
+            config,
+            material,
+            metrics: Metrics::default(),
+            ready: AtomicBool::new(false),
+            server_tls: Mutex::new(None),
+            tunnels: Mutex::new(BTreeMap::new()),
+            next_tunnel: AtomicU64::new(1),
+        }
+    }
+
+    pub fn kx_policy(&self) -> KxPolicy {
+        if self.config.tunnel.require_post_quantum {
+            KxPolicy::RequirePostQuantum
+        } else {
+            KxPolicy::PreferPostQuantum
+        }
+    }
+
+    /// The inbound TLS config for the current material, rebuilt after a reload.
+    pub fn server_tls(&self) -> Result<ServerTls, MaterialError> {
+        let generation = self.material.generation();
+        let mut cached = self.server_tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, tls)) = cached.as_ref() {
+            if *g == generation {
+                return Ok(tls.clone());
+            }
+        }
+        let tls = ServerTls::new(&self.material.current(), self.kx_policy())?;
+        *cached = Some((generation, tls.clone()));
+        Ok(tls)
+    }
+
+    /// An outbound TLS config expecting `peer`, for the current material.
+    pub fn client_tls(&self, peer: &SpiffeId) -> Result<(u64, ClientTls), MaterialError> {
+        let generation = self.material.generation();
+        let tls = ClientTls::new(&self.material.current(), peer.clone(), self.kx_policy())?;
+        Ok((generation, tls))
+    }
+
+    fn tunnels_table(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<TunnelStats>>> {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn open_tunnel(
+        self: &Arc<Self>,
+        side: Side,
+        peer_addr: SocketAddr,
+        session: &SessionInfo,
+    ) -> TunnelGuard {
+        let id = self.next_tunnel.fetch_add(1, Ordering::Relaxed);
+        let stats = Arc::new(TunnelStats {
+            id,
+            side: match side {
+                Side::Inbound => "inbound",
+                Side::Outbound => "outbound",
+            },
+            peer_addr,
+            peer_id: session
+                .peer_id
+                .as_ref()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            tls_version: session.version.clone(),
+            cipher: session.cipher.clone(),
+            key_exchange: session.group.clone(),
+            resumed: session.resumed,
+            opened_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            streams_total: AtomicU64::new(0),
+            streams_open: AtomicU64::new(0),
+            bytes_app_to_tunnel: AtomicU64::new(0),
+            bytes_tunnel_to_app: AtomicU64::new(0),
+        });
+        self.tunnels_table().insert(id, stats.clone());
+        self.metrics.tunnels.get_or_create(&SideLabel { side }).inc();
+        self.metrics.tunnels_open.get_or_create(&SideLabel { side }).inc();
+        TunnelGuard {
+            state: self.clone(),
+            stats,
+            side,
+        }
+    }
+
+    pub fn tunnels(&self) -> Vec<Arc<TunnelStats>> {
+        self.tunnels_table().values().cloned().collect()
+    }
+}

@@ -1,0 +1,11 @@
+//! Identity for tapproof: SPIFFE IDs and trust domains, the X509-SVID rules a certificate must meet,
+//! and the certificate authority that mints identities. Pure logic: this crate does no network or
+//! file I/O, so every rule here is testable in memory.
+
+pub mod ca;
+pub mod spiffe;
+pub mod svid;
+
+pub use ca::{Authority, CaError, IssuedIdentity};
+pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
+pub use svid::{inspect_svid, SvidError, SvidInfo};

@@ -1,0 +1,192 @@
+//! The X509-SVID rules (SPIFFE X509-SVID specification, section 4): what a leaf certificate must
+//! be before its SPIFFE ID can be trusted. Chain validation is `tapproof-tls`'s job; this module
+//! reads one DER certificate and says which identity it claims, or why it claims none.
+
+use crate::spiffe::{SpiffeId, SpiffeIdError};
+use x509_parser::prelude::*;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SvidError {
+    #[error("certificate is not valid DER X.509: {0}")]
+    Malformed(String),
+    #[error("certificate has no URI SAN, so it carries no SPIFFE ID")]
+    NoUriSan,
+    #[error("certificate has {0} URI SANs; an X509-SVID must have exactly one")]
+    ManyUriSans(usize),
+    #[error("certificate's URI SAN {uri:?} is not a valid SPIFFE ID: {source}")]
+    BadSpiffeId { uri: String, source: SpiffeIdError },
+    #[error("certificate is a CA (basicConstraints CA:true); a leaf SVID must not be")]
+    IsCa,
+    #[error("certificate has no keyUsage extension; a leaf SVID must set digitalSignature")]
+    NoKeyUsage,
+    #[error("certificate's keyUsage lacks digitalSignature")]
+    NoDigitalSignature,
+    #[error("certificate's keyUsage sets keyCertSign or cRLSign, which a leaf SVID must not")]
+    SigningUsage,
+}
+
+/// What a valid leaf SVID says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SvidInfo {
+    pub id: SpiffeId,
+    /// Seconds since the Unix epoch.
+    pub not_before: i64,
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
+    /// Hex, as `openssl x509 -serial` prints it (no separators).
+    pub serial: String,
+}
+
+/// Applies the leaf X509-SVID rules to `der` and returns the identity it carries.
+pub fn inspect_svid(der: &[u8]) -> Result<SvidInfo, SvidError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let malformed = |e: X509Error| SvidError::Malformed(e.to_string());
+
+    let uris: Vec<&str> = match cert.subject_alternative_name().map_err(malformed)? {
+        Some(san) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let uri = match uris.as_slice() {
+        [] => return Err(SvidError::NoUriSan),
+        [one] => *one,
+        many => return Err(SvidError::ManyUriSans(many.len())),
+    };
+    let id = SpiffeId::parse(uri).map_err(|source| SvidError::BadSpiffeId {
+        uri: uri.to_owned(),
+        source,
+    })?;
+
+    if let Some(bc) = cert.basic_constraints().map_err(malformed)? {
+        if bc.value.ca {
+            return Err(SvidError::IsCa);
+        }
+    }
+    let ku = cert
+        .key_usage()
+        .map_err(malformed)?
+        .ok_or(SvidError::NoKeyUsage)?;
+    if !ku.value.digital_signature() {
+        return Err(SvidError::NoDigitalSignature);
+    }
+    if ku.value.key_cert_sign() || ku.value.crl_sign() {
+        return Err(SvidError::SigningUsage);
+    }
+
+    let serial = cert.raw_serial().iter().map(|b| format!("{b:02X}")).collect();
+    Ok(SvidInfo {
+        id,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        serial,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    };
+
+    fn cert(sans: Vec<SanType>, ca: bool, usages: Vec<KeyUsagePurpose>) -> Vec<u8> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans;
+        p.is_ca = if ca {
+            IsCa::Ca(BasicConstraints::Unconstrained)
+        } else {
+            IsCa::ExplicitNoCa
+        };
+        p.key_usages = usages;
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn accepts_a_leaf_svid() {
+        let der = cert(
+            vec![
+                uri("spiffe://example.org/node/a"),
+                SanType::DnsName("a.example.org".try_into().unwrap()),
+            ],
+            false,
+            vec![KeyUsagePurpose::DigitalSignature],
+        );
+        let info = inspect_svid(&der).unwrap();
+        assert_eq!(info.id.to_string(), "spiffe://example.org/node/a");
+        assert!(info.not_after > info.not_before);
+        assert!(!info.serial.is_empty());
+    }
+
+    #[test]
+    fn rejects_what_the_svid_spec_forbids() {
+        let ds = vec![KeyUsagePurpose::DigitalSignature];
+        assert_eq!(
+            inspect_svid(&cert(vec![], false, ds.clone())),
+            Err(SvidError::NoUriSan)
+        );
+        assert_eq!(
+            inspect_svid(&cert(
+                vec![uri("spiffe://example.org/a"), uri("spiffe://example.org/b")],
+                false,
+                ds.clone()
+            )),
+            Err(SvidError::ManyUriSans(2))
+        );
+        assert!(matches!(
+            inspect_svid(&cert(vec![uri("https://example.org/a")], false, ds.clone())),
+            Err(SvidError::BadSpiffeId { .. })
+        ));
+        assert_eq!(
+            inspect_svid(&cert(vec![uri("spiffe://example.org/a")], true, ds.clone())),
+            Err(SvidError::IsCa)
+        );
+        assert_eq!(
+            inspect_svid(&cert(vec![uri("spiffe://example.org/a")], false, vec![])),
+            Err(SvidError::NoKeyUsage)
+        );
+        assert_eq!(
+            inspect_svid(&cert(
+                vec![uri("spiffe://example.org/a")],
+                false,
+                vec![KeyUsagePurpose::KeyEncipherment]
+            )),
+            Err(SvidError::NoDigitalSignature)
+        );
+        assert_eq!(
+            inspect_svid(&cert(
+                vec![uri("spiffe://example.org/a")],
+                false,
+                vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign]
+            )),
+            Err(SvidError::SigningUsage)
+        );
+    }
+
+    #[test]
+    fn rejects_garbage_and_truncated_der() {
+        assert!(matches!(
+            inspect_svid(b"not a cert"),
+            Err(SvidError::Malformed(_))
+        ));
+        let der = cert(
+            vec![uri("spiffe://example.org/a")],
+            false,
+            vec![KeyUsagePurpose::DigitalSignature],
+        );
+        for cut in [1, der.len() / 2, der.len() - 1] {
+            assert!(matches!(inspect_svid(&der[..cut]), Err(SvidError::Malformed(_))));
+        }
+    }
+}

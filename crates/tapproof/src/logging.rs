@@ -1,0 +1,18 @@
+//! tracing setup: human-readable by default, JSON lines with `--log-format json`; always stderr.
+
+use crate::cli::LogFormat;
+use tracing_subscriber::EnvFilter;
+
+pub fn init(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("warning: bad --log-level {filter:?} ({e}); using \"info\"");
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+}

@@ -1,0 +1,70 @@
+//! `tapproof pki mint`: a throw-away CA and node identities on disk, in the layout the agent's
+//! `[identity]` section expects. For demos, benchmarks and tests; production identities come
+//! from the control plane or your own PKI.
+
+use crate::cli::{PkiArgs, PkiCommand};
+use anyhow::Context;
+use std::path::Path;
+use tapproof_identity::{Authority, TrustDomain};
+
+pub fn run(args: PkiArgs) -> anyhow::Result<()> {
+    match args.command {
+        PkiCommand::Mint {
+            trust_domain,
+            out,
+            nodes,
+            lifetime,
+        } => {
+            let td = TrustDomain::new(&trust_domain).map_err(|e| {
+                crate::run_agent::ConfigProblem(format!("--trust-domain {trust_domain:?}: {e}"))
+            })?;
+            let lifetime = time::Duration::try_from(lifetime.0).context("--lifetime is too long")?;
+            mint(&td, &out, &nodes, lifetime)?;
+            println!(
+                "wrote bundle.pem and {} identities to {}",
+                nodes.len(),
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Writes `bundle.pem`, and `<node>.pem` + `<node>.key` (0600) for each node.
+pub fn mint(td: &TrustDomain, out: &Path, nodes: &[String], lifetime: time::Duration) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let root =
+        Authority::new_root(td.clone(), time::Duration::days(365)).context("cannot make the root CA")?;
+    let ca = root
+        .new_intermediate(time::Duration::days(30))
+        .context("cannot make the intermediate CA")?;
+    write(&out.join("bundle.pem"), root.cert_pem(), 0o644)?;
+    for node in nodes {
+        let id = td
+            .node_id(node)
+            .map_err(|e| crate::run_agent::ConfigProblem(format!("--node {node:?}: {e}")))?;
+        let issued = ca
+            .issue_with_new_key(&id, lifetime)
+            .with_context(|| format!("cannot issue {id}"))?;
+        write(&out.join(format!("{node}.pem")), &issued.chain_pem, 0o644)?;
+        write(&out.join(format!("{node}.key")), &issued.key_pem, 0o600)?;
+    }
+    Ok(())
+}
+
+/// Creates the file with its final mode from the start, so a key is never briefly world-readable.
+pub fn write(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,83 @@
+//! `tapproof agent` and `tapproof check-config`.
+
+use crate::cli::{AgentArgs, ConfigArgs};
+use anyhow::Context;
+use tapproof_agent::{AgentConfig, AgentError, RunOptions};
+use tapproof_tls::{IdentityFiles, Material};
+
+/// A problem with what the operator gave us (config, identity files): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigProblem(pub String);
+
+fn load(args: &ConfigArgs) -> anyhow::Result<AgentConfig> {
+    AgentConfig::load(&args.config).map_err(|e| ConfigProblem(e.to_string()).into())
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let mut config = load(&args.config)?;
+    if let Some(a) = args.admin_listen {
+        config.admin.listen = a;
+    }
+    if let Some(a) = args.tunnel_listen {
+        config.tunnel.listen = a;
+    }
+    if let Some(pq) = args.require_post_quantum {
+        config.tunnel.require_post_quantum = pq;
+    }
+    let options = RunOptions {
+        ready_file: args.ready_file,
+    };
+    match tapproof_agent::run(config, options, shutdown_signal()).await {
+        Ok(()) => Ok(()),
+        Err(e @ AgentError::Identity(_)) => Err(ConfigProblem(e.to_string()).into()),
+        Err(e) => Err(e).context("agent stopped"),
+    }
+}
+
+pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
+    let config = load(&args)?;
+    let files = IdentityFiles {
+        cert: config.identity.cert.clone(),
+        key: config.identity.key.clone(),
+        bundle: config.identity.bundle.clone(),
+    };
+    let material = Material::load(&files, &config.trust_domain).map_err(|e| ConfigProblem(e.to_string()))?;
+    println!("config {}: ok", args.config.display());
+    println!("  identity        {}", material.id());
+    println!("  expires in      {} s", material.seconds_to_expiry());
+    println!("  bundle roots    {}", material.root_count());
+    println!(
+        "  inbound         {}",
+        config
+            .inbound
+            .iter()
+            .map(|i| i.service.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  outbound        {}",
+        config
+            .outbound
+            .iter()
+            .map(|o| o.service.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT: the agent then drains.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers; the agent will only stop when killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

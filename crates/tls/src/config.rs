@@ -1,0 +1,112 @@
+//! TLS 1.3 client and server configurations built from the current material, and the accept and
+//! connect calls the agent uses (so the agent never names rustls).
+
+use crate::material::{Material, MaterialError};
+use crate::provider::{crypto_provider, KxPolicy};
+use crate::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::version::TLS13;
+use rustls::{ClientConfig, ServerConfig, SignatureScheme};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tapproof_identity::SpiffeId;
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+const ALPN_H2: &[u8] = b"h2";
+
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl ResolvesClientCert for FixedCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn build_error(e: impl std::fmt::Display) -> MaterialError {
+    MaterialError::BadKey {
+        path: Default::default(),
+        detail: format!("cannot build TLS configuration: {e}"),
+    }
+}
+
+/// The inbound (tunnel listener) side.
+#[derive(Clone)]
+pub struct ServerTls {
+    acceptor: TlsAcceptor,
+}
+
+impl ServerTls {
+    pub fn new(material: &Material, kx: KxPolicy) -> Result<Self, MaterialError> {
+        let provider = crypto_provider(kx);
+        let verifier = SpiffeClientVerifier::new(
+            material.roots.clone(),
+            material.trust_domain.clone(),
+            provider.clone(),
+        )
+        .map_err(build_error)?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&TLS13])
+            .map_err(build_error)?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_cert_resolver(Arc::new(FixedCert(material.certified.clone())));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Self {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
+/// The outbound side, bound to the one identity the peer must prove.
+#[derive(Clone)]
+pub struct ClientTls {
+    connector: TlsConnector,
+}
+
+impl ClientTls {
+    pub fn new(material: &Material, expected_peer: SpiffeId, kx: KxPolicy) -> Result<Self, MaterialError> {
+        let provider = crypto_provider(kx);
+        let verifier = SpiffeServerVerifier::new(material.roots.clone(), expected_peer, provider.clone());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&TLS13])
+            .map_err(build_error)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(FixedCert(material.certified.clone())));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        // The peer is named by its SPIFFE ID, not a DNS name: send no SNI at all, so nothing about
+        // the target appears on the wire before the handshake encrypts.
+        config.enable_sni = false;
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(config)),
+        })
+    }
+}
+
+pub async fn accept(tls: &ServerTls, tcp: TcpStream) -> io::Result<ServerStream> {
+    tls.acceptor.accept(tcp).await
+}
+
+pub async fn connect(tls: &ClientTls, tcp: TcpStream, peer: SocketAddr) -> io::Result<ClientStream> {
+    // With SNI disabled the name is only a key for the session cache, which is per ClientTls and
+    // so per expected identity: a resumed session can never stand in for another identity.
+    let name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
+    tls.connector.connect(name, tcp).await
+}

@@ -1,0 +1,21 @@
+//! TLS for tapproof, and the only crate that names rustls: TLS 1.3-only configurations with the
+//! aws-lc-rs provider (X25519MLKEM768 preferred), SPIFFE peer verification, identity files loaded
+//! and hot-swapped from disk, and handshake failures sorted into stable reasons for metrics.
+
+mod classify;
+mod config;
+mod material;
+mod provider;
+mod session;
+mod verify;
+
+pub use classify::failure_reason;
+pub use config::{accept, connect, ClientStream, ClientTls, ServerStream, ServerTls};
+pub use material::{IdentityFiles, Material, MaterialError, ReloadingMaterial};
+pub use provider::{crypto_provider, KxPolicy, POST_QUANTUM_GROUP};
+pub use session::{client_session, server_session, SessionInfo};
+pub use verify::SpiffeCheckError;
+
+/// Re-exported so callers can build test clients with exactly tapproof's provider; the data plane
+/// itself never names rustls.
+pub use rustls;

@@ -1,0 +1,322 @@
+//! Identity material read from files (bring your own PKI: SPIRE, cert-manager, openssl), checked
+//! as a whole before use, and re-read when the files change so that rotation by an outside tool
+//! needs no restart. A half-written rotation (new cert, old key) fails the checks and the previous
+//! material stays in use until the files agree again.
+
+use crate::provider::{crypto_provider, KxPolicy};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tapproof_identity::{inspect_svid, SpiffeId, SvidError, SvidInfo, TrustDomain};
+
+/// Where an agent's identity lives on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The leaf's private key (PKCS#8, SEC1 or PKCS#1 PEM), mode 0600.
+    pub key: PathBuf,
+    /// Trusted roots of the trust domain.
+    pub bundle: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaterialError {
+    #[error("cannot read {what} file {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} file {path} holds no PEM certificate")]
+    NoCertificates { what: &'static str, path: PathBuf },
+    #[error("{what} file {path} is not valid PEM: {detail}")]
+    BadPem {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("key file {path} holds no PEM private key (PKCS#8, SEC1 or PKCS#1): {detail}")]
+    NoKey { path: PathBuf, detail: String },
+    #[error(
+        "key file {path} is readable or writable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("key file {path} is not a usable private key: {detail}")]
+    BadKey { path: PathBuf, detail: String },
+    #[error("key file {key} does not match the leaf certificate in {cert}")]
+    KeyMismatch { key: PathBuf, cert: PathBuf },
+    #[error("certificate {path} is not a valid X509-SVID: {source}")]
+    NotSvid { path: PathBuf, source: SvidError },
+    #[error("certificate {path} carries {id}, which is not in trust domain {trust_domain}")]
+    ForeignTrustDomain {
+        path: PathBuf,
+        id: SpiffeId,
+        trust_domain: TrustDomain,
+    },
+    #[error("certificate {path} expired {ago_secs} s ago; rotate it")]
+    Expired { path: PathBuf, ago_secs: i64 },
+    #[error("certificate {path} is not valid for another {in_secs} s (check the clock)")]
+    NotYetValid { path: PathBuf, in_secs: i64 },
+    #[error("bundle {path}: certificate {index} is not a usable trust anchor: {detail}")]
+    BadAnchor {
+        path: PathBuf,
+        index: usize,
+        detail: String,
+    },
+    #[error("certificate {cert} does not chain to any root in bundle {bundle}: {detail}")]
+    Untrusted {
+        cert: PathBuf,
+        bundle: PathBuf,
+        detail: String,
+    },
+}
+
+/// Checked identity material: a leaf SVID with its key, and the roots to verify peers with.
+#[derive(Debug)]
+pub struct Material {
+    pub(crate) certified: Arc<CertifiedKey>,
+    pub(crate) roots: Arc<RootCertStore>,
+    pub(crate) trust_domain: TrustDomain,
+    svid: SvidInfo,
+    raw: RawFiles,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct RawFiles {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    bundle: Vec<u8>,
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, MaterialError> {
+    std::fs::read(path).map_err(|source| MaterialError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn certs(what: &'static str, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, MaterialError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| MaterialError::BadPem {
+            what,
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(MaterialError::NoCertificates {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+#[cfg(unix)]
+fn check_key_mode(path: &Path) -> Result<(), MaterialError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| MaterialError::Read {
+        what: "key",
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(MaterialError::KeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_key_mode(_: &Path) -> Result<(), MaterialError> {
+    Ok(())
+}
+
+impl Material {
+    /// Reads and checks the three files.
+    pub fn load(files: &IdentityFiles, trust_domain: &TrustDomain) -> Result<Self, MaterialError> {
+        check_key_mode(&files.key)?;
+        let raw = RawFiles {
+            cert: read("certificate", &files.cert)?,
+            key: read("key", &files.key)?,
+            bundle: read("bundle", &files.bundle)?,
+        };
+        Self::from_raw(files, trust_domain, raw)
+    }
+
+    fn from_raw(
+        files: &IdentityFiles,
+        trust_domain: &TrustDomain,
+        raw: RawFiles,
+    ) -> Result<Self, MaterialError> {
+        let chain = certs("certificate", &files.cert, &raw.cert)?;
+        let svid = inspect_svid(&chain[0]).map_err(|source| MaterialError::NotSvid {
+            path: files.cert.clone(),
+            source,
+        })?;
+        if svid.id.trust_domain() != trust_domain {
+            return Err(MaterialError::ForeignTrustDomain {
+                path: files.cert.clone(),
+                id: svid.id,
+                trust_domain: trust_domain.clone(),
+            });
+        }
+        let now = now_unix();
+        if svid.not_after < now {
+            return Err(MaterialError::Expired {
+                path: files.cert.clone(),
+                ago_secs: now - svid.not_after,
+            });
+        }
+        if svid.not_before > now {
+            return Err(MaterialError::NotYetValid {
+                path: files.cert.clone(),
+                in_secs: svid.not_before - now,
+            });
+        }
+
+        let key = PrivateKeyDer::from_pem_slice(&raw.key).map_err(|e| MaterialError::NoKey {
+            path: files.key.clone(),
+            detail: e.to_string(),
+        })?;
+        let provider = crypto_provider(KxPolicy::PreferPostQuantum);
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| MaterialError::BadKey {
+                path: files.key.clone(),
+                detail: e.to_string(),
+            })?;
+        let certified = CertifiedKey::new(chain.clone(), signing_key);
+        if certified.keys_match().is_err() {
+            return Err(MaterialError::KeyMismatch {
+                key: files.key.clone(),
+                cert: files.cert.clone(),
+            });
+        }
+
+        let anchors = certs("bundle", &files.bundle, &raw.bundle)?;
+        let mut roots = RootCertStore::empty();
+        for (index, anchor) in anchors.into_iter().enumerate() {
+            roots.add(anchor).map_err(|e| MaterialError::BadAnchor {
+                path: files.bundle.clone(),
+                index,
+                detail: e.to_string(),
+            })?;
+        }
+        let parsed = ParsedCertificate::try_from(&chain[0]).map_err(|e| MaterialError::BadPem {
+            what: "certificate",
+            path: files.cert.clone(),
+            detail: e.to_string(),
+        })?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &chain[1..],
+            UnixTime::now(),
+            provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| MaterialError::Untrusted {
+            cert: files.cert.clone(),
+            bundle: files.bundle.clone(),
+            detail: e.to_string(),
+        })?;
+
+        Ok(Self {
+            certified: Arc::new(certified),
+            roots: Arc::new(roots),
+            trust_domain: trust_domain.clone(),
+            svid,
+            raw,
+        })
+    }
+
+    pub fn id(&self) -> &SpiffeId {
+        &self.svid.id
+    }
+
+    pub fn svid(&self) -> &SvidInfo {
+        &self.svid
+    }
+
+    /// Seconds until the leaf expires (negative once it has).
+    pub fn seconds_to_expiry(&self) -> i64 {
+        self.svid.not_after - now_unix()
+    }
+
+    pub fn root_count(&self) -> usize {
+        self.roots.len()
+    }
+}
+
+/// The current material plus the files it came from; `reload` swaps in new material when the
+/// files change and pass every check.
+#[derive(Debug)]
+pub struct ReloadingMaterial {
+    files: IdentityFiles,
+    trust_domain: TrustDomain,
+    current: RwLock<Arc<Material>>,
+    generation: AtomicU64,
+}
+
+impl ReloadingMaterial {
+    pub fn load(files: IdentityFiles, trust_domain: TrustDomain) -> Result<Self, MaterialError> {
+        let material = Material::load(&files, &trust_domain)?;
+        Ok(Self {
+            files,
+            trust_domain,
+            current: RwLock::new(Arc::new(material)),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Material> {
+        // A poisoned lock only means a panic elsewhere while swapping an Arc; the Arc is intact.
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Bumped on every successful swap; lets users of the material rebuild their configs lazily.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn files(&self) -> &IdentityFiles {
+        &self.files
+    }
+
+    /// Re-reads the files. `Ok(true)`: new material is in use. `Ok(false)`: nothing changed.
+    /// `Err`: the files changed but fail a check; the previous material stays in use.
+    pub fn reload(&self) -> Result<bool, MaterialError> {
+        check_key_mode(&self.files.key)?;
+        let raw = RawFiles {
+            cert: read("certificate", &self.files.cert)?,
+            key: read("key", &self.files.key)?,
+            bundle: read("bundle", &self.files.bundle)?,
+        };
+        if raw == self.current().raw {
+            return Ok(false);
+        }
+        let material = Material::from_raw(&self.files, &self.trust_domain, raw)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(material);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(true)
+    }
+}

@@ -1,0 +1,51 @@
+//! What a finished handshake negotiated, for logs, `/v1/status` and the quickstart.
+
+use crate::config::{ClientStream, ServerStream};
+use rustls::CommonState;
+use tapproof_identity::{inspect_svid, SpiffeId};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// `TLSv1_3`.
+    pub version: String,
+    /// For example `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
+    /// For example `X25519MLKEM768`.
+    pub group: String,
+    /// The peer's SPIFFE ID; always present after our verifiers accepted the peer.
+    pub peer_id: Option<SpiffeId>,
+    /// Whether the handshake resumed an earlier session.
+    pub resumed: bool,
+}
+
+fn info(state: &CommonState) -> SessionInfo {
+    let peer_id = state
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| inspect_svid(leaf).ok())
+        .map(|s| s.id);
+    SessionInfo {
+        version: state
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default(),
+        cipher: state
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite()))
+            .unwrap_or_default(),
+        group: state
+            .negotiated_key_exchange_group()
+            .map(|g| format!("{:?}", g.name()))
+            .unwrap_or_default(),
+        peer_id,
+        resumed: matches!(state.handshake_kind(), Some(rustls::HandshakeKind::Resumed)),
+    }
+}
+
+pub fn server_session(stream: &ServerStream) -> SessionInfo {
+    info(stream.get_ref().1)
+}
+
+pub fn client_session(stream: &ClientStream) -> SessionInfo {
+    info(stream.get_ref().1)
+}

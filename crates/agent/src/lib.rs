@@ -33,14 +33,14 @@ use tracing::info;
 pub enum AgentError {
     #[error("identity: {0}")]
     Identity(#[from] MaterialError),
-    #[error("{key} = {addr}: cannot listen: {source}")]
+    #[error("{key} = {addr}: cannot listen: {error}")]
     Bind {
         key: String,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot write ready file {path}: {source}")]
-    ReadyFile { path: PathBuf, source: std::io::Error },
+    #[error("cannot write ready file {path}: {error}")]
+    ReadyFile { path: PathBuf, error: std::io::Error },
 }
 
 #[derive(Debug, Default, Clone)]
@@ -52,7 +52,7 @@ pub struct RunOptions {
 async fn bind(key: String, addr: SocketAddr) -> Result<TcpListener, AgentError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| AgentError::Bind { key, addr, source })
+        .map_err(|error| AgentError::Bind { key, addr, error })
 }
 
 fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
@@ -134,9 +134,9 @@ pub async fn run(
     }
     state.ready.store(true, Ordering::Release);
     if let Some(path) = &options.ready_file {
-        write_ready_file(path, &bound).map_err(|source| AgentError::ReadyFile {
+        write_ready_file(path, &bound).map_err(|error| AgentError::ReadyFile {
             path: path.clone(),
-            source,
+            error,
         })?;
     }
 

@@ -1,23 +1,54 @@
 //! Prometheus metrics of the agent, served at the admin `/metrics`.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Which side of a tunnel: we accepted it (`inbound`) or opened it (`outbound`).
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Side {
     Inbound,
     Outbound,
 }
 
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
 /// Bytes flow: from the local app into the tunnel, or out of the tunnel to the local app.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Flow {
     AppToTunnel,
     TunnelToApp,
+}
+
+impl Flow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AppToTunnel => "app_to_tunnel",
+            Self::TunnelToApp => "tunnel_to_app",
+        }
+    }
+}
+
+// Label values in snake case, as Prometheus users expect (the derive would print `Inbound`).
+impl EncodeLabelValue for Side {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+impl EncodeLabelValue for Flow {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -113,10 +113,7 @@ impl AgentState {
         let id = self.next_tunnel.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::new(TunnelStats {
             id,
-            side: match side {
-                Side::Inbound => "inbound",
-                Side::Outbound => "outbound",
-            },
+            side: side.as_str(),
             peer_addr,
             peer_id: session
                 .peer_id

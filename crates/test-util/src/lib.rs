@@ -1,1 +1,22 @@
-//! placeholder
+//! Helpers for tapproof's integration tests: certificates minted at run time, `tapproof agent`
+//! processes started and waited on through their ready file (never a sleep), raw TLS and HTTP/2
+//! clients for the refusal cases, loopback echo services, network namespaces with veth links,
+//! and a small pcap reader for tap tests.
+
+pub mod fixture;
+pub mod netns;
+pub mod pcap;
+pub mod pki;
+pub mod process;
+pub mod tls_client;
+pub mod traffic;
+
+/// Whether this run must not skip root-only tests (CI sets CI=true).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Whether the tests run as root (needed for network namespaces and packet captures).
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}

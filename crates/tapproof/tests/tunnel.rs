@@ -1,0 +1,313 @@
+//! Real `tapproof agent` processes on loopback carrying real TCP through real mTLS tunnels.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+use tapproof_test_util::fixture::{db_config, Pair};
+use tapproof_test_util::process::AgentProcess;
+use tapproof_test_util::traffic::{random_bytes, round_trip, sha256};
+
+const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
+
+#[test]
+fn one_byte_round_trips() {
+    let pair = Pair::start(EXE);
+    assert_eq!(round_trip(pair.app_addr(), b"x").unwrap(), b"x");
+}
+
+#[test]
+fn hundred_mib_both_ways_with_checksum() {
+    let pair = Pair::start(EXE);
+    let payload = random_bytes(100 * 1024 * 1024);
+    let back = round_trip(pair.app_addr(), &payload).unwrap();
+    assert_eq!(back.len(), payload.len());
+    assert_eq!(sha256(&back), sha256(&payload), "echoed bytes differ");
+    let sent = pair.web.metric(
+        "tapproof_bytes_total",
+        &["side=\"outbound\"", "flow=\"app_to_tunnel\""],
+    );
+    assert_eq!(sent as usize, payload.len());
+    let received = pair.db.metric(
+        "tapproof_bytes_total",
+        &["side=\"inbound\"", "flow=\"tunnel_to_app\""],
+    );
+    assert_eq!(received as usize, payload.len());
+}
+
+/// The app closes its write side first: the service still sees EOF, and its answer still comes back.
+#[test]
+fn half_close_from_the_client_is_carried_through() {
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let service = std::thread::spawn(move || {
+        let (mut tcp, _) = server.accept().unwrap();
+        let mut got = Vec::new();
+        tcp.read_to_end(&mut got).unwrap(); // returns only on EOF, i.e. the half-close
+        tcp.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .unwrap();
+        tcp.shutdown(Shutdown::Write).unwrap();
+    });
+    let pki = tapproof_test_util::pki::TestPki::new();
+    let db_id = pki.node("db-1");
+    let web_id = pki.node("web-1");
+    let db = AgentProcess::start(EXE, pki.path(), "db-1", &db_config(&pki, &db_id, addr, ""));
+    let web = AgentProcess::start(
+        EXE,
+        pki.path(),
+        "web-1",
+        &tapproof_test_util::fixture::web_config(&pki, &web_id, &[db.tunnel()], "db-1", ""),
+    );
+    let mut app = TcpStream::connect(web.outbound(0)).unwrap();
+    app.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    app.write_all(&[7u8; 5000]).unwrap();
+    app.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    app.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "got 5000 bytes");
+    service.join().unwrap();
+}
+
+/// The service closes its write side first while the app keeps sending: the app sees EOF, and
+/// what it sends afterwards still reaches the service.
+#[test]
+fn half_close_from_the_service_is_carried_through() {
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let service = std::thread::spawn(move || {
+        let (mut tcp, _) = server.accept().unwrap();
+        tcp.write_all(b"hello, then goodbye").unwrap();
+        tcp.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        tcp.read_to_end(&mut got).unwrap();
+        got
+    });
+    let pki = tapproof_test_util::pki::TestPki::new();
+    let db_id = pki.node("db-1");
+    let web_id = pki.node("web-1");
+    let db = AgentProcess::start(EXE, pki.path(), "db-1", &db_config(&pki, &db_id, addr, ""));
+    let web = AgentProcess::start(
+        EXE,
+        pki.path(),
+        "web-1",
+        &tapproof_test_util::fixture::web_config(&pki, &web_id, &[db.tunnel()], "db-1", ""),
+    );
+    let mut app = TcpStream::connect(web.outbound(0)).unwrap();
+    app.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut greeting = Vec::new();
+    app.read_to_end(&mut greeting).unwrap();
+    assert_eq!(greeting, b"hello, then goodbye");
+    app.write_all(b"still talking after your EOF").unwrap();
+    app.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(service.join().unwrap(), b"still talking after your EOF");
+}
+
+/// 200 app connections open at once ride one TLS connection: one handshake on each side.
+#[test]
+fn two_hundred_concurrent_connections_share_one_tls_connection() {
+    const N: usize = 200;
+    let pair = Pair::start(EXE);
+    let addr = pair.app_addr();
+    let all_open = Arc::new(Barrier::new(N + 1));
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let all_open = all_open.clone();
+        clients.push(std::thread::spawn(move || {
+            let mut tcp = TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let msg = format!("connection {i}");
+            tcp.write_all(msg.as_bytes()).unwrap();
+            let mut buf = vec![0; msg.len()];
+            tcp.read_exact(&mut buf).unwrap();
+            assert_eq!(buf, msg.as_bytes());
+            all_open.wait(); // every stream is open at this point
+            all_open.wait(); // hold it open until the main thread has looked
+            tcp.shutdown(Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            tcp.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty());
+        }));
+    }
+    all_open.wait();
+    assert_eq!(
+        pair.db.metric("tapproof_streams_open", &["side=\"inbound\""]),
+        N as f64
+    );
+    assert_eq!(
+        pair.web
+            .metric("tapproof_handshakes_total", &["side=\"outbound\""]),
+        1.0
+    );
+    assert_eq!(
+        pair.db.metric("tapproof_handshakes_total", &["side=\"inbound\""]),
+        1.0
+    );
+    let status = pair.web.status();
+    let tunnels = status["tunnels"].as_array().unwrap();
+    assert_eq!(tunnels.len(), 1, "{status}");
+    assert_eq!(tunnels[0]["streams_open"], N);
+    all_open.wait();
+    for c in clients {
+        c.join().unwrap();
+    }
+}
+
+/// An outside tool replaces the certificate files mid-stream: the open stream keeps working and
+/// new handshakes present the new certificate.
+#[test]
+fn certificate_files_replaced_mid_stream() {
+    let pair = Pair::start(EXE);
+    let mut app = TcpStream::connect(pair.app_addr()).unwrap();
+    app.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 6];
+    app.write_all(b"before").unwrap();
+    app.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"before");
+    let old_serial = pair.db.status()["certificate"]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Rotate db-1: a new key and certificate, written the way cert-manager or SPIRE would.
+    let fresh = pair
+        .pki
+        .ca
+        .issue_with_new_key(&pair.pki.id("db-1"), time::Duration::hours(1))
+        .unwrap();
+    tapproof_test_util::pki::write_file(&pair.db_id.key, &fresh.key_pem, 0o600);
+    tapproof_test_util::pki::write_file(&pair.db_id.cert, &fresh.chain_pem, 0o644);
+    pair.db
+        .wait_for("certificate reload", Duration::from_secs(10), |a| {
+            a.metric("tapproof_certificate_reloads_total", &[]) >= 1.0
+        });
+    let new_serial = pair.db.status()["certificate"]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(old_serial, new_serial);
+
+    app.write_all(b"after!").unwrap();
+    app.read_exact(&mut buf).unwrap();
+    assert_eq!(
+        &buf, b"after!",
+        "the stream opened before the rotation must survive it"
+    );
+    assert_eq!(
+        pair.web
+            .metric("tapproof_handshakes_total", &["side=\"outbound\""]),
+        1.0
+    );
+
+    let leaf = tapproof_test_util::tls_client::server_leaf(pair.db.tunnel(), &pair.web_id);
+    let presented = tapproof_identity::inspect_svid(&leaf).unwrap();
+    assert_eq!(
+        presented.serial, new_serial,
+        "new handshakes must use the new certificate"
+    );
+    app.shutdown(Shutdown::Write).unwrap();
+}
+
+/// A half-written rotation (new certificate, old key) is refused and the old identity kept.
+#[test]
+fn mismatched_rotation_keeps_the_old_identity() {
+    let pair = Pair::start(EXE);
+    let fresh = pair
+        .pki
+        .ca
+        .issue_with_new_key(&pair.pki.id("db-1"), time::Duration::hours(1))
+        .unwrap();
+    tapproof_test_util::pki::write_file(&pair.db_id.cert, &fresh.chain_pem, 0o644);
+    pair.db.wait_for("reload failure", Duration::from_secs(10), |a| {
+        a.metric("tapproof_certificate_reload_failures_total", &[]) >= 1.0
+    });
+    assert!(pair.db.log().contains("does not match"), "{}", pair.db.log());
+    assert_eq!(
+        round_trip(pair.app_addr(), b"still served").unwrap(),
+        b"still served"
+    );
+}
+
+/// SIGTERM: stop accepting, let the open stream finish, exit 0.
+#[test]
+fn sigterm_drains_open_streams_then_exits_zero() {
+    let mut pair = Pair::start_with(EXE, "drain_timeout = \"20s\"", "");
+    let mut app = TcpStream::connect(pair.app_addr()).unwrap();
+    app.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    app.write_all(b"one").unwrap();
+    let mut buf = [0u8; 3];
+    app.read_exact(&mut buf).unwrap();
+
+    pair.db.signal(nix::sys::signal::Signal::SIGTERM);
+    pair.db.wait_for("draining", Duration::from_secs(10), |a| {
+        a.log().contains("draining")
+    });
+    assert!(pair.db.try_wait().is_none(), "must wait for the open stream");
+    let (code, _) = pair.db.admin_get("/readyz");
+    assert_eq!(code, 503, "a draining agent is not ready");
+
+    app.write_all(b"two").unwrap();
+    app.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"two", "the open stream keeps working while draining");
+    app.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).unwrap();
+
+    let status = pair.db.wait(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status}");
+    assert!(pair.db.log().contains("drained"));
+}
+
+#[test]
+fn peers_are_tried_in_turn() {
+    let pki = tapproof_test_util::pki::TestPki::new();
+    let echo = tapproof_test_util::traffic::EchoServer::start();
+    let db_id = pki.node("db-1");
+    let web_id = pki.node("web-1");
+    let db = AgentProcess::start(EXE, pki.path(), "db-1", &db_config(&pki, &db_id, echo.addr, ""));
+    // A port nothing listens on comes first.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let web = AgentProcess::start(
+        EXE,
+        pki.path(),
+        "web-1",
+        &tapproof_test_util::fixture::web_config(&pki, &web_id, &[dead, db.tunnel()], "db-1", ""),
+    );
+    assert_eq!(
+        round_trip(web.outbound(0), b"via the second peer").unwrap(),
+        b"via the second peer"
+    );
+    assert!(web.log().contains("peer unreachable"));
+}
+
+#[test]
+fn reconnects_after_the_peer_restarts() {
+    let pki = tapproof_test_util::pki::TestPki::new();
+    let echo = tapproof_test_util::traffic::EchoServer::start();
+    let db_id = pki.node("db-1");
+    let web_id = pki.node("web-1");
+    let db = AgentProcess::start(EXE, pki.path(), "db-1", &db_config(&pki, &db_id, echo.addr, ""));
+    let tunnel = db.tunnel();
+    let web = AgentProcess::start(
+        EXE,
+        pki.path(),
+        "web-1",
+        &tapproof_test_util::fixture::web_config(&pki, &web_id, &[tunnel], "db-1", ""),
+    );
+    assert_eq!(round_trip(web.outbound(0), b"first").unwrap(), b"first");
+
+    assert!(db.terminate(Duration::from_secs(40)).success());
+    web.wait_for("the closed tunnel to be noticed", Duration::from_secs(10), |a| {
+        a.metric("tapproof_tunnels_open", &["side=\"outbound\""]) == 0.0
+    });
+    let config = db_config(&pki, &db_id, echo.addr, "").replacen(
+        "[tunnel]\nlisten = \"127.0.0.1:0\"",
+        &format!("[tunnel]\nlisten = \"{tunnel}\""),
+        1,
+    );
+    let _db = AgentProcess::start(EXE, pki.path(), "db-1-restarted", &config);
+    assert_eq!(round_trip(web.outbound(0), b"second").unwrap(), b"second");
+    assert_eq!(
+        web.metric("tapproof_handshakes_total", &["side=\"outbound\""]),
+        2.0
+    );
+}

@@ -1,0 +1,112 @@
+//! Network namespaces joined by a veth pair: two "hosts" and the "fibre" between them. Every name
+//! carries the test process's PID so parallel runs cannot collide, and everything is deleted on
+//! drop. Addresses live only inside these namespaces.
+
+use std::process::{Child, Command, Stdio};
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (install iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: String) -> Self {
+        // A leftover from a crashed run with a recycled PID: remove it first.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip netns exec <name>`, to put before a command.
+    pub fn prefix(&self) -> Vec<&str> {
+        vec!["ip", "netns", "exec", &self.name]
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "in {}: {}: {}",
+            self.name,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Two namespaces, `a` at `10.250.<n>.1/24` and `b` at `10.250.<n>.2/24`, joined by a veth pair.
+pub struct TwoHosts {
+    pub a: Netns,
+    pub b: Netns,
+    pub a_if: String,
+    pub b_if: String,
+    pub a_ip: String,
+    pub b_ip: String,
+}
+
+impl TwoHosts {
+    pub fn new(tag: &str) -> Self {
+        let pid = std::process::id();
+        let a = Netns::create(format!("tp-{tag}-{pid}-a"));
+        let b = Netns::create(format!("tp-{tag}-{pid}-b"));
+        // Interface names are limited to 15 bytes.
+        let a_if = format!("tpa{}", pid % 1_000_000);
+        let b_if = format!("tpb{}", pid % 1_000_000);
+        let subnet = 1 + pid % 250;
+        let (a_ip, b_ip) = (format!("10.250.{subnet}.1"), format!("10.250.{subnet}.2"));
+        ip(&[
+            "link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns", &b.name,
+        ]);
+        a.exec_ok(&["ip", "addr", "add", &format!("{a_ip}/24"), "dev", &a_if]);
+        b.exec_ok(&["ip", "addr", "add", &format!("{b_ip}/24"), "dev", &b_if]);
+        a.exec_ok(&["ip", "link", "set", &a_if, "up"]);
+        b.exec_ok(&["ip", "link", "set", &b_if, "up"]);
+        Self {
+            a,
+            b,
+            a_if,
+            b_if,
+            a_ip,
+            b_ip,
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Just enough of the classic pcap format (Ethernet, IPv4, TCP) to pull TCP payloads out of a
+//! tcpdump capture, reassemble one direction of a connection, and read the key-exchange group
+//! from a TLS 1.3 ServerHello.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub seq: u32,
+    pub payload: Vec<u8>,
+}
+
+fn u16be(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32be(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// TCP segments with a payload, in capture order. Panics on a file that is not pcap/Ethernet.
+pub fn tcp_segments(file: &[u8]) -> Vec<Segment> {
+    let magic = u32::from_le_bytes(file[0..4].try_into().expect("pcap header"));
+    let le = match magic {
+        0xa1b2c3d4 | 0xa1b23c4d => true,
+        0xd4c3b2a1 | 0x4d3cb2a1 => false,
+        m => panic!("not a pcap file (magic {m:08x})"),
+    };
+    let rd32 = |at: usize| -> Option<u32> {
+        let b: [u8; 4] = file.get(at..at + 4)?.try_into().ok()?;
+        Some(if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        })
+    };
+    assert_eq!(rd32(20), Some(1), "capture link type must be Ethernet");
+    let mut out = Vec::new();
+    let mut at = 24;
+    while let Some(caplen) = rd32(at + 8) {
+        let start = at + 16;
+        let Some(frame) = file.get(start..start + caplen as usize) else {
+            break;
+        };
+        at = start + caplen as usize;
+        if u16be(frame, 12) != Some(0x0800) {
+            continue;
+        }
+        let ipv4 = &frame[14..];
+        let Some(&vihl) = ipv4.first() else { continue };
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if ipv4.get(9) != Some(&6) {
+            continue;
+        }
+        let Some(total) = u16be(ipv4, 2) else { continue };
+        let src_ip = Ipv4Addr::new(ipv4[12], ipv4[13], ipv4[14], ipv4[15]);
+        let dst_ip = Ipv4Addr::new(ipv4[16], ipv4[17], ipv4[18], ipv4[19]);
+        let Some(tcp) = ipv4.get(ihl..(total as usize).min(ipv4.len())) else {
+            continue;
+        };
+        let (Some(sport), Some(dport), Some(seq)) = (u16be(tcp, 0), u16be(tcp, 2), u32be(tcp, 4)) else {
+            continue;
+        };
+        let off = ((tcp.get(12).copied().unwrap_or(0) >> 4) as usize) * 4;
+        let payload = tcp.get(off..).unwrap_or_default();
+        if payload.is_empty() {
+            continue;
+        }
+        out.push(Segment {
+            src: SocketAddrV4::new(src_ip, sport),
+            dst: SocketAddrV4::new(dst_ip, dport),
+            seq,
+            payload: payload.to_vec(),
+        });
+    }
+    out
+}
+
+/// The bytes sent by `src` on its connection(s) to port `dst_port`... as one stream, in sequence
+/// order with retransmissions dropped (good enough on a clean veth).
+pub fn stream_from(segments: &[Segment], src_port: u16) -> Vec<u8> {
+    let mut by_seq = BTreeMap::new();
+    for s in segments.iter().filter(|s| s.src.port() == src_port) {
+        by_seq.entry(s.seq).or_insert_with(|| s.payload.clone());
+    }
+    by_seq.into_values().flatten().collect()
+}
+
+/// Whether `needle` appears anywhere in any payload of the capture, or in the raw file.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The named group of the key_share in the first TLS ServerHello of `stream`.
+pub fn server_hello_group(stream: &[u8]) -> Option<u16> {
+    // TLS record: type 22 (handshake), version, length; then handshake type 2 (ServerHello).
+    if *stream.first()? != 22 {
+        return None;
+    }
+    let len = u16be(stream, 3)? as usize;
+    let hs = stream.get(5..5 + len)?;
+    if *hs.first()? != 2 {
+        return None;
+    }
+    let body = hs.get(4..)?;
+    let mut at = 2 + 32; // legacy_version, random
+    let sid_len = *body.get(at)? as usize;
+    at += 1 + sid_len + 2 + 1; // session id, cipher suite, compression
+    let ext_len = u16be(body, at)? as usize;
+    at += 2;
+    let end = at + ext_len;
+    while at + 4 <= end {
+        let ty = u16be(body, at)?;
+        let len = u16be(body, at + 2)? as usize;
+        if ty == 0x0033 {
+            return u16be(body, at + 4);
+        }
+        at += 4 + len;
+    }
+    None
+}
+
+/// IANA code point of X25519MLKEM768.
+pub const X25519MLKEM768: u16 = 0x11ec;

@@ -1,0 +1,92 @@
+//! Loopback services and blocking clients for tests: an echo server on its own thread and
+//! runtime (so tests can block freely), and round trips checked by SHA-256.
+
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use tokio::io::AsyncWriteExt;
+
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Echoes each connection until the client half-closes, then closes its own write side.
+    pub fn start() -> Self {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let serve = async {
+                    loop {
+                        let Ok((mut tcp, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        tokio::spawn(async move {
+                            let (mut r, mut w) = tcp.split();
+                            if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                                let _ = w.shutdown().await;
+                            }
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stop_rx => {}
+                }
+            });
+        });
+        Self {
+            addr: addr_rx.recv().unwrap(),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut v = vec![0; len];
+    rand::rng().fill_bytes(&mut v);
+    v
+}
+
+/// Sends `payload`, half-closes, and returns everything read back until EOF.
+pub fn round_trip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    let mut writer = tcp.try_clone()?;
+    let payload = payload.to_vec();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        writer.write_all(&payload)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut back = Vec::new();
+    let mut reader = tcp;
+    reader.read_to_end(&mut back)?;
+    sender.join().expect("writer thread")?;
+    Ok(back)
+}

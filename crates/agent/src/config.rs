@@ -229,7 +229,21 @@ impl AgentConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(path, &text)
+        let mut config = Self::parse(path, &text)?;
+        // Relative identity paths are relative to the config file, not to the working directory,
+        // so a config means the same thing however the agent is started.
+        if let Some(dir) = path.parent() {
+            for file in [
+                &mut config.identity.cert,
+                &mut config.identity.key,
+                &mut config.identity.bundle,
+            ] {
+                if file.is_relative() {
+                    *file = dir.join(&*file);
+                }
+            }
+        }
+        Ok(config)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {

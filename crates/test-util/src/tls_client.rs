@@ -96,6 +96,33 @@ pub fn raw_config(
     Arc::new(config)
 }
 
+/// A TLS 1.3 client config presenting `identity` that offers only `groups` for key exchange.
+pub fn raw_config_with_groups(
+    identity: Option<&IdentityPaths>,
+    groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+) -> Arc<ClientConfig> {
+    let mut provider = (*tapproof_tls::crypto_provider(KxPolicy::PreferPostQuantum)).clone();
+    provider.kx_groups = groups;
+    let provider = Arc::new(provider);
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)));
+    let config = match identity {
+        Some(id) => {
+            let chain: Vec<_> = CertificateDer::pem_file_iter(&id.cert)
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(&id.key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
 /// Handshakes, sends the HTTP/2 preface and waits for the server's first bytes. `Ok` when the
 /// server kept talking, `Err` with what happened when it refused.
 pub fn attempt(addr: SocketAddr, config: Arc<ClientConfig>) -> Result<(), String> {

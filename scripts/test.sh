@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The README's test command. Installs what the tests need when it is missing and we are root
+# (iproute2 and tcpdump for the network-namespace tap test), then runs every test in the workspace.
+# Without root the namespace tests say they were skipped; under CI=true they must run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing ${need[*]} for the network-namespace tests"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "note: ${need[*]} missing and not root: the tap test will be skipped"
+  fi
+fi
+
+# cargo prints one "test result" line per test binary (the last is often an empty doc-test run),
+# so close with one total line that says what ran.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i; if ($(i+1) ~ /^ignored;?$/) s += $i } }
+     END { printf "\ntotal: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"

@@ -13,6 +13,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tapproof_identity::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -100,13 +101,22 @@ impl ClientTls {
     }
 }
 
-pub async fn accept(tls: &ServerTls, tcp: TcpStream) -> io::Result<ServerStream> {
-    tls.acceptor.accept(tcp).await
+/// Runs the server side of the handshake over any byte stream (TCP in the agent, in-memory pipes
+/// in tests).
+pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
+    tls: &ServerTls,
+    io: IO,
+) -> io::Result<tokio_rustls::server::TlsStream<IO>> {
+    tls.acceptor.accept(io).await
 }
 
-pub async fn connect(tls: &ClientTls, tcp: TcpStream, peer: SocketAddr) -> io::Result<ClientStream> {
+pub async fn connect<IO: AsyncRead + AsyncWrite + Unpin>(
+    tls: &ClientTls,
+    io: IO,
+    peer: SocketAddr,
+) -> io::Result<tokio_rustls::client::TlsStream<IO>> {
     // With SNI disabled the name is only a key for the session cache, which is per ClientTls and
     // so per expected identity: a resumed session can never stand in for another identity.
     let name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
-    tls.connector.connect(name, tcp).await
+    tls.connector.connect(name, io).await
 }

@@ -1,6 +1,5 @@
 //! What a finished handshake negotiated, for logs, `/v1/status` and the quickstart.
 
-use crate::config::{ClientStream, ServerStream};
 use rustls::CommonState;
 use tapproof_identity::{inspect_svid, SpiffeId};
 
@@ -42,10 +41,10 @@ fn info(state: &CommonState) -> SessionInfo {
     }
 }
 
-pub fn server_session(stream: &ServerStream) -> SessionInfo {
+pub fn server_session<IO>(stream: &tokio_rustls::server::TlsStream<IO>) -> SessionInfo {
     info(stream.get_ref().1)
 }
 
-pub fn client_session(stream: &ClientStream) -> SessionInfo {
+pub fn client_session<IO>(stream: &tokio_rustls::client::TlsStream<IO>) -> SessionInfo {
     info(stream.get_ref().1)
 }

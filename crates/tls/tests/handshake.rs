@@ -1,0 +1,336 @@
+//! TLS in memory: handshakes between tapproof's own client and server configs over in-process
+//! pipes, including peers with the wrong identity and bytes tampered or cut on the way.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use tapproof_identity::{Authority, TrustDomain};
+use tapproof_tls::{
+    accept, client_session, connect, failure_reason, ClientTls, IdentityFiles, KxPolicy, Material,
+    MaterialError, ServerTls,
+};
+use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+const PEER: &str = "127.0.0.1:15008";
+
+struct Pki {
+    dir: tempfile::TempDir,
+    td: TrustDomain,
+    ca: Authority,
+    root_pem: String,
+}
+
+fn write(path: &Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+impl Pki {
+    fn new() -> Self {
+        let td = TrustDomain::new("example.org").unwrap();
+        let root = Authority::new_root(td.clone(), time::Duration::days(1)).unwrap();
+        let ca = root.new_intermediate(time::Duration::hours(2)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("bundle.pem"), root.cert_pem(), 0o644);
+        Self {
+            root_pem: root.cert_pem().to_owned(),
+            dir,
+            td,
+            ca,
+        }
+    }
+
+    fn files(&self, node: &str) -> IdentityFiles {
+        let issued = self
+            .ca
+            .issue_with_new_key(&self.td.node_id(node).unwrap(), time::Duration::minutes(10))
+            .unwrap();
+        let cert = self.dir.path().join(format!("{node}.pem"));
+        let key = self.dir.path().join(format!("{node}.key"));
+        write(&cert, &issued.chain_pem, 0o644);
+        write(&key, &issued.key_pem, 0o600);
+        IdentityFiles {
+            cert,
+            key,
+            bundle: self.dir.path().join("bundle.pem"),
+        }
+    }
+
+    fn material(&self, node: &str) -> Material {
+        Material::load(&self.files(node), &self.td).unwrap()
+    }
+}
+
+fn peer() -> SocketAddr {
+    PEER.parse().unwrap()
+}
+
+#[tokio::test]
+async fn mutual_handshake_negotiates_tls13_and_post_quantum() {
+    let pki = Pki::new();
+    let server = ServerTls::new(&pki.material("db-1"), KxPolicy::PreferPostQuantum).unwrap();
+    let client = ClientTls::new(
+        &pki.material("web-1"),
+        pki.td.node_id("db-1").unwrap(),
+        KxPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let (s, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
+    let (mut s, mut c) = (s.unwrap(), c.unwrap());
+    let seen_by_server = tapproof_tls::server_session(&s);
+    let seen_by_client = client_session(&c);
+    assert_eq!(
+        seen_by_server.peer_id.unwrap().to_string(),
+        "spiffe://example.org/node/web-1"
+    );
+    assert_eq!(
+        seen_by_client.peer_id.unwrap().to_string(),
+        "spiffe://example.org/node/db-1"
+    );
+    assert_eq!(seen_by_client.version, "TLSv1_3");
+    assert_eq!(seen_by_client.group, "X25519MLKEM768");
+    assert_eq!(seen_by_client.cipher, "TLS13_AES_256_GCM_SHA384");
+    c.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test]
+async fn client_refuses_a_server_with_another_identity() {
+    let pki = Pki::new();
+    let server = ServerTls::new(&pki.material("db-2"), KxPolicy::PreferPostQuantum).unwrap();
+    let client = ClientTls::new(
+        &pki.material("web-1"),
+        pki.td.node_id("db-1").unwrap(),
+        KxPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let (_, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
+    let err = c.err().expect("client must refuse db-2 when it expects db-1");
+    assert_eq!(failure_reason(&err), "wrong_peer_id");
+    assert!(err.to_string().contains("db-2"), "{err}");
+}
+
+#[tokio::test]
+async fn client_refuses_a_server_of_another_ca() {
+    // Same trust domain name and node name, different CA: only the chain tells them apart.
+    let pki = Pki::new();
+    let stranger = Pki::new();
+    let server = ServerTls::new(&stranger.material("db-1"), KxPolicy::PreferPostQuantum).unwrap();
+    let client = ClientTls::new(
+        &pki.material("web-1"),
+        pki.td.node_id("db-1").unwrap(),
+        KxPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let (s, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
+    assert_eq!(failure_reason(&c.err().unwrap()), "unknown_ca");
+    assert_eq!(failure_reason(&s.err().unwrap()), "alert_received");
+}
+
+#[tokio::test]
+async fn tampered_application_data_is_rejected() {
+    let pki = Pki::new();
+    let server = ServerTls::new(&pki.material("db-1"), KxPolicy::PreferPostQuantum).unwrap();
+    let client = ClientTls::new(
+        &pki.material("web-1"),
+        pki.td.node_id("db-1").unwrap(),
+        KxPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    // client -> relay (c2s) -> server; server -> client direct.
+    let (client_io, relay_in) = duplex(64 * 1024);
+    let (relay_out, server_io) = duplex(64 * 1024);
+    let (relay_in_r, relay_in_w) = tokio::io::split(relay_in);
+    let (relay_out_r, relay_out_w) = tokio::io::split(relay_out);
+    // Once armed (after the handshake), the relay flips the last byte of the next chunk from
+    // the client: inside the AEAD tag of the first application-data record.
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let armed_relay = armed.clone();
+    let c2s = tokio::spawn(async move {
+        let mut r = relay_in_r;
+        let mut w = relay_out_w;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if armed_relay.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                buf[n - 1] ^= 0x01;
+            }
+            if w.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let s2c = tokio::spawn(async move {
+        let mut r = relay_out_r;
+        let mut w = relay_in_w;
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    });
+    let (s, c) = tokio::join!(accept(&server, server_io), connect(&client, client_io, peer()));
+    let (mut s, mut c) = (s.unwrap(), c.unwrap());
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    c.write_all(&[b'x'; 1000]).await.unwrap();
+    c.flush().await.unwrap();
+    let mut buf = vec![0u8; 1000];
+    let err = s
+        .read_exact(&mut buf)
+        .await
+        .expect_err("a flipped bit must fail the AEAD check");
+    assert_eq!(failure_reason(&err), "peer_misbehaved", "{err}");
+    drop((s, c));
+    c2s.abort();
+    s2c.abort();
+}
+
+#[tokio::test]
+async fn truncated_and_corrupted_handshakes_fail_cleanly() {
+    let pki = Pki::new();
+    let server = ServerTls::new(&pki.material("db-1"), KxPolicy::PreferPostQuantum).unwrap();
+    let client = ClientTls::new(
+        &pki.material("web-1"),
+        pki.td.node_id("db-1").unwrap(),
+        KxPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    for (n, cut) in [
+        (0, true),
+        (3, true),
+        (100, true),
+        (5, false),
+        (60, false),
+        (300, false),
+    ] {
+        let (client_io, relay_a) = duplex(64 * 1024);
+        let (relay_b, server_io) = duplex(64 * 1024);
+        let (ra, wa) = tokio::io::split(relay_a);
+        let (rb, wb) = tokio::io::split(relay_b);
+        let relay = tokio::spawn(async move {
+            let a = tokio::spawn(tamper_split(ra, wb, n, cut));
+            let b = tokio::spawn(async move {
+                let (mut r, mut w) = (rb, wa);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+            let _ = a.await;
+            b.abort();
+        });
+        let (s, _c) = tokio::join!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), accept(&server, server_io)),
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                connect(&client, client_io, peer())
+            ),
+        );
+        let s = s.expect("a broken handshake must end, not hang");
+        assert!(
+            s.is_err(),
+            "byte {n} (cut={cut}): the server must not complete the handshake"
+        );
+        relay.abort();
+    }
+}
+
+async fn tamper_split(
+    mut from: tokio::io::ReadHalf<DuplexStream>,
+    mut to: tokio::io::WriteHalf<DuplexStream>,
+    n: usize,
+    cut: bool,
+) {
+    let mut seen = 0;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let got = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(g) => g,
+        };
+        let chunk = &mut buf[..got];
+        if cut && seen + got > n {
+            let _ = to.write_all(&chunk[..n - seen]).await;
+            let _ = to.shutdown().await;
+            return;
+        }
+        if !cut && seen <= n && n < seen + got {
+            chunk[n - seen] ^= 0x01;
+        }
+        seen += got;
+        if to.write_all(chunk).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn material_checks_name_the_problem() {
+    let pki = Pki::new();
+    let good = pki.files("web-1");
+    Material::load(&good, &pki.td).unwrap();
+
+    let other = TrustDomain::new("other.org").unwrap();
+    assert!(matches!(
+        Material::load(&good, &other),
+        Err(MaterialError::ForeignTrustDomain { .. })
+    ));
+
+    let mismatched = IdentityFiles {
+        key: pki.files("db-1").key,
+        ..good.clone()
+    };
+    assert!(matches!(
+        Material::load(&mismatched, &pki.td),
+        Err(MaterialError::KeyMismatch { .. })
+    ));
+
+    let loose = pki.dir.path().join("loose.key");
+    write(&loose, &std::fs::read_to_string(&good.key).unwrap(), 0o640);
+    let e = Material::load(
+        &IdentityFiles {
+            key: loose,
+            ..good.clone()
+        },
+        &pki.td,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("chmod 600"), "{e}");
+
+    let garbage = pki.dir.path().join("garbage.pem");
+    write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        0o644,
+    );
+    let e = Material::load(
+        &IdentityFiles {
+            cert: garbage,
+            ..good.clone()
+        },
+        &pki.td,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MaterialError::BadPem { .. } | MaterialError::NoCertificates { .. }
+        ),
+        "{e}"
+    );
+
+    let empty = pki.dir.path().join("empty.pem");
+    write(&empty, "", 0o644);
+    assert!(matches!(
+        Material::load(
+            &IdentityFiles {
+                bundle: empty,
+                ..good.clone()
+            },
+            &pki.td
+        ),
+        Err(MaterialError::NoCertificates { .. })
+    ));
+    let _ = &pki.root_pem;
+}

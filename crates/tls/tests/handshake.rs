@@ -109,7 +109,9 @@ async fn client_refuses_a_server_with_another_identity() {
     .unwrap();
     let (a, b) = duplex(64 * 1024);
     let (_, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
-    let err = c.err().expect("client must refuse db-2 when it expects db-1");
+    let Err(err) = c else {
+        panic!("client must refuse db-2 when it expects db-1")
+    };
     assert_eq!(failure_reason(&err), "wrong_peer_id");
     assert!(err.to_string().contains("db-2"), "{err}");
 }

@@ -151,6 +151,7 @@ def main():
         if not shutil.which(tool):
             sys.exit(f"{tool} not found (bench/run.sh installs it)")
     d = tempfile.mkdtemp(prefix="tapproof-bench-")
+    os.chmod(d, 0o755)  # nginx workers run unprivileged and must read www/ (key files stay 0600)
     procs = Procs()
     results = {}
     try:

@@ -311,3 +311,48 @@ fn reconnects_after_the_peer_restarts() {
         2.0
     );
 }
+
+/// `tapproof status` reads a running agent; `--log-format json` writes one JSON object per line.
+#[test]
+fn status_command_and_json_logs() {
+    let pki = tapproof_test_util::pki::TestPki::new();
+    let echo = tapproof_test_util::traffic::EchoServer::start();
+    let db_id = pki.node("db-1");
+    let web_id = pki.node("web-1");
+    let db = AgentProcess::start_with(
+        EXE,
+        pki.path(),
+        "db-1",
+        &db_config(&pki, &db_id, echo.addr, ""),
+        &["env", "TAPPROOF_LOG_FORMAT=json"],
+    );
+    let web = AgentProcess::start(
+        EXE,
+        pki.path(),
+        "web-1",
+        &tapproof_test_util::fixture::web_config(&pki, &web_id, &[db.tunnel()], "db-1", ""),
+    );
+    assert_eq!(round_trip(web.outbound(0), b"hi").unwrap(), b"hi");
+
+    let admin = web.admin().to_string();
+    let (code, out, err) = tapproof_test_util::process::run_tapproof(EXE, &["status", "--admin", &admin]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("spiffe://example.org/node/web-1"), "{out}");
+    assert!(
+        out.contains("spiffe://example.org/node/db-1") && out.contains("X25519MLKEM768"),
+        "{out}"
+    );
+
+    let log = db.log();
+    let mut accepted = false;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["message"] == "tunnel: accepted" {
+            accepted = true;
+            assert_eq!(v["peer_id"], "spiffe://example.org/node/web-1");
+            assert_eq!(v["group"], "X25519MLKEM768");
+        }
+    }
+    assert!(accepted, "{log}");
+}

@@ -142,3 +142,14 @@ fn overrides_permit_non_loopback_plaintext_legs() {
         .replace("127.0.0.1:15432\"", "0.0.0.0:15432\"\nallow_non_loopback = true");
     parse(&text).unwrap();
 }
+
+#[test]
+fn the_shipped_example_config_parses() {
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/agent.toml"));
+    let c = AgentConfig::load(path).unwrap();
+    assert!(
+        c.identity.cert.is_absolute(),
+        "relative paths resolve against the config file"
+    );
+    assert_eq!(c.outbound[0].peers.len(), 2);
+}

@@ -3,7 +3,7 @@
 //! write side. Flow control gives backpressure: capacity is released to the peer only after the
 //! bytes were written to the app.
 
-use crate::metrics::{BytesLabels, Flow, Metrics, Side};
+use crate::metrics::{BytesLabels, Flow, Metrics, ServiceLabels, Side, SideLabel};
 use crate::state::TunnelStats;
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -24,9 +24,39 @@ fn h2_error(e: h2::Error) -> io::Error {
     }
 }
 
+/// Splices one stream and keeps the stream counters (metrics and the tunnel's own) for its lifetime.
+pub async fn carry(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    side: Side,
+    service: &str,
+    metrics: &Metrics,
+    tunnel: &TunnelStats,
+) -> io::Result<()> {
+    metrics
+        .streams
+        .get_or_create(&ServiceLabels {
+            side,
+            service: service.to_owned(),
+        })
+        .inc();
+    let open = metrics.streams_open.get_or_create(&SideLabel { side }).clone();
+    open.inc();
+    tunnel.streams_total.fetch_add(1, Ordering::Relaxed);
+    tunnel.streams_open.fetch_add(1, Ordering::Relaxed);
+    let result = splice(tcp, send, recv, side, metrics, tunnel).await;
+    tunnel.streams_open.fetch_sub(1, Ordering::Relaxed);
+    open.dec();
+    if result.is_err() {
+        metrics.stream_failed(side, "reset");
+    }
+    result
+}
+
 /// Carries bytes until both directions have ended. On an error in either direction the stream
 /// is reset and the app connection dropped, so neither side waits on a dead peer.
-pub async fn splice(
+async fn splice(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,

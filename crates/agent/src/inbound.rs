@@ -3,15 +3,14 @@
 //! address. Everything a peer can get wrong ends in a refusal, a log line and a counter; the
 //! listener keeps serving everyone else.
 
-use crate::copy::splice;
-use crate::metrics::{DenialLabels, ServiceLabels, Side, SideLabel};
+use crate::copy::carry;
+use crate::metrics::{DenialLabels, Side, SideLabel};
 use crate::policy::allowed;
 use crate::state::{AgentState, TunnelStats};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tapproof_identity::SpiffeId;
 use tapproof_tls::{accept, failure_reason, server_session};
@@ -242,25 +241,17 @@ async fn serve_stream(
             return;
         }
     };
-    metrics
-        .streams
-        .get_or_create(&ServiceLabels {
-            side: Side::Inbound,
-            service: service.clone(),
-        })
-        .inc();
-    let open = metrics
-        .streams_open
-        .get_or_create(&SideLabel { side: Side::Inbound })
-        .clone();
-    open.inc();
-    tunnel.streams_total.fetch_add(1, Ordering::Relaxed);
-    tunnel.streams_open.fetch_add(1, Ordering::Relaxed);
-    let result = splice(app, send, request.into_body(), Side::Inbound, metrics, &tunnel).await;
-    tunnel.streams_open.fetch_sub(1, Ordering::Relaxed);
-    open.dec();
+    let result = carry(
+        app,
+        send,
+        request.into_body(),
+        Side::Inbound,
+        &service,
+        metrics,
+        &tunnel,
+    )
+    .await;
     if let Err(e) = result {
-        metrics.stream_failed(Side::Inbound, "reset");
         debug!(peer_id = %peer_id, service = %service, error = %e, "stream ended with error");
     }
 }

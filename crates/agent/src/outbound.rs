@@ -2,13 +2,12 @@
 //! CONNECT stream, on the pooled tunnel, to the peer agent that fronts the service.
 
 use crate::config::OutboundConfig;
-use crate::copy::splice;
-use crate::metrics::{ServiceLabels, Side, SideLabel};
+use crate::copy::carry;
+use crate::metrics::Side;
 use crate::pool::{Pool, Tunnel};
 use crate::state::AgentState;
 use http::{Method, Request, StatusCode};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -115,33 +114,17 @@ async fn connection(
         warn!(%app, service, status = %response.status(), peer_id = %tunnel.stats.peer_id, "outbound: peer refused the stream");
         return;
     }
-    metrics
-        .streams
-        .get_or_create(&ServiceLabels {
-            side: Side::Outbound,
-            service: service.to_owned(),
-        })
-        .inc();
-    let open = metrics
-        .streams_open
-        .get_or_create(&SideLabel { side: Side::Outbound })
-        .clone();
-    open.inc();
-    tunnel.stats.streams_total.fetch_add(1, Ordering::Relaxed);
-    tunnel.stats.streams_open.fetch_add(1, Ordering::Relaxed);
-    let result = splice(
+    let result = carry(
         tcp,
         send,
         response.into_body(),
         Side::Outbound,
+        service,
         metrics,
         &tunnel.stats,
     )
     .await;
-    tunnel.stats.streams_open.fetch_sub(1, Ordering::Relaxed);
-    open.dec();
     if let Err(e) = result {
-        metrics.stream_failed(Side::Outbound, "reset");
         debug!(%app, service, error = %e, "outbound: stream ended with error");
     }
 }

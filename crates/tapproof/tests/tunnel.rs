@@ -48,17 +48,8 @@ fn half_close_from_the_client_is_carried_through() {
             .unwrap();
         tcp.shutdown(Shutdown::Write).unwrap();
     });
-    let pki = tapproof_test_util::pki::TestPki::new();
-    let db_id = pki.node("db-1");
-    let web_id = pki.node("web-1");
-    let db = AgentProcess::start(EXE, pki.path(), "db-1", &db_config(&pki, &db_id, addr, ""));
-    let web = AgentProcess::start(
-        EXE,
-        pki.path(),
-        "web-1",
-        &tapproof_test_util::fixture::web_config(&pki, &web_id, &[db.tunnel()], "db-1", ""),
-    );
-    let mut app = TcpStream::connect(web.outbound(0)).unwrap();
+    let pair = Pair::forwarding_to(EXE, addr);
+    let mut app = TcpStream::connect(pair.app_addr()).unwrap();
     app.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     app.write_all(&[7u8; 5000]).unwrap();
     app.shutdown(Shutdown::Write).unwrap();
@@ -82,17 +73,8 @@ fn half_close_from_the_service_is_carried_through() {
         tcp.read_to_end(&mut got).unwrap();
         got
     });
-    let pki = tapproof_test_util::pki::TestPki::new();
-    let db_id = pki.node("db-1");
-    let web_id = pki.node("web-1");
-    let db = AgentProcess::start(EXE, pki.path(), "db-1", &db_config(&pki, &db_id, addr, ""));
-    let web = AgentProcess::start(
-        EXE,
-        pki.path(),
-        "web-1",
-        &tapproof_test_util::fixture::web_config(&pki, &web_id, &[db.tunnel()], "db-1", ""),
-    );
-    let mut app = TcpStream::connect(web.outbound(0)).unwrap();
+    let pair = Pair::forwarding_to(EXE, addr);
+    let mut app = TcpStream::connect(pair.app_addr()).unwrap();
     app.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut greeting = Vec::new();
     app.read_to_end(&mut greeting).unwrap();

@@ -48,15 +48,25 @@ impl Pair {
 
     /// `db_tunnel` and `web_tunnel` are extra lines for each agent's `[tunnel]` section.
     pub fn start_with(exe: &str, db_tunnel: &str, web_tunnel: &str) -> Self {
+        Self::build(exe, None, db_tunnel, web_tunnel)
+    }
+
+    /// db-1 forwards `db` to `service` instead of the echo server.
+    pub fn forwarding_to(exe: &str, service: SocketAddr) -> Self {
+        Self::build(exe, Some(service), "", "")
+    }
+
+    fn build(exe: &str, service: Option<SocketAddr>, db_tunnel: &str, web_tunnel: &str) -> Self {
         let pki = TestPki::new();
         let echo = EchoServer::start();
         let db_id = pki.node("db-1");
         let web_id = pki.node("web-1");
+        let forward = service.unwrap_or(echo.addr);
         let db = AgentProcess::start(
             exe,
             pki.path(),
             "db-1",
-            &db_config(&pki, &db_id, echo.addr, db_tunnel),
+            &db_config(&pki, &db_id, forward, db_tunnel),
         );
         let web = AgentProcess::start(
             exe,

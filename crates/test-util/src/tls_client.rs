@@ -68,13 +68,33 @@ pub fn raw_config(
     versions: &[&'static SupportedProtocolVersion],
     kx: KxPolicy,
 ) -> Arc<ClientConfig> {
-    let mut provider = (*tapproof_tls::crypto_provider(kx)).clone();
-    if versions
+    let provider = if versions
         .iter()
         .any(|v| v.version == rustls::ProtocolVersion::TLSv1_2)
     {
-        provider = rustls::crypto::aws_lc_rs::default_provider();
-    }
+        // tapproof's provider has TLS 1.3 suites only; a TLS 1.2 client needs the stock ones.
+        rustls::crypto::aws_lc_rs::default_provider()
+    } else {
+        (*tapproof_tls::crypto_provider(kx)).clone()
+    };
+    build(identity, versions, provider)
+}
+
+/// A TLS 1.3 client config presenting `identity` that offers only `groups` for key exchange.
+pub fn raw_config_with_groups(
+    identity: Option<&IdentityPaths>,
+    groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+) -> Arc<ClientConfig> {
+    let mut provider = (*tapproof_tls::crypto_provider(KxPolicy::PreferPostQuantum)).clone();
+    provider.kx_groups = groups;
+    build(identity, &[&rustls::version::TLS13], provider)
+}
+
+fn build(
+    identity: Option<&IdentityPaths>,
+    versions: &[&'static SupportedProtocolVersion],
+    provider: CryptoProvider,
+) -> Arc<ClientConfig> {
     let provider = Arc::new(provider);
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
@@ -93,33 +113,6 @@ pub fn raw_config(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
-}
-
-/// A TLS 1.3 client config presenting `identity` that offers only `groups` for key exchange.
-pub fn raw_config_with_groups(
-    identity: Option<&IdentityPaths>,
-    groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
-) -> Arc<ClientConfig> {
-    let mut provider = (*tapproof_tls::crypto_provider(KxPolicy::PreferPostQuantum)).clone();
-    provider.kx_groups = groups;
-    let provider = Arc::new(provider);
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)));
-    let config = match identity {
-        Some(id) => {
-            let chain: Vec<_> = CertificateDer::pem_file_iter(&id.cert)
-                .unwrap()
-                .map(|c| c.unwrap())
-                .collect();
-            let key = PrivateKeyDer::from_pem_file(&id.key).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
     Arc::new(config)
 }
 

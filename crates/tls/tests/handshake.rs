@@ -59,6 +59,16 @@ impl Pki {
     fn material(&self, node: &str) -> Material {
         Material::load(&self.files(node), &self.td).unwrap()
     }
+
+    fn server(&self, node: &str) -> ServerTls {
+        ServerTls::new(&self.material(node), KxPolicy::PreferPostQuantum).unwrap()
+    }
+
+    /// A client identified as `node` that requires the server to be `expect`.
+    fn client(&self, node: &str, expect: &str) -> ClientTls {
+        let expected = self.td.node_id(expect).unwrap();
+        ClientTls::new(&self.material(node), expected, KxPolicy::PreferPostQuantum).unwrap()
+    }
 }
 
 fn peer() -> SocketAddr {
@@ -68,13 +78,8 @@ fn peer() -> SocketAddr {
 #[tokio::test]
 async fn mutual_handshake_negotiates_tls13_and_post_quantum() {
     let pki = Pki::new();
-    let server = ServerTls::new(&pki.material("db-1"), KxPolicy::PreferPostQuantum).unwrap();
-    let client = ClientTls::new(
-        &pki.material("web-1"),
-        pki.td.node_id("db-1").unwrap(),
-        KxPolicy::PreferPostQuantum,
-    )
-    .unwrap();
+    let server = pki.server("db-1");
+    let client = pki.client("web-1", "db-1");
     let (a, b) = duplex(64 * 1024);
     let (s, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
     let (mut s, mut c) = (s.unwrap(), c.unwrap());
@@ -100,13 +105,8 @@ async fn mutual_handshake_negotiates_tls13_and_post_quantum() {
 #[tokio::test]
 async fn client_refuses_a_server_with_another_identity() {
     let pki = Pki::new();
-    let server = ServerTls::new(&pki.material("db-2"), KxPolicy::PreferPostQuantum).unwrap();
-    let client = ClientTls::new(
-        &pki.material("web-1"),
-        pki.td.node_id("db-1").unwrap(),
-        KxPolicy::PreferPostQuantum,
-    )
-    .unwrap();
+    let server = pki.server("db-2");
+    let client = pki.client("web-1", "db-1");
     let (a, b) = duplex(64 * 1024);
     let (_, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
     let Err(err) = c else {
@@ -121,13 +121,8 @@ async fn client_refuses_a_server_of_another_ca() {
     // Same trust domain name and node name, different CA: only the chain tells them apart.
     let pki = Pki::new();
     let stranger = Pki::new();
-    let server = ServerTls::new(&stranger.material("db-1"), KxPolicy::PreferPostQuantum).unwrap();
-    let client = ClientTls::new(
-        &pki.material("web-1"),
-        pki.td.node_id("db-1").unwrap(),
-        KxPolicy::PreferPostQuantum,
-    )
-    .unwrap();
+    let server = stranger.server("db-1");
+    let client = pki.client("web-1", "db-1");
     let (a, b) = duplex(64 * 1024);
     let (s, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
     assert_eq!(failure_reason(&c.err().unwrap()), "unknown_ca");
@@ -137,13 +132,8 @@ async fn client_refuses_a_server_of_another_ca() {
 #[tokio::test]
 async fn tampered_application_data_is_rejected() {
     let pki = Pki::new();
-    let server = ServerTls::new(&pki.material("db-1"), KxPolicy::PreferPostQuantum).unwrap();
-    let client = ClientTls::new(
-        &pki.material("web-1"),
-        pki.td.node_id("db-1").unwrap(),
-        KxPolicy::PreferPostQuantum,
-    )
-    .unwrap();
+    let server = pki.server("db-1");
+    let client = pki.client("web-1", "db-1");
     // client -> relay (c2s) -> server; server -> client direct.
     let (client_io, relay_in) = duplex(64 * 1024);
     let (relay_out, server_io) = duplex(64 * 1024);
@@ -194,13 +184,8 @@ async fn tampered_application_data_is_rejected() {
 #[tokio::test]
 async fn truncated_and_corrupted_handshakes_fail_cleanly() {
     let pki = Pki::new();
-    let server = ServerTls::new(&pki.material("db-1"), KxPolicy::PreferPostQuantum).unwrap();
-    let client = ClientTls::new(
-        &pki.material("web-1"),
-        pki.td.node_id("db-1").unwrap(),
-        KxPolicy::PreferPostQuantum,
-    )
-    .unwrap();
+    let server = pki.server("db-1");
+    let client = pki.client("web-1", "db-1");
     for (n, cut) in [
         (0, true),
         (3, true),

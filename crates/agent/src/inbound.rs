@@ -53,7 +53,7 @@ async fn connection(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let _ = tcp.set_nodelay(true);
+    crate::socket::tune_tunnel(&tcp);
     let metrics = &state.metrics;
     let tls = match state.server_tls() {
         Ok(tls) => tls,

@@ -12,6 +12,7 @@ pub mod metrics;
 mod outbound;
 pub mod policy;
 mod pool;
+mod socket;
 mod state;
 
 pub use admin::{BoundAddresses, BoundOutbound};

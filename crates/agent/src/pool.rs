@@ -139,7 +139,7 @@ impl Pool {
             Ok(Err(e)) => return Err(format!("connect: {e}")),
             Err(_) => return Err("connect: timed out".into()),
         };
-        let _ = tcp.set_nodelay(true);
+        crate::socket::tune_tunnel(&tcp);
         let stream = match timeout(cfg.handshake_timeout, connect(tls, tcp, peer)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what the tests need when it is missing and we are root
-# (iproute2 and tcpdump for the network-namespace tap test), then runs every test in the workspace.
-# Without root the namespace tests say they were skipped; under CI=true they must run.
+# (iproute2 and tcpdump for the network-namespace tap test; a local PostgreSQL server for the
+# store's conformance suite), then runs every test in the workspace. Without root those tests say
+# they were skipped; under CI=true they must run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,16 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
     echo "note: ${need[*]} missing and not root: the tap test will be skipped"
+  fi
+fi
+
+if [ -z "${TAPPROOF_TEST_POSTGRES:-}" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "starting a local PostgreSQL server for the store tests (scripts/postgres.sh)"
+    TAPPROOF_TEST_POSTGRES=$(scripts/postgres.sh)
+    export TAPPROOF_TEST_POSTGRES
+  else
+    echo "note: not root and TAPPROOF_TEST_POSTGRES unset: the PostgreSQL store tests will be skipped"
   fi
 fi
 

@@ -1,0 +1,409 @@
+//! The SQL both backends share, written once. The two schemas differ only in column types, and
+//! every query here uses `$N` placeholders in ascending order, which SQLite and PostgreSQL both
+//! accept. Each backend type supplies `pool`, `begin_write` (a transaction that may write) and
+//! `lock_audit` (serialises audit appends across processes).
+
+use crate::error::StoreError;
+
+pub(crate) fn corrupt(what: &'static str, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+macro_rules! impl_store {
+    ($store:ty, $db:ty, $name:literal) => {
+        use crate::audit::{chain_hash, GENESIS_HASH};
+        use crate::backend::corrupt;
+        use crate::error::{q, StoreError, TokenRejection};
+        use crate::model::*;
+        use crate::Result;
+        use sqlx::Row;
+
+        fn ca_from(row: &<$db as sqlx::Database>::Row) -> Result<CaRecord> {
+            let kind: String = row.try_get("kind").map_err(q)?;
+            let state: String = row.try_get("state").map_err(q)?;
+            Ok(CaRecord {
+                id: row.try_get("id").map_err(q)?,
+                kind: CaKind::parse(&kind).ok_or_else(|| corrupt("CA kind", &kind))?,
+                parent_id: row.try_get("parent_id").map_err(q)?,
+                cert_pem: row.try_get("cert_pem").map_err(q)?,
+                key_sealed: row.try_get("key_sealed").map_err(q)?,
+                state: CaState::parse(&state).ok_or_else(|| corrupt("CA state", &state))?,
+                not_after: row.try_get("not_after").map_err(q)?,
+                created_at: row.try_get("created_at").map_err(q)?,
+            })
+        }
+
+        fn token_from(row: &<$db as sqlx::Database>::Row) -> Result<JoinToken> {
+            let services: String = row.try_get("services").map_err(q)?;
+            Ok(JoinToken {
+                id: row.try_get("id").map_err(q)?,
+                node: row.try_get("node").map_err(q)?,
+                services: serde_json::from_str(&services).map_err(|e| corrupt("token services", e))?,
+                expires_at: row.try_get("expires_at").map_err(q)?,
+                used_at: row.try_get("used_at").map_err(q)?,
+                created_at: row.try_get("created_at").map_err(q)?,
+            })
+        }
+
+        fn node_from(row: &<$db as sqlx::Database>::Row) -> Result<Node> {
+            Ok(Node {
+                name: row.try_get("name").map_err(q)?,
+                spiffe_id: row.try_get("spiffe_id").map_err(q)?,
+                created_at: row.try_get("created_at").map_err(q)?,
+                last_seen: row.try_get("last_seen").map_err(q)?,
+                revoked_at: row.try_get("revoked_at").map_err(q)?,
+            })
+        }
+
+        fn cert_from(row: &<$db as sqlx::Database>::Row) -> Result<IssuedCert> {
+            Ok(IssuedCert {
+                serial: row.try_get("serial").map_err(q)?,
+                spiffe_id: row.try_get("spiffe_id").map_err(q)?,
+                node: row.try_get("node").map_err(q)?,
+                not_before: row.try_get("not_before").map_err(q)?,
+                not_after: row.try_get("not_after").map_err(q)?,
+                issued_at: row.try_get("issued_at").map_err(q)?,
+            })
+        }
+
+        fn revocation_from(row: &<$db as sqlx::Database>::Row) -> Result<Revocation> {
+            let kind: String = row.try_get("kind").map_err(q)?;
+            Ok(Revocation {
+                id: row.try_get("id").map_err(q)?,
+                kind: RevocationKind::parse(&kind).ok_or_else(|| corrupt("revocation kind", &kind))?,
+                value: row.try_get("value").map_err(q)?,
+                reason: row.try_get("reason").map_err(q)?,
+                revoked_at: row.try_get("revoked_at").map_err(q)?,
+            })
+        }
+
+        fn audit_from(row: &<$db as sqlx::Database>::Row) -> Result<AuditEntry> {
+            Ok(AuditEntry {
+                seq: row.try_get("seq").map_err(q)?,
+                at: row.try_get("at").map_err(q)?,
+                actor: row.try_get("actor").map_err(q)?,
+                action: row.try_get("action").map_err(q)?,
+                details: row.try_get("details").map_err(q)?,
+                prev_hash: row.try_get("prev_hash").map_err(q)?,
+                hash: row.try_get("hash").map_err(q)?,
+            })
+        }
+
+        #[async_trait::async_trait]
+        impl crate::Store for $store {
+            fn backend(&self) -> &'static str {
+                $name
+            }
+
+            async fn ca_insert(&self, ca: NewCa) -> Result<i64> {
+                let row = sqlx::query(
+                    "INSERT INTO cas (kind, parent_id, cert_pem, key_sealed, state, not_after, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                )
+                .bind(ca.kind.as_str())
+                .bind(ca.parent_id)
+                .bind(&ca.cert_pem)
+                .bind(&ca.key_sealed)
+                .bind(ca.state.as_str())
+                .bind(ca.not_after)
+                .bind(ca.created_at)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(q)?;
+                row.try_get("id").map_err(q)
+            }
+
+            async fn ca_list(&self) -> Result<Vec<CaRecord>> {
+                let rows = sqlx::query("SELECT * FROM cas ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(q)?;
+                rows.iter().map(ca_from).collect()
+            }
+
+            async fn ca_set_state(&self, id: i64, state: CaState) -> Result<()> {
+                let done = sqlx::query("UPDATE cas SET state = $1 WHERE id = $2")
+                    .bind(state.as_str())
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(q)?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound {
+                        what: "CA",
+                        value: id.to_string(),
+                    });
+                }
+                Ok(())
+            }
+
+            async fn token_insert(&self, t: NewToken) -> Result<()> {
+                let services =
+                    serde_json::to_string(&t.services).map_err(|e| StoreError::Query(e.to_string()))?;
+                sqlx::query(
+                    "INSERT INTO join_tokens (id, secret_hash, node, services, expires_at, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&t.id)
+                .bind(&t.secret_hash[..])
+                .bind(&t.node)
+                .bind(services)
+                .bind(t.expires_at)
+                .bind(t.created_at)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "join token", &t.id))?;
+                Ok(())
+            }
+
+            async fn token_consume(&self, id: &str, secret_hash: &[u8; 32], now: i64) -> Result<JoinToken> {
+                let row = sqlx::query("SELECT * FROM join_tokens WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(q)?
+                    .ok_or(StoreError::Token(TokenRejection::Unknown))?;
+                let stored: Vec<u8> = row.try_get("secret_hash").map_err(q)?;
+                // Both sides are hashes of fixed length; comparing them leaks nothing useful.
+                if stored.as_slice() != secret_hash.as_slice() {
+                    return Err(StoreError::Token(TokenRejection::WrongSecret));
+                }
+                let token = token_from(&row)?;
+                if let Some(at) = token.used_at {
+                    return Err(StoreError::Token(TokenRejection::AlreadyUsed { at }));
+                }
+                if token.expires_at <= now {
+                    return Err(StoreError::Token(TokenRejection::Expired {
+                        at: token.expires_at,
+                    }));
+                }
+                let claimed =
+                    sqlx::query("UPDATE join_tokens SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
+                        .bind(now)
+                        .bind(id)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(q)?;
+                if claimed.rows_affected() == 0 {
+                    // Another request (perhaps on another replica) used it between our read and write.
+                    return Err(StoreError::Token(TokenRejection::AlreadyUsed { at: now }));
+                }
+                Ok(JoinToken {
+                    used_at: Some(now),
+                    ..token
+                })
+            }
+
+            async fn node_upsert(&self, name: &str, spiffe_id: &str, now: i64) -> Result<Node> {
+                sqlx::query(
+                    "INSERT INTO nodes (name, spiffe_id, created_at, last_seen) VALUES ($1, $2, $3, $3) \
+                     ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen",
+                )
+                .bind(name)
+                .bind(spiffe_id)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(q)?;
+                self.node_get(name)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound {
+                        what: "node",
+                        value: name.to_owned(),
+                    })
+            }
+
+            async fn node_get(&self, name: &str) -> Result<Option<Node>> {
+                let row = sqlx::query("SELECT * FROM nodes WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(q)?;
+                row.as_ref().map(node_from).transpose()
+            }
+
+            async fn node_list(&self) -> Result<Vec<Node>> {
+                let rows = sqlx::query("SELECT * FROM nodes ORDER BY name")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(q)?;
+                rows.iter().map(node_from).collect()
+            }
+
+            async fn node_seen(&self, name: &str, now: i64) -> Result<()> {
+                sqlx::query("UPDATE nodes SET last_seen = $1 WHERE name = $2")
+                    .bind(now)
+                    .bind(name)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(q)?;
+                Ok(())
+            }
+
+            async fn registration_add(&self, node: &str, service: &str) -> Result<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO registrations (node, service) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .bind(node)
+                .bind(service)
+                .execute(&self.pool)
+                .await
+                .map_err(q)?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn registration_remove(&self, node: &str, service: &str) -> Result<bool> {
+                let done = sqlx::query("DELETE FROM registrations WHERE node = $1 AND service = $2")
+                    .bind(node)
+                    .bind(service)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(q)?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn registrations(&self) -> Result<Vec<Registration>> {
+                let rows = sqlx::query("SELECT node, service FROM registrations ORDER BY node, service")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(q)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(Registration {
+                            node: r.try_get("node").map_err(q)?,
+                            service: r.try_get("service").map_err(q)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn cert_record(&self, c: IssuedCert) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO certificates (serial, spiffe_id, node, not_before, not_after, issued_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&c.serial)
+                .bind(&c.spiffe_id)
+                .bind(&c.node)
+                .bind(c.not_before)
+                .bind(c.not_after)
+                .bind(c.issued_at)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "certificate serial", &c.serial))?;
+                Ok(())
+            }
+
+            async fn cert_list(&self, node: &str) -> Result<Vec<IssuedCert>> {
+                let rows =
+                    sqlx::query("SELECT * FROM certificates WHERE node = $1 ORDER BY issued_at, serial")
+                        .bind(node)
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(q)?;
+                rows.iter().map(cert_from).collect()
+            }
+
+            async fn revoke(
+                &self,
+                kind: RevocationKind,
+                value: &str,
+                reason: &str,
+                now: i64,
+            ) -> Result<Revocation> {
+                sqlx::query(
+                    "INSERT INTO revocations (kind, value, reason, revoked_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (kind, value) DO NOTHING",
+                )
+                .bind(kind.as_str())
+                .bind(value)
+                .bind(reason)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(q)?;
+                if kind == RevocationKind::Node {
+                    sqlx::query("UPDATE nodes SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL")
+                        .bind(now)
+                        .bind(value)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(q)?;
+                }
+                let row = sqlx::query("SELECT * FROM revocations WHERE kind = $1 AND value = $2")
+                    .bind(kind.as_str())
+                    .bind(value)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(q)?;
+                revocation_from(&row)
+            }
+
+            async fn revocations(&self) -> Result<Vec<Revocation>> {
+                let rows = sqlx::query("SELECT * FROM revocations ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(q)?;
+                rows.iter().map(revocation_from).collect()
+            }
+
+            async fn audit_append(&self, entry: NewAudit, now: i64) -> Result<AuditEntry> {
+                let details = entry.details.to_string();
+                let mut tx = self.begin_write().await?;
+                Self::lock_audit(&mut tx).await?;
+                let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(q)?;
+                let (prev_seq, prev_hash): (i64, Vec<u8>) = match last {
+                    Some(row) => (
+                        row.try_get("seq").map_err(q)?,
+                        row.try_get("hash").map_err(q)?,
+                    ),
+                    None => (0, GENESIS_HASH.to_vec()),
+                };
+                let seq = prev_seq + 1;
+                let hash = chain_hash(&prev_hash, seq, now, &entry.actor, &entry.action, &details).to_vec();
+                sqlx::query(
+                    "INSERT INTO audit_log (seq, at, actor, action, details, prev_hash, hash) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(seq)
+                .bind(now)
+                .bind(&entry.actor)
+                .bind(&entry.action)
+                .bind(&details)
+                .bind(&prev_hash)
+                .bind(&hash)
+                .execute(&mut *tx)
+                .await
+                .map_err(q)?;
+                tx.commit().await.map_err(q)?;
+                Ok(AuditEntry {
+                    seq,
+                    at: now,
+                    actor: entry.actor,
+                    action: entry.action,
+                    details,
+                    prev_hash,
+                    hash,
+                })
+            }
+
+            async fn audit_list(&self, after: i64, limit: i64) -> Result<Vec<AuditEntry>> {
+                let rows = sqlx::query("SELECT * FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2")
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(q)?;
+                rows.iter().map(audit_from).collect()
+            }
+        }
+    };
+}
+
+pub(crate) use impl_store;

@@ -1,0 +1,79 @@
+//! Storage for the tapproof control plane: one [`Store`] trait with two backends, SQLite (a file
+//! in the server's data dir, WAL; the embedded default) and PostgreSQL (shared by several server
+//! replicas). Schema changes are versioned migrations under `migrations/<backend>/`. Only this
+//! crate knows SQL.
+//!
+//! Concurrency rules every backend keeps: a join token is consumed at most once (the consuming
+//! UPDATE is conditional on `used_at IS NULL`), certificate serials are unique (primary key), and
+//! audit-log appends are serialised (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: a transaction-scoped
+//! advisory lock) so the hash chain never forks.
+
+mod audit;
+mod backend;
+mod error;
+mod model;
+mod postgres;
+mod sqlite;
+
+pub use audit::{chain_hash, verify_chain, AuditProblem, GENESIS_HASH};
+pub use error::{StoreError, TokenRejection};
+pub use model::*;
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use std::sync::Arc;
+
+/// The newest schema version this build knows (the number of the last migration).
+pub const SCHEMA_VERSION: i64 = 1;
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    /// Which backend, for logs and `/v1/status`.
+    fn backend(&self) -> &'static str;
+
+    async fn ca_insert(&self, ca: NewCa) -> Result<i64>;
+    async fn ca_list(&self) -> Result<Vec<CaRecord>>;
+    async fn ca_set_state(&self, id: i64, state: CaState) -> Result<()>;
+
+    async fn token_insert(&self, token: NewToken) -> Result<()>;
+    /// Checks the secret and expiry and marks the token used, atomically: of two concurrent
+    /// callers (even on two replicas) exactly one succeeds. A wrong secret does not consume it.
+    async fn token_consume(&self, id: &str, secret_hash: &[u8; 32], now: i64) -> Result<JoinToken>;
+
+    async fn node_upsert(&self, name: &str, spiffe_id: &str, now: i64) -> Result<Node>;
+    async fn node_get(&self, name: &str) -> Result<Option<Node>>;
+    async fn node_list(&self) -> Result<Vec<Node>>;
+    async fn node_seen(&self, name: &str, now: i64) -> Result<()>;
+
+    /// Returns false when the registration already existed.
+    async fn registration_add(&self, node: &str, service: &str) -> Result<bool>;
+    /// Returns false when there was nothing to remove.
+    async fn registration_remove(&self, node: &str, service: &str) -> Result<bool>;
+    async fn registrations(&self) -> Result<Vec<Registration>>;
+
+    /// Fails with `StoreError::Duplicate` for a serial already recorded.
+    async fn cert_record(&self, cert: IssuedCert) -> Result<()>;
+    async fn cert_list(&self, node: &str) -> Result<Vec<IssuedCert>>;
+
+    /// Idempotent: revoking the same thing twice keeps the first record.
+    async fn revoke(&self, kind: RevocationKind, value: &str, reason: &str, now: i64) -> Result<Revocation>;
+    async fn revocations(&self) -> Result<Vec<Revocation>>;
+
+    /// Appends one row to the hash-chained audit log and returns it.
+    async fn audit_append(&self, entry: NewAudit, now: i64) -> Result<AuditEntry>;
+    /// Rows with `seq > after`, oldest first, at most `limit`.
+    async fn audit_list(&self, after: i64, limit: i64) -> Result<Vec<AuditEntry>>;
+}
+
+/// Opens the store a `--store` value names: `sqlite:PATH` / a plain path (SQLite, created if
+/// missing), or `postgres://...` / `postgresql://...`. Runs pending migrations.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::open(url).await?))
+    } else {
+        let path = url.strip_prefix("sqlite:").unwrap_or(url);
+        Ok(Arc::new(SqliteStore::open(std::path::Path::new(path)).await?))
+    }
+}

@@ -1,0 +1,151 @@
+//! The records the store keeps. Times are Unix seconds.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaKind {
+    Root,
+    Intermediate,
+}
+
+/// Root rollover states: a `prepared` CA is in every bundle but signs nothing; `active` signs;
+/// `retired` signs nothing and leaves the bundle once what it signed has expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaState {
+    Prepared,
+    Active,
+    Retired,
+}
+
+macro_rules! text_enum {
+    ($ty:ty { $($variant:ident = $text:literal),* $(,)? }) => {
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),* }
+            }
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some(Self::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+text_enum!(CaKind { Root = "root", Intermediate = "intermediate" });
+text_enum!(CaState { Prepared = "prepared", Active = "active", Retired = "retired" });
+text_enum!(RevocationKind { Node = "node", SpiffeId = "spiffe_id", Serial = "serial" });
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CaRecord {
+    pub id: i64,
+    pub kind: CaKind,
+    pub parent_id: Option<i64>,
+    pub cert_pem: String,
+    /// The CA's private key, encrypted with the key-encryption key; never stored in the clear.
+    #[serde(skip)]
+    pub key_sealed: Vec<u8>,
+    pub state: CaState,
+    pub not_after: i64,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewCa {
+    pub kind: CaKind,
+    pub parent_id: Option<i64>,
+    pub cert_pem: String,
+    pub key_sealed: Vec<u8>,
+    pub state: CaState,
+    pub not_after: i64,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JoinToken {
+    pub id: String,
+    pub node: String,
+    pub services: Vec<String>,
+    pub expires_at: i64,
+    pub used_at: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: String,
+    /// SHA-256 of the secret; the secret itself is never stored.
+    pub secret_hash: [u8; 32],
+    pub node: String,
+    pub services: Vec<String>,
+    pub expires_at: i64,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub name: String,
+    pub spiffe_id: String,
+    pub created_at: i64,
+    pub last_seen: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Registration {
+    pub node: String,
+    pub service: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IssuedCert {
+    pub serial: String,
+    pub spiffe_id: String,
+    pub node: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub issued_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationKind {
+    Node,
+    SpiffeId,
+    Serial,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Revocation {
+    pub id: i64,
+    pub kind: RevocationKind,
+    pub value: String,
+    pub reason: String,
+    pub revoked_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAudit {
+    /// Who did it: a SPIFFE ID, `token:<id>`, `cli`, or a peer address.
+    pub actor: String,
+    /// What happened: `ca.init`, `token.create`, `node.join`, `cert.renew`, `join.refused`, ...
+    pub action: String,
+    pub details: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub details: String,
+    #[serde(serialize_with = "hex")]
+    pub prev_hash: Vec<u8>,
+    #[serde(serialize_with = "hex")]
+    pub hash: Vec<u8>,
+}
+
+fn hex<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}

@@ -1,0 +1,70 @@
+//! SQLite: the embedded default. One file in the server's data dir (mode 0600: it holds sealed CA
+//! keys and token hashes), WAL journal, foreign keys on. Writers that must not interleave use
+//! `BEGIN IMMEDIATE`, which takes SQLite's write lock up front.
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Pool, Sqlite, Transaction};
+use std::path::Path;
+use std::time::Duration;
+
+pub struct SqliteStore {
+    pool: Pool<Sqlite>,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> crate::Result<Self> {
+        let location = path.display().to_string();
+        let open_err = |detail: String| crate::StoreError::Open {
+            location: location.clone(),
+            detail,
+        };
+        if !path.exists() {
+            create_private(path).map_err(|e| open_err(e.to_string()))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        crate::postgres::check_schema(&pool).await?;
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(crate::postgres::migrate_error)?;
+        Ok(Self { pool })
+    }
+
+    async fn begin_write(&self) -> crate::Result<Transaction<'static, Sqlite>> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(crate::error::q)
+    }
+
+    /// `BEGIN IMMEDIATE` already holds the database's write lock.
+    async fn lock_audit(_: &mut Transaction<'static, Sqlite>) -> crate::Result<()> {
+        Ok(())
+    }
+}
+
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+}
+
+crate::backend::impl_store!(SqliteStore, sqlx::Sqlite, "sqlite");

@@ -1,0 +1,425 @@
+//! One conformance suite, run against every backend: SQLite always, PostgreSQL when
+//! TAPPROOF_TEST_POSTGRES names a server where we may create databases (scripts/postgres.sh sets
+//! one up; under CI=true it is required). "Two replicas" are two store instances on one database.
+
+use std::sync::Arc;
+use tapproof_store::*;
+
+struct Db {
+    url: String,
+    /// PostgreSQL: (admin URL, database name) to drop afterwards.
+    pg: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Db {
+    async fn open(&self) -> Arc<dyn Store> {
+        open(&self.url).await.unwrap()
+    }
+
+    async fn raw(&self, sql: &str) {
+        if self.pg.is_some() {
+            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        } else {
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", self.url))
+                .await
+                .unwrap();
+            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        }
+    }
+
+    async fn drop_db(self) {
+        if let Some((admin, name)) = self.pg {
+            let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+            let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&pool)
+                .await;
+        }
+    }
+}
+
+async fn sqlite() -> Option<Db> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tapproof.db");
+    Some(Db {
+        url: path.display().to_string(),
+        pg: None,
+        _dir: Some(dir),
+    })
+}
+
+async fn postgres() -> Option<Db> {
+    let Ok(admin) = std::env::var("TAPPROOF_TEST_POSTGRES") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must run the PostgreSQL conformance suite: set TAPPROOF_TEST_POSTGRES (scripts/postgres.sh)"
+        );
+        eprintln!(
+            "SKIPPED PostgreSQL conformance: TAPPROOF_TEST_POSTGRES is not set (run scripts/postgres.sh)"
+        );
+        return None;
+    };
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "tapproof_test_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let pool = sqlx::PgPool::connect(&admin)
+        .await
+        .expect("connect to TAPPROOF_TEST_POSTGRES");
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').unwrap().0;
+    Some(Db {
+        url: format!("{base}/{name}"),
+        pg: Some((admin, name)),
+        _dir: None,
+    })
+}
+
+fn ca(state: CaState) -> NewCa {
+    NewCa {
+        kind: CaKind::Root,
+        parent_id: None,
+        cert_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+        key_sealed: vec![1, 2, 3],
+        state,
+        not_after: 2_000_000_000,
+        created_at: 1_700_000_000,
+    }
+}
+
+fn token(id: &str, secret: &[u8; 32], expires_at: i64) -> NewToken {
+    NewToken {
+        id: id.into(),
+        secret_hash: *secret,
+        node: "web-1".into(),
+        services: vec!["web".into(), "api".into()],
+        expires_at,
+        created_at: 100,
+    }
+}
+
+fn cert(serial: &str) -> IssuedCert {
+    IssuedCert {
+        serial: serial.into(),
+        spiffe_id: "spiffe://example.org/node/web-1".into(),
+        node: "web-1".into(),
+        not_before: 1,
+        not_after: 2,
+        issued_at: 1,
+    }
+}
+
+async fn migrations_are_idempotent(db: &Db) {
+    let a = db.open().await;
+    a.ca_insert(ca(CaState::Active)).await.unwrap();
+    drop(a);
+    let b = db.open().await;
+    assert_eq!(
+        b.ca_list().await.unwrap().len(),
+        1,
+        "reopening keeps data and migrates nothing twice"
+    );
+}
+
+async fn cas_round_trip(db: &Db) {
+    let s = db.open().await;
+    let root = s.ca_insert(ca(CaState::Active)).await.unwrap();
+    let next = s
+        .ca_insert(NewCa {
+            parent_id: Some(root),
+            kind: CaKind::Intermediate,
+            ..ca(CaState::Prepared)
+        })
+        .await
+        .unwrap();
+    s.ca_set_state(next, CaState::Active).await.unwrap();
+    s.ca_set_state(root, CaState::Retired).await.unwrap();
+    let all = s.ca_list().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[0].state, all[1].state), (CaState::Retired, CaState::Active));
+    assert_eq!(all[1].parent_id, Some(root));
+    assert_eq!(all[0].key_sealed, vec![1, 2, 3]);
+    assert!(matches!(
+        s.ca_set_state(999, CaState::Active).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+async fn tokens_are_single_use(db: &Db) {
+    let s = db.open().await;
+    let secret = [7u8; 32];
+    s.token_insert(token("t1", &secret, 1_000)).await.unwrap();
+    assert!(matches!(
+        s.token_insert(token("t1", &secret, 1_000)).await,
+        Err(StoreError::Duplicate { .. })
+    ));
+    assert_eq!(
+        s.token_consume("t1", &[8u8; 32], 500).await.unwrap_err().code(),
+        "token_invalid",
+        "a wrong secret is refused"
+    );
+    let used = s
+        .token_consume("t1", &secret, 500)
+        .await
+        .expect("a wrong secret must not burn the token");
+    assert_eq!(used.services, vec!["web", "api"]);
+    assert_eq!(used.used_at, Some(500));
+    assert!(matches!(
+        s.token_consume("t1", &secret, 501).await,
+        Err(StoreError::Token(TokenRejection::AlreadyUsed { at: 500 }))
+    ));
+    s.token_insert(token("t2", &secret, 1_000)).await.unwrap();
+    assert!(matches!(
+        s.token_consume("t2", &secret, 1_000).await,
+        Err(StoreError::Token(TokenRejection::Expired { .. }))
+    ));
+    assert!(matches!(
+        s.token_consume("nope", &secret, 1).await,
+        Err(StoreError::Token(TokenRejection::Unknown))
+    ));
+}
+
+async fn a_token_is_used_once_across_replicas(db: &Db) {
+    let (a, b) = (db.open().await, db.open().await);
+    let secret = [9u8; 32];
+    a.token_insert(token("race", &secret, 10_000)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(
+            async move { s.token_consume("race", &secret, 5).await },
+        ));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(StoreError::Token(TokenRejection::AlreadyUsed { .. })) => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(ok, 1, "exactly one replica may consume the token");
+}
+
+async fn serials_are_unique_across_replicas(db: &Db) {
+    let (a, b) = (db.open().await, db.open().await);
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let (a, b) = (a.clone(), b.clone());
+        tasks.push(tokio::spawn(async move {
+            a.cert_record(cert(&format!("A{i:04}"))).await.unwrap();
+            b.cert_record(cert(&format!("B{i:04}"))).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(a.cert_list("web-1").await.unwrap().len(), 200);
+    assert!(matches!(
+        b.cert_record(cert("A0001")).await,
+        Err(StoreError::Duplicate {
+            what: "certificate serial",
+            ..
+        })
+    ));
+}
+
+async fn nodes_registrations_revocations(db: &Db) {
+    let s = db.open().await;
+    let n = s
+        .node_upsert("web-1", "spiffe://example.org/node/web-1", 10)
+        .await
+        .unwrap();
+    assert_eq!((n.created_at, n.last_seen, n.revoked_at), (10, Some(10), None));
+    let n = s
+        .node_upsert("web-1", "spiffe://example.org/node/web-1", 20)
+        .await
+        .unwrap();
+    assert_eq!(
+        (n.created_at, n.last_seen),
+        (10, Some(20)),
+        "upsert keeps the creation time"
+    );
+    s.node_seen("web-1", 30).await.unwrap();
+    assert_eq!(s.node_get("web-1").await.unwrap().unwrap().last_seen, Some(30));
+    assert!(s.node_get("nope").await.unwrap().is_none());
+
+    assert!(s.registration_add("web-1", "web").await.unwrap());
+    assert!(!s.registration_add("web-1", "web").await.unwrap());
+    assert!(s.registration_add("web-1", "api").await.unwrap());
+    assert!(s.registration_remove("web-1", "api").await.unwrap());
+    assert!(!s.registration_remove("web-1", "api").await.unwrap());
+    assert_eq!(
+        s.registrations().await.unwrap(),
+        vec![Registration {
+            node: "web-1".into(),
+            service: "web".into()
+        }]
+    );
+
+    let r = s
+        .revoke(RevocationKind::Node, "web-1", "stolen", 40)
+        .await
+        .unwrap();
+    let again = s
+        .revoke(RevocationKind::Node, "web-1", "again", 50)
+        .await
+        .unwrap();
+    assert_eq!(r, again, "revoking twice keeps the first record");
+    s.revoke(RevocationKind::Serial, "ABCD", "leaked key", 41)
+        .await
+        .unwrap();
+    assert_eq!(s.revocations().await.unwrap().len(), 2);
+    assert_eq!(s.node_get("web-1").await.unwrap().unwrap().revoked_at, Some(40));
+    assert_eq!(s.node_list().await.unwrap().len(), 1);
+}
+
+async fn audit_chain_holds_under_concurrency_and_finds_edits(db: &Db) {
+    let (a, b) = (db.open().await, db.open().await);
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let e = NewAudit {
+                actor: format!("replica-{}", i % 2),
+                action: "test.event".into(),
+                details: serde_json::json!({ "i": i }),
+            };
+            s.audit_append(e, 1_000 + i).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rows = a.audit_list(0, 1_000).await.unwrap();
+    assert_eq!(rows.len(), 40);
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<_>>()
+    );
+    verify_chain(&rows, (0, GENESIS_HASH.to_vec())).expect("the chain of concurrent appends is intact");
+    assert_eq!(a.audit_list(38, 10).await.unwrap().len(), 2);
+
+    db.raw("UPDATE audit_log SET details = '{\"i\":999}' WHERE seq = 7")
+        .await;
+    let problems =
+        verify_chain(&a.audit_list(0, 1_000).await.unwrap(), (0, GENESIS_HASH.to_vec())).unwrap_err();
+    assert_eq!(problems, vec![AuditProblem::Edited { seq: 7 }]);
+
+    db.raw("DELETE FROM audit_log WHERE seq = 20").await;
+    let problems =
+        verify_chain(&a.audit_list(0, 1_000).await.unwrap(), (0, GENESIS_HASH.to_vec())).unwrap_err();
+    assert!(
+        problems.contains(&AuditProblem::Gap {
+            seq: 21,
+            expected: 20
+        }),
+        "{problems:?}"
+    );
+    assert!(
+        problems.contains(&AuditProblem::BrokenLink { seq: 21, prev: 19 }),
+        "{problems:?}"
+    );
+}
+
+async fn refuses_a_newer_schema(db: &Db) {
+    drop(db.open().await);
+    db.raw(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (999, 'from the future', TRUE, x'00', 0)"
+            .replace(
+                "x'00'",
+                if db.pg.is_some() {
+                    "'\\x00'::bytea"
+                } else {
+                    "x'00'"
+                },
+            )
+            .as_str(),
+    )
+    .await;
+    let err = open(&db.url).await.err().expect("a newer schema must be refused");
+    assert!(
+        matches!(
+            err,
+            StoreError::NewerSchema {
+                found: 999,
+                known: SCHEMA_VERSION
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade tapproof"));
+}
+
+macro_rules! suite {
+    ($backend:ident: $($test:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let Some(db) = super::$backend().await else { return };
+                    super::$test(&db).await;
+                    db.drop_db().await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(sqlite: migrations_are_idempotent, cas_round_trip, tokens_are_single_use, a_token_is_used_once_across_replicas,
+    serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
+    refuses_a_newer_schema);
+suite!(postgres: migrations_are_idempotent, cas_round_trip, tokens_are_single_use, a_token_is_used_once_across_replicas,
+    serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
+    refuses_a_newer_schema);
+
+#[tokio::test]
+async fn postgres_read_only_and_unreachable_are_clear_errors() {
+    let Some(db) = postgres().await else { return };
+    drop(db.open().await);
+    let name = &db.pg.as_ref().unwrap().1;
+    db.raw(&format!(
+        "ALTER DATABASE {name} SET default_transaction_read_only = on"
+    ))
+    .await;
+    // Opening runs the migrator, whose first statement writes: a read-only store is refused at
+    // start-up with a clear error rather than failing on the first join.
+    let err = open(&db.url)
+        .await
+        .err()
+        .expect("a read-only store must be refused");
+    assert!(matches!(err, StoreError::ReadOnly(_)), "{err}");
+    assert_eq!(err.code(), "store_read_only");
+    db.drop_db().await;
+
+    let err = open("postgres://someone:hunter2@127.0.0.1:1/nothing")
+        .await
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    assert!(
+        matches!(err, StoreError::Open { .. }) && text.contains("127.0.0.1:1"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2"),
+        "passwords never appear in errors: {text}"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = sqlite().await.unwrap();
+    drop(db.open().await);
+    let mode = std::fs::metadata(&db.url).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the store holds sealed CA keys and token hashes");
+}

@@ -44,7 +44,12 @@ pub struct AgentConfig {
     /// The SPIFFE trust domain every peer and our own identity must belong to.
     #[serde(deserialize_with = "de_from_str")]
     pub trust_domain: TrustDomain,
-    pub identity: IdentityConfig,
+    /// Identity from files (bring your own PKI). Exactly one of `identity` and `control`.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
+    /// Identity from the tapproof control plane (join with a token, then automatic renewal).
+    #[serde(default)]
+    pub control: Option<ControlConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
@@ -65,6 +70,26 @@ pub struct IdentityConfig {
     /// Trusted roots of the trust domain.
     pub bundle: PathBuf,
     /// How often the three files are checked for changes.
+    #[serde(default = "default_reload_interval", deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Where the agent keeps its key (0600), certificate, bundle and control-plane state, so a
+    /// restart needs no new token.
+    pub data_dir: PathBuf,
+    /// A join token from `tapproof server token create`; used once, on the first start.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the token (instead of `token`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The server's address (`host:port`), overriding the one in the token.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// How often the identity files are checked for changes (they change at renewal).
     #[serde(default = "default_reload_interval", deserialize_with = "de_duration")]
     pub reload_interval: Duration,
 }
@@ -224,20 +249,35 @@ pub fn valid_service_name(name: &str) -> bool {
 }
 
 impl AgentConfig {
+    /// How often identity files are checked, from whichever identity section is in use.
+    pub fn reload_interval(&self) -> Duration {
+        match (&self.identity, &self.control) {
+            (Some(i), _) => i.reload_interval,
+            (_, Some(c)) => c.reload_interval,
+            _ => DEFAULT_RELOAD_INTERVAL,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
         let mut config = Self::parse(path, &text)?;
-        // Relative identity paths are relative to the config file, not to the working directory,
-        // so a config means the same thing however the agent is started.
+        // Relative paths are relative to the config file, not to the working directory, so a
+        // config means the same thing however the agent is started.
         if let Some(dir) = path.parent() {
-            for file in [
-                &mut config.identity.cert,
-                &mut config.identity.key,
-                &mut config.identity.bundle,
-            ] {
+            let mut files: Vec<&mut PathBuf> = Vec::new();
+            if let Some(id) = config.identity.as_mut() {
+                files.extend([&mut id.cert, &mut id.key, &mut id.bundle]);
+            }
+            if let Some(c) = config.control.as_mut() {
+                files.push(&mut c.data_dir);
+                if let Some(t) = c.token_file.as_mut() {
+                    files.push(t);
+                }
+            }
+            for file in files {
                 if file.is_relative() {
                     *file = dir.join(&*file);
                 }
@@ -261,11 +301,36 @@ impl AgentConfig {
             key,
             message,
         };
-        if self.identity.reload_interval.is_zero() {
+        match (&self.identity, &self.control) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "identity".into(),
+                    "give either [identity] (your own PKI) or [control] (the tapproof server), not both"
+                        .into(),
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "identity".into(),
+                    "missing: give [identity] (certificate files) or [control] (join the tapproof server)"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        if self.reload_interval().is_zero() {
             return Err(invalid(
                 "identity.reload_interval".into(),
                 "must be more than zero".into(),
             ));
+        }
+        if let Some(c) = &self.control {
+            if c.token.is_some() && c.token_file.is_some() {
+                return Err(invalid(
+                    "control.token".into(),
+                    "give token or token_file, not both".into(),
+                ));
+            }
         }
         let t = &self.tunnel;
         if !(16_384..=16_777_215).contains(&t.max_frame_size) {

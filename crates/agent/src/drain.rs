@@ -10,13 +10,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub(crate) async fn reload_loop(state: Arc<AgentState>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(state.config.identity.reload_interval);
+    let mut tick = tokio::time::interval(state.config.reload_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error = String::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if state.renewing.load(Ordering::Acquire) {
+            continue;
         }
         match state.material.reload() {
             Ok(true) => {

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 mod copy;
 mod drain;
 mod inbound;
@@ -34,6 +35,8 @@ use tracing::info;
 pub enum AgentError {
     #[error("identity: {0}")]
     Identity(#[from] MaterialError),
+    #[error("{0}")]
+    Control(#[from] control::ControlError),
     #[error("{key} = {addr}: cannot listen: {error}")]
     Bind {
         key: String,
@@ -42,6 +45,20 @@ pub enum AgentError {
     },
     #[error("cannot write ready file {path}: {error}")]
     ReadyFile { path: PathBuf, error: std::io::Error },
+}
+
+/// The identity files a config uses: its own `[identity]`, or those `[control]` keeps in the data
+/// dir (which do not exist before the first join).
+pub fn identity_files(config: &AgentConfig) -> IdentityFiles {
+    match (&config.identity, &config.control) {
+        (Some(id), _) => IdentityFiles {
+            cert: id.cert.clone(),
+            key: id.key.clone(),
+            bundle: id.bundle.clone(),
+        },
+        (None, Some(control)) => control::identity_files(&control.data_dir),
+        (None, None) => unreachable!("config checks guarantee an identity source"),
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -66,10 +83,14 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let files = IdentityFiles {
-        cert: config.identity.cert.clone(),
-        key: config.identity.key.clone(),
-        bundle: config.identity.bundle.clone(),
+    let files = match (&config.identity, &config.control) {
+        (Some(id), _) => IdentityFiles {
+            cert: id.cert.clone(),
+            key: id.key.clone(),
+            bundle: id.bundle.clone(),
+        },
+        (None, Some(control)) => control::bootstrap(control, &config.trust_domain).await?,
+        (None, None) => unreachable!("config checks guarantee an identity source"),
     };
     let material = ReloadingMaterial::load(files, config.trust_domain.clone())?;
     let admin_listener = bind("admin.listen".into(), config.admin.listen).await?;
@@ -115,6 +136,10 @@ pub async fn run(
         admin_stop.clone(),
     ));
     tokio::spawn(drain::reload_loop(state.clone(), stop.clone()));
+    if let Some(control) = state.config.control.clone() {
+        state.metrics.control_plane_up.set(1);
+        tokio::spawn(control::renew_loop(state.clone(), control, stop.clone()));
+    }
     let mut serving = Vec::new();
     if let Some(listener) = tunnel_listener {
         serving.push(tokio::spawn(inbound::serve(

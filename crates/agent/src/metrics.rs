@@ -95,6 +95,9 @@ pub struct Metrics {
     pub cert_expiry_seconds: Gauge,
     pub cert_reloads: Counter,
     pub cert_reload_failures: Counter,
+    pub control_plane_up: Gauge,
+    pub renewals: Counter,
+    pub renewal_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -114,6 +117,9 @@ impl Default for Metrics {
             cert_expiry_seconds: Gauge::default(),
             cert_reloads: Counter::default(),
             cert_reload_failures: Counter::default(),
+            control_plane_up: Gauge::default(),
+            renewals: Counter::default(),
+            renewal_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("tunnels", "TLS tunnel connections established", m.tunnels.clone());
@@ -164,6 +170,21 @@ impl Default for Metrics {
             "certificate_reload_failures",
             "Changed identity files that failed checks (old identity kept)",
             m.cert_reload_failures.clone(),
+        );
+        registry.register(
+            "control_plane_up",
+            "1 when the last exchange with the control plane succeeded, 0 when it failed",
+            m.control_plane_up.clone(),
+        );
+        registry.register(
+            "renewals",
+            "Node certificates renewed from the control plane",
+            m.renewals.clone(),
+        );
+        registry.register(
+            "renewal_failures",
+            "Failed renewal attempts (the current certificate stays in use)",
+            m.renewal_failures.clone(),
         );
         Self { registry, ..m }
     }

@@ -17,6 +17,8 @@ pub struct AgentState {
     pub material: ReloadingMaterial,
     pub metrics: Metrics,
     pub ready: AtomicBool,
+    /// Set while renewal rewrites the identity files, so the reload loop does not read a half-written set.
+    pub renewing: AtomicBool,
     server_tls: Mutex<Option<(u64, ServerTls)>>,
     tunnels: Mutex<BTreeMap<u64, Arc<TunnelStats>>>,
     next_tunnel: AtomicU64,
@@ -65,6 +67,7 @@ impl AgentState {
             material,
             metrics: Metrics::default(),
             ready: AtomicBool::new(false),
+            renewing: AtomicBool::new(false),
             server_tls: Mutex::new(None),
             tunnels: Mutex::new(BTreeMap::new()),
             next_tunnel: AtomicU64::new(1),

@@ -7,6 +7,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
     KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
+use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +18,16 @@ pub enum CaError {
     BadLifetime,
     #[error("could not build certificate: {0}")]
     Build(#[from] rcgen::Error),
+}
+
+/// A CSR's public key, as the CA signs it.
+pub use rcgen::PublicKey;
+
+/// DER of the first certificate in a PEM chain.
+pub fn first_der(chain_pem: &str) -> Result<Vec<u8>, String> {
+    rustls_pki_types::CertificateDer::from_pem_slice(chain_pem.as_bytes())
+        .map(|c| c.to_vec())
+        .map_err(|e| e.to_string())
 }
 
 /// Clock skew tolerated between nodes: certificates start this long before they are minted.
@@ -31,6 +42,7 @@ pub struct Authority {
     parents_pem: String,
     not_after: OffsetDateTime,
     is_root: bool,
+    key_pem: String,
 }
 
 /// A freshly issued leaf and the key made for it.
@@ -83,6 +95,7 @@ impl Authority {
             parents_pem: String::new(),
             not_after,
             is_root: true,
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         })
     }
@@ -99,8 +112,51 @@ impl Authority {
             parents_pem: self.intermediate_chain_pem(),
             not_after: params.not_after,
             is_root: false,
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         })
+    }
+
+    /// Rebuilds a CA from what `cert_pem`, `key_pem` and `parents_pem` returned earlier (the
+    /// control plane stores them, the key sealed).
+    pub fn load(
+        trust_domain: TrustDomain,
+        cert_pem: &str,
+        key_pem: &str,
+        parents_pem: &str,
+        is_root: bool,
+    ) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| CaError::Build(rcgen::Error::PemError(e.to_string())))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| CaError::Build(rcgen::Error::PemError(e.to_string())))?;
+        let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+            .map_err(|e| CaError::Build(rcgen::Error::PemError(e.to_string())))?;
+        Ok(Self {
+            trust_domain,
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+            parents_pem: parents_pem.to_owned(),
+            not_after,
+            is_root,
+            key_pem: key_pem.to_owned(),
+        })
+    }
+
+    /// This CA's private key, for sealing into the control plane's store. Never log it.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// PEM of the intermediates above this CA (empty for a root or a first-level intermediate).
+    pub fn parents_pem(&self) -> &str {
+        &self.parents_pem
+    }
+
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -232,6 +288,32 @@ mod tests {
             root.issue_with_new_key(&id, Duration::ZERO),
             Err(CaError::BadLifetime)
         ));
+    }
+
+    #[test]
+    fn a_loaded_authority_signs_like_the_original() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let root = Authority::new_root(td.clone(), Duration::days(1)).unwrap();
+        let inter = root.new_intermediate(Duration::hours(2)).unwrap();
+        let again = Authority::load(
+            td.clone(),
+            inter.cert_pem(),
+            inter.key_pem(),
+            inter.parents_pem(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            again.not_after().unix_timestamp(),
+            inter.not_after().unix_timestamp()
+        );
+        let issued = again
+            .issue_with_new_key(&td.node_id("a").unwrap(), Duration::minutes(5))
+            .unwrap();
+        assert!(
+            issued.chain_pem.ends_with(inter.cert_pem()),
+            "the chain carries the intermediate"
+        );
     }
 
     #[test]

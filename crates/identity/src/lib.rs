@@ -3,9 +3,13 @@
 //! file I/O, so every rule here is testable in memory.
 
 pub mod ca;
+pub mod csr;
 pub mod spiffe;
 pub mod svid;
+pub mod token;
 
 pub use ca::{Authority, CaError, IssuedIdentity};
+pub use csr::{check_csr, new_csr, CsrError};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{inspect_svid, SvidError, SvidInfo};
+pub use token::{JoinToken, TokenFormatError};

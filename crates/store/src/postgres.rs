@@ -48,6 +48,13 @@ impl PostgresStore {
 }
 
 /// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`, for error messages and logs.
+impl PostgresStore {
+    /// The URL with its password masked.
+    pub fn redacted(url: &str) -> String {
+        redact(url)
+    }
+}
+
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {

@@ -37,6 +37,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the agent: outbound and inbound mTLS tunnels, as the config file says.
     Agent(AgentArgs),
+    /// Run or administer the control plane: CA, join tokens, signing, audit log.
+    Server(ServerArgs),
     /// Check a config file and the identity files it names, then exit (0 when usable).
     CheckConfig(ConfigArgs),
     /// A complete local demo: throw-away CA, two agents, traffic through the encrypted tunnel.
@@ -112,6 +114,105 @@ pub enum PkiCommand {
         /// Leaf lifetime, e.g. 24h, 10m.
         #[arg(long, default_value = "24h")]
         lifetime: humantime_arg::Duration,
+    },
+}
+
+#[derive(Args)]
+pub struct ServerArgs {
+    #[command(subcommand)]
+    pub command: ServerCommand,
+}
+
+#[derive(Args, Clone)]
+pub struct ServerStoreArgs {
+    /// The server's data directory (server.json, the SQLite store, the key-encryption key).
+    #[arg(long, env = "TAPPROOF_DATA_DIR", default_value = "/var/lib/tapproof/server")]
+    pub data_dir: PathBuf,
+    /// Store URL: `sqlite:PATH` or `postgres://user:password@host/db` (default: what init chose).
+    #[arg(long, env = "TAPPROOF_STORE")]
+    pub store: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ServerCommand {
+    /// Create the root and intermediate CA of a trust domain (once).
+    Init {
+        #[arg(long, env = "TAPPROOF_TRUST_DOMAIN")]
+        trust_domain: String,
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        /// Key-encryption key file (32 bytes or 64 hex chars, 0600); created if missing.
+        /// TAPPROOF_KEK (hex) takes precedence. Default: <data-dir>/kek.key.
+        #[arg(long, env = "TAPPROOF_KEK_FILE")]
+        kek_file: Option<PathBuf>,
+    },
+    /// Serve the HTTPS API.
+    Run {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        #[arg(long, env = "TAPPROOF_SERVER_LISTEN", default_value = "0.0.0.0:15443")]
+        listen: SocketAddr,
+        #[arg(long, env = "TAPPROOF_KEK_FILE")]
+        kek_file: Option<PathBuf>,
+        /// Lifetime of issued leaf certificates (at least 30s); agents renew at half-life.
+        #[arg(long, env = "TAPPROOF_LEAF_TTL", default_value = "1h")]
+        leaf_ttl: humantime_arg::Duration,
+        /// Write `{"listen": ...}` here once bound.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// The tamper-evident audit log.
+    AuditLog {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Print a single-use join token for a node.
+    Create {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        /// Node name: the agent becomes spiffe://<td>/node/<name>.
+        #[arg(long)]
+        node: String,
+        /// Services this node may front (repeat): it also gets spiffe://<td>/svc/<service>.
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// How long the token may be used.
+        #[arg(long, default_value = "15m")]
+        ttl: humantime_arg::Duration,
+        /// The address agents reach this server at (host:port).
+        #[arg(long, env = "TAPPROOF_SERVER_ADDRESS")]
+        server: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain: exit 0 when intact, 1 naming every edited, removed or reordered row.
+    Verify {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+    },
+    /// Print rows.
+    Show {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        /// Only rows after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
 }
 

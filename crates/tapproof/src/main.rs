@@ -8,6 +8,7 @@ mod logging;
 mod pki;
 mod quickstart;
 mod run_agent;
+mod server_cmd;
 mod status;
 
 use clap::Parser;
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         match cli.command {
             cli::Command::Agent(args) => run_agent::run(args).await,
             cli::Command::CheckConfig(args) => run_agent::check(args).await,
+            cli::Command::Server(args) => server_cmd::run(args).await,
             cli::Command::Quickstart(args) => quickstart::run(args).await,
             cli::Command::Pki(args) => pki::run(args),
             cli::Command::Status(args) => status::run(args).await,

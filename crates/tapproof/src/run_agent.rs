@@ -2,8 +2,9 @@
 
 use crate::cli::{AgentArgs, ConfigArgs};
 use anyhow::Context;
+use tapproof_agent::control::ControlError;
 use tapproof_agent::{AgentConfig, AgentError, RunOptions};
-use tapproof_tls::{IdentityFiles, Material};
+use tapproof_tls::Material;
 
 /// A problem with what the operator gave us (config, identity files): exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -31,17 +32,35 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     match tapproof_agent::run(config, options, shutdown_signal()).await {
         Ok(()) => Ok(()),
         Err(e @ AgentError::Identity(_)) => Err(ConfigProblem(e.to_string()).into()),
+        // A refused or malformed token will not fix itself: a configuration problem. An
+        // unreachable server is a runtime failure (a supervisor may retry).
+        Err(AgentError::Control(
+            e @ (ControlError::Token(_) | ControlError::Refused { .. } | ControlError::DataDir { .. }),
+        )) => Err(ConfigProblem(e.to_string()).into()),
         Err(e) => Err(e).context("agent stopped"),
     }
 }
 
 pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
     let config = load(&args)?;
-    let files = IdentityFiles {
-        cert: config.identity.cert.clone(),
-        key: config.identity.key.clone(),
-        bundle: config.identity.bundle.clone(),
-    };
+    let files = tapproof_agent::identity_files(&config);
+    if let Some(control) = &config.control {
+        if !files.cert.exists() {
+            let token = match (&control.token, &control.token_file) {
+                (Some(t), _) => t.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|e| ConfigProblem(format!("control.token_file {}: {e}", f.display())))?,
+                (None, None) => String::new(),
+            };
+            tapproof_identity::JoinToken::parse(&token)
+                .map_err(|e| ConfigProblem(format!("not joined yet and control.token is unusable: {e}")))?;
+            println!(
+                "config {}: ok (not joined yet; will join with the token on first start)",
+                args.config.display()
+            );
+            return Ok(());
+        }
+    }
     let material = Material::load(&files, &config.trust_domain).map_err(|e| ConfigProblem(e.to_string()))?;
     println!("config {}: ok", args.config.display());
     println!("  identity        {}", material.id());

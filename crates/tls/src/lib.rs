@@ -4,6 +4,7 @@
 
 mod classify;
 mod config;
+mod control;
 mod material;
 mod provider;
 mod session;
@@ -11,6 +12,7 @@ mod verify;
 
 pub use classify::failure_reason;
 pub use config::{accept, connect, ClientStream, ClientTls, ServerStream, ServerTls};
+pub use control::{cert_pin, ControlClientTls, ControlServerTls, ControlTlsError, ServerTrust};
 pub use material::{IdentityFiles, Material, MaterialError, ReloadingMaterial};
 pub use provider::{crypto_provider, KxPolicy, POST_QUANTUM_GROUP};
 pub use session::{client_session, server_session, SessionInfo};

@@ -24,12 +24,15 @@ pub enum SpiffeCheckError {
     UnexpectedPeer { got: SpiffeId, expected: SpiffeId },
 }
 
-fn reject(e: SpiffeCheckError) -> rustls::Error {
+pub(crate) fn reject(e: SpiffeCheckError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
 /// Checks the leaf is an SVID of `td` and returns its ID.
-fn check_svid(end_entity: &CertificateDer<'_>, td: &TrustDomain) -> Result<SpiffeId, rustls::Error> {
+pub(crate) fn check_svid(
+    end_entity: &CertificateDer<'_>,
+    td: &TrustDomain,
+) -> Result<SpiffeId, rustls::Error> {
     let info = inspect_svid(end_entity).map_err(|e| reject(SpiffeCheckError::NotSvid(e)))?;
     if info.id.trust_domain() != td {
         return Err(reject(SpiffeCheckError::ForeignTrustDomain {
@@ -57,9 +60,30 @@ impl SpiffeClientVerifier {
         let inner = WebPkiClientVerifier::builder_with_provider(roots, provider).build()?;
         Ok(Self { inner, trust_domain })
     }
+
+    /// Client certificates are checked when presented but not required (the control plane's join
+    /// endpoint is authenticated by the token; its handlers require an identity everywhere else).
+    pub(crate) fn optional(
+        roots: Arc<RootCertStore>,
+        trust_domain: TrustDomain,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, rustls::server::VerifierBuilderError> {
+        let inner = WebPkiClientVerifier::builder_with_provider(roots, provider)
+            .allow_unauthenticated()
+            .build()?;
+        Ok(Self { inner, trust_domain })
+    }
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
     }

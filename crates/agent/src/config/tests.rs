@@ -40,7 +40,7 @@ fn parses_the_documented_example() {
         "spiffe://example.org/node/db-1"
     );
     assert_eq!(c.tunnel.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
-    assert_eq!(c.identity.reload_interval, DEFAULT_RELOAD_INTERVAL);
+    assert_eq!(c.reload_interval(), DEFAULT_RELOAD_INTERVAL);
 }
 
 #[test]
@@ -148,8 +148,21 @@ fn the_shipped_example_config_parses() {
     let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/agent.toml"));
     let c = AgentConfig::load(path).unwrap();
     assert!(
-        c.identity.cert.is_absolute(),
+        c.identity.as_ref().unwrap().cert.is_absolute(),
         "relative paths resolve against the config file"
     );
     assert_eq!(c.outbound[0].peers.len(), 2);
+}
+
+#[test]
+fn exactly_one_identity_source() {
+    let control =
+        "trust_domain = \"example.org\"\n[control]\ndata_dir = \"/var/lib/tapproof\"\ntoken = \"tpj1.x\"\n";
+    let c = parse(control).unwrap();
+    assert!(c.identity.is_none() && c.control.is_some());
+    let both = format!("{control}[identity]\ncert = \"a\"\nkey = \"b\"\nbundle = \"c\"\n");
+    assert!(err(&both).contains("not both"));
+    assert!(err("trust_domain = \"example.org\"\n").contains("[identity]"));
+    let two_tokens = control.replace("token = \"tpj1.x\"", "token = \"a\"\ntoken_file = \"b\"");
+    assert!(err(&two_tokens).contains("control.token"));
 }

@@ -1,0 +1,354 @@
+//! Identity from the tapproof control plane. On first start the agent makes its key here, joins
+//! with the token (trusting the server through the root pin the token carries) and keeps key,
+//! certificate, bundle and its control-plane state in `data_dir`, so a restart needs no token.
+//! Then it renews at half-life (with jitter) over mTLS with its current identity, writing the new
+//! files and swapping them in; while the server is unreachable it keeps serving on the current
+//! certificate and says so in logs and metrics.
+
+use crate::config::ControlConfig;
+use crate::state::AgentState;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tapproof_identity::{new_csr, JoinToken, SpiffeId, TrustDomain};
+use tapproof_tls::{ControlClientTls, IdentityFiles, ServerTrust};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+const NODE_CERT: &str = "node.pem";
+const NODE_KEY: &str = "node.key";
+const BUNDLE: &str = "bundle.pem";
+const STATE: &str = "control.json";
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control.token: {0}")]
+    Token(String),
+    #[error("control plane at {server} refused the join: {code}: {message}")]
+    Refused {
+        server: String,
+        code: String,
+        message: String,
+    },
+    #[error("control plane at {server} unreachable: {detail}")]
+    Unreachable { server: String, detail: String },
+    #[error("control.data_dir {path}: {detail}")]
+    DataDir { path: PathBuf, detail: String },
+}
+
+/// What the agent remembers between starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ControlState {
+    server: String,
+    node: String,
+    id: String,
+    issued_at: i64,
+    not_after: i64,
+}
+
+#[derive(Deserialize)]
+struct IssuedIdentity {
+    id: String,
+    chain_pem: String,
+    not_after: i64,
+}
+
+#[derive(Deserialize)]
+struct JoinResponse {
+    node: String,
+    identity: IssuedIdentity,
+    bundle: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct SignResponse {
+    identities: Vec<IssuedIdentity>,
+    bundle: Vec<String>,
+}
+
+pub fn identity_files(data_dir: &Path) -> IdentityFiles {
+    IdentityFiles {
+        cert: data_dir.join(NODE_CERT),
+        key: data_dir.join(NODE_KEY),
+        bundle: data_dir.join(BUNDLE),
+    }
+}
+
+fn server_id(td: &TrustDomain) -> SpiffeId {
+    SpiffeId::new(td.clone(), "/server").expect("\"/server\" is a valid path")
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn data_err(path: &Path, e: impl std::fmt::Display) -> ControlError {
+    ControlError::DataDir {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), ControlError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| data_err(&tmp, e))?;
+    f.write_all(contents)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| data_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| data_err(path, e))
+}
+
+fn read_state(data_dir: &Path) -> Option<ControlState> {
+    serde_json::from_slice(&std::fs::read(data_dir.join(STATE)).ok()?).ok()
+}
+
+async fn resolve(server: &str) -> Result<SocketAddr, ControlError> {
+    let unreachable = |detail: String| ControlError::Unreachable {
+        server: server.to_owned(),
+        detail,
+    };
+    tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| unreachable(format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| unreachable("resolves to no address".into()))
+}
+
+/// POSTs JSON; returns the status and body.
+async fn post(
+    server: &str,
+    tls: &ControlClientTls,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Bytes), ControlError> {
+    let unreachable = |detail: String| ControlError::Unreachable {
+        server: server.to_owned(),
+        detail,
+    };
+    let addr = resolve(server).await?;
+    let exchange = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| unreachable(format!("connect: {e}")))?;
+        let tls_stream = tls
+            .connect(tcp, addr)
+            .await
+            .map_err(|e| unreachable(format!("TLS: {e}")))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls_stream))
+                .await
+                .map_err(|e| unreachable(format!("HTTP/2: {e}")))?;
+        tokio::spawn(conn);
+        let request = http::Request::post(format!("https://{server}{path}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| unreachable(format!("request: {e}")))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(format!("response: {e}")))?
+            .to_bytes();
+        Ok((status, bytes))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| unreachable("no answer in 15 s".into()))?
+}
+
+fn refusal(server: &str, body: &[u8]) -> ControlError {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    ControlError::Refused {
+        server: server.to_owned(),
+        code: v["error"]["code"].as_str().unwrap_or("unknown").to_owned(),
+        message: v["error"]["message"].as_str().unwrap_or("no message").to_owned(),
+    }
+}
+
+/// Returns the identity files, joining first if the data dir holds no identity yet.
+pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<IdentityFiles, ControlError> {
+    let files = identity_files(&cfg.data_dir);
+    if read_state(&cfg.data_dir).is_some() && files.cert.exists() && files.key.exists() {
+        info!(data_dir = %cfg.data_dir.display(), "using the identity kept in the data dir (no join needed)");
+        return Ok(files);
+    }
+    let text = match (&cfg.token, &cfg.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| ControlError::Token(format!("cannot read {}: {e}", f.display())))?,
+        (None, None) => {
+            return Err(ControlError::Token(format!(
+            "no identity in {} yet and no token to join with; create one with `tapproof server token create`",
+            cfg.data_dir.display()
+        )))
+        }
+    };
+    let token = JoinToken::parse(&text).map_err(|e| ControlError::Token(e.to_string()))?;
+    let server = cfg.server.clone().unwrap_or_else(|| token.server.clone());
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
+        .map_err(|e| data_err(&cfg.data_dir, e))?;
+
+    let tls = ControlClientTls::new(ServerTrust::Pin(token.root_pin), server_id(td), None)
+        .map_err(|e| ControlError::Token(e.to_string()))?;
+    let (csr, key) = new_csr(None).map_err(|e| data_err(&cfg.data_dir, e))?;
+    let body = serde_json::json!({ "token": text.trim(), "csr": csr })
+        .to_string()
+        .into_bytes();
+    let (status, bytes) = post(&server, &tls, "/v1/join", body).await?;
+    if status != 200 {
+        return Err(refusal(&server, &bytes));
+    }
+    let joined: JoinResponse =
+        serde_json::from_slice(&bytes).map_err(|e| refusal(&server, e.to_string().as_bytes()))?;
+    write_file(&files.key, key.as_bytes(), 0o600)?;
+    write_file(&files.cert, joined.identity.chain_pem.as_bytes(), 0o644)?;
+    write_file(&files.bundle, joined.bundle.concat().as_bytes(), 0o644)?;
+    let state = ControlState {
+        server,
+        node: joined.node,
+        id: joined.identity.id,
+        issued_at: now(),
+        not_after: joined.identity.not_after,
+    };
+    write_file(
+        &cfg.data_dir.join(STATE),
+        &serde_json::to_vec_pretty(&state).unwrap_or_default(),
+        0o600,
+    )?;
+    info!(id = %state.id, server = %state.server, "joined the control plane");
+    Ok(files)
+}
+
+/// When to renew: half-way through the certificate's life, give or take 10% of that half.
+fn renew_at(state: &ControlState) -> i64 {
+    let half = (state.not_after - state.issued_at).max(2) / 2;
+    let jitter = (half / 10).max(1);
+    state.issued_at + half + rand::rng().random_range(-jitter..=jitter)
+}
+
+/// Renews the node identity for as long as the agent runs.
+pub async fn renew_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: CancellationToken) {
+    let mut retry = RETRY_MIN;
+    loop {
+        let Some(current) = read_state(&cfg.data_dir) else {
+            warn!(data_dir = %cfg.data_dir.display(), "control state missing; cannot schedule renewal");
+            return;
+        };
+        let wait = Duration::from_secs((renew_at(&current) - now()).max(0) as u64);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match renew(&state, &cfg, current).await {
+            Ok(next) => {
+                retry = RETRY_MIN;
+                state.metrics.renewals.inc();
+                state.metrics.control_plane_up.set(1);
+                info!(id = %next.id, not_after = next.not_after, "renewed the node certificate; new handshakes use it, open tunnels stay up");
+            }
+            Err(e) => {
+                state.metrics.renewal_failures.inc();
+                state.metrics.control_plane_up.set(0);
+                let left = state.material.current().seconds_to_expiry();
+                warn!(error = %e, expires_in_s = left, retry_in_s = retry.as_secs(),
+                      "cannot renew; serving on the current certificate until the control plane answers");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+async fn renew(
+    state: &AgentState,
+    cfg: &ControlConfig,
+    current: ControlState,
+) -> Result<ControlState, ControlError> {
+    let files = identity_files(&cfg.data_dir);
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| data_err(p, e));
+    let (chain, key, bundle) = (read(&files.cert)?, read(&files.key)?, read(&files.bundle)?);
+    let td = &state.config.trust_domain;
+    let tls = ControlClientTls::new(
+        ServerTrust::Bundle(vec![bundle.clone()]),
+        server_id(td),
+        Some((&chain, &key)),
+    )
+    .map_err(|e| data_err(&files.cert, e))?;
+    let id = SpiffeId::parse(&current.id).map_err(|e| data_err(&cfg.data_dir.join(STATE), e))?;
+    let (csr, new_key) = new_csr(Some(&id)).map_err(|e| data_err(&cfg.data_dir, e))?;
+    let body = serde_json::json!({ "csrs": [{ "id": current.id, "csr": csr }] })
+        .to_string()
+        .into_bytes();
+    let (status, bytes) = post(&current.server, &tls, "/v1/sign", body).await?;
+    if status != 200 {
+        return Err(refusal(&current.server, &bytes));
+    }
+    let signed: SignResponse =
+        serde_json::from_slice(&bytes).map_err(|e| refusal(&current.server, e.to_string().as_bytes()))?;
+    let issued = signed
+        .identities
+        .into_iter()
+        .find(|i| i.id == current.id)
+        .ok_or_else(|| refusal(&current.server, b"{\"error\":{\"code\":\"missing_identity\",\"message\":\"no certificate for the node in the answer\"}}"))?;
+    // Keep the reload loop from reading the key and certificate between the two renames.
+    state.renewing.store(true, Ordering::Release);
+    let written = (|| {
+        write_file(&files.key, new_key.as_bytes(), 0o600)?;
+        write_file(&files.cert, issued.chain_pem.as_bytes(), 0o644)?;
+        write_file(&files.bundle, signed.bundle.concat().as_bytes(), 0o644)
+    })();
+    let swapped = written.and_then(|()| {
+        state
+            .material
+            .reload()
+            .map(drop)
+            .map_err(|e| data_err(&files.cert, e))
+    });
+    state.renewing.store(false, Ordering::Release);
+    swapped?;
+    let next = ControlState {
+        issued_at: now(),
+        not_after: issued.not_after,
+        ..current
+    };
+    write_file(
+        &cfg.data_dir.join(STATE),
+        &serde_json::to_vec_pretty(&next).unwrap_or_default(),
+        0o600,
+    )?;
+    Ok(next)
+}

@@ -1,0 +1,458 @@
+//! The `/v1` HTTP API. Every error is JSON `{"error": {"code": "...", "message": "..."}}` with a
+//! stable code; security events (refused tokens, CSRs, identities) also get an audit row. A
+//! refused request changes no stored state.
+
+use crate::{now, Ca};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tapproof_identity::{check_csr, inspect_svid, JoinToken, SpiffeId};
+use tapproof_store::{IssuedCert, NewAudit, RevocationKind, Store, StoreError};
+use tracing::{info, warn};
+
+/// Requests are small JSON documents; anything larger is refused before parsing.
+pub const MAX_BODY: usize = 64 * 1024;
+/// At most this many CSRs in one signing request (a node and its services).
+pub const MAX_CSRS: usize = 64;
+
+/// The client's verified SPIFFE ID, if it presented a certificate (set per connection).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub id: Option<SpiffeId>,
+    pub addr: std::net::SocketAddr,
+}
+
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub ca: RwLock<Arc<Ca>>,
+    pub leaf_ttl: Duration,
+}
+
+impl AppState {
+    fn ca(&self) -> Arc<Ca> {
+        self.ca.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::Token(_) => StatusCode::UNAUTHORIZED,
+            StoreError::Duplicate { .. } => StatusCode::CONFLICT,
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self::new(status, e.code(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
+        .route("/v1/bundle", get(bundle))
+        .route("/v1/join", post(join))
+        .route("/v1/sign", post(sign))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see /v1/openapi.json",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Parses a JSON body strictly, mapping every failure to a JSON error.
+fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds {MAX_BODY} bytes"),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.body_text())
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("invalid request JSON: {e}"),
+        )
+    })
+}
+
+async fn audit(store: &dyn Store, actor: String, action: &str, details: serde_json::Value) {
+    let entry = NewAudit {
+        actor,
+        action: action.into(),
+        details,
+    };
+    if let Err(e) = store.audit_append(entry, now()).await {
+        // The request's own outcome stands; the gap is logged loudly for the operator.
+        warn!(error = %e, action, "cannot append to the audit log");
+    }
+}
+
+#[derive(Serialize)]
+struct BundleResponse {
+    trust_domain: String,
+    roots: Vec<String>,
+}
+
+async fn bundle(State(s): State<Arc<AppState>>) -> Json<BundleResponse> {
+    let ca = s.ca();
+    Json(BundleResponse {
+        trust_domain: ca.trust_domain.to_string(),
+        roots: ca.bundle.clone(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub token: String,
+    pub csr: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct IssuedIdentity {
+    pub id: String,
+    /// Leaf first, then intermediates.
+    pub chain_pem: String,
+    pub not_after: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub node: String,
+    pub identity: IssuedIdentity,
+    pub bundle: Vec<String>,
+    /// Services registered to this node: ask `/v1/sign` for their identities.
+    pub services: Vec<String>,
+}
+
+/// Signs `public_key` for `id`, records the certificate.
+async fn issue(
+    s: &AppState,
+    ca: &Ca,
+    id: &SpiffeId,
+    node: &str,
+    public_key: &tapproof_identity::ca::PublicKey,
+) -> Result<IssuedIdentity, ApiError> {
+    let lifetime = time::Duration::try_from(s.leaf_ttl).unwrap_or(time::Duration::HOUR);
+    let (chain_pem, not_after) = ca
+        .signer
+        .sign_leaf(id, public_key, lifetime)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "ca_error", e.to_string()))?;
+    let leaf = rustls_pem_first(&chain_pem)?;
+    let info = inspect_svid(&leaf)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "ca_error", e.to_string()))?;
+    s.store
+        .cert_record(IssuedCert {
+            serial: info.serial.clone(),
+            spiffe_id: id.to_string(),
+            node: node.to_owned(),
+            not_before: info.not_before,
+            not_after: info.not_after,
+            issued_at: now(),
+        })
+        .await?;
+    Ok(IssuedIdentity {
+        id: id.to_string(),
+        chain_pem,
+        not_after: not_after.unix_timestamp(),
+    })
+}
+
+fn rustls_pem_first(chain_pem: &str) -> Result<Vec<u8>, ApiError> {
+    tapproof_identity::ca::first_der(chain_pem)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "ca_error", e))
+}
+
+async fn join(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<JoinResponse>, ApiError> {
+    let req: JoinRequest = parse(body)?;
+    let actor = format!("peer:{}", peer.addr);
+    let token = match JoinToken::parse(&req.token) {
+        Ok(t) => t,
+        Err(e) => {
+            audit(
+                &*s.store,
+                actor,
+                "join.refused",
+                serde_json::json!({ "reason": "token_malformed" }),
+            )
+            .await;
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "token_malformed",
+                e.to_string(),
+            ));
+        }
+    };
+    let ca = s.ca();
+    let record = match s
+        .store
+        .token_consume(&token.id, &token.secret_hash(), now())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let err = ApiError::from(e);
+            warn!(peer = %peer.addr, token_id = %token.id, code = err.code, "join refused");
+            audit(
+                &*s.store,
+                actor,
+                "join.refused",
+                serde_json::json!({ "token_id": token.id, "reason": err.code }),
+            )
+            .await;
+            return Err(err);
+        }
+    };
+    let node_id = ca
+        .trust_domain
+        .node_id(&record.node)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_node", e.to_string()))?;
+    let public_key = match check_csr(req.csr.as_bytes(), &node_id) {
+        Ok(k) => k,
+        Err(e) => {
+            audit(
+                &*s.store,
+                format!("token:{}", token.id),
+                "csr.refused",
+                serde_json::json!({ "node": record.node, "reason": e.to_string() }),
+            )
+            .await;
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "csr_invalid",
+                e.to_string(),
+            ));
+        }
+    };
+    let identity = issue(&s, &ca, &node_id, &record.node, &public_key).await?;
+    s.store
+        .node_upsert(&record.node, &node_id.to_string(), now())
+        .await?;
+    for service in &record.services {
+        s.store.registration_add(&record.node, service).await?;
+    }
+    audit(
+        &*s.store,
+        format!("token:{}", token.id),
+        "node.join",
+        serde_json::json!({ "node": record.node, "id": node_id.to_string(), "services": record.services, "not_after": identity.not_after }),
+    )
+    .await;
+    info!(node = %record.node, peer = %peer.addr, "node joined");
+    let services = s
+        .store
+        .registrations()
+        .await?
+        .into_iter()
+        .filter(|r| r.node == record.node)
+        .map(|r| r.service)
+        .collect();
+    Ok(Json(JoinResponse {
+        node: record.node,
+        identity,
+        bundle: ca.bundle.clone(),
+        services,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignRequest {
+    pub csrs: Vec<SignItem>,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignItem {
+    pub id: String,
+    pub csr: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SignResponse {
+    pub identities: Vec<IssuedIdentity>,
+    pub bundle: Vec<String>,
+    pub services: Vec<String>,
+}
+
+/// Audits a refused signing request and builds its error.
+async fn refused(
+    store: &dyn Store,
+    actor: &str,
+    node: &str,
+    code: &'static str,
+    message: String,
+) -> ApiError {
+    let details = serde_json::json!({ "node": node, "reason": code, "message": message });
+    audit(store, actor.to_owned(), "sign.refused", details).await;
+    let status = if code == "csr_invalid" || code == "bad_request" {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::FORBIDDEN
+    };
+    ApiError::new(status, code, message)
+}
+
+/// Renewal and service identities, authenticated by the node's current certificate.
+async fn sign(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<SignResponse>, ApiError> {
+    let Some(caller) = peer.id.clone() else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "identity_required",
+            "present your node certificate (mTLS) to sign",
+        ));
+    };
+    let req: SignRequest = parse(body)?;
+    let actor = caller.to_string();
+    let node = caller
+        .path()
+        .strip_prefix("/node/")
+        .filter(|n| !n.contains('/'))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not_a_node",
+                format!("{caller} is not a node identity"),
+            )
+        })?
+        .to_owned();
+    let Some(record) = s.store.node_get(&node).await? else {
+        return Err(refused(
+            &*s.store,
+            &actor,
+            &node,
+            "unknown_node",
+            format!("node {node} is not registered"),
+        )
+        .await);
+    };
+    let revoked = s.store.revocations().await?.into_iter().any(|r| {
+        (r.kind == RevocationKind::Node && r.value == node)
+            || (r.kind == RevocationKind::SpiffeId && r.value == actor)
+    });
+    if revoked || record.revoked_at.is_some() {
+        return Err(refused(
+            &*s.store,
+            &actor,
+            &node,
+            "node_revoked",
+            format!("node {node} is revoked"),
+        )
+        .await);
+    }
+    if req.csrs.is_empty() || req.csrs.len() > MAX_CSRS {
+        return Err(refused(
+            &*s.store,
+            &actor,
+            &node,
+            "bad_request",
+            format!("send between 1 and {MAX_CSRS} CSRs"),
+        )
+        .await);
+    }
+    let ca = s.ca();
+    let services: Vec<String> = s
+        .store
+        .registrations()
+        .await?
+        .into_iter()
+        .filter(|r| r.node == node)
+        .map(|r| r.service)
+        .collect();
+    // Check everything before signing anything: a refused request issues nothing.
+    let mut checked = Vec::new();
+    for item in &req.csrs {
+        let id = SpiffeId::parse(&item.id)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_id", format!("{}: {e}", item.id)))?;
+        let allowed = id == caller
+            || id
+                .path()
+                .strip_prefix("/svc/")
+                .is_some_and(|svc| services.iter().any(|s| s == svc))
+                && id.trust_domain() == &ca.trust_domain;
+        if !allowed {
+            return Err(refused(
+                &*s.store,
+                &actor,
+                &node,
+                "not_registered",
+                format!("{id} is not registered to node {node}"),
+            )
+            .await);
+        }
+        match check_csr(item.csr.as_bytes(), &id) {
+            Ok(k) => checked.push((id, k)),
+            Err(e) => return Err(refused(&*s.store, &actor, &node, "csr_invalid", e.to_string()).await),
+        }
+    }
+    let mut identities = Vec::new();
+    for (id, key) in &checked {
+        identities.push(issue(&s, &ca, id, &node, key).await?);
+    }
+    s.store.node_seen(&node, now()).await?;
+    audit(
+        &*s.store,
+        actor,
+        "cert.issue",
+        serde_json::json!({ "node": node, "ids": identities.iter().map(|i| i.id.clone()).collect::<Vec<_>>() }),
+    )
+    .await;
+    Ok(Json(SignResponse {
+        identities,
+        bundle: ca.bundle.clone(),
+        services,
+    }))
+}

@@ -1,0 +1,258 @@
+//! The tapproof control plane: a certificate authority and registry behind an HTTPS API.
+//! `init` makes the root and intermediate CAs (keys sealed with the key-encryption key) in the
+//! store; `run` serves `/v1` (join with a token, signing over mTLS, the trust bundle, OpenAPI);
+//! `create_token` issues single-use join tokens; `verify_audit` checks the audit log's chain.
+
+pub mod api;
+mod ca;
+pub mod kek;
+mod openapi;
+mod serve;
+
+pub use ca::Ca;
+pub use serve::{run, RunOptions};
+
+use kek::{Kek, KekError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tapproof_identity::{Authority, JoinToken, TrustDomain};
+use tapproof_store::{CaKind, CaState, NewAudit, NewCa, NewToken, Store, StoreError};
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:15443";
+pub const ROOT_LIFETIME: time::Duration = time::Duration::days(3650);
+pub const INTERMEDIATE_LIFETIME: time::Duration = time::Duration::days(365);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Kek(#[from] KekError),
+    #[error("data dir {path}: {detail}")]
+    DataDir { path: PathBuf, detail: String },
+    #[error("the store already holds a CA; `tapproof server init` runs once per trust domain")]
+    AlreadyInitialised,
+    #[error("the store holds no active CA; run `tapproof server init` first")]
+    NotInitialised,
+    #[error("certificate authority: {0}")]
+    Ca(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot listen on {addr}: {detail}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        detail: String,
+    },
+}
+
+/// `server.json` in the data dir: what `init` decided, read by every later command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerMeta {
+    pub trust_domain: String,
+    /// `sqlite:<path>` or a PostgreSQL URL (without password: give that with --store).
+    pub store: String,
+}
+
+pub fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn data_err(path: &Path, e: impl std::fmt::Display) -> ServerError {
+    ServerError::DataDir {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+pub fn default_kek_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("kek.key")
+}
+
+pub fn default_store(data_dir: &Path) -> String {
+    format!("sqlite:{}", data_dir.join("tapproof.db").display())
+}
+
+pub fn read_meta(data_dir: &Path) -> Result<ServerMeta, ServerError> {
+    let path = data_dir.join("server.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| data_err(&path, format!("{e}; run `tapproof server init` first")))?;
+    serde_json::from_str(&text).map_err(|e| data_err(&path, e))
+}
+
+pub struct InitReport {
+    pub trust_domain: TrustDomain,
+    pub root_pin: [u8; 32],
+    pub store: String,
+}
+
+/// Makes the root and intermediate CA of `trust_domain`, seals their keys, records them.
+pub async fn init(
+    trust_domain: TrustDomain,
+    data_dir: &Path,
+    store_url: Option<String>,
+    kek_file: Option<PathBuf>,
+) -> Result<InitReport, ServerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|e| data_err(data_dir, e))?;
+    let kek = Kek::create_or_load(&kek_file.unwrap_or_else(|| default_kek_file(data_dir)))?;
+    let store_url = store_url.unwrap_or_else(|| default_store(data_dir));
+    let store = tapproof_store::open(&store_url).await?;
+    if !store.ca_list().await?.is_empty() {
+        return Err(ServerError::AlreadyInitialised);
+    }
+    let root = Authority::new_root(trust_domain.clone(), ROOT_LIFETIME)
+        .map_err(|e| ServerError::Ca(e.to_string()))?;
+    let inter = root
+        .new_intermediate(INTERMEDIATE_LIFETIME)
+        .map_err(|e| ServerError::Ca(e.to_string()))?;
+    let t = now();
+    let root_id = store
+        .ca_insert(NewCa {
+            kind: CaKind::Root,
+            parent_id: None,
+            cert_pem: root.cert_pem().to_owned(),
+            key_sealed: kek.seal(ca::SEAL_PURPOSE, root.key_pem().as_bytes())?,
+            state: CaState::Active,
+            not_after: root.not_after().unix_timestamp(),
+            created_at: t,
+        })
+        .await?;
+    let inter_id = store
+        .ca_insert(NewCa {
+            kind: CaKind::Intermediate,
+            parent_id: Some(root_id),
+            cert_pem: inter.cert_pem().to_owned(),
+            key_sealed: kek.seal(ca::SEAL_PURPOSE, inter.key_pem().as_bytes())?,
+            state: CaState::Active,
+            not_after: inter.not_after().unix_timestamp(),
+            created_at: t,
+        })
+        .await?;
+    let root_pin = tapproof_tls::cert_pin(root.cert_pem()).map_err(|e| ServerError::Ca(e.to_string()))?;
+    store
+        .audit_append(
+            NewAudit {
+                actor: "cli".into(),
+                action: "ca.init".into(),
+                details: serde_json::json!({
+                    "trust_domain": trust_domain.as_str(),
+                    "root_id": root_id,
+                    "intermediate_id": inter_id,
+                    "root_sha256": hex::encode(root_pin),
+                }),
+            },
+            t,
+        )
+        .await?;
+    let meta = ServerMeta {
+        trust_domain: trust_domain.to_string(),
+        store: redact_store(&store_url),
+    };
+    let meta_path = data_dir.join("server.json");
+    std::fs::write(
+        &meta_path,
+        serde_json::to_vec_pretty(&meta).expect("plain struct serialises"),
+    )
+    .map_err(|e| data_err(&meta_path, e))?;
+    Ok(InitReport {
+        trust_domain,
+        root_pin,
+        store: meta.store,
+    })
+}
+
+fn redact_store(url: &str) -> String {
+    if url.starts_with("postgres") {
+        tapproof_store::PostgresStore::redacted(url)
+    } else {
+        url.to_owned()
+    }
+}
+
+/// Opens the store named by `--store`, else the one `init` recorded.
+pub async fn open_store(
+    data_dir: &Path,
+    store_url: Option<&str>,
+) -> Result<(ServerMeta, Arc<dyn Store>), ServerError> {
+    let meta = read_meta(data_dir)?;
+    let url = store_url.map(str::to_owned).unwrap_or_else(|| meta.store.clone());
+    let store = tapproof_store::open(&url).await?;
+    Ok((meta, store))
+}
+
+/// Issues a single-use join token for `node`, registering `services` to it on use.
+pub async fn create_token(
+    store: &dyn Store,
+    trust_domain: &TrustDomain,
+    server: String,
+    node: &str,
+    services: &[String],
+    ttl: std::time::Duration,
+) -> Result<JoinToken, ServerError> {
+    trust_domain
+        .node_id(node)
+        .map_err(|e| ServerError::Invalid(format!("--node {node:?}: {e}")))?;
+    for s in services {
+        trust_domain
+            .service_id(s)
+            .map_err(|e| ServerError::Invalid(format!("--service {s:?}: {e}")))?;
+    }
+    let root = store
+        .ca_list()
+        .await?
+        .into_iter()
+        .find(|c| c.kind == CaKind::Root && c.state == CaState::Active)
+        .ok_or(ServerError::NotInitialised)?;
+    let pin = tapproof_tls::cert_pin(&root.cert_pem).map_err(|e| ServerError::Ca(e.to_string()))?;
+    let token = JoinToken::new(server, pin);
+    let t = now();
+    store
+        .token_insert(NewToken {
+            id: token.id.clone(),
+            secret_hash: token.secret_hash(),
+            node: node.to_owned(),
+            services: services.to_vec(),
+            expires_at: t + ttl.as_secs() as i64,
+            created_at: t,
+        })
+        .await?;
+    store
+        .audit_append(
+            NewAudit {
+                actor: "cli".into(),
+                action: "token.create".into(),
+                details: serde_json::json!({ "token_id": token.id, "node": node, "services": services, "ttl_s": ttl.as_secs() }),
+            },
+            t,
+        )
+        .await?;
+    Ok(token)
+}
+
+/// Walks the whole audit log; `Ok(rows)` when intact.
+pub async fn verify_audit(
+    store: &dyn Store,
+) -> Result<Result<i64, Vec<tapproof_store::AuditProblem>>, ServerError> {
+    let mut head = (0, tapproof_store::GENESIS_HASH.to_vec());
+    let mut problems = Vec::new();
+    loop {
+        let rows = store.audit_list(head.0, 1000).await?;
+        let Some(last) = rows.last() else { break };
+        let next = (last.seq, last.hash.clone());
+        if let Err(mut p) = tapproof_store::verify_chain(&rows, head) {
+            problems.append(&mut p);
+        }
+        head = next;
+    }
+    Ok(if problems.is_empty() {
+        Ok(head.0)
+    } else {
+        Err(problems)
+    })
+}

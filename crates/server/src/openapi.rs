@@ -1,0 +1,63 @@
+//! The OpenAPI 3.1 document of `/v1`, served at `/v1/openapi.json`. Kept by hand beside the
+//! handlers in `api.rs`; a test checks every route is described.
+
+use serde_json::{json, Value};
+
+fn error_response(description: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+}
+
+pub fn document() -> Value {
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tapproof control plane",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Join with a single-use token, then sign (renew) over mTLS with the node identity. Errors carry a stable code."
+        },
+        "paths": {
+            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "serving" } } } },
+            "/v1/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI document" } } } },
+            "/v1/bundle": { "get": {
+                "summary": "Trust bundle: every root agents must trust",
+                "responses": { "200": { "description": "bundle", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Bundle" } } } } }
+            } },
+            "/v1/join": { "post": {
+                "summary": "Exchange a join token and a CSR for the node identity (no client certificate needed)",
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/JoinRequest" } } } },
+                "responses": {
+                    "200": { "description": "joined", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/JoinResponse" } } } },
+                    "400": error_response("token_malformed, csr_invalid, bad_json, bad_body"),
+                    "401": error_response("token_invalid, token_expired, token_used"),
+                    "413": error_response("body_too_large"),
+                    "503": error_response("store_unavailable, store_read_only")
+                }
+            } },
+            "/v1/sign": { "post": {
+                "summary": "Sign CSRs for the caller's node identity and its registered services (mTLS with the node identity)",
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/SignRequest" } } } },
+                "responses": {
+                    "200": { "description": "signed", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/SignResponse" } } } },
+                    "400": error_response("csr_invalid, bad_id, bad_request, bad_json"),
+                    "401": error_response("identity_required"),
+                    "403": error_response("not_a_node, unknown_node, node_revoked, not_registered"),
+                    "413": error_response("body_too_large")
+                }
+            } }
+        },
+        "components": { "schemas": {
+            "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"],
+                "properties": { "code": { "type": "string" }, "message": { "type": "string" } } } } },
+            "Bundle": { "type": "object", "properties": { "trust_domain": { "type": "string" }, "roots": { "type": "array", "items": { "type": "string" } } } },
+            "JoinRequest": { "type": "object", "additionalProperties": false, "required": ["token", "csr"],
+                "properties": { "token": { "type": "string" }, "csr": { "type": "string", "description": "PEM CSR, ECDSA P-256 or Ed25519" } } },
+            "Identity": { "type": "object", "properties": { "id": { "type": "string" }, "chain_pem": { "type": "string" }, "not_after": { "type": "integer" } } },
+            "JoinResponse": { "type": "object", "properties": { "node": { "type": "string" }, "identity": { "$ref": "#/components/schemas/Identity" },
+                "bundle": { "type": "array", "items": { "type": "string" } }, "services": { "type": "array", "items": { "type": "string" } } } },
+            "SignRequest": { "type": "object", "additionalProperties": false, "required": ["csrs"], "properties": { "csrs": { "type": "array", "maxItems": 64,
+                "items": { "type": "object", "additionalProperties": false, "required": ["id", "csr"], "properties": { "id": { "type": "string" }, "csr": { "type": "string" } } } } } },
+            "SignResponse": { "type": "object", "properties": { "identities": { "type": "array", "items": { "$ref": "#/components/schemas/Identity" } },
+                "bundle": { "type": "array", "items": { "type": "string" } }, "services": { "type": "array", "items": { "type": "string" } } } }
+        } }
+    })
+}

@@ -1,0 +1,150 @@
+//! `tapproof server run`: TLS 1.3 accept loop (hyper serves HTTP/2 and HTTP/1.1 on it), with the
+//! client's SPIFFE ID attached to each connection's requests, and the server's own identity
+//! (`spiffe://<td>/server`) issued from the active CA at start and refreshed at half-life.
+
+use crate::api::{router, AppState, Peer};
+use crate::kek::Kek;
+use crate::{open_store, Ca, ServerError};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tapproof_identity::TrustDomain;
+use tapproof_tls::ControlServerTls;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+/// The server's own certificate lifetime; refreshed at half of it.
+const SERVER_CERT_LIFETIME: time::Duration = time::Duration::hours(24);
+
+pub const MIN_LEAF_TTL: Duration = Duration::from_secs(30);
+
+pub struct RunOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub store: Option<String>,
+    pub kek_file: Option<PathBuf>,
+    pub leaf_ttl: Duration,
+    /// Written with `{"listen": "<addr>"}` once the listener is bound.
+    pub ready_file: Option<PathBuf>,
+}
+
+fn server_tls(ca: &Ca) -> Result<ControlServerTls, ServerError> {
+    let id = tapproof_identity::SpiffeId::new(ca.trust_domain.clone(), "/server")
+        .map_err(|e| ServerError::Ca(e.to_string()))?;
+    let issued = ca
+        .signer
+        .issue_with_new_key(&id, SERVER_CERT_LIFETIME)
+        .map_err(|e| ServerError::Ca(e.to_string()))?;
+    // The root rides along so an agent holding only the token's pin can find and check it.
+    let chain = format!("{}{}", issued.chain_pem, ca.signer_root_pem);
+    ControlServerTls::new(&chain, &issued.key_pem, &ca.bundle, &ca.trust_domain)
+        .map_err(|e| ServerError::Ca(e.to_string()))
+}
+
+pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    // Short lifetimes exist for tests of rotation; below this, renewal traffic dominates.
+    if options.leaf_ttl < MIN_LEAF_TTL {
+        return Err(ServerError::Invalid(format!(
+            "--leaf-ttl must be at least {}s",
+            MIN_LEAF_TTL.as_secs()
+        )));
+    }
+    let (meta, store) = open_store(&options.data_dir, options.store.as_deref()).await?;
+    let td = TrustDomain::new(&meta.trust_domain).map_err(|e| ServerError::Invalid(e.to_string()))?;
+    let kek = Kek::load(
+        &options
+            .kek_file
+            .clone()
+            .unwrap_or_else(|| crate::default_kek_file(&options.data_dir)),
+    )?;
+    let ca = Arc::new(Ca::load(&*store, &kek, &td).await?);
+    let tls = Arc::new(RwLock::new(server_tls(&ca)?));
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        ca: RwLock::new(ca),
+        leaf_ttl: options.leaf_ttl,
+    });
+    let app = router(state.clone());
+
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .map_err(|e| ServerError::Bind {
+            addr: options.listen,
+            detail: e.to_string(),
+        })?;
+    let bound = listener.local_addr().unwrap_or(options.listen);
+    info!(listen = %bound, trust_domain = %td, store = store.backend(), leaf_ttl_s = options.leaf_ttl.as_secs(), "control plane serving");
+    if let Some(path) = &options.ready_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::json!({ "listen": bound.to_string() }).to_string(),
+        )
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| ServerError::DataDir {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+    }
+
+    let refresher = {
+        let (tls, state) = (tls.clone(), state.clone());
+        tokio::spawn(async move {
+            let half = Duration::from_secs((SERVER_CERT_LIFETIME.whole_seconds() / 2) as u64);
+            loop {
+                tokio::time::sleep(half).await;
+                let ca = state.ca.read().unwrap_or_else(|p| p.into_inner()).clone();
+                match server_tls(&ca) {
+                    Ok(new) => *tls.write().unwrap_or_else(|p| p.into_inner()) = new,
+                    Err(e) => warn!(error = %e, "cannot refresh the server certificate"),
+                }
+            }
+        })
+    };
+
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let tls = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let accepted = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await;
+            let (stream, id) = match accepted {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => {
+                    warn!(peer = %addr, reason = tapproof_tls::failure_reason(&e), error = %e, "control plane: handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    warn!(peer = %addr, reason = "timeout", "control plane: handshake refused");
+                    return;
+                }
+            };
+            let service = TowerToHyperService::new(app.layer(axum::Extension(Peer { id, addr })));
+            if let Err(e) = Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(peer = %addr, error = %e, "control plane: connection ended with error");
+            }
+        });
+    }
+    refresher.abort();
+    info!("control plane stopped");
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! `tapproof server ...`: init, run, token create, audit-log verify/show.
+
+use crate::cli::{AuditCommand, ServerArgs, ServerCommand, TokenCommand};
+use crate::run_agent::ConfigProblem;
+use anyhow::{bail, Context};
+use tapproof_identity::TrustDomain;
+use tapproof_server::ServerError;
+
+fn classify(e: ServerError) -> anyhow::Error {
+    match e {
+        ServerError::Invalid(_)
+        | ServerError::Kek(_)
+        | ServerError::DataDir { .. }
+        | ServerError::NotInitialised
+        | ServerError::AlreadyInitialised => ConfigProblem(e.to_string()).into(),
+        other => anyhow::Error::new(other),
+    }
+}
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    match args.command {
+        ServerCommand::Init {
+            trust_domain,
+            store,
+            kek_file,
+        } => {
+            let td = TrustDomain::new(&trust_domain)
+                .map_err(|e| ConfigProblem(format!("--trust-domain {trust_domain:?}: {e}")))?;
+            let report = tapproof_server::init(td, &store.data_dir, store.store, kek_file)
+                .await
+                .map_err(classify)?;
+            println!(
+                "initialised trust domain {} in {}",
+                report.trust_domain,
+                store.data_dir.display()
+            );
+            println!("  store       {}", report.store);
+            println!("  root sha256 {}", hex_string(&report.root_pin));
+            println!(
+                "next: tapproof server run --data-dir {}",
+                store.data_dir.display()
+            );
+            Ok(())
+        }
+        ServerCommand::Run {
+            store,
+            listen,
+            kek_file,
+            leaf_ttl,
+            ready_file,
+        } => {
+            let options = tapproof_server::RunOptions {
+                data_dir: store.data_dir,
+                listen,
+                store: store.store,
+                kek_file,
+                leaf_ttl: leaf_ttl.0,
+                ready_file,
+            };
+            tapproof_server::run(options, crate::run_agent::shutdown_signal())
+                .await
+                .map_err(classify)
+        }
+        ServerCommand::Token {
+            command:
+                TokenCommand::Create {
+                    store,
+                    node,
+                    services,
+                    ttl,
+                    server,
+                },
+        } => {
+            let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                .await
+                .map_err(classify)?;
+            let td = TrustDomain::new(&meta.trust_domain).context("server.json holds a bad trust domain")?;
+            let token = tapproof_server::create_token(&*db, &td, server, &node, &services, ttl.0)
+                .await
+                .map_err(classify)?;
+            println!("{token}");
+            eprintln!(
+                "single-use join token for spiffe://{td}/node/{node}, valid for {}",
+                humantime::format_duration(ttl.0)
+            );
+            Ok(())
+        }
+        ServerCommand::AuditLog {
+            command: AuditCommand::Verify { store },
+        } => {
+            let (_, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                .await
+                .map_err(classify)?;
+            match tapproof_server::verify_audit(&*db).await.map_err(classify)? {
+                Ok(rows) => {
+                    println!("audit log intact: {rows} rows, every hash link verified");
+                    Ok(())
+                }
+                Err(problems) => {
+                    for p in &problems {
+                        println!("TAMPERED: {p}");
+                    }
+                    bail!("audit log verification failed: {} problem(s)", problems.len())
+                }
+            }
+        }
+        ServerCommand::AuditLog {
+            command:
+                AuditCommand::Show {
+                    store,
+                    after,
+                    limit,
+                    json,
+                },
+        } => {
+            let (_, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                .await
+                .map_err(classify)?;
+            for row in db
+                .audit_list(after, limit)
+                .await
+                .map_err(|e| classify(e.into()))?
+            {
+                if json {
+                    println!("{}", serde_json::to_string(&row)?);
+                } else {
+                    let at = time::OffsetDateTime::from_unix_timestamp(row.at)
+                        .map(|t| t.to_string())
+                        .unwrap_or_default();
+                    println!(
+                        "{:>6} {at} {:<28} {:<16} {}",
+                        row.seq, row.actor, row.action, row.details
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -35,11 +35,22 @@ pub struct Tunnel {
     pub sender: SendRequest<Bytes>,
     pub stats: Arc<TunnelStats>,
     alive: Arc<AtomicBool>,
+    /// When the first of the two certificates this tunnel was authenticated with expires (Unix
+    /// seconds). No new streams go on it after that: the next app connection dials afresh, with
+    /// the rotated certificates, while open streams finish on the old connection.
+    expires_at: i64,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl Tunnel {
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        self.alive.load(Ordering::Acquire) && unix_now() < self.expires_at
     }
 
     pub fn mark_dead(&self) {
@@ -175,10 +186,13 @@ impl Pool {
               resumed = session.resumed, "outbound: tunnel established");
         let guard = self.state.open_tunnel(Side::Outbound, peer, &session);
         let alive = Arc::new(AtomicBool::new(true));
+        let ours = self.state.material.current().svid().not_after;
+        let expires_at = session.peer_not_after.map_or(ours, |theirs| theirs.min(ours));
         let tunnel = Tunnel {
             sender,
             stats: guard.stats.clone(),
             alive: alive.clone(),
+            expires_at,
         };
         let service = self.outbound.service.clone();
         tokio::spawn(async move {

@@ -208,6 +208,20 @@ fn rustls_pem_first(chain_pem: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "ca_error", e))
 }
 
+async fn join_refused(
+    s: &AppState,
+    peer: &Peer,
+    token: &JoinToken,
+    actor: String,
+    e: StoreError,
+) -> ApiError {
+    let err = ApiError::from(e);
+    warn!(peer = %peer.addr, token_id = %token.id, code = err.code, "join refused");
+    let details = serde_json::json!({ "token_id": token.id, "reason": err.code });
+    audit(&*s.store, actor, "join.refused", details).await;
+    err
+}
+
 async fn join(
     State(s): State<Arc<AppState>>,
     Extension(peer): Extension<Peer>,
@@ -233,24 +247,10 @@ async fn join(
         }
     };
     let ca = s.ca();
-    let record = match s
-        .store
-        .token_consume(&token.id, &token.secret_hash(), now())
-        .await
-    {
+    // Check token and CSR before consuming the token: a refused join leaves it usable.
+    let record = match s.store.token_check(&token.id, &token.secret_hash(), now()).await {
         Ok(r) => r,
-        Err(e) => {
-            let err = ApiError::from(e);
-            warn!(peer = %peer.addr, token_id = %token.id, code = err.code, "join refused");
-            audit(
-                &*s.store,
-                actor,
-                "join.refused",
-                serde_json::json!({ "token_id": token.id, "reason": err.code }),
-            )
-            .await;
-            return Err(err);
-        }
+        Err(e) => return Err(join_refused(&s, &peer, &token, actor, e).await),
     };
     let node_id = ca
         .trust_domain
@@ -259,13 +259,8 @@ async fn join(
     let public_key = match check_csr(req.csr.as_bytes(), &node_id) {
         Ok(k) => k,
         Err(e) => {
-            audit(
-                &*s.store,
-                format!("token:{}", token.id),
-                "csr.refused",
-                serde_json::json!({ "node": record.node, "reason": e.to_string() }),
-            )
-            .await;
+            let details = serde_json::json!({ "node": record.node, "reason": e.to_string() });
+            audit(&*s.store, format!("token:{}", token.id), "csr.refused", details).await;
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "csr_invalid",
@@ -273,6 +268,14 @@ async fn join(
             ));
         }
     };
+    // Consuming is the atomic step: of two concurrent joins with one token, one wins.
+    if let Err(e) = s
+        .store
+        .token_consume(&token.id, &token.secret_hash(), now())
+        .await
+    {
+        return Err(join_refused(&s, &peer, &token, actor, e).await);
+    }
     let identity = issue(&s, &ca, &node_id, &record.node, &public_key).await?;
     s.store
         .node_upsert(&record.node, &node_id.to_string(), now())

@@ -159,7 +159,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
-            async fn token_consume(&self, id: &str, secret_hash: &[u8; 32], now: i64) -> Result<JoinToken> {
+            async fn token_check(&self, id: &str, secret_hash: &[u8; 32], now: i64) -> Result<JoinToken> {
                 let row = sqlx::query("SELECT * FROM join_tokens WHERE id = $1")
                     .bind(id)
                     .fetch_optional(&self.pool)
@@ -180,6 +180,11 @@ macro_rules! impl_store {
                         at: token.expires_at,
                     }));
                 }
+                Ok(token)
+            }
+
+            async fn token_consume(&self, id: &str, secret_hash: &[u8; 32], now: i64) -> Result<JoinToken> {
+                let token = self.token_check(id, secret_hash, now).await?;
                 let claimed =
                     sqlx::query("UPDATE join_tokens SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
                         .bind(now)

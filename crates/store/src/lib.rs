@@ -38,6 +38,9 @@ pub trait Store: Send + Sync {
     async fn ca_set_state(&self, id: i64, state: CaState) -> Result<()>;
 
     async fn token_insert(&self, token: NewToken) -> Result<()>;
+    /// Checks the secret, expiry and use without consuming the token (so a request that fails a
+    /// later check leaves it usable).
+    async fn token_check(&self, id: &str, secret_hash: &[u8; 32], now: i64) -> Result<JoinToken>;
     /// Checks the secret and expiry and marks the token used, atomically: of two concurrent
     /// callers (even on two replicas) exactly one succeeds. A wrong secret does not consume it.
     async fn token_consume(&self, id: &str, secret_hash: &[u8; 32], now: i64) -> Result<JoinToken>;

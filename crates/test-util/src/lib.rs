@@ -8,6 +8,7 @@ pub mod netns;
 pub mod pcap;
 pub mod pki;
 pub mod process;
+pub mod server;
 pub mod tls_client;
 pub mod traffic;
 

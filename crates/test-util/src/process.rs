@@ -154,6 +154,11 @@ impl AgentProcess {
 
     /// SIGTERM, then waits for exit.
     pub fn terminate(mut self, within: Duration) -> ExitStatus {
+        self.terminate_ref(within)
+    }
+
+    /// Like `terminate`, for a process held in a struct field.
+    pub fn terminate_ref(&mut self, within: Duration) -> ExitStatus {
         self.signal(Signal::SIGTERM);
         self.wait(within)
     }

@@ -15,14 +15,17 @@ pub struct SessionInfo {
     pub peer_id: Option<SpiffeId>,
     /// Whether the handshake resumed an earlier session.
     pub resumed: bool,
+    /// When the peer's certificate expires (Unix seconds).
+    pub peer_not_after: Option<i64>,
 }
 
 fn info(state: &CommonState) -> SessionInfo {
-    let peer_id = state
+    let svid = state
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|leaf| inspect_svid(leaf).ok())
-        .map(|s| s.id);
+        .and_then(|leaf| inspect_svid(leaf).ok());
+    let peer_not_after = svid.as_ref().map(|s| s.not_after);
+    let peer_id = svid.map(|s| s.id);
     SessionInfo {
         version: state
             .protocol_version()
@@ -38,6 +41,7 @@ fn info(state: &CommonState) -> SessionInfo {
             .unwrap_or_default(),
         peer_id,
         resumed: matches!(state.handshake_kind(), Some(rustls::HandshakeKind::Resumed)),
+        peer_not_after,
     }
 }
 

@@ -1,0 +1,286 @@
+//! The control plane with real processes: a server on SQLite, agents that join with tokens,
+//! renew while traffic flows, restart without a token, and ride out a server outage.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tapproof_test_util::process::{run_tapproof, AgentProcess};
+use tapproof_test_util::server::{control_section, init, ServerProcess};
+use tapproof_test_util::traffic::{round_trip, EchoServer};
+
+const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
+const TD: &str = "example.org";
+
+fn db_config(data_dir: &std::path::Path, token: &str, forward: SocketAddr, tunnel: &str) -> String {
+    format!(
+        "trust_domain = \"{TD}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n[tunnel]\nlisten = \"{tunnel}\"\n\
+         [[inbound]]\nservice = \"db\"\nforward = \"{forward}\"\nallow = [\"spiffe://{TD}/node/web-1\"]\n",
+        control_section(data_dir, token)
+    )
+}
+
+fn web_config(data_dir: &std::path::Path, token: &str, tunnel: SocketAddr) -> String {
+    format!(
+        "trust_domain = \"{TD}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"db\"\npeers = [\"{tunnel}\"]\nserver_id = \"spiffe://{TD}/node/db-1\"\n",
+        control_section(data_dir, token)
+    )
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    server: ServerProcess,
+    echo: EchoServer,
+    db: AgentProcess,
+    web: AgentProcess,
+}
+
+fn setup(leaf_ttl: &str) -> Setup {
+    let dir = tempfile::Builder::new().prefix("tapproof-cp-").tempdir().unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", leaf_ttl);
+    let echo = EchoServer::start();
+    let db_token = server.token(EXE, "db-1", &["db"], "5m");
+    let db = AgentProcess::start(
+        EXE,
+        dir.path(),
+        "db-1",
+        &db_config(&dir.path().join("db-1"), &db_token, echo.addr, "127.0.0.1:0"),
+    );
+    let web_token = server.token(EXE, "web-1", &[], "5m");
+    let web = AgentProcess::start(
+        EXE,
+        dir.path(),
+        "web-1",
+        &web_config(&dir.path().join("web-1"), &web_token, db.tunnel()),
+    );
+    Setup {
+        dir,
+        server,
+        echo,
+        db,
+        web,
+    }
+}
+
+/// Sends requests (each a new app connection) until stopped; counts successes and failures.
+fn load(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> (Arc<AtomicU64>, Arc<AtomicU64>, std::thread::JoinHandle<()>) {
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (ok2, failed2) = (ok.clone(), failed.clone());
+    let handle = std::thread::spawn(move || {
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let msg = format!("request {i}");
+            match round_trip(addr, msg.as_bytes()) {
+                Ok(back) if back == msg.as_bytes() => ok2.fetch_add(1, Ordering::Relaxed),
+                other => {
+                    eprintln!("request {i} failed: {other:?}");
+                    failed2.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+            i += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    (ok, failed, handle)
+}
+
+/// Agents join with tokens, then 30 s leaves rotate at least 3 times on both sides while a client
+/// keeps sending requests: zero failures, and new tunnels are made with the rotated certificates.
+#[test]
+fn join_then_rotate_under_load_without_a_failed_request() {
+    let s = setup("30s");
+    assert_eq!(round_trip(s.web.outbound(0), b"joined").unwrap(), b"joined");
+    assert_eq!(s.db.status()["id"], "spiffe://example.org/node/db-1");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed, handle) = load(s.web.outbound(0), stop.clone());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while s.db.metric("tapproof_renewals_total", &[]) < 3.0
+        || s.web.metric("tapproof_renewals_total", &[]) < 3.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "3 renewals each within 120 s; db log:\n{}\nweb log:\n{}",
+            s.db.log(),
+            s.web.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    handle.join().unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request may fail across rotations"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100, "the load ran throughout");
+    assert!(
+        s.web.metric("tapproof_handshakes_total", &["side=\"outbound\""]) >= 2.0,
+        "tunnels are re-made once a certificate they were authenticated with expires"
+    );
+    assert_eq!(s.web.metric("tapproof_renewal_failures_total", &[]), 0.0);
+
+    // The audit log recorded the joins and renewals, and its chain verifies.
+    let data = s.server.data_dir.to_str().unwrap().to_owned();
+    let (code, out, _) = run_tapproof(EXE, &["server", "audit-log", "show", "--data-dir", &data]);
+    assert_eq!(code, 0);
+    assert!(out.contains("node.join") && out.contains("cert.issue"), "{out}");
+    let (code, out, err) = run_tapproof(EXE, &["server", "audit-log", "verify", "--data-dir", &data]);
+    assert_eq!(code, 0, "{out}{err}");
+    drop(s.echo);
+    drop(s.dir);
+}
+
+/// A restart needs no new token; a server outage leaves traffic flowing on the current
+/// certificate (and says so), and renewal resumes when the server is back.
+#[test]
+fn restart_without_token_and_ride_out_a_server_outage() {
+    let mut s = setup("30s");
+    assert_eq!(round_trip(s.web.outbound(0), b"one").unwrap(), b"one");
+
+    // Restart web-1 from its data dir: the token in its config is used up, and not needed.
+    let web_dir = s.dir.path().join("web-1");
+    let config = std::fs::read_to_string(s.dir.path().join("web-1.toml")).unwrap();
+    assert!(s.web.terminate_ref(Duration::from_secs(40)).success());
+    s.web = AgentProcess::start(EXE, s.dir.path(), "web-1-restarted", &config);
+    assert!(
+        s.web.log().contains("using the identity kept in the data dir"),
+        "{}",
+        s.web.log()
+    );
+    assert!(web_dir.join("node.key").exists());
+    assert_eq!(round_trip(s.web.outbound(0), b"two").unwrap(), b"two");
+
+    // Server down: renewal fails, traffic keeps flowing.
+    let data = s.server.data_dir.clone();
+    let addr = s.server.addr;
+    s.server.stop_ref();
+    s.web.wait_for("a failed renewal", Duration::from_secs(60), |a| {
+        a.metric("tapproof_renewal_failures_total", &[]) >= 1.0
+    });
+    assert_eq!(s.web.metric("tapproof_control_plane_up", &[]), 0.0);
+    assert!(s.web.log().contains("serving on the current certificate"));
+    assert_eq!(round_trip(s.web.outbound(0), b"three").unwrap(), b"three");
+
+    // Server back on the same address: renewal resumes.
+    let before = s.web.metric("tapproof_renewals_total", &[]);
+    s.server = ServerProcess::start(EXE, &data, &addr.to_string(), "30s");
+    s.web
+        .wait_for("renewal after the outage", Duration::from_secs(60), |a| {
+            a.metric("tapproof_renewals_total", &[]) > before
+        });
+    assert_eq!(s.web.metric("tapproof_control_plane_up", &[]), 1.0);
+    assert_eq!(round_trip(s.web.outbound(0), b"four").unwrap(), b"four");
+}
+
+/// Bad tokens: refused with a clear error and code, an audit row, and the agent exits 2.
+#[test]
+fn bad_tokens_are_refused_and_audited() {
+    let dir = tempfile::Builder::new().prefix("tapproof-cp-").tempdir().unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", "1h");
+    let token = server.token(EXE, "web-1", &[], "5m");
+    let write = |name: &str, token: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        let config = format!(
+            "trust_domain = \"{TD}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n",
+            control_section(&dir.path().join(name), token)
+        );
+        std::fs::write(&path, config).unwrap();
+        path
+    };
+    let first = AgentProcess::start(
+        EXE,
+        dir.path(),
+        "first",
+        &std::fs::read_to_string(write("first", &token)).unwrap(),
+    );
+    assert_eq!(first.status()["id"], "spiffe://example.org/node/web-1");
+
+    let cases = [
+        ("reused", token.clone(), "token_used"),
+        ("malformed", "tpj1.nonsense".to_owned(), "malformed join token"),
+        (
+            "forged",
+            {
+                let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+                parts[4] = "00".repeat(32);
+                parts.join(".")
+            },
+            "token_invalid",
+        ),
+    ];
+    for (name, token, want) in cases {
+        let path = write(name, &token);
+        let (code, _, err) = run_tapproof(EXE, &["agent", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 2, "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+        assert!(
+            !dir.path().join(name).join("node.key").exists(),
+            "{name}: nothing kept after a refused join"
+        );
+    }
+    let expired = server.token(EXE, "web-2", &[], "1s");
+    std::thread::sleep(Duration::from_millis(2100));
+    let (code, _, err) = run_tapproof(
+        EXE,
+        &["agent", "--config", write("expired", &expired).to_str().unwrap()],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("token_expired"), "{err}");
+
+    let (_, out, _) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "audit-log",
+            "show",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.contains("join.refused") && out.contains("token_used") && out.contains("token_expired"),
+        "{out}"
+    );
+}
+
+/// A row edited directly in the database is found by `audit-log verify`.
+#[test]
+fn audit_log_verify_finds_an_edited_row() {
+    let dir = tempfile::Builder::new().prefix("tapproof-cp-").tempdir().unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", "1h");
+    for node in ["a", "b", "c"] {
+        server.token(EXE, node, &["svc"], "5m");
+    }
+    server.stop();
+    let data_s = data.to_str().unwrap();
+    let (code, out, _) = run_tapproof(EXE, &["server", "audit-log", "verify", "--data-dir", data_s]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("4 rows"), "{out}");
+
+    let db = data.join("tapproof.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE audit_log SET details = replace(details, '\"b\"', '\"mallory\"') WHERE seq = 3")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    });
+    let (code, out, err) = run_tapproof(EXE, &["server", "audit-log", "verify", "--data-dir", data_s]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("row 3") && out.contains("edited"), "{out}");
+}

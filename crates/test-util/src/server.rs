@@ -1,0 +1,154 @@
+//! A real `tapproof server` process: initialised in a temp dir, started with a ready file, killed
+//! by PID when dropped.
+
+use crate::process::run_tapproof;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct ServerProcess {
+    child: Child,
+    pub data_dir: PathBuf,
+    pub addr: SocketAddr,
+    log: PathBuf,
+}
+
+/// `tapproof server init` into `<dir>/server`.
+pub fn init(exe: &str, dir: &Path, trust_domain: &str) -> PathBuf {
+    let data_dir = dir.join("server");
+    let (code, out, err) = run_tapproof(
+        exe,
+        &[
+            "server",
+            "init",
+            "--trust-domain",
+            trust_domain,
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "server init: {out}{err}");
+    data_dir
+}
+
+impl ServerProcess {
+    /// Starts `tapproof server run` on `listen` (e.g. `127.0.0.1:0`).
+    pub fn start(exe: &str, data_dir: &Path, listen: &str, leaf_ttl: &str) -> Self {
+        let ready = data_dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = data_dir.join(format!(
+            "server-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+        ));
+        let mut child = Command::new(exe)
+            .args([
+                "--log-level",
+                "debug,h2=info,hyper=info,rustls=info,sqlx=warn",
+                "server",
+                "run",
+            ])
+            .args([
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--listen",
+                listen,
+                "--leaf-ttl",
+                leaf_ttl,
+            ])
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    let addr = v["listen"].as_str().unwrap().parse().unwrap();
+                    return Self {
+                        child,
+                        data_dir: data_dir.to_owned(),
+                        addr,
+                        log,
+                    };
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "server exited with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "server not ready in 30 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `tapproof server token create` for `node` with `services`.
+    pub fn token(&self, exe: &str, node: &str, services: &[&str], ttl: &str) -> String {
+        let mut args = vec![
+            "server",
+            "token",
+            "create",
+            "--data-dir",
+            self.data_dir.to_str().unwrap(),
+            "--node",
+            node,
+            "--ttl",
+            ttl,
+        ];
+        let server = self.addr.to_string();
+        args.extend(["--server", &server]);
+        for s in services {
+            args.extend(["--service", s]);
+        }
+        let (code, out, err) = run_tapproof(exe, &args);
+        assert_eq!(code, 0, "token create: {err}");
+        out.trim().to_owned()
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(mut self) {
+        self.stop_ref();
+    }
+
+    /// Like `stop`, for a process held in a struct field.
+    pub fn stop_ref(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "server did not stop");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// An agent `[control]` section.
+pub fn control_section(data_dir: &Path, token: &str) -> String {
+    format!(
+        "[control]\ndata_dir = \"{}\"\ntoken = \"{token}\"\nreload_interval = \"200ms\"\n",
+        data_dir.display()
+    )
+}

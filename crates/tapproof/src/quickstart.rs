@@ -1,6 +1,7 @@
-//! `tapproof quickstart`: the README's first command. A throw-away CA, two agents (real child
-//! processes of this binary) on loopback, a plaintext echo service behind one of them, traffic
-//! through the encrypted tunnel, and a report of what the handshake negotiated and what flowed.
+//! `tapproof quickstart`: the README's first command, the whole story on the embedded default. A
+//! control-plane server on SQLite in a temp dir, two agents (real child processes of this binary)
+//! that join with single-use tokens, a plaintext echo service behind one of them, traffic through
+//! the encrypted tunnel while 30-second certificates rotate, and a report of what it saw.
 
 use crate::cli::QuickstartArgs;
 use crate::status::admin_get;
@@ -32,14 +33,18 @@ struct Agent {
 
 impl Agent {
     async fn start(name: &'static str, config: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let args = ["agent".as_ref(), "--config".as_ref(), config.as_os_str()];
+        Self::spawn(name, &args, dir).await
+    }
+
+    /// Starts `tapproof <args> --ready-file <dir>/<name>.ready.json` and waits for the file.
+    async fn spawn(name: &'static str, args: &[&std::ffi::OsStr], dir: &Path) -> anyhow::Result<Self> {
         let ready_file = dir.join(format!("{name}.ready.json"));
         let log = dir.join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log)?;
         let exe = std::env::current_exe().context("cannot find this binary to start the agents")?;
         let mut child = Command::new(exe)
-            .arg("agent")
-            .arg("--config")
-            .arg(config)
+            .args(args)
             .arg("--ready-file")
             .arg(&ready_file)
             .stdin(Stdio::null())
@@ -133,42 +138,67 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         .tempdir()?;
     let dir = tmp.path().to_owned();
     let td = TrustDomain::new(TRUST_DOMAIN).expect("constant trust domain is valid");
-    println!("tapproof quickstart: two agents on loopback, one encrypted tunnel between them\n");
+    println!("tapproof quickstart: a control plane and two agents on loopback, one encrypted tunnel\n");
 
-    crate::pki::mint(
-        &td,
-        &dir,
-        &["web-1".into(), "db-1".into()],
-        time::Duration::hours(1),
-    )?;
+    let data = dir.join("server");
+    let report = tapproof_server::init(td.clone(), &data, None, None).await?;
+    let root_sha: String = report.root_pin.iter().map(|b| format!("{b:02x}")).collect();
+    println!("1. Control plane initialised on SQLite ({}):", report.store);
     println!(
-        "1. Minted a throw-away CA (root + intermediate) and two node identities, keys made here (0600):"
+        "     root and intermediate CA for spiffe://{TRUST_DOMAIN}, CA keys sealed with a key-encryption key"
     );
-    println!("     spiffe://{TRUST_DOMAIN}/node/web-1   spiffe://{TRUST_DOMAIN}/node/db-1");
+    println!("     root SHA-256 {root_sha}");
+    let server = Agent::spawn(
+        "server",
+        &[
+            "server".as_ref(),
+            "run".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--leaf-ttl".as_ref(),
+            LEAF_TTL.as_ref(),
+        ],
+        &dir,
+    )
+    .await?;
+    let server_addr = server.addr("/listen")?;
+    println!("   Server listening on {server_addr} (TLS 1.3), issuing {LEAF_TTL} certificates renewed at half-life.");
+
+    let (_, store) = tapproof_server::open_store(&data, None).await?;
+    let ttl = std::time::Duration::from_secs(600);
+    let db_token =
+        tapproof_server::create_token(&*store, &td, server_addr.to_string(), "db-1", &["db".into()], ttl)
+            .await?;
+    let web_token =
+        tapproof_server::create_token(&*store, &td, server_addr.to_string(), "web-1", &[], ttl).await?;
+    println!("2. Created two single-use join tokens (the server keeps only their hashes).");
 
     let echo = TcpListener::bind("127.0.0.1:0").await?;
     let echo_addr = echo.local_addr()?;
     tokio::spawn(crate::dev::echo_forever(echo));
-    println!("2. Started a plaintext demo service (echo) on {echo_addr}, standing in for a database.");
+    println!("3. Started a plaintext demo service (echo) on {echo_addr}, standing in for a database.");
 
     let d = dir.display();
     let db_config = dir.join("db-1.toml");
     std::fs::write(&db_config, format!(
-        "trust_domain = \"{TRUST_DOMAIN}\"\n[identity]\ncert = \"{d}/db-1.pem\"\nkey = \"{d}/db-1.key\"\nbundle = \"{d}/bundle.pem\"\n\
+        "trust_domain = \"{TRUST_DOMAIN}\"\n[control]\ndata_dir = \"{d}/db-1\"\ntoken = \"{db_token}\"\nreload_interval = \"1s\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n\
          [[inbound]]\nservice = \"db\"\nforward = \"{echo_addr}\"\nallow = [\"spiffe://{TRUST_DOMAIN}/node/web-1\"]\n"))?;
     let db = Agent::start("db-1", &db_config, &dir).await?;
     let tunnel = db.addr("/tunnel")?;
-
     let web_config = dir.join("web-1.toml");
     std::fs::write(&web_config, format!(
-        "trust_domain = \"{TRUST_DOMAIN}\"\n[identity]\ncert = \"{d}/web-1.pem\"\nkey = \"{d}/web-1.key\"\nbundle = \"{d}/bundle.pem\"\n\
+        "trust_domain = \"{TRUST_DOMAIN}\"\n[control]\ndata_dir = \"{d}/web-1\"\ntoken = \"{web_token}\"\nreload_interval = \"1s\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n[tunnel]\ndrain_timeout = \"5s\"\n\
          [[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"db\"\npeers = [\"{tunnel}\"]\nserver_id = \"spiffe://{TRUST_DOMAIN}/node/db-1\"\n"))?;
     let web = Agent::start("web-1", &web_config, &dir).await?;
     let outbound = web.addr("/outbound/0/listen")?;
-    println!("3. Started agent db-1 (tunnel {tunnel}, serves \"db\" -> {echo_addr}, allows only web-1)");
-    println!("   and agent web-1 (apps connect in plaintext to {outbound}; it must reach spiffe://{TRUST_DOMAIN}/node/db-1).");
+    println!("4. Agents joined: each made its key locally, sent a CSR with its token (trusting the server");
+    println!("   through the root pin in the token) and got its identity:");
+    println!("     db-1  spiffe://{TRUST_DOMAIN}/node/db-1   tunnel {tunnel}, serves \"db\" -> {echo_addr}, allows only web-1");
+    println!("     web-1 spiffe://{TRUST_DOMAIN}/node/web-1  apps connect in plaintext to {outbound}");
 
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -181,7 +211,7 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         total += t.await?.context("an app connection through the tunnel failed")?;
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("4. Sent {} app connections through web-1 -> db-1 ({} x 64 KiB and one 16 MiB), every byte echoed and checked",
+    println!("5. Sent {} app connections through web-1 -> db-1 ({} x 64 KiB and one 16 MiB), every byte echoed and checked",
              args.connections + 1, args.connections);
     println!(
         "   by SHA-256: {:.1} MiB each way in {:.2} s.",
@@ -189,12 +219,37 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         secs
     );
 
-    let web_status: Value = serde_json::from_str(&admin_get(web.addr("/admin")?, "/v1/status").await?)?;
-    let db_status: Value = serde_json::from_str(&admin_get(db.addr("/admin")?, "/v1/status").await?)?;
+    let web_admin = web.addr("/admin")?;
+    let db_admin = db.addr("/admin")?;
+    let first_serial = serial(web_admin).await?;
+    println!("6. Sending four requests a second while both agents renew their {LEAF_TTL} certificates ...");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (mut ok, mut failed) = (0u32, 0u32);
+    while renewals(web_admin).await? < 1.0 || renewals(db_admin).await? < 1.0 {
+        if Instant::now() > deadline {
+            bail!("no renewal within 90 s; logs are in {}", dir.display());
+        }
+        match round_trip(outbound, random(1024)).await {
+            Ok(_) => ok += 1,
+            Err(_) => failed += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let second_serial = serial(web_admin).await?;
+    println!(
+        "   Both renewed (web-1 serial {} -> {}) while {ok} requests went through, {failed} failed.",
+        short(&first_serial),
+        short(&second_serial)
+    );
+    if failed > 0 {
+        bail!("{failed} requests failed during rotation");
+    }
+
+    let web_status: Value = serde_json::from_str(&admin_get(web_admin, "/v1/status").await?)?;
+    let db_status: Value = serde_json::from_str(&admin_get(db_admin, "/v1/status").await?)?;
     let t = web_status["tunnels"].get(0).cloned().unwrap_or(Value::Null);
     let inbound = db_status["tunnels"].get(0).cloned().unwrap_or(Value::Null);
-    let handshakes = db_status["tunnels"].as_array().map(|a| a.len()).unwrap_or(0);
-    println!("\n5. What crossed the link (from the agents' /v1/status):");
+    println!("\n7. What crossed the link (from the agents' /v1/status):");
     println!(
         "     web-1 proved          {}",
         inbound["peer_id"].as_str().unwrap_or("?")
@@ -215,7 +270,10 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         "     key exchange          {} (post-quantum hybrid)",
         t["key_exchange"].as_str().unwrap_or("?")
     );
-    println!("     TLS connections       {handshakes}");
+    println!(
+        "     TLS connections       {} open now (tunnels are re-made when a certificate they used expires)",
+        web_status["tunnels"].as_array().map(|a| a.len()).unwrap_or(0)
+    );
     println!(
         "     streams on it         {} (one per app connection)",
         t["streams_total"]
@@ -233,14 +291,40 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
 
     web.stop().await?;
     db.stop().await?;
-    println!("\n6. Stopped both agents with SIGTERM (they drained and exited 0).");
+    server.stop().await?;
+    let rows = match tapproof_server::verify_audit(&*store).await? {
+        Ok(rows) => rows,
+        Err(problems) => bail!("the audit log does not verify: {problems:?}"),
+    };
+    println!("\n8. Stopped the agents and the server with SIGTERM (they drained and exited 0).");
+    println!("   Audit log: {rows} rows (CA init, tokens, joins, renewals), hash chain verified.");
     if args.keep {
         let kept = tmp.keep();
         println!(
-            "   Kept certificates, configs and agent logs in {}",
+            "   Kept the server data, agent data dirs, configs and logs in {}",
             kept.display()
         );
     }
-    println!("\nNext: `tapproof pki mint` for your own test identities, deploy/ and README.md to run agents for real.");
+    println!("\nNext: README.md walks through a two-host install; `tapproof --help` lists every command.");
     Ok(())
+}
+
+const LEAF_TTL: &str = "30s";
+
+async fn renewals(admin: SocketAddr) -> anyhow::Result<f64> {
+    let text = admin_get(admin, "/metrics").await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("tapproof_renewals_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+async fn serial(admin: SocketAddr) -> anyhow::Result<String> {
+    let status: Value = serde_json::from_str(&admin_get(admin, "/v1/status").await?)?;
+    Ok(status["certificate"]["serial"].as_str().unwrap_or("?").to_owned())
+}
+
+fn short(serial: &str) -> &str {
+    &serial[..serial.len().min(8)]
 }

@@ -143,6 +143,17 @@ async fn post(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Bytes), ControlError> {
+    request(server, tls, http::Method::POST, path, Some(body), REQUEST_TIMEOUT).await
+}
+
+async fn request(
+    server: &str,
+    tls: &ControlClientTls,
+    method: http::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(u16, Bytes), ControlError> {
     let unreachable = |detail: String| ControlError::Unreachable {
         server: server.to_owned(),
         detail,
@@ -161,9 +172,11 @@ async fn post(
                 .await
                 .map_err(|e| unreachable(format!("HTTP/2: {e}")))?;
         tokio::spawn(conn);
-        let request = http::Request::post(format!("https://{server}{path}"))
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("https://{server}{path}"))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| unreachable(e.to_string()))?;
         let response = sender
             .send_request(request)
@@ -178,9 +191,9 @@ async fn post(
             .to_bytes();
         Ok((status, bytes))
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| unreachable("no answer in 15 s".into()))?
+        .map_err(|_| unreachable(format!("no answer in {} s", timeout.as_secs())))?
 }
 
 fn refusal(server: &str, body: &[u8]) -> ControlError {
@@ -352,3 +365,91 @@ async fn renew(
     )?;
     Ok(next)
 }
+
+#[derive(Deserialize)]
+struct StateResponse {
+    version: i64,
+    revocations: Vec<RevocationEntry>,
+}
+
+#[derive(Deserialize)]
+struct RevocationEntry {
+    kind: String,
+    value: String,
+}
+
+/// Follows the control plane's state feed (long-poll) and applies revocations: revoked peers'
+/// tunnels are closed and their new handshakes refused.
+pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: CancellationToken) {
+    let mut since = 0i64;
+    let mut retry = RETRY_MIN;
+    loop {
+        let step = async {
+            let current =
+                read_state(&cfg.data_dir).ok_or_else(|| data_err(&cfg.data_dir.join(STATE), "missing"))?;
+            let files = identity_files(&cfg.data_dir);
+            let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| data_err(p, e));
+            let (chain, key, bundle) = (read(&files.cert)?, read(&files.key)?, read(&files.bundle)?);
+            let tls = ControlClientTls::new(
+                ServerTrust::Bundle(vec![bundle]),
+                server_id(&state.config.trust_domain),
+                Some((&chain, &key)),
+            )
+            .map_err(|e| data_err(&files.cert, e))?;
+            let path = format!("/v1/state?since={since}");
+            let (status, bytes) = request(
+                &current.server,
+                &tls,
+                http::Method::GET,
+                &path,
+                None,
+                STATE_TIMEOUT,
+            )
+            .await?;
+            if status != 200 {
+                return Err(refusal(&current.server, &bytes));
+            }
+            serde_json::from_slice::<StateResponse>(&bytes)
+                .map_err(|e| refusal(&current.server, e.to_string().as_bytes()))
+        };
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return,
+            o = step => o,
+        };
+        match outcome {
+            Ok(feed) => {
+                retry = RETRY_MIN;
+                if feed.version != since {
+                    let mut revoked = crate::state::Revoked::default();
+                    for r in feed.revocations {
+                        let set = match r.kind.as_str() {
+                            "node" => &mut revoked.nodes,
+                            "spiffe_id" => &mut revoked.ids,
+                            "serial" => &mut revoked.serials,
+                            _ => continue,
+                        };
+                        set.insert(r.value);
+                    }
+                    let closed = state.apply_revocations(revoked);
+                    info!(
+                        version = feed.version,
+                        closed_tunnels = closed,
+                        "state feed: revocations applied"
+                    );
+                    since = feed.version;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, retry_in_s = retry.as_secs(), "state feed unavailable");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Longer than the server's long-poll hold, so an idle feed is not mistaken for a dead server.
+const STATE_TIMEOUT: Duration = Duration::from_secs(40);

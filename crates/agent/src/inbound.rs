@@ -84,6 +84,11 @@ async fn connection(
         warn!(%peer, "tunnel: peer certificate carried no SPIFFE ID");
         return;
     };
+    if state.is_revoked(&session) {
+        metrics.handshake_failed(Side::Inbound, "revoked");
+        warn!(%peer, peer_id = %peer_id, reason = "revoked", "tunnel: handshake refused");
+        return;
+    }
     metrics
         .handshakes
         .get_or_create(&SideLabel { side: Side::Inbound })
@@ -137,6 +142,10 @@ async fn connection(
                 // GOAWAY: the peer opens no new streams here; open ones finish.
                 conn.graceful_shutdown();
                 continue;
+            }
+            _ = guard.stats.close.cancelled() => {
+                metrics.tunnel_errors.get_or_create(&crate::metrics::FailureLabels { side: Side::Inbound, reason: "revoked" }).inc();
+                break;
             }
             next = conn.accept() => next,
         };

@@ -138,7 +138,8 @@ pub async fn run(
     tokio::spawn(drain::reload_loop(state.clone(), stop.clone()));
     if let Some(control) = state.config.control.clone() {
         state.metrics.control_plane_up.set(1);
-        tokio::spawn(control::renew_loop(state.clone(), control, stop.clone()));
+        tokio::spawn(control::renew_loop(state.clone(), control.clone(), stop.clone()));
+        tokio::spawn(control::state_loop(state.clone(), control, stop.clone()));
     }
     let mut serving = Vec::new();
     if let Some(listener) = tunnel_listener {

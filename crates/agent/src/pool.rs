@@ -164,6 +164,10 @@ impl Pool {
             }
         };
         let session = client_session(&stream);
+        if self.state.is_revoked(&session) {
+            metrics.handshake_failed(Side::Outbound, "revoked");
+            return Err("the peer's identity is revoked".into());
+        }
         metrics
             .handshakes
             .get_or_create(&SideLabel { side: Side::Outbound })
@@ -195,8 +199,13 @@ impl Pool {
             expires_at,
         };
         let service = self.outbound.service.clone();
+        let close = tunnel.stats.close.clone();
         tokio::spawn(async move {
-            let result = connection.await;
+            let result = tokio::select! {
+                r = connection => r,
+                // Revoked peer: drop the connection (and every stream on it) at once.
+                _ = close.cancelled() => Ok(()),
+            };
             alive.store(false, Ordering::Release);
             drop(guard);
             match result {

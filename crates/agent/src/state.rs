@@ -22,6 +22,25 @@ pub struct AgentState {
     server_tls: Mutex<Option<(u64, ServerTls)>>,
     tunnels: Mutex<BTreeMap<u64, Arc<TunnelStats>>>,
     next_tunnel: AtomicU64,
+    revoked: std::sync::RwLock<Revoked>,
+}
+
+/// What the control plane has revoked (from its state feed).
+#[derive(Debug, Default, Clone)]
+pub struct Revoked {
+    pub nodes: std::collections::HashSet<String>,
+    pub ids: std::collections::HashSet<String>,
+    pub serials: std::collections::HashSet<String>,
+}
+
+impl Revoked {
+    pub fn covers(&self, id: &str, serial: &str) -> bool {
+        self.ids.contains(id)
+            || self.serials.contains(serial)
+            || id
+                .split_once("/node/")
+                .is_some_and(|(_, node)| !node.contains('/') && self.nodes.contains(node))
+    }
 }
 
 /// One TLS connection between two agents and what it has carried.
@@ -40,6 +59,11 @@ pub struct TunnelStats {
     pub streams_open: AtomicU64,
     pub bytes_app_to_tunnel: AtomicU64,
     pub bytes_tunnel_to_app: AtomicU64,
+    #[serde(skip)]
+    pub peer_serial: String,
+    /// Cancelled to close the tunnel at once (its peer was revoked).
+    #[serde(skip)]
+    pub close: tokio_util::sync::CancellationToken,
 }
 
 /// Removes a tunnel from the table (and the open gauge) when the connection's task ends.
@@ -71,6 +95,7 @@ impl AgentState {
             server_tls: Mutex::new(None),
             tunnels: Mutex::new(BTreeMap::new()),
             next_tunnel: AtomicU64::new(1),
+            revoked: std::sync::RwLock::new(Revoked::default()),
         }
     }
 
@@ -135,6 +160,8 @@ impl AgentState {
             streams_open: AtomicU64::new(0),
             bytes_app_to_tunnel: AtomicU64::new(0),
             bytes_tunnel_to_app: AtomicU64::new(0),
+            peer_serial: session.peer_serial.clone().unwrap_or_default(),
+            close: tokio_util::sync::CancellationToken::new(),
         });
         self.tunnels_table().insert(id, stats.clone());
         self.metrics.tunnels.get_or_create(&SideLabel { side }).inc();
@@ -144,6 +171,34 @@ impl AgentState {
             stats,
             side,
         }
+    }
+
+    /// Whether the control plane revoked this peer (by node, SPIFFE ID or serial).
+    pub fn is_revoked(&self, session: &SessionInfo) -> bool {
+        let id = session
+            .peer_id
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let serial = session.peer_serial.as_deref().unwrap_or_default();
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .covers(&id, serial)
+    }
+
+    /// Installs a new revocation list and closes every open tunnel it covers; returns how many.
+    pub fn apply_revocations(&self, revoked: Revoked) -> usize {
+        let mut closed = 0;
+        for t in self.tunnels() {
+            if revoked.covers(&t.peer_id, &t.peer_serial) && !t.close.is_cancelled() {
+                tracing::warn!(peer_id = %t.peer_id, tunnel = t.id, side = t.side, "closing the tunnel of a revoked peer");
+                t.close.cancel();
+                closed += 1;
+            }
+        }
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked;
+        closed
     }
 
     pub fn tunnels(&self) -> Vec<Arc<TunnelStats>> {

@@ -33,7 +33,12 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub ca: RwLock<Arc<Ca>>,
     pub leaf_ttl: Duration,
+    /// The state feed's version (the newest revocation's id); long-polls wait on it.
+    pub version: tokio::sync::watch::Receiver<i64>,
 }
+
+/// How long `/v1/state` holds a request open when nothing changed.
+pub const LONG_POLL: Duration = Duration::from_secs(25);
 
 impl AppState {
     fn ca(&self) -> Arc<Ca> {
@@ -87,6 +92,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/bundle", get(bundle))
         .route("/v1/join", post(join))
         .route("/v1/sign", post(sign))
+        .route("/v1/state", get(state_feed))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -457,5 +463,49 @@ async fn sign(
         identities,
         bundle: ca.bundle.clone(),
         services,
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct StateQuery {
+    #[serde(default)]
+    pub since: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct StateResponse {
+    /// Pass this as `since` next time.
+    pub version: i64,
+    pub revocations: Vec<tapproof_store::Revocation>,
+    pub bundle: Vec<String>,
+}
+
+/// The state feed: answers at once when `version > since`, else holds the request until
+/// something changes or `LONG_POLL` passes. Agents only (mTLS).
+async fn state_feed(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    query: Result<axum::extract::Query<StateQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<StateResponse>, ApiError> {
+    if peer.id.is_none() {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "identity_required",
+            "present your node certificate (mTLS)",
+        ));
+    }
+    let since = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?
+        .since;
+    let mut version = s.version.clone();
+    if *version.borrow() <= since {
+        let _ = tokio::time::timeout(LONG_POLL, version.wait_for(|v| *v > since)).await;
+    }
+    let current = *version.borrow();
+    let revocations = s.store.revocations().await?;
+    Ok(Json(StateResponse {
+        version: current,
+        revocations,
+        bundle: s.ca().bundle.clone(),
     }))
 }

@@ -256,3 +256,26 @@ pub async fn verify_audit(
         Err(problems)
     })
 }
+
+/// Revokes a node, a SPIFFE ID or a certificate serial: agents refuse it and close its tunnels
+/// within seconds (through the state feed), and the server refuses its renewals.
+pub async fn revoke(
+    store: &dyn Store,
+    kind: tapproof_store::RevocationKind,
+    value: &str,
+    reason: &str,
+) -> Result<tapproof_store::Revocation, ServerError> {
+    let t = now();
+    let revocation = store.revoke(kind, value, reason, t).await?;
+    store
+        .audit_append(
+            NewAudit {
+                actor: "cli".into(),
+                action: "revocation.add".into(),
+                details: serde_json::json!({ "kind": kind.as_str(), "value": value, "reason": reason, "id": revocation.id }),
+            },
+            t,
+        )
+        .await?;
+    Ok(revocation)
+}

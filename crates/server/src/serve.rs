@@ -21,6 +21,12 @@ use tracing::{info, warn};
 /// The server's own certificate lifetime; refreshed at half of it.
 const SERVER_CERT_LIFETIME: time::Duration = time::Duration::hours(24);
 
+const CHANGE_POLL: Duration = Duration::from_secs(1);
+
+async fn revocation_version(store: &dyn tapproof_store::Store) -> Result<i64, ServerError> {
+    Ok(store.revocations().await?.iter().map(|r| r.id).max().unwrap_or(0))
+}
+
 pub const MIN_LEAF_TTL: Duration = Duration::from_secs(30);
 
 pub struct RunOptions {
@@ -64,7 +70,9 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     )?;
     let ca = Arc::new(Ca::load(&*store, &kek, &td).await?);
     let tls = Arc::new(RwLock::new(server_tls(&ca)?));
+    let (version_tx, version_rx) = tokio::sync::watch::channel(revocation_version(&*store).await?);
     let state = Arc::new(AppState {
+        version: version_rx,
         store: store.clone(),
         ca: RwLock::new(ca),
         leaf_ttl: options.leaf_ttl,
@@ -102,6 +110,28 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
                 match server_tls(&ca) {
                     Ok(new) => *tls.write().unwrap_or_else(|p| p.into_inner()) = new,
                     Err(e) => warn!(error = %e, "cannot refresh the server certificate"),
+                }
+            }
+        })
+    };
+
+    // Changes made by other processes (the `revoke` command, other replicas) reach the feed
+    // through this watcher. It asks the store for one number a second; PostgreSQL LISTEN/NOTIFY
+    // would make it push-based (not done yet).
+    let watcher = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CHANGE_POLL).await;
+                match revocation_version(&*store).await {
+                    Ok(v) => {
+                        version_tx.send_if_modified(|old| {
+                            let changed = *old != v;
+                            *old = v;
+                            changed
+                        });
+                    }
+                    Err(e) => warn!(error = %e, "cannot read the store for changes"),
                 }
             }
         })
@@ -145,6 +175,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
         });
     }
     refresher.abort();
+    watcher.abort();
     info!("control plane stopped");
     Ok(())
 }

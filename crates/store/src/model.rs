@@ -115,7 +115,7 @@ pub enum RevocationKind {
     Serial,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
     pub id: i64,
     pub kind: RevocationKind,

@@ -161,6 +161,23 @@ pub enum ServerCommand {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// Revoke a node, a SPIFFE ID or a certificate serial: agents close its tunnels within seconds.
+    Revoke {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        /// A node name.
+        #[arg(long, group = "what")]
+        node: Option<String>,
+        /// A SPIFFE ID.
+        #[arg(long, group = "what")]
+        id: Option<String>,
+        /// A certificate serial (hex, as `tapproof status` prints it).
+        #[arg(long, group = "what")]
+        serial: Option<String>,
+        /// Why (kept in the audit log).
+        #[arg(long, default_value = "revoked by operator")]
+        reason: String,
+    },
     /// Join tokens.
     Token {
         #[command(subcommand)]

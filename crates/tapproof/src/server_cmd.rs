@@ -61,6 +61,38 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(classify)
         }
+        ServerCommand::Revoke {
+            store,
+            node,
+            id,
+            serial,
+            reason,
+        } => {
+            use tapproof_store::RevocationKind;
+            let (kind, value) = match (node, id, serial) {
+                (Some(n), _, _) => (RevocationKind::Node, n),
+                (_, Some(i), _) => {
+                    tapproof_identity::SpiffeId::parse(&i)
+                        .map_err(|e| ConfigProblem(format!("--id {i:?}: {e}")))?;
+                    (RevocationKind::SpiffeId, i)
+                }
+                (_, _, Some(s)) => (RevocationKind::Serial, s.to_uppercase()),
+                _ => return Err(ConfigProblem("say what to revoke: --node, --id or --serial".into()).into()),
+            };
+            let (_, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                .await
+                .map_err(classify)?;
+            let r = tapproof_server::revoke(&*db, kind, &value, &reason)
+                .await
+                .map_err(classify)?;
+            println!(
+                "revoked {} {} (revocation {}); agents close its tunnels within seconds",
+                kind.as_str(),
+                value,
+                r.id
+            );
+            Ok(())
+        }
         ServerCommand::Token {
             command:
                 TokenCommand::Create {

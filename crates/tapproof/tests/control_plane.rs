@@ -284,3 +284,62 @@ fn audit_log_verify_finds_an_edited_row() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("row 3") && out.contains("edited"), "{out}");
 }
+
+/// Revoking a node closes its open tunnel and refuses its next handshake within 5 s; its renewal
+/// is refused too.
+#[test]
+fn revocation_closes_tunnels_within_five_seconds() {
+    use std::io::{Read, Write};
+    let s = setup("1h");
+    // An app connection through the tunnel, held open.
+    let mut app = std::net::TcpStream::connect(s.web.outbound(0)).unwrap();
+    app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    app.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    app.read_exact(&mut buf).unwrap();
+    // Both agents follow the state feed before the revocation (version 0).
+    std::thread::sleep(Duration::from_millis(500));
+
+    let data = s.server.data_dir.to_str().unwrap().to_owned();
+    let started = Instant::now();
+    let (code, out, err) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "revoke",
+            "--data-dir",
+            &data,
+            "--node",
+            "web-1",
+            "--reason",
+            "stolen",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    s.db.wait_for("web-1's tunnel to close", Duration::from_secs(5), |a| {
+        a.metric("tapproof_tunnels_open", &["side=\"inbound\""]) == 0.0
+    });
+    let mut rest = Vec::new();
+    let ended = app.read_to_end(&mut rest);
+    assert!(ended.is_err() || rest.is_empty(), "the held connection is cut");
+    // The next handshake from web-1 is refused.
+    assert!(
+        round_trip(s.web.outbound(0), b"again")
+            .map(|b| b.is_empty())
+            .unwrap_or(true),
+        "no byte may flow after revocation"
+    );
+    s.db.wait_for("the refused handshake", Duration::from_secs(5), |a| {
+        a.metric(
+            "tapproof_handshake_failures_total",
+            &["side=\"inbound\"", "reason=\"revoked\""],
+        ) >= 1.0
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let (_, out, _) = run_tapproof(EXE, &["server", "audit-log", "show", "--data-dir", &data]);
+    assert!(out.contains("revocation.add") && out.contains("stolen"), "{out}");
+}

@@ -17,6 +17,8 @@ pub struct SessionInfo {
     pub resumed: bool,
     /// When the peer's certificate expires (Unix seconds).
     pub peer_not_after: Option<i64>,
+    /// The peer certificate's serial (hex), for revocation by serial.
+    pub peer_serial: Option<String>,
 }
 
 fn info(state: &CommonState) -> SessionInfo {
@@ -25,6 +27,7 @@ fn info(state: &CommonState) -> SessionInfo {
         .and_then(|c| c.first())
         .and_then(|leaf| inspect_svid(leaf).ok());
     let peer_not_after = svid.as_ref().map(|s| s.not_after);
+    let peer_serial = svid.as_ref().map(|s| s.serial.clone());
     let peer_id = svid.map(|s| s.id);
     SessionInfo {
         version: state
@@ -42,6 +45,7 @@ fn info(state: &CommonState) -> SessionInfo {
         peer_id,
         resumed: matches!(state.handshake_kind(), Some(rustls::HandshakeKind::Resumed)),
         peer_not_after,
+        peer_serial,
     }
 }
 

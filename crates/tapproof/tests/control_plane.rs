@@ -343,3 +343,168 @@ fn revocation_closes_tunnels_within_five_seconds() {
     let (_, out, _) = run_tapproof(EXE, &["server", "audit-log", "show", "--data-dir", &data]);
     assert!(out.contains("revocation.add") && out.contains("stolen"), "{out}");
 }
+
+/// Two server replicas share one PostgreSQL database and serve joins at once: every agent joins
+/// exactly once, one token races on both replicas and only one wins, and serials stay unique.
+#[test]
+fn two_replicas_on_postgresql_issue_concurrently() {
+    let Ok(admin) = std::env::var("TAPPROOF_TEST_POSTGRES") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must run the PostgreSQL replica test (TAPPROOF_TEST_POSTGRES)"
+        );
+        eprintln!("SKIPPED replica test: TAPPROOF_TEST_POSTGRES is not set (run scripts/postgres.sh)");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let name = format!("tapproof_replicas_{}", std::process::id());
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+
+    let dir = tempfile::Builder::new()
+        .prefix("tapproof-replicas-")
+        .tempdir()
+        .unwrap();
+    let a_dir = dir.path().join("a");
+    let (code, out, err) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "init",
+            "--trust-domain",
+            TD,
+            "--data-dir",
+            a_dir.to_str().unwrap(),
+            "--store",
+            &url,
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !std::fs::read_to_string(a_dir.join("server.json"))
+            .unwrap()
+            .contains("tapproof_test@"),
+        "no password in server.json"
+    );
+    // Replica B: the same store and key-encryption key, its own data dir.
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    for f in ["server.json", "kek.key"] {
+        std::fs::copy(a_dir.join(f), b_dir.join(f)).unwrap();
+    }
+    let start =
+        |data: &std::path::Path| ServerProcess::start_with_store(EXE, data, "127.0.0.1:0", "1h", Some(&url));
+    let a = start(&a_dir);
+    let b = start(&b_dir);
+
+    // One token, two replicas, at the same time: exactly one join succeeds.
+    let racer = a.token(EXE, "racer", &[], "5m");
+    let nodes: Vec<(String, String)> = (0..8)
+        .map(|i| (format!("n{i}"), a.token(EXE, &format!("n{i}"), &["svc"], "5m")))
+        .collect();
+    let agent_config = |name: &str, token: &str, server: SocketAddr| {
+        format!(
+            "trust_domain = \"{TD}\"\n[control]\ndata_dir = \"{}\"\ntoken = \"{token}\"\nserver = \"{server}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join(name).display()
+        )
+    };
+    let mut handles = Vec::new();
+    for (i, server) in [a.addr, b.addr].into_iter().enumerate() {
+        let path = dir.path().join(format!("racer-{i}.toml"));
+        std::fs::write(&path, agent_config(&format!("racer-{i}"), &racer, server)).unwrap();
+        handles.push(std::thread::spawn(move || run_check(&path)));
+    }
+    let wins: Vec<bool> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        wins.iter().filter(|w| **w).count(),
+        1,
+        "exactly one replica may accept the token: {wins:?}"
+    );
+
+    // Eight agents join at once, alternating replicas.
+    let mut agents = Vec::new();
+    std::thread::scope(|scope| {
+        let mut joins = Vec::new();
+        for (i, (node, token)) in nodes.iter().enumerate() {
+            let server = if i % 2 == 0 { a.addr } else { b.addr };
+            let config = agent_config(node, token, server);
+            let dir = dir.path().to_owned();
+            let node = node.clone();
+            joins
+                .push(scope.spawn(move || AgentProcess::start(EXE, &dir, &format!("agent-{node}"), &config)));
+        }
+        for j in joins {
+            agents.push(j.join().unwrap());
+        }
+    });
+    let mut serials = std::collections::HashSet::new();
+    for agent in &agents {
+        serials.insert(
+            agent.status()["certificate"]["serial"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(serials.len(), 8, "every agent holds its own certificate");
+    let (code, out, err) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "audit-log",
+            "verify",
+            "--data-dir",
+            a_dir.to_str().unwrap(),
+            "--store",
+            &url,
+        ],
+    );
+    assert_eq!(code, 0, "one unforked chain across replicas: {out}{err}");
+    drop(agents);
+    a.stop();
+    b.stop();
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&pool)
+            .await;
+    });
+}
+
+/// Starts an agent on `config` just long enough to see whether it joins; true when it did.
+fn run_check(config: &std::path::Path) -> bool {
+    let mut child = std::process::Command::new(EXE)
+        .args(["agent", "--config", config.to_str().unwrap(), "--ready-file"])
+        .arg(config.with_extension("ready"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if config.with_extension("ready").exists() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return true;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        assert!(Instant::now() < deadline, "agent neither joined nor failed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

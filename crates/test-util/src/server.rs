@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 pub struct ServerProcess {
     child: Child,
+    /// `--store` given to every command (PostgreSQL replicas); none for the data dir's SQLite.
+    store: Option<String>,
     pub data_dir: PathBuf,
     pub addr: SocketAddr,
     log: PathBuf,
@@ -35,6 +37,17 @@ pub fn init(exe: &str, dir: &Path, trust_domain: &str) -> PathBuf {
 impl ServerProcess {
     /// Starts `tapproof server run` on `listen` (e.g. `127.0.0.1:0`).
     pub fn start(exe: &str, data_dir: &Path, listen: &str, leaf_ttl: &str) -> Self {
+        Self::start_with_store(exe, data_dir, listen, leaf_ttl, None)
+    }
+
+    /// Like `start`, against the store at `store`.
+    pub fn start_with_store(
+        exe: &str,
+        data_dir: &Path,
+        listen: &str,
+        leaf_ttl: &str,
+        store: Option<&str>,
+    ) -> Self {
         let ready = data_dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let log = data_dir.join(format!(
@@ -59,6 +72,7 @@ impl ServerProcess {
                 "--leaf-ttl",
                 leaf_ttl,
             ])
+            .args(store.map(|s| vec!["--store", s]).unwrap_or_default())
             .arg("--ready-file")
             .arg(&ready)
             .stdin(Stdio::null())
@@ -73,6 +87,7 @@ impl ServerProcess {
                     let addr = v["listen"].as_str().unwrap().parse().unwrap();
                     return Self {
                         child,
+                        store: store.map(str::to_owned),
                         data_dir: data_dir.to_owned(),
                         addr,
                         log,
@@ -111,6 +126,9 @@ impl ServerProcess {
         args.extend(["--server", &server]);
         for s in services {
             args.extend(["--service", s]);
+        }
+        if let Some(store) = &self.store {
+            args.extend(["--store", store]);
         }
         let (code, out, err) = run_tapproof(exe, &args);
         assert_eq!(code, 0, "token create: {err}");

@@ -33,6 +33,15 @@ pub fn document() -> Value {
                     "503": error_response("store_unavailable, store_read_only")
                 }
             } },
+            "/v1/state": { "get": {
+                "summary": "State feed for agents (mTLS): revocations and the trust bundle. Answers at once when the version is newer than `since`, else holds the request up to 25 s",
+                "parameters": [{ "name": "since", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 0 } }],
+                "responses": {
+                    "200": { "description": "state", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/State" } } } },
+                    "400": error_response("bad_query"),
+                    "401": error_response("identity_required")
+                }
+            } },
             "/v1/sign": { "post": {
                 "summary": "Sign CSRs for the caller's node identity and its registered services (mTLS with the node identity)",
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/SignRequest" } } } },
@@ -54,6 +63,11 @@ pub fn document() -> Value {
             "Identity": { "type": "object", "properties": { "id": { "type": "string" }, "chain_pem": { "type": "string" }, "not_after": { "type": "integer" } } },
             "JoinResponse": { "type": "object", "properties": { "node": { "type": "string" }, "identity": { "$ref": "#/components/schemas/Identity" },
                 "bundle": { "type": "array", "items": { "type": "string" } }, "services": { "type": "array", "items": { "type": "string" } } } },
+            "State": { "type": "object", "properties": { "version": { "type": "integer" },
+                "revocations": { "type": "array", "items": { "type": "object", "properties": { "id": { "type": "integer" },
+                    "kind": { "type": "string", "enum": ["node", "spiffe_id", "serial"] }, "value": { "type": "string" },
+                    "reason": { "type": "string" }, "revoked_at": { "type": "integer" } } } },
+                "bundle": { "type": "array", "items": { "type": "string" } } } },
             "SignRequest": { "type": "object", "additionalProperties": false, "required": ["csrs"], "properties": { "csrs": { "type": "array", "maxItems": 64,
                 "items": { "type": "object", "additionalProperties": false, "required": ["id", "csr"], "properties": { "id": { "type": "string" }, "csr": { "type": "string" } } } } } },
             "SignResponse": { "type": "object", "properties": { "identities": { "type": "array", "items": { "$ref": "#/components/schemas/Identity" } },

@@ -508,3 +508,143 @@ fn run_check(config: &std::path::Path) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Bad API input gets a JSON error with a stable code, an audit row where it is a security
+/// event, and no change to stored state (a token survives a refused join).
+#[test]
+fn api_refuses_bad_input_with_codes() {
+    use tapproof_test_util::server::control_request;
+    use tapproof_tls::ServerTrust;
+    let dir = tempfile::Builder::new()
+        .prefix("tapproof-api-")
+        .tempdir()
+        .unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", "1h");
+    let token = server.token(EXE, "web-1", &["web"], "5m");
+    let pin = tapproof_identity::JoinToken::parse(&token).unwrap().root_pin;
+    let call = |path: &str, body: Vec<u8>| {
+        control_request(server.addr, ServerTrust::Pin(pin), None, "POST", path, body)
+    };
+    let code = |v: &serde_json::Value| v["error"]["code"].as_str().unwrap_or("<none>").to_owned();
+
+    let (status, v) = call("/v1/join", b"{not json".to_vec());
+    assert_eq!((status, code(&v).as_str()), (400, "bad_json"), "{v}");
+    let (status, v) = call("/v1/join", br#"{"token":"x","csr":"y","extra":1}"#.to_vec());
+    assert_eq!(
+        (status, code(&v).as_str()),
+        (400, "bad_json"),
+        "unknown fields are refused: {v}"
+    );
+    let (status, v) = call("/v1/join", vec![b' '; 100 * 1024]);
+    assert_eq!((status, code(&v).as_str()), (413, "body_too_large"), "{v}");
+    let (status, v) = call(
+        "/v1/join",
+        serde_json::to_vec(&serde_json::json!({"token": "tpj1.zz", "csr": ""})).unwrap(),
+    );
+    assert_eq!((status, code(&v).as_str()), (400, "token_malformed"), "{v}");
+
+    // CSRs the CA must not sign: the token is not consumed by any of them.
+    let key384 = rcgen_csr(true, None);
+    let other_node = rcgen_csr(false, Some("spiffe://example.org/node/db-1"));
+    let foreign = rcgen_csr(false, Some("spiffe://evil.org/node/web-1"));
+    for (csr, why) in [
+        (key384, "key type"),
+        (other_node, "may only be issued"),
+        (foreign, "another trust domain"),
+    ] {
+        let (status, v) = call(
+            "/v1/join",
+            serde_json::to_vec(&serde_json::json!({ "token": token, "csr": csr })).unwrap(),
+        );
+        assert_eq!((status, code(&v).as_str()), (400, "csr_invalid"), "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(why), "{v}");
+    }
+    let (good_csr, key) = tapproof_identity::new_csr(None).unwrap();
+    let (status, v) = call(
+        "/v1/join",
+        serde_json::to_vec(&serde_json::json!({ "token": token, "csr": good_csr })).unwrap(),
+    );
+    assert_eq!(status, 200, "the token survived the refused joins: {v}");
+    let chain = v["identity"]["chain_pem"].as_str().unwrap().to_owned();
+    let bundle: Vec<String> = v["bundle"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(v["services"], serde_json::json!(["web"]));
+
+    // Signing needs a node identity, and only for what is registered to the node.
+    let (status, v) = call("/v1/sign", br#"{"csrs":[]}"#.to_vec());
+    assert_eq!((status, code(&v).as_str()), (401, "identity_required"), "{v}");
+    let as_node = |body: serde_json::Value| {
+        control_request(
+            server.addr,
+            ServerTrust::Bundle(bundle.clone()),
+            Some((&chain, &key)),
+            "POST",
+            "/v1/sign",
+            serde_json::to_vec(&body).unwrap(),
+        )
+    };
+    let (csr, _) = tapproof_identity::new_csr(None).unwrap();
+    let (status, v) =
+        as_node(serde_json::json!({ "csrs": [{ "id": "spiffe://example.org/svc/db", "csr": csr }] }));
+    assert_eq!((status, code(&v).as_str()), (403, "not_registered"), "{v}");
+    let (status, v) =
+        as_node(serde_json::json!({ "csrs": [{ "id": "spiffe://example.org/svc/web", "csr": csr }] }));
+    assert_eq!(status, 200, "a registered service identity is issued: {v}");
+    assert_eq!(v["identities"][0]["id"], "spiffe://example.org/svc/web");
+
+    let (status, v) = control_request(
+        server.addr,
+        ServerTrust::Pin(pin),
+        None,
+        "GET",
+        "/v1/nothing",
+        vec![],
+    );
+    assert_eq!((status, code(&v).as_str()), (404, "not_found"));
+    let (status, openapi) = control_request(
+        server.addr,
+        ServerTrust::Pin(pin),
+        None,
+        "GET",
+        "/v1/openapi.json",
+        vec![],
+    );
+    assert_eq!(status, 200);
+    for route in ["/v1/join", "/v1/sign", "/v1/bundle", "/v1/state", "/healthz"] {
+        assert!(openapi["paths"].get(route).is_some(), "OpenAPI lacks {route}");
+    }
+    let (_, out, _) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "audit-log",
+            "show",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.contains("csr.refused") && out.contains("sign.refused"),
+        "{out}"
+    );
+}
+
+/// A CSR with a P-384 key (refused type) or a P-256 key naming `uri`.
+fn rcgen_csr(p384: bool, uri: Option<&str>) -> String {
+    let alg = if p384 {
+        &rcgen::PKCS_ECDSA_P384_SHA384
+    } else {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    };
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    if let Some(u) = uri {
+        params.subject_alt_names = vec![rcgen::SanType::URI(u.try_into().unwrap())];
+    }
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}

@@ -170,3 +170,48 @@ pub fn control_section(data_dir: &Path, token: &str) -> String {
         data_dir.display()
     )
 }
+
+/// One HTTPS request to the control plane, as an agent (or an attacker) would make it. `trust`:
+/// the root pin from a token, or bundle PEMs; `identity`: (chain, key) PEMs for mTLS. Returns the
+/// status and the JSON body (Null when the body is not JSON).
+pub fn control_request(
+    server: SocketAddr,
+    trust: tapproof_tls::ServerTrust,
+    identity: Option<(&str, &str)>,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    use http_body_util::{BodyExt, Full};
+    let td = tapproof_identity::TrustDomain::new("example.org").unwrap();
+    let server_id = tapproof_identity::SpiffeId::new(td, "/server").unwrap();
+    let tls = tapproof_tls::ControlClientTls::new(trust, server_id, identity).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(server).await.unwrap();
+        let stream = tls.connect(tcp, server).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("https://{server}{path}"))
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    })
+}

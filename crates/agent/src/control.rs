@@ -370,6 +370,7 @@ async fn renew(
 struct StateResponse {
     version: i64,
     revocations: Vec<RevocationEntry>,
+    bundle: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -431,6 +432,9 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
                         set.insert(r.value);
                     }
                     let closed = state.apply_revocations(revoked);
+                    if let Err(e) = install_bundle(&state, &cfg, &feed.bundle) {
+                        warn!(error = %e, "cannot install the new trust bundle");
+                    }
                     info!(
                         version = feed.version,
                         closed_tunnels = closed,
@@ -453,3 +457,22 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
 
 /// Longer than the server's long-poll hold, so an idle feed is not mistaken for a dead server.
 const STATE_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// Writes a changed trust bundle (root rollover) and swaps it in for new handshakes.
+fn install_bundle(state: &AgentState, cfg: &ControlConfig, bundle: &[String]) -> Result<(), ControlError> {
+    let path = identity_files(&cfg.data_dir).bundle;
+    let new = bundle.concat();
+    if bundle.is_empty() || std::fs::read_to_string(&path).is_ok_and(|old| old == new) {
+        return Ok(());
+    }
+    state.renewing.store(true, Ordering::Release);
+    let result = write_file(&path, new.as_bytes(), 0o644)
+        .and_then(|()| state.material.reload().map(drop).map_err(|e| data_err(&path, e)));
+    state.renewing.store(false, Ordering::Release);
+    result?;
+    info!(
+        roots = bundle.len(),
+        "trust bundle changed (root rollover): new handshakes trust the new set"
+    );
+    Ok(())
+}

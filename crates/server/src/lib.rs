@@ -7,6 +7,7 @@ pub mod api;
 mod ca;
 pub mod kek;
 mod openapi;
+pub mod rollover;
 mod serve;
 
 pub use ca::Ca;
@@ -207,7 +208,8 @@ pub async fn create_token(
         .ca_list()
         .await?
         .into_iter()
-        .find(|c| c.kind == CaKind::Root && c.state == CaState::Active)
+        .filter(|c| c.kind == CaKind::Root && c.state == CaState::Active)
+        .max_by_key(|c| c.id)
         .ok_or(ServerError::NotInitialised)?;
     let pin = tapproof_tls::cert_pin(&root.cert_pem).map_err(|e| ServerError::Ca(e.to_string()))?;
     let token = JoinToken::new(server, pin);

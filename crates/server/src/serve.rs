@@ -23,10 +23,6 @@ const SERVER_CERT_LIFETIME: time::Duration = time::Duration::hours(24);
 
 const CHANGE_POLL: Duration = Duration::from_secs(1);
 
-async fn revocation_version(store: &dyn tapproof_store::Store) -> Result<i64, ServerError> {
-    Ok(store.revocations().await?.iter().map(|r| r.id).max().unwrap_or(0))
-}
-
 pub const MIN_LEAF_TTL: Duration = Duration::from_secs(30);
 
 pub struct RunOptions {
@@ -70,7 +66,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     )?;
     let ca = Arc::new(Ca::load(&*store, &kek, &td).await?);
     let tls = Arc::new(RwLock::new(server_tls(&ca)?));
-    let (version_tx, version_rx) = tokio::sync::watch::channel(revocation_version(&*store).await?);
+    let (version_tx, version_rx) = tokio::sync::watch::channel(crate::rollover::feed_version(&*store).await?);
     let state = Arc::new(AppState {
         version: version_rx,
         store: store.clone(),
@@ -119,20 +115,39 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     // through this watcher. It asks the store for one number a second; PostgreSQL LISTEN/NOTIFY
     // would make it push-based (not done yet).
     let watcher = {
-        let store = store.clone();
+        let (store, state, tls) = (store.clone(), state.clone(), tls.clone());
+        let td = td.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(CHANGE_POLL).await;
-                match revocation_version(&*store).await {
-                    Ok(v) => {
-                        version_tx.send_if_modified(|old| {
-                            let changed = *old != v;
-                            *old = v;
-                            changed
-                        });
+                let v = match crate::rollover::feed_version(&*store).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the store for changes");
+                        continue;
                     }
-                    Err(e) => warn!(error = %e, "cannot read the store for changes"),
+                };
+                if v == *version_tx.borrow() {
+                    continue;
                 }
+                // A CA change (rollover step) means a new signer or bundle: reload both, and
+                // re-issue the server's own certificate from the signer now active.
+                match Ca::load(&*store, &kek, &td).await {
+                    Ok(ca) => {
+                        let ca = Arc::new(ca);
+                        match server_tls(&ca) {
+                            Ok(new) => *tls.write().unwrap_or_else(|p| p.into_inner()) = new,
+                            Err(e) => warn!(error = %e, "cannot re-issue the server certificate"),
+                        }
+                        info!(
+                            bundle_roots = ca.bundle.len(),
+                            "CA or revocations changed; state feed version {v}"
+                        );
+                        *state.ca.write().unwrap_or_else(|p| p.into_inner()) = ca;
+                    }
+                    Err(e) => warn!(error = %e, "cannot reload the CA"),
+                }
+                version_tx.send_replace(v);
             }
         })
     };

@@ -302,6 +302,18 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn cert_count_live(&self, issued_by: i64, now: i64) -> Result<i64> {
+                let row = sqlx::query(
+                    "SELECT COUNT(*) AS n FROM certificates WHERE issued_at <= $1 AND not_after > $2",
+                )
+                .bind(issued_by)
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(q)?;
+                row.try_get("n").map_err(q)
+            }
+
             async fn cert_list(&self, node: &str) -> Result<Vec<IssuedCert>> {
                 let rows =
                     sqlx::query("SELECT * FROM certificates WHERE node = $1 ORDER BY issued_at, serial")

@@ -59,6 +59,9 @@ pub trait Store: Send + Sync {
     /// Fails with `StoreError::Duplicate` for a serial already recorded.
     async fn cert_record(&self, cert: IssuedCert) -> Result<()>;
     async fn cert_list(&self, node: &str) -> Result<Vec<IssuedCert>>;
+    /// How many certificates issued at or before `issued_by` are still valid at `now` (root
+    /// rollover may retire the old root only when this is zero).
+    async fn cert_count_live(&self, issued_by: i64, now: i64) -> Result<i64>;
 
     /// Idempotent: revoking the same thing twice keeps the first record.
     async fn revoke(&self, kind: RevocationKind, value: &str, reason: &str, now: i64) -> Result<Revocation>;

@@ -222,6 +222,13 @@ async fn serials_are_unique_across_replicas(db: &Db) {
         t.await.unwrap();
     }
     assert_eq!(a.cert_list("web-1").await.unwrap().len(), 200);
+    assert_eq!(
+        a.cert_count_live(1, 1).await.unwrap(),
+        200,
+        "issued at 1, valid until 2"
+    );
+    assert_eq!(a.cert_count_live(1, 2).await.unwrap(), 0, "expired at 2");
+    assert_eq!(a.cert_count_live(0, 1).await.unwrap(), 0, "none issued by 0");
     assert!(matches!(
         b.cert_record(cert("A0001")).await,
         Err(StoreError::Duplicate {

@@ -178,6 +178,11 @@ pub enum ServerCommand {
         #[arg(long, default_value = "revoked by operator")]
         reason: String,
     },
+    /// The certificate authority: root rollover.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Join tokens.
     Token {
         #[command(subcommand)]
@@ -188,6 +193,30 @@ pub enum ServerCommand {
         #[command(subcommand)]
         command: AuditCommand,
     },
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Root rollover, one step at a time: prepare (new root in every bundle), activate (it signs),
+    /// retire (the old root leaves the bundle once what it signed has expired).
+    Rotate {
+        #[arg(value_enum)]
+        step: RotateStepArg,
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        #[arg(long, env = "TAPPROOF_KEK_FILE")]
+        kek_file: Option<PathBuf>,
+        /// retire: even though certificates from before the activation are still valid.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RotateStepArg {
+    Prepare,
+    Activate,
+    Retire,
 }
 
 #[derive(Subcommand)]

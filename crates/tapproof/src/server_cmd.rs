@@ -1,6 +1,6 @@
 //! `tapproof server ...`: init, run, token create, audit-log verify/show.
 
-use crate::cli::{AuditCommand, ServerArgs, ServerCommand, TokenCommand};
+use crate::cli::{AuditCommand, CaCommand, RotateStepArg, ServerArgs, ServerCommand, TokenCommand};
 use crate::run_agent::ConfigProblem;
 use anyhow::{bail, Context};
 use tapproof_identity::TrustDomain;
@@ -91,6 +91,31 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 value,
                 r.id
             );
+            Ok(())
+        }
+        ServerCommand::Ca {
+            command:
+                CaCommand::Rotate {
+                    step,
+                    store,
+                    kek_file,
+                    force,
+                },
+        } => {
+            use tapproof_server::rollover::{rotate, RotateStep};
+            let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                .await
+                .map_err(classify)?;
+            let td = TrustDomain::new(&meta.trust_domain).context("server.json holds a bad trust domain")?;
+            let kek_path = kek_file.unwrap_or_else(|| tapproof_server::default_kek_file(&store.data_dir));
+            let kek = tapproof_server::kek::Kek::load(&kek_path).map_err(|e| classify(e.into()))?;
+            let step = match step {
+                RotateStepArg::Prepare => RotateStep::Prepare,
+                RotateStepArg::Activate => RotateStep::Activate,
+                RotateStepArg::Retire => RotateStep::Retire { force },
+            };
+            let summary = rotate(&*db, &kek, &td, step).await.map_err(classify)?;
+            println!("{summary}");
             Ok(())
         }
         ServerCommand::Token {

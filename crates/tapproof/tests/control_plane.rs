@@ -648,3 +648,77 @@ fn rcgen_csr(p384: bool, uri: Option<&str>) -> String {
     }
     params.serialize_request(&key).unwrap().pem().unwrap()
 }
+
+/// A full root rollover (prepare, activate, retire) under continuous load: zero failed requests,
+/// both agents end on the new root alone, and new tunnels are made under it.
+#[test]
+fn root_rollover_under_load_without_a_failed_request() {
+    let s = setup("30s");
+    let data = s.server.data_dir.to_str().unwrap().to_owned();
+    let rotate = |step: &str| run_tapproof(EXE, &["server", "ca", "rotate", step, "--data-dir", &data]);
+    let roots = |a: &AgentProcess| a.status()["certificate"]["bundle_roots"].as_u64().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed, handle) = load(s.web.outbound(0), stop.clone());
+
+    let (code, out, err) = rotate("prepare");
+    assert_eq!(code, 0, "{out}{err}");
+    for a in [&s.db, &s.web] {
+        a.wait_for("the new root in the bundle", Duration::from_secs(30), |a| {
+            roots(a) == 2
+        });
+    }
+    let (code, out, err) = rotate("retire");
+    assert_ne!(code, 0, "nothing to retire before activation: {out}");
+    assert!(err.contains("no old root"), "{err}");
+
+    let (code, out, err) = rotate("activate");
+    assert_eq!(code, 0, "{out}{err}");
+    let (db_before, web_before) = (
+        s.db.metric("tapproof_renewals_total", &[]),
+        s.web.metric("tapproof_renewals_total", &[]),
+    );
+    s.db.wait_for("a renewal under the new root", Duration::from_secs(40), |a| {
+        a.metric("tapproof_renewals_total", &[]) > db_before
+    });
+    s.web
+        .wait_for("a renewal under the new root", Duration::from_secs(40), |a| {
+            a.metric("tapproof_renewals_total", &[]) > web_before
+        });
+
+    // Retiring early would break certificates from before the activation: refused until they expire.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, out, err) = rotate("retire");
+        if code == 0 {
+            break;
+        }
+        assert!(err.contains("still valid"), "{out}{err}");
+        assert!(Instant::now() < deadline, "retire never allowed: {err}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    for a in [&s.db, &s.web] {
+        a.wait_for("the old root out of the bundle", Duration::from_secs(30), |a| {
+            roots(a) == 1
+        });
+    }
+    // New tunnels under the new root alone.
+    let handshakes = s.web.metric("tapproof_handshakes_total", &["side=\"outbound\""]);
+    s.web
+        .wait_for("a tunnel made after retirement", Duration::from_secs(40), |a| {
+            a.metric("tapproof_handshakes_total", &["side=\"outbound\""]) > handshakes
+        });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    handle.join().unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request may fail during the rollover"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    let (_, out, _) = run_tapproof(EXE, &["server", "audit-log", "show", "--data-dir", &data]);
+    assert!(
+        out.contains("ca.prepare") && out.contains("ca.activate") && out.contains("ca.retire"),
+        "{out}"
+    );
+}

@@ -1,0 +1,175 @@
+//! Root rollover in three steps, none of which breaks a connection:
+//! 1. `prepare`: a new root and intermediate are made but sign nothing; the new root joins the
+//!    trust bundle, which agents pick up from the state feed.
+//! 2. `activate`: the new intermediate signs from now on (agents get new-root leaves at their next
+//!    renewal); the old intermediate stops signing; the old root stays in the bundle, so leaves
+//!    it signed stay valid.
+//! 3. `retire`: the old root leaves the bundle, refused while any certificate issued before the
+//!    activation is still valid (unless forced).
+
+use crate::kek::Kek;
+use crate::{now, ServerError, INTERMEDIATE_LIFETIME, ROOT_LIFETIME};
+use tapproof_identity::{Authority, TrustDomain};
+use tapproof_store::{CaKind, CaState, NewAudit, NewCa, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotateStep {
+    Prepare,
+    Activate,
+    Retire { force: bool },
+}
+
+async fn audit(store: &dyn Store, action: &str, details: serde_json::Value) -> Result<i64, ServerError> {
+    let t = now();
+    store
+        .audit_append(
+            NewAudit {
+                actor: "cli".into(),
+                action: action.into(),
+                details,
+            },
+            t,
+        )
+        .await?;
+    Ok(t)
+}
+
+/// Runs one step; returns a sentence saying what changed.
+pub async fn rotate(
+    store: &dyn Store,
+    kek: &Kek,
+    td: &TrustDomain,
+    step: RotateStep,
+) -> Result<String, ServerError> {
+    let cas = store.ca_list().await?;
+    let prepared: Vec<_> = cas.iter().filter(|c| c.state == CaState::Prepared).collect();
+    let active_inter = cas
+        .iter()
+        .filter(|c| c.kind == CaKind::Intermediate && c.state == CaState::Active)
+        .max_by_key(|c| c.id);
+    match step {
+        RotateStep::Prepare => {
+            if !prepared.is_empty() {
+                return Err(ServerError::Invalid(
+                    "a new root is already prepared; run `tapproof server ca rotate activate`".into(),
+                ));
+            }
+            let root =
+                Authority::new_root(td.clone(), ROOT_LIFETIME).map_err(|e| ServerError::Ca(e.to_string()))?;
+            let inter = root
+                .new_intermediate(INTERMEDIATE_LIFETIME)
+                .map_err(|e| ServerError::Ca(e.to_string()))?;
+            let t = now();
+            let root_id = store
+                .ca_insert(NewCa {
+                    kind: CaKind::Root,
+                    parent_id: None,
+                    cert_pem: root.cert_pem().to_owned(),
+                    key_sealed: kek.seal(crate::ca::SEAL_PURPOSE, root.key_pem().as_bytes())?,
+                    state: CaState::Prepared,
+                    not_after: root.not_after().unix_timestamp(),
+                    created_at: t,
+                })
+                .await?;
+            let inter_id = store
+                .ca_insert(NewCa {
+                    kind: CaKind::Intermediate,
+                    parent_id: Some(root_id),
+                    cert_pem: inter.cert_pem().to_owned(),
+                    key_sealed: kek.seal(crate::ca::SEAL_PURPOSE, inter.key_pem().as_bytes())?,
+                    state: CaState::Prepared,
+                    not_after: inter.not_after().unix_timestamp(),
+                    created_at: t,
+                })
+                .await?;
+            let pin = tapproof_tls::cert_pin(root.cert_pem()).map_err(|e| ServerError::Ca(e.to_string()))?;
+            audit(store, "ca.prepare", serde_json::json!({ "root_id": root_id, "intermediate_id": inter_id, "root_sha256": hex::encode(pin) })).await?;
+            Ok(format!("prepared root {root_id} (sha256 {}): it is in every bundle now and signs nothing yet; activate once agents have it", hex::encode(pin)))
+        }
+        RotateStep::Activate => {
+            let inter = prepared
+                .iter()
+                .find(|c| c.kind == CaKind::Intermediate)
+                .ok_or_else(|| {
+                    ServerError::Invalid(
+                        "nothing prepared; run `tapproof server ca rotate prepare` first".into(),
+                    )
+                })?;
+            let root_id = inter
+                .parent_id
+                .ok_or_else(|| ServerError::Ca("prepared intermediate has no root".into()))?;
+            store.ca_set_state(root_id, CaState::Active).await?;
+            store.ca_set_state(inter.id, CaState::Active).await?;
+            if let Some(old) = active_inter {
+                store.ca_set_state(old.id, CaState::Retired).await?;
+            }
+            audit(store, "ca.activate", serde_json::json!({ "root_id": root_id, "intermediate_id": inter.id, "retired_intermediate": active_inter.map(|c| c.id) })).await?;
+            Ok(format!(
+                "root {root_id} now signs; the old root stays trusted until `retire`"
+            ))
+        }
+        RotateStep::Retire { force } => {
+            let signing_root = active_inter.and_then(|c| c.parent_id);
+            let old: Vec<_> = cas
+                .iter()
+                .filter(|c| {
+                    c.kind == CaKind::Root && c.state == CaState::Active && Some(c.id) != signing_root
+                })
+                .collect();
+            if old.is_empty() {
+                return Err(ServerError::Invalid("no old root to retire".into()));
+            }
+            let activated_at = last_activation(store).await?;
+            let live = store.cert_count_live(activated_at, now()).await?;
+            if live > 0 && !force {
+                return Err(ServerError::Invalid(format!(
+                    "{live} certificate(s) issued before the activation are still valid; retiring now would break them. Wait until they expire (at most one leaf lifetime) or pass --force"
+                )));
+            }
+            for c in &old {
+                store.ca_set_state(c.id, CaState::Retired).await?;
+            }
+            let ids: Vec<i64> = old.iter().map(|c| c.id).collect();
+            audit(
+                store,
+                "ca.retire",
+                serde_json::json!({ "root_ids": ids, "forced": force, "live_certificates": live }),
+            )
+            .await?;
+            Ok(format!("retired root(s) {ids:?}; they leave every bundle"))
+        }
+    }
+}
+
+async fn last_activation(store: &dyn Store) -> Result<i64, ServerError> {
+    let mut after = 0;
+    let mut at = 0;
+    loop {
+        let rows = store.audit_list(after, 1000).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.seq;
+        if let Some(r) = rows.iter().rev().find(|r| r.action == "ca.activate") {
+            at = r.at;
+        }
+    }
+    Ok(at)
+}
+
+/// A number that grows with every change agents must learn of (revocations, CA states).
+pub async fn feed_version(store: &dyn Store) -> Result<i64, ServerError> {
+    let revocations = store.revocations().await?.iter().map(|r| r.id).max().unwrap_or(0);
+    let cas: i64 = store
+        .ca_list()
+        .await?
+        .iter()
+        .map(|c| {
+            c.id * 3
+                + match c.state {
+                    CaState::Prepared => 0,
+                    CaState::Active => 1,
+                    CaState::Retired => 2,
+                }
+        })
+        .sum();
+    Ok(revocations + cas)
+}

@@ -166,3 +166,10 @@ fn exactly_one_identity_source() {
     let two_tokens = control.replace("token = \"tpj1.x\"", "token = \"a\"\ntoken_file = \"b\"");
     assert!(err(&two_tokens).contains("control.token"));
 }
+
+#[test]
+fn the_shipped_control_plane_example_parses() {
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/agent-control.toml"));
+    let c = AgentConfig::load(path).unwrap();
+    assert!(c.control.is_some() && c.identity.is_none());
+}

@@ -281,3 +281,40 @@ pub async fn revoke(
         .await?;
     Ok(revocation)
 }
+
+/// Adds (`add`) or removes a service registration for a node; true when something changed.
+pub async fn register(
+    store: &dyn Store,
+    td: &TrustDomain,
+    node: &str,
+    service: &str,
+    add: bool,
+) -> Result<bool, ServerError> {
+    td.node_id(node)
+        .map_err(|e| ServerError::Invalid(format!("--node {node:?}: {e}")))?;
+    td.service_id(service)
+        .map_err(|e| ServerError::Invalid(format!("--service {service:?}: {e}")))?;
+    let changed = if add {
+        store.registration_add(node, service).await?
+    } else {
+        store.registration_remove(node, service).await?
+    };
+    if changed {
+        let action = if add {
+            "registration.add"
+        } else {
+            "registration.remove"
+        };
+        store
+            .audit_append(
+                NewAudit {
+                    actor: "cli".into(),
+                    action: action.into(),
+                    details: serde_json::json!({ "node": node, "service": service }),
+                },
+                now(),
+            )
+            .await?;
+    }
+    Ok(changed)
+}

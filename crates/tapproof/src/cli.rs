@@ -178,6 +178,16 @@ pub enum ServerCommand {
         #[arg(long, default_value = "revoked by operator")]
         reason: String,
     },
+    /// Nodes: list them with their certificates' expiry.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Which node may front which service (spiffe://<td>/svc/<service>).
+    Registration {
+        #[command(subcommand)]
+        command: RegistrationCommand,
+    },
     /// The certificate authority: root rollover.
     Ca {
         #[command(subcommand)]
@@ -192,6 +202,41 @@ pub enum ServerCommand {
     AuditLog {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// Every node, when it was last seen, its newest certificate's expiry, and revocation.
+    List {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RegistrationCommand {
+    Add {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        service: String,
+    },
+    Remove {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        service: String,
+    },
+    List {
+        #[command(flatten)]
+        store: ServerStoreArgs,
     },
 }
 

@@ -1,6 +1,9 @@
 //! `tapproof server ...`: init, run, token create, audit-log verify/show.
 
-use crate::cli::{AuditCommand, CaCommand, RotateStepArg, ServerArgs, ServerCommand, TokenCommand};
+use crate::cli::{
+    AuditCommand, CaCommand, NodeCommand, RegistrationCommand, RotateStepArg, ServerArgs, ServerCommand,
+    TokenCommand,
+};
 use crate::run_agent::ConfigProblem;
 use anyhow::{bail, Context};
 use tapproof_identity::TrustDomain;
@@ -91,6 +94,90 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 value,
                 r.id
             );
+            Ok(())
+        }
+        ServerCommand::Node {
+            command: NodeCommand::List { store, json },
+        } => {
+            let (_, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                .await
+                .map_err(classify)?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let registrations = db.registrations().await.map_err(|e| classify(e.into()))?;
+            for node in db.node_list().await.map_err(|e| classify(e.into()))? {
+                let certs = db.cert_list(&node.name).await.map_err(|e| classify(e.into()))?;
+                let expiry = certs
+                    .iter()
+                    .filter(|c| c.spiffe_id == node.spiffe_id)
+                    .map(|c| c.not_after)
+                    .max();
+                let services: Vec<&str> = registrations
+                    .iter()
+                    .filter(|r| r.node == node.name)
+                    .map(|r| r.service.as_str())
+                    .collect();
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "node": node, "services": services, "cert_not_after": expiry })
+                    );
+                } else {
+                    let expires = match expiry {
+                        Some(t) if t > now => format!("expires in {}s", t - now),
+                        Some(_) => "expired".to_owned(),
+                        None => "no certificate".to_owned(),
+                    };
+                    let state = if node.revoked_at.is_some() {
+                        "REVOKED"
+                    } else {
+                        "active"
+                    };
+                    let seen = node
+                        .last_seen
+                        .map(|t| format!("seen {}s ago", now - t))
+                        .unwrap_or_default();
+                    println!(
+                        "{:<20} {:<8} {:<22} {:<18} services [{}]  {}",
+                        node.name,
+                        state,
+                        expires,
+                        seen,
+                        services.join(", "),
+                        node.spiffe_id
+                    );
+                }
+            }
+            Ok(())
+        }
+        ServerCommand::Registration { command } => {
+            let (store, change) = match command {
+                RegistrationCommand::Add { store, node, service } => (store, Some((true, node, service))),
+                RegistrationCommand::Remove { store, node, service } => (store, Some((false, node, service))),
+                RegistrationCommand::List { store } => (store, None),
+            };
+            let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                .await
+                .map_err(classify)?;
+            match change {
+                Some((add, node, service)) => {
+                    let td = TrustDomain::new(&meta.trust_domain)
+                        .context("server.json holds a bad trust domain")?;
+                    let changed = tapproof_server::register(&*db, &td, &node, &service, add)
+                        .await
+                        .map_err(classify)?;
+                    let verb = if add { "registered" } else { "unregistered" };
+                    if changed {
+                        println!("{verb} spiffe://{td}/svc/{service} for node {node}");
+                    } else {
+                        println!("no change: {node} / {service} was already {verb}");
+                    }
+                }
+                None => {
+                    for r in db.registrations().await.map_err(|e| classify(e.into()))? {
+                        println!("{:<20} {}", r.node, r.service);
+                    }
+                }
+            }
             Ok(())
         }
         ServerCommand::Ca {

@@ -169,7 +169,10 @@ fn exactly_one_identity_source() {
 
 #[test]
 fn the_shipped_control_plane_example_parses() {
-    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/agent-control.toml"));
+    let path = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/agent-control.toml"
+    ));
     let c = AgentConfig::load(path).unwrap();
     assert!(c.control.is_some() && c.identity.is_none());
 }

@@ -269,6 +269,7 @@ pub async fn revoke(
 ) -> Result<tapproof_store::Revocation, ServerError> {
     let t = now();
     let revocation = store.revoke(kind, value, reason, t).await?;
+    store.notify_change().await?;
     store
         .audit_append(
             NewAudit {
@@ -300,6 +301,7 @@ pub async fn register(
         store.registration_remove(node, service).await?
     };
     if changed {
+        store.notify_change().await?;
         let action = if add {
             "registration.add"
         } else {

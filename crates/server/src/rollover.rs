@@ -19,7 +19,9 @@ pub enum RotateStep {
     Retire { force: bool },
 }
 
+/// Records the step and wakes every replica's state feed.
 async fn audit(store: &dyn Store, action: &str, details: serde_json::Value) -> Result<i64, ServerError> {
+    store.notify_change().await?;
     let t = now();
     store
         .audit_append(

@@ -21,8 +21,6 @@ use tracing::{info, warn};
 /// The server's own certificate lifetime; refreshed at half of it.
 const SERVER_CERT_LIFETIME: time::Duration = time::Duration::hours(24);
 
-const CHANGE_POLL: Duration = Duration::from_secs(1);
-
 pub const MIN_LEAF_TTL: Duration = Duration::from_secs(30);
 
 pub struct RunOptions {
@@ -111,15 +109,15 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
         })
     };
 
-    // Changes made by other processes (the `revoke` command, other replicas) reach the feed
-    // through this watcher. It asks the store for one number a second; PostgreSQL LISTEN/NOTIFY
-    // would make it push-based (not done yet).
+    // Changes made by other processes (the CLI, other replicas) reach the feed through this
+    // watcher: PostgreSQL wakes it with NOTIFY; on SQLite it looks once a second.
+    let mut changes = store.listen_changes().await?;
     let watcher = {
         let (store, state, tls) = (store.clone(), state.clone(), tls.clone());
         let td = td.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(CHANGE_POLL).await;
+                changes.next().await;
                 let v = match crate::rollover::feed_version(&*store).await {
                     Ok(v) => v,
                     Err(e) => {

@@ -98,6 +98,14 @@ macro_rules! impl_store {
                 $name
             }
 
+            async fn listen_changes(&self) -> Result<Box<dyn crate::ChangeListener>> {
+                self.change_listener().await
+            }
+
+            async fn notify_change(&self) -> Result<()> {
+                self.notify().await
+            }
+
             async fn ca_insert(&self, ca: NewCa) -> Result<i64> {
                 let row = sqlx::query(
                     "INSERT INTO cas (kind, parent_id, cert_pem, key_sealed, state, not_after, created_at) \

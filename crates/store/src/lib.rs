@@ -28,10 +28,25 @@ pub const SCHEMA_VERSION: i64 = 1;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// Wakes when something agents must learn of may have changed (revocations, CAs, registrations),
+/// whichever process changed it.
+#[async_trait::async_trait]
+pub trait ChangeListener: Send {
+    /// Resolves on the next change notice. Backends without notices (SQLite) resolve after a
+    /// short sleep, so the caller re-reads; callers treat a wake-up as "look", not as "changed".
+    async fn next(&mut self);
+}
+
 #[async_trait::async_trait]
 pub trait Store: Send + Sync {
     /// Which backend, for logs and `/v1/status`.
     fn backend(&self) -> &'static str;
+
+    /// A listener for changes made by any process sharing this store.
+    async fn listen_changes(&self) -> Result<Box<dyn ChangeListener>>;
+    /// Tells every listener (every replica) to look again; call after changing revocations, CAs
+    /// or registrations.
+    async fn notify_change(&self) -> Result<()>;
 
     async fn ca_insert(&self, ca: NewCa) -> Result<i64>;
     async fn ca_list(&self) -> Result<Vec<CaRecord>>;

@@ -10,8 +10,28 @@ use std::time::Duration;
 /// Arbitrary but fixed: the advisory-lock key for audit-log appends ("tapa" in ASCII).
 const AUDIT_LOCK: i64 = 0x7461_7061;
 
+/// The LISTEN/NOTIFY channel replicas use to tell each other to look again.
+const CHANNEL: &str = "tapproof_changes";
+/// A look now and then even without notices, in case one was lost with a dropped connection.
+const SAFETY_NET: Duration = Duration::from_secs(30);
+
 pub struct PostgresStore {
     pool: Pool<Postgres>,
+}
+
+struct Listener(Option<sqlx::postgres::PgListener>);
+
+#[async_trait::async_trait]
+impl crate::ChangeListener for Listener {
+    async fn next(&mut self) {
+        match self.0.as_mut() {
+            Some(listener) => {
+                // recv reconnects on its own after a dropped connection; the caller re-reads.
+                let _ = tokio::time::timeout(SAFETY_NET, listener.recv()).await;
+            }
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
 }
 
 impl PostgresStore {
@@ -31,6 +51,23 @@ impl PostgresStore {
             .await
             .map_err(migrate_error)?;
         Ok(Self { pool })
+    }
+
+    async fn change_listener(&self) -> crate::Result<Box<dyn crate::ChangeListener>> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .map_err(crate::error::q)?;
+        listener.listen(CHANNEL).await.map_err(crate::error::q)?;
+        Ok(Box::new(Listener(Some(listener))))
+    }
+
+    async fn notify(&self) -> crate::Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&self.pool)
+            .await
+            .map_err(crate::error::q)?;
+        Ok(())
     }
 
     async fn begin_write(&self) -> crate::Result<Transaction<'static, Postgres>> {

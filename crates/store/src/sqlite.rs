@@ -48,9 +48,28 @@ impl SqliteStore {
             .map_err(crate::error::q)
     }
 
+    /// SQLite has no notifications; other processes (the CLI) change the file, so listeners look
+    /// once a second. Reading one aggregate from a local file is cheap.
+    async fn change_listener(&self) -> crate::Result<Box<dyn crate::ChangeListener>> {
+        Ok(Box::new(Ticker))
+    }
+
+    async fn notify(&self) -> crate::Result<()> {
+        Ok(())
+    }
+
     /// `BEGIN IMMEDIATE` already holds the database's write lock.
     async fn lock_audit(_: &mut Transaction<'static, Sqlite>) -> crate::Result<()> {
         Ok(())
+    }
+}
+
+struct Ticker;
+
+#[async_trait::async_trait]
+impl crate::ChangeListener for Ticker {
+    async fn next(&mut self) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

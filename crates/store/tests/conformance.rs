@@ -366,6 +366,25 @@ async fn refuses_a_newer_schema(db: &Db) {
     assert!(err.to_string().contains("upgrade tapproof"));
 }
 
+async fn change_notices_wake_listeners(db: &Db) {
+    let (a, b) = (db.open().await, db.open().await);
+    let mut listener = a.listen_changes().await.unwrap();
+    let notifier = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        b.notify_change().await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(5), listener.next())
+        .await
+        .expect("a change notice (or, on SQLite, the one-second look) wakes the listener");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "woken in {:?}",
+        started.elapsed()
+    );
+    notifier.await.unwrap();
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -383,10 +402,10 @@ macro_rules! suite {
 
 suite!(sqlite: migrations_are_idempotent, cas_round_trip, tokens_are_single_use, a_token_is_used_once_across_replicas,
     serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
-    refuses_a_newer_schema);
+    refuses_a_newer_schema, change_notices_wake_listeners);
 suite!(postgres: migrations_are_idempotent, cas_round_trip, tokens_are_single_use, a_token_is_used_once_across_replicas,
     serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
-    refuses_a_newer_schema);
+    refuses_a_newer_schema, change_notices_wake_listeners);
 
 #[tokio::test]
 async fn postgres_read_only_and_unreachable_are_clear_errors() {

@@ -116,6 +116,10 @@ pub struct TunnelConfig {
     /// Where peers' tunnels arrive (only bound when there is an [[inbound]]).
     #[serde(default = "default_tunnel_listen")]
     pub listen: SocketAddr,
+    /// Where peers reach this tunnel listener (announced to the control plane's directory);
+    /// default: `listen`, when that is a specific address.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
     /// Refuse handshakes that did not use X25519MLKEM768.
     #[serde(default)]
     pub require_post_quantum: bool,
@@ -142,6 +146,7 @@ impl Default for TunnelConfig {
     fn default() -> Self {
         Self {
             listen: default_tunnel_listen(),
+            advertise: None,
             require_post_quantum: false,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -176,11 +181,13 @@ pub struct OutboundConfig {
     pub listen: SocketAddr,
     /// The service asked for at the peer.
     pub service: String,
-    /// Peer agents' tunnel addresses, tried in turn.
+    /// Peer agents' tunnel addresses, tried in turn. Leave out (with `server_id`) to take them from
+    /// the control plane's service directory.
+    #[serde(default)]
     pub peers: Vec<SocketAddr>,
-    /// The identity the peer agent must prove.
-    #[serde(deserialize_with = "de_from_str")]
-    pub server_id: SpiffeId,
+    /// The identity the peer agent must prove (with `peers`).
+    #[serde(default, deserialize_with = "de_opt_from_str")]
+    pub server_id: Option<SpiffeId>,
     /// Permit a `listen` address reachable from the network (plaintext accepted from off-host).
     #[serde(default)]
     pub allow_non_loopback: bool,
@@ -227,6 +234,15 @@ where
 {
     let s = String::deserialize(d)?;
     s.parse().map_err(serde::de::Error::custom)
+}
+
+fn de_opt_from_str<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    de_from_str(d).map(Some)
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -416,20 +432,27 @@ impl AgentConfig {
                     format!("{} is used by another [[outbound]]", outbound.listen),
                 ));
             }
-            if outbound.peers.is_empty() {
-                return Err(invalid(
-                    key("peers"),
-                    "is empty; list at least one peer agent's tunnel address".into(),
-                ));
-            }
-            if outbound.server_id.trust_domain() != &self.trust_domain {
-                return Err(invalid(
-                    key("server_id"),
-                    format!(
-                        "{} is not in trust domain {}",
-                        outbound.server_id, self.trust_domain
-                    ),
-                ));
+            match (outbound.peers.is_empty(), &outbound.server_id) {
+                (true, None) if self.control.is_none() => {
+                    return Err(invalid(key("peers"), "is empty; list the peer agents' tunnel addresses and server_id, or use [control] to find them in the service directory".into()));
+                }
+                (true, None) => {}
+                (true, Some(_)) => {
+                    return Err(invalid(key("peers"), "is empty; list at least one peer agent's tunnel address (or leave out server_id too, to use the directory)".into()));
+                }
+                (false, None) => {
+                    return Err(invalid(
+                        key("server_id"),
+                        "is missing: name the SPIFFE ID the peers must prove".into(),
+                    ));
+                }
+                (false, Some(id)) if id.trust_domain() != &self.trust_domain => {
+                    return Err(invalid(
+                        key("server_id"),
+                        format!("{id} is not in trust domain {}", self.trust_domain),
+                    ));
+                }
+                (false, Some(_)) => {}
             }
         }
         Ok(())

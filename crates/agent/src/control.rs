@@ -371,6 +371,15 @@ struct StateResponse {
     version: i64,
     revocations: Vec<RevocationEntry>,
     bundle: Vec<String>,
+    #[serde(default)]
+    directory: Vec<DirectoryEntry>,
+}
+
+#[derive(Deserialize)]
+struct DirectoryEntry {
+    service: String,
+    id: String,
+    tunnel: String,
 }
 
 #[derive(Deserialize)]
@@ -397,7 +406,10 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
                 Some((&chain, &key)),
             )
             .map_err(|e| data_err(&files.cert, e))?;
-            let path = format!("/v1/state?since={since}");
+            let path = match state.advertise.get() {
+                Some(addr) => format!("/v1/state?since={since}&tunnel={addr}"),
+                None => format!("/v1/state?since={since}"),
+            };
             let (status, bytes) = request(
                 &current.server,
                 &tls,
@@ -432,6 +444,17 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
                         set.insert(r.value);
                     }
                     let closed = state.apply_revocations(revoked);
+                    let mut directory: std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>> =
+                        Default::default();
+                    for e in feed.directory {
+                        match (e.tunnel.parse(), SpiffeId::parse(&e.id)) {
+                            (Ok(addr), Ok(id)) => directory.entry(e.service).or_default().push((addr, id)),
+                            _ => {
+                                warn!(service = %e.service, tunnel = %e.tunnel, "state feed: unusable directory entry")
+                            }
+                        }
+                    }
+                    state.set_directory(directory);
                     if let Err(e) = install_bundle(&state, &cfg, &feed.bundle) {
                         warn!(error = %e, "cannot install the new trust bundle");
                     }

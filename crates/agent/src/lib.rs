@@ -118,6 +118,14 @@ pub async fn run(
     };
 
     let state = Arc::new(AgentState::new(config, material));
+    let advertise = state
+        .config
+        .tunnel
+        .advertise
+        .or(bound.tunnel.filter(|a| !a.ip().is_unspecified()));
+    if let Some(addr) = advertise {
+        let _ = state.advertise.set(addr);
+    }
     let stop = CancellationToken::new();
     let streams = TaskTracker::new();
     let material = state.material.current();

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tapproof_identity::SpiffeId;
 use tapproof_tls::{client_session, connect, failure_reason, ClientTls};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -63,7 +64,8 @@ struct Inner {
     next_peer: usize,
     failures: u32,
     retry_at: Option<Instant>,
-    tls: Option<(u64, ClientTls)>,
+    /// TLS configs by the identity the peer must prove, with the material generation they used.
+    tls: std::collections::HashMap<SpiffeId, (u64, ClientTls)>,
 }
 
 pub struct Pool {
@@ -82,7 +84,7 @@ impl Pool {
                 next_peer: 0,
                 failures: 0,
                 retry_at: None,
-                tls: None,
+                tls: Default::default(),
             }),
         }
     }
@@ -100,23 +102,30 @@ impl Pool {
         if let Some(at) = inner.retry_at {
             tokio::time::sleep_until(at).await;
         }
+        let peers = self.targets();
+        if peers.is_empty() {
+            return Err(PoolError::AllPeersFailed {
+                service: self.outbound.service.clone(),
+                last: "no node fronts this service in the control plane's directory (yet)".into(),
+            });
+        }
         let generation = self.state.material.generation();
-        let tls = match &inner.tls {
-            Some((g, tls)) if *g == generation => tls.clone(),
-            _ => {
-                let (g, tls) = self
-                    .state
-                    .client_tls(&self.outbound.server_id)
-                    .map_err(|e| PoolError::Tls(e.to_string()))?;
-                inner.tls = Some((g, tls.clone()));
-                tls
-            }
-        };
-        let peers = &self.outbound.peers;
         let mut last = String::new();
         for i in 0..peers.len() {
             let index = (inner.next_peer + i) % peers.len();
-            match self.dial(peers[index], &tls).await {
+            let (addr, id) = &peers[index];
+            let tls = match inner.tls.get(id) {
+                Some((g, tls)) if *g == generation => tls.clone(),
+                _ => {
+                    let (g, tls) = self
+                        .state
+                        .client_tls(id)
+                        .map_err(|e| PoolError::Tls(e.to_string()))?;
+                    inner.tls.insert(id.clone(), (g, tls.clone()));
+                    tls
+                }
+            };
+            match self.dial(*addr, &tls).await {
                 Ok(t) => {
                     inner.next_peer = index;
                     inner.failures = 0;
@@ -125,7 +134,7 @@ impl Pool {
                     return Ok(t);
                 }
                 Err(e) => {
-                    warn!(service = %self.outbound.service, peer = %peers[index], error = %e, "outbound: peer unreachable");
+                    warn!(service = %self.outbound.service, peer = %addr, expected = %id, error = %e, "outbound: peer unreachable");
                     last = e;
                 }
             }
@@ -140,6 +149,15 @@ impl Pool {
             service: self.outbound.service.clone(),
             last,
         })
+    }
+
+    /// Where to dial and whom to expect there: the configured peers, or the directory's nodes
+    /// fronting the service.
+    fn targets(&self) -> Vec<(SocketAddr, SpiffeId)> {
+        match &self.outbound.server_id {
+            Some(id) => self.outbound.peers.iter().map(|p| (*p, id.clone())).collect(),
+            None => self.state.directory_for(&self.outbound.service),
+        }
     }
 
     async fn dial(&self, peer: SocketAddr, tls: &ClientTls) -> Result<Tunnel, String> {

@@ -23,6 +23,10 @@ pub struct AgentState {
     tunnels: Mutex<BTreeMap<u64, Arc<TunnelStats>>>,
     next_tunnel: AtomicU64,
     revoked: std::sync::RwLock<Revoked>,
+    /// Service -> nodes fronting it (tunnel address, node identity), from the state feed.
+    directory: std::sync::RwLock<std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>>>,
+    /// Where peers reach our tunnel listener (announced to the control plane).
+    pub advertise: std::sync::OnceLock<SocketAddr>,
 }
 
 /// What the control plane has revoked (from its state feed).
@@ -96,6 +100,8 @@ impl AgentState {
             tunnels: Mutex::new(BTreeMap::new()),
             next_tunnel: AtomicU64::new(1),
             revoked: std::sync::RwLock::new(Revoked::default()),
+            directory: Default::default(),
+            advertise: std::sync::OnceLock::new(),
         }
     }
 
@@ -199,6 +205,19 @@ impl AgentState {
         }
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked;
         closed
+    }
+
+    pub fn directory_for(&self, service: &str) -> Vec<(SocketAddr, SpiffeId)> {
+        self.directory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn set_directory(&self, directory: std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>>) {
+        *self.directory.write().unwrap_or_else(|p| p.into_inner()) = directory;
     }
 
     pub fn tunnels(&self) -> Vec<Arc<TunnelStats>> {

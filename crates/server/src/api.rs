@@ -470,6 +470,18 @@ async fn sign(
 pub struct StateQuery {
     #[serde(default)]
     pub since: i64,
+    /// Where the calling agent's tunnel listener is reached, for the service directory.
+    #[serde(default)]
+    pub tunnel: Option<String>,
+}
+
+/// One service as the directory lists it: which node fronts it and where its tunnel listens.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    pub service: String,
+    pub node: String,
+    pub id: String,
+    pub tunnel: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -478,6 +490,7 @@ pub struct StateResponse {
     pub version: i64,
     pub revocations: Vec<tapproof_store::Revocation>,
     pub bundle: Vec<String>,
+    pub directory: Vec<DirectoryEntry>,
 }
 
 /// The state feed: answers at once when `version > since`, else holds the request until
@@ -487,25 +500,58 @@ async fn state_feed(
     Extension(peer): Extension<Peer>,
     query: Result<axum::extract::Query<StateQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<StateResponse>, ApiError> {
-    if peer.id.is_none() {
+    let Some(caller) = peer.id.clone() else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "identity_required",
             "present your node certificate (mTLS)",
         ));
-    }
-    let since = query
+    };
+    let query = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?
-        .since;
+        .0;
+    let since = query.since;
+    if let (Some(tunnel), Some(node)) = (&query.tunnel, caller.path().strip_prefix("/node/")) {
+        let addr: std::net::SocketAddr = tunnel.parse().map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!("tunnel {tunnel:?}: {e}"),
+            )
+        })?;
+        if s.store.node_set_tunnel(node, &addr.to_string()).await? {
+            s.store.notify_change().await?;
+            info!(node, tunnel = %addr, "directory: tunnel address announced");
+        }
+    }
     let mut version = s.version.clone();
     if *version.borrow() <= since {
         let _ = tokio::time::timeout(LONG_POLL, version.wait_for(|v| *v > since)).await;
     }
     let current = *version.borrow();
     let revocations = s.store.revocations().await?;
+    let nodes = s.store.node_list().await?;
+    let directory = s
+        .store
+        .registrations()
+        .await?
+        .into_iter()
+        .filter_map(|r| {
+            let node = nodes
+                .iter()
+                .find(|n| n.name == r.node && n.revoked_at.is_none())?;
+            Some(DirectoryEntry {
+                service: r.service,
+                node: node.name.clone(),
+                id: node.spiffe_id.clone(),
+                tunnel: node.tunnel_addr.clone()?,
+            })
+        })
+        .collect();
     Ok(Json(StateResponse {
         version: current,
         revocations,
         bundle: s.ca().bundle.clone(),
+        directory,
     }))
 }

@@ -157,21 +157,7 @@ async fn last_activation(store: &dyn Store) -> Result<i64, ServerError> {
     Ok(at)
 }
 
-/// A number that grows with every change agents must learn of (revocations, CA states).
+/// The state feed's version: grows with every change agents must learn of.
 pub async fn feed_version(store: &dyn Store) -> Result<i64, ServerError> {
-    let revocations = store.revocations().await?.iter().map(|r| r.id).max().unwrap_or(0);
-    let cas: i64 = store
-        .ca_list()
-        .await?
-        .iter()
-        .map(|c| {
-            c.id * 3
-                + match c.state {
-                    CaState::Prepared => 0,
-                    CaState::Active => 1,
-                    CaState::Retired => 2,
-                }
-        })
-        .sum();
-    Ok(revocations + cas)
+    Ok(store.change_version().await?)
 }

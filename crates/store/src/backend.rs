@@ -52,6 +52,7 @@ macro_rules! impl_store {
             Ok(Node {
                 name: row.try_get("name").map_err(q)?,
                 spiffe_id: row.try_get("spiffe_id").map_err(q)?,
+                tunnel_addr: row.try_get("tunnel_addr").map_err(q)?,
                 created_at: row.try_get("created_at").map_err(q)?,
                 last_seen: row.try_get("last_seen").map_err(q)?,
                 revoked_at: row.try_get("revoked_at").map_err(q)?,
@@ -103,7 +104,32 @@ macro_rules! impl_store {
             }
 
             async fn notify_change(&self) -> Result<()> {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                sqlx::query("INSERT INTO changes (at) VALUES ($1)").bind(now).execute(&self.pool).await.map_err(q)?;
                 self.notify().await
+            }
+
+            async fn change_version(&self) -> Result<i64> {
+                let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS v FROM changes")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(q)?;
+                row.try_get("v").map_err(q)
+            }
+
+            async fn node_set_tunnel(&self, name: &str, tunnel_addr: &str) -> Result<bool> {
+                let done = sqlx::query(
+                    "UPDATE nodes SET tunnel_addr = $1 WHERE name = $2 AND (tunnel_addr IS NULL OR tunnel_addr <> $1)",
+                )
+                .bind(tunnel_addr)
+                .bind(name)
+                .execute(&self.pool)
+                .await
+                .map_err(q)?;
+                Ok(done.rows_affected() == 1)
             }
 
             async fn ca_insert(&self, ca: NewCa) -> Result<i64> {

@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 use std::sync::Arc;
 
 /// The newest schema version this build knows (the number of the last migration).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -44,9 +44,14 @@ pub trait Store: Send + Sync {
 
     /// A listener for changes made by any process sharing this store.
     async fn listen_changes(&self) -> Result<Box<dyn ChangeListener>>;
-    /// Tells every listener (every replica) to look again; call after changing revocations, CAs
-    /// or registrations.
+    /// Records a change agents must learn of (bumping `change_version`) and tells every listener
+    /// (every replica) to look again; call after changing revocations, CAs, registrations or the
+    /// directory.
     async fn notify_change(&self) -> Result<()>;
+    /// The state feed's version: grows with every `notify_change`.
+    async fn change_version(&self) -> Result<i64>;
+    /// Records where a node's tunnel listener is reached; true when it changed.
+    async fn node_set_tunnel(&self, name: &str, tunnel_addr: &str) -> Result<bool>;
 
     async fn ca_insert(&self, ca: NewCa) -> Result<i64>;
     async fn ca_list(&self) -> Result<Vec<CaRecord>>;

@@ -86,6 +86,8 @@ pub struct NewToken {
 pub struct Node {
     pub name: String,
     pub spiffe_id: String,
+    /// Where its tunnel listener is reached, as the agent announced it.
+    pub tunnel_addr: Option<String>,
     pub created_at: i64,
     pub last_seen: Option<i64>,
     pub revoked_at: Option<i64>,

@@ -255,6 +255,21 @@ async fn nodes_registrations_revocations(db: &Db) {
         "upsert keeps the creation time"
     );
     s.node_seen("web-1", 30).await.unwrap();
+    assert!(s.node_set_tunnel("web-1", "10.0.0.1:15008").await.unwrap());
+    assert!(
+        !s.node_set_tunnel("web-1", "10.0.0.1:15008").await.unwrap(),
+        "unchanged is not a change"
+    );
+    assert_eq!(
+        s.node_get("web-1").await.unwrap().unwrap().tunnel_addr.as_deref(),
+        Some("10.0.0.1:15008")
+    );
+    let v = s.change_version().await.unwrap();
+    s.notify_change().await.unwrap();
+    assert!(
+        s.change_version().await.unwrap() > v,
+        "every notice bumps the feed version"
+    );
     assert_eq!(s.node_get("web-1").await.unwrap().unwrap().last_seen, Some(30));
     assert!(s.node_get("nope").await.unwrap().is_none());
 

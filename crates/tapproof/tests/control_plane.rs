@@ -722,3 +722,51 @@ fn root_rollover_under_load_without_a_failed_request() {
         "{out}"
     );
 }
+
+/// An outbound that names only a service finds its peer and the identity to expect in the
+/// control plane's directory (which node fronts the service, where its tunnel listens).
+#[test]
+fn outbound_finds_its_peer_in_the_directory() {
+    let dir = tempfile::Builder::new()
+        .prefix("tapproof-dir-")
+        .tempdir()
+        .unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", "1h");
+    let echo = EchoServer::start();
+    let db_token = server.token(EXE, "db-1", &["db"], "5m");
+    let db = AgentProcess::start(
+        EXE,
+        dir.path(),
+        "db-1",
+        &db_config(&dir.path().join("db-1"), &db_token, echo.addr, "127.0.0.1:0"),
+    );
+    let web_token = server.token(EXE, "web-1", &[], "5m");
+    let web_config = format!(
+        "trust_domain = \"{TD}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"db\"\n",
+        control_section(&dir.path().join("web-1"), &web_token)
+    );
+    let web = AgentProcess::start(EXE, dir.path(), "web-1", &web_config);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match round_trip(web.outbound(0), b"found you") {
+            Ok(back) if back == b"found you" => break,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "directory never led to db-1; web log:\n{}",
+                    web.log()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    let status = web.status();
+    assert_eq!(status["tunnels"][0]["peer_id"], "spiffe://example.org/node/db-1");
+    assert_eq!(status["tunnels"][0]["peer_addr"], db.tunnel().to_string());
+    assert!(
+        server.log().contains("directory: tunnel address announced"),
+        "{}",
+        server.log()
+    );
+}

@@ -36,7 +36,7 @@ fn parses_the_documented_example() {
     assert_eq!(c.trust_domain.as_str(), "example.org");
     assert_eq!(c.inbound[0].allow.len(), 2);
     assert_eq!(
-        c.outbound[0].server_id.to_string(),
+        c.outbound[0].server_id.as_ref().unwrap().to_string(),
         "spiffe://example.org/node/db-1"
     );
     assert_eq!(c.tunnel.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
@@ -175,4 +175,17 @@ fn the_shipped_control_plane_example_parses() {
     ));
     let c = AgentConfig::load(path).unwrap();
     assert!(c.control.is_some() && c.identity.is_none());
+}
+
+#[test]
+fn outbound_peers_come_from_config_or_the_directory() {
+    let control = "trust_domain = \"example.org\"\n[control]\ndata_dir = \"/d\"\n[[outbound]]\nlisten = \"127.0.0.1:1\"\nservice = \"db\"\n";
+    let c = parse(control).unwrap();
+    assert!(c.outbound[0].peers.is_empty() && c.outbound[0].server_id.is_none());
+    let files = EXAMPLE
+        .replace("peers = [\"10.0.0.2:15008\"]\n", "")
+        .replace("server_id = \"spiffe://example.org/node/db-1\"\n", "");
+    assert!(err(&files).contains("service directory"), "{}", err(&files));
+    let no_id = EXAMPLE.replace("server_id = \"spiffe://example.org/node/db-1\"\n", "");
+    assert!(err(&no_id).contains("outbound[0].server_id"));
 }

@@ -146,7 +146,7 @@ async fn post(
     request(server, tls, http::Method::POST, path, Some(body), REQUEST_TIMEOUT).await
 }
 
-async fn request(
+pub async fn request(
     server: &str,
     tls: &ControlClientTls,
     method: http::Method,

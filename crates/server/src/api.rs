@@ -93,6 +93,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/join", post(join))
         .route("/v1/sign", post(sign))
         .route("/v1/state", get(state_feed))
+        .route("/v1/nodes", get(admin_nodes))
+        .route("/v1/registrations", get(admin_registrations).post(admin_register))
+        .route("/v1/revocations", get(admin_revocations).post(admin_revoke))
+        .route("/v1/audit-log", get(admin_audit_log))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -554,4 +558,143 @@ async fn state_feed(
         bundle: s.ca().bundle.clone(),
         directory,
     }))
+}
+
+/// Admin endpoints require an admin identity, `spiffe://<td>/admin/<name>`, issued by
+/// `tapproof server admin-cert` on the server host.
+fn require_admin(peer: &Peer) -> Result<String, ApiError> {
+    match &peer.id {
+        Some(id) if id.path().starts_with("/admin/") => Ok(id.to_string()),
+        Some(id) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_required",
+            format!("{id} is not an admin identity"),
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "identity_required",
+            "present an admin certificate (mTLS)",
+        )),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct NodeView {
+    pub node: tapproof_store::Node,
+    pub services: Vec<String>,
+    /// The newest node certificate's expiry (Unix seconds).
+    pub cert_not_after: Option<i64>,
+}
+
+async fn admin_nodes(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
+    require_admin(&peer)?;
+    let registrations = s.store.registrations().await?;
+    let mut out = Vec::new();
+    for node in s.store.node_list().await? {
+        let certs = s.store.cert_list(&node.name).await?;
+        let cert_not_after = certs
+            .iter()
+            .filter(|c| c.spiffe_id == node.spiffe_id)
+            .map(|c| c.not_after)
+            .max();
+        let services = registrations
+            .iter()
+            .filter(|r| r.node == node.name)
+            .map(|r| r.service.clone())
+            .collect();
+        out.push(NodeView {
+            node,
+            services,
+            cert_not_after,
+        });
+    }
+    Ok(Json(out))
+}
+
+async fn admin_registrations(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Json<Vec<tapproof_store::Registration>>, ApiError> {
+    require_admin(&peer)?;
+    Ok(Json(s.store.registrations().await?))
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationChange {
+    pub node: String,
+    pub service: String,
+    /// true: add; false: remove.
+    pub add: bool,
+}
+
+async fn admin_register(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let actor = require_admin(&peer)?;
+    let change: RegistrationChange = parse(body)?;
+    let td = s.ca().trust_domain.clone();
+    let changed = crate::register_as(&*s.store, &td, &change.node, &change.service, change.add, &actor)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    Ok(Json(serde_json::json!({ "changed": changed })))
+}
+
+async fn admin_revocations(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Json<Vec<tapproof_store::Revocation>>, ApiError> {
+    require_admin(&peer)?;
+    Ok(Json(s.store.revocations().await?))
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub kind: RevocationKind,
+    pub value: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+async fn admin_revoke(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<tapproof_store::Revocation>, ApiError> {
+    let actor = require_admin(&peer)?;
+    let req: RevokeRequest = parse(body)?;
+    let revocation = crate::revoke_as(&*s.store, req.kind, &req.value, &req.reason, &actor)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    Ok(Json(revocation))
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    #[serde(default)]
+    pub after: i64,
+    #[serde(default = "default_audit_limit")]
+    pub limit: i64,
+}
+
+fn default_audit_limit() -> i64 {
+    100
+}
+
+async fn admin_audit_log(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    query: Result<axum::extract::Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<tapproof_store::AuditEntry>>, ApiError> {
+    require_admin(&peer)?;
+    let q = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?
+        .0;
+    Ok(Json(s.store.audit_list(q.after, q.limit.clamp(1, 1000)).await?))
 }

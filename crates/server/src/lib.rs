@@ -267,13 +267,27 @@ pub async fn revoke(
     value: &str,
     reason: &str,
 ) -> Result<tapproof_store::Revocation, ServerError> {
+    revoke_as(store, kind, value, reason, "cli").await
+}
+
+/// `revoke`, recording `actor` (an admin's SPIFFE ID over the API) in the audit log.
+pub async fn revoke_as(
+    store: &dyn Store,
+    kind: tapproof_store::RevocationKind,
+    value: &str,
+    reason: &str,
+    actor: &str,
+) -> Result<tapproof_store::Revocation, ServerError> {
+    if value.is_empty() {
+        return Err(ServerError::Invalid("say what to revoke".into()));
+    }
     let t = now();
     let revocation = store.revoke(kind, value, reason, t).await?;
     store.notify_change().await?;
     store
         .audit_append(
             NewAudit {
-                actor: "cli".into(),
+                actor: actor.to_owned(),
                 action: "revocation.add".into(),
                 details: serde_json::json!({ "kind": kind.as_str(), "value": value, "reason": reason, "id": revocation.id }),
             },
@@ -290,6 +304,18 @@ pub async fn register(
     node: &str,
     service: &str,
     add: bool,
+) -> Result<bool, ServerError> {
+    register_as(store, td, node, service, add, "cli").await
+}
+
+/// `register`, recording `actor` (an admin's SPIFFE ID over the API) in the audit log.
+pub async fn register_as(
+    store: &dyn Store,
+    td: &TrustDomain,
+    node: &str,
+    service: &str,
+    add: bool,
+    actor: &str,
 ) -> Result<bool, ServerError> {
     td.node_id(node)
         .map_err(|e| ServerError::Invalid(format!("--node {node:?}: {e}")))?;
@@ -310,7 +336,7 @@ pub async fn register(
         store
             .audit_append(
                 NewAudit {
-                    actor: "cli".into(),
+                    actor: actor.to_owned(),
                     action: action.into(),
                     details: serde_json::json!({ "node": node, "service": service }),
                 },
@@ -319,4 +345,57 @@ pub async fn register(
             .await?;
     }
     Ok(changed)
+}
+
+/// Issues an admin identity `spiffe://<td>/admin/<name>` into `out` (admin.pem, admin.key 0600,
+/// bundle.pem), for the admin commands' `--admin-dir`. Runs on the server host (it needs the KEK).
+pub async fn issue_admin(
+    store: &dyn Store,
+    kek: &Kek,
+    td: &TrustDomain,
+    name: &str,
+    lifetime: std::time::Duration,
+    out: &Path,
+) -> Result<String, ServerError> {
+    let id = tapproof_identity::SpiffeId::new(td.clone(), &format!("/admin/{name}"))
+        .map_err(|e| ServerError::Invalid(format!("--name {name:?}: {e}")))?;
+    let ca = Ca::load(store, kek, td).await?;
+    let lifetime = time::Duration::try_from(lifetime).map_err(|e| ServerError::Invalid(e.to_string()))?;
+    let issued = ca
+        .signer
+        .issue_with_new_key(&id, lifetime)
+        .map_err(|e| ServerError::Ca(e.to_string()))?;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .map_err(|e| data_err(out, e))?;
+    for (file, contents, mode) in [
+        ("admin.key", issued.key_pem.as_str(), 0o600),
+        ("admin.pem", issued.chain_pem.as_str(), 0o644),
+        ("bundle.pem", &ca.bundle.concat(), 0o644),
+    ] {
+        let path = out.join(file);
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(|e| data_err(&path, e))?;
+        f.write_all(contents.as_bytes()).map_err(|e| data_err(&path, e))?;
+    }
+    store
+        .audit_append(
+            NewAudit {
+                actor: "cli".into(),
+                action: "admin.issue".into(),
+                details: serde_json::json!({ "id": id.to_string(), "not_after": issued.not_after.unix_timestamp() }),
+            },
+            now(),
+        )
+        .await?;
+    Ok(id.to_string())
 }

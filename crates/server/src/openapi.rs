@@ -42,6 +42,19 @@ pub fn document() -> Value {
                     "401": error_response("identity_required")
                 }
             } },
+            "/v1/nodes": { "get": { "summary": "Admin: nodes with services and certificate expiry (admin identity)",
+                "responses": { "200": { "description": "nodes" }, "401": error_response("identity_required"), "403": error_response("admin_required") } } },
+            "/v1/registrations": {
+                "get": { "summary": "Admin: which node fronts which service", "responses": { "200": { "description": "registrations" }, "403": error_response("admin_required") } },
+                "post": { "summary": "Admin: add or remove a registration ({node, service, add})", "responses": { "200": { "description": "{changed}" }, "400": error_response("bad_request, bad_json"), "403": error_response("admin_required") } }
+            },
+            "/v1/revocations": {
+                "get": { "summary": "Admin: every revocation", "responses": { "200": { "description": "revocations" }, "403": error_response("admin_required") } },
+                "post": { "summary": "Admin: revoke ({kind: node|spiffe_id|serial, value, reason})", "responses": { "200": { "description": "the revocation" }, "400": error_response("bad_request, bad_json"), "403": error_response("admin_required") } }
+            },
+            "/v1/audit-log": { "get": { "summary": "Admin: audit-log rows after `after`, at most `limit`",
+                "parameters": [{ "name": "after", "in": "query", "schema": { "type": "integer" } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "maximum": 1000 } }],
+                "responses": { "200": { "description": "rows" }, "403": error_response("admin_required") } } },
             "/v1/sign": { "post": {
                 "summary": "Sign CSRs for the caller's node identity and its registered services (mTLS with the node identity)",
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/SignRequest" } } } },

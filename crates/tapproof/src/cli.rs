@@ -133,6 +133,17 @@ pub struct ServerStoreArgs {
     pub store: Option<String>,
 }
 
+/// Run an admin command against a running server over mTLS instead of the local store.
+#[derive(Args, Clone)]
+pub struct RemoteArgs {
+    /// The server's address (host:port); with --admin-dir.
+    #[arg(long = "server", env = "TAPPROOF_SERVER", requires = "admin_dir")]
+    pub server: Option<String>,
+    /// A directory from `tapproof server admin-cert` (admin.pem, admin.key, bundle.pem).
+    #[arg(long, env = "TAPPROOF_ADMIN_DIR")]
+    pub admin_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 pub enum ServerCommand {
     /// Create the root and intermediate CA of a trust domain (once).
@@ -161,10 +172,26 @@ pub enum ServerCommand {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// Issue an admin identity (spiffe://<td>/admin/<name>) for the admin commands' --admin-dir.
+    AdminCert {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        #[arg(long, env = "TAPPROOF_KEK_FILE")]
+        kek_file: Option<PathBuf>,
+        #[arg(long)]
+        name: String,
+        /// Where to write admin.pem, admin.key (0600) and bundle.pem.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "24h")]
+        ttl: humantime_arg::Duration,
+    },
     /// Revoke a node, a SPIFFE ID or a certificate serial: agents close its tunnels within seconds.
     Revoke {
         #[command(flatten)]
         store: ServerStoreArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// A node name.
         #[arg(long, group = "what")]
         node: Option<String>,
@@ -211,6 +238,8 @@ pub enum NodeCommand {
     List {
         #[command(flatten)]
         store: ServerStoreArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         #[arg(long)]
         json: bool,
     },
@@ -296,6 +325,8 @@ pub enum AuditCommand {
     Show {
         #[command(flatten)]
         store: ServerStoreArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Only rows after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: i64,

@@ -1,8 +1,8 @@
 //! `tapproof server ...`: init, run, token create, audit-log verify/show.
 
 use crate::cli::{
-    AuditCommand, CaCommand, NodeCommand, RegistrationCommand, RotateStepArg, ServerArgs, ServerCommand,
-    TokenCommand,
+    AuditCommand, CaCommand, NodeCommand, RegistrationCommand, RemoteArgs, RotateStepArg, ServerArgs,
+    ServerCommand, TokenCommand,
 };
 use crate::run_agent::ConfigProblem;
 use anyhow::{bail, Context};
@@ -64,8 +64,28 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(classify)
         }
+        ServerCommand::AdminCert {
+            store,
+            kek_file,
+            name,
+            out,
+            ttl,
+        } => {
+            let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                .await
+                .map_err(classify)?;
+            let td = TrustDomain::new(&meta.trust_domain).context("server.json holds a bad trust domain")?;
+            let kek_path = kek_file.unwrap_or_else(|| tapproof_server::default_kek_file(&store.data_dir));
+            let kek = tapproof_server::kek::Kek::load(&kek_path).map_err(|e| classify(e.into()))?;
+            let id = tapproof_server::issue_admin(&*db, &kek, &td, &name, ttl.0, &out)
+                .await
+                .map_err(classify)?;
+            println!("issued {id} into {0} (admin.pem, admin.key, bundle.pem); use it with --server ADDR --admin-dir {0}", out.display());
+            Ok(())
+        }
         ServerCommand::Revoke {
             store,
+            remote,
             node,
             id,
             serial,
@@ -82,22 +102,54 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 (_, _, Some(s)) => (RevocationKind::Serial, s.to_uppercase()),
                 _ => return Err(ConfigProblem("say what to revoke: --node, --id or --serial".into()).into()),
             };
-            let (_, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
-                .await
-                .map_err(classify)?;
-            let r = tapproof_server::revoke(&*db, kind, &value, &reason)
-                .await
-                .map_err(classify)?;
+            let id = if remote.server.is_some() {
+                let body = serde_json::json!({ "kind": kind, "value": value, "reason": reason });
+                remote_call(&remote, http::Method::POST, "/v1/revocations", Some(body)).await?["id"]
+                    .as_i64()
+                    .unwrap_or(0)
+            } else {
+                let (_, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                    .await
+                    .map_err(classify)?;
+                tapproof_server::revoke(&*db, kind, &value, &reason)
+                    .await
+                    .map_err(classify)?
+                    .id
+            };
             println!(
-                "revoked {} {} (revocation {}); agents close its tunnels within seconds",
+                "revoked {} {} (revocation {id}); agents close its tunnels within seconds",
                 kind.as_str(),
-                value,
-                r.id
+                value
             );
             Ok(())
         }
         ServerCommand::Node {
-            command: NodeCommand::List { store, json },
+            command: NodeCommand::List { remote, json, .. },
+        } if remote.server.is_some() => {
+            let nodes = remote_call(&remote, http::Method::GET, "/v1/nodes", None).await?;
+            for v in nodes.as_array().cloned().unwrap_or_default() {
+                if json {
+                    println!("{v}");
+                } else {
+                    let state = if v["node"]["revoked_at"].is_null() {
+                        "active"
+                    } else {
+                        "REVOKED"
+                    };
+                    println!(
+                        "{:<20} {:<8} not_after {:<12} services {}  {}",
+                        v["node"]["name"].as_str().unwrap_or("?"),
+                        state,
+                        v["cert_not_after"],
+                        v["services"],
+                        v["node"]["spiffe_id"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            Ok(())
+        }
+        ServerCommand::Node {
+            command: NodeCommand::List { store, json, .. },
         } => {
             let (_, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
                 .await
@@ -251,10 +303,43 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         ServerCommand::AuditLog {
             command:
                 AuditCommand::Show {
+                    remote,
+                    after,
+                    limit,
+                    json,
+                    ..
+                },
+        } if remote.server.is_some() => {
+            let path = format!("/v1/audit-log?after={after}&limit={limit}");
+            for row in remote_call(&remote, http::Method::GET, &path, None)
+                .await?
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+            {
+                if json {
+                    println!("{row}");
+                } else {
+                    println!(
+                        "{:>6} {:<12} {:<28} {:<16} {}",
+                        row["seq"],
+                        row["at"],
+                        row["actor"].as_str().unwrap_or(""),
+                        row["action"].as_str().unwrap_or(""),
+                        row["details"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
+        ServerCommand::AuditLog {
+            command:
+                AuditCommand::Show {
                     store,
                     after,
                     limit,
                     json,
+                    ..
                 },
         } => {
             let (_, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
@@ -284,4 +369,53 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
 fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One admin API call over mTLS with the identity in `--admin-dir`.
+async fn remote_call(
+    remote: &RemoteArgs,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let server = remote.server.as_deref().context("--server is required")?;
+    let dir = remote
+        .admin_dir
+        .as_deref()
+        .context("--admin-dir is required with --server")?;
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f)).with_context(|| format!("cannot read {}", dir.join(f).display()))
+    };
+    let (chain, key, bundle) = (read("admin.pem")?, read("admin.key")?, read("bundle.pem")?);
+    let leaf =
+        tapproof_identity::ca::first_der(&chain).map_err(|e| ConfigProblem(format!("admin.pem: {e}")))?;
+    let admin =
+        tapproof_identity::inspect_svid(&leaf).map_err(|e| ConfigProblem(format!("admin.pem: {e}")))?;
+    let server_id =
+        tapproof_identity::SpiffeId::new(admin.id.trust_domain().clone(), "/server").expect("valid path");
+    let tls = tapproof_tls::ControlClientTls::new(
+        tapproof_tls::ServerTrust::Bundle(vec![bundle]),
+        server_id,
+        Some((&chain, &key)),
+    )
+    .map_err(|e| ConfigProblem(format!("--admin-dir {}: {e}", dir.display())))?;
+    let body = body.map(|b| b.to_string().into_bytes());
+    let (status, bytes) = tapproof_agent::control::request(
+        server,
+        &tls,
+        method,
+        path,
+        body,
+        std::time::Duration::from_secs(15),
+    )
+    .await?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    if status != 200 {
+        bail!(
+            "server refused ({status}): {}: {}",
+            value["error"]["code"].as_str().unwrap_or("?"),
+            value["error"]["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(value)
 }

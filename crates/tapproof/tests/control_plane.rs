@@ -615,7 +615,17 @@ fn api_refuses_bad_input_with_codes() {
         vec![],
     );
     assert_eq!(status, 200);
-    for route in ["/v1/join", "/v1/sign", "/v1/bundle", "/v1/state", "/healthz"] {
+    for route in [
+        "/v1/join",
+        "/v1/sign",
+        "/v1/bundle",
+        "/v1/state",
+        "/v1/nodes",
+        "/v1/registrations",
+        "/v1/revocations",
+        "/v1/audit-log",
+        "/healthz",
+    ] {
         assert!(openapi["paths"].get(route).is_some(), "OpenAPI lacks {route}");
     }
     let (_, out, _) = run_tapproof(
@@ -769,4 +779,115 @@ fn outbound_finds_its_peer_in_the_directory() {
         "{}",
         server.log()
     );
+}
+
+/// Admin commands against the running server over mTLS with an admin identity; node identities
+/// and anonymous clients are refused.
+#[test]
+fn admin_commands_over_mtls() {
+    use tapproof_test_util::server::control_request;
+    let dir = tempfile::Builder::new()
+        .prefix("tapproof-admin-")
+        .tempdir()
+        .unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", "1h");
+    let token = server.token(EXE, "web-1", &["web"], "5m");
+    let web_dir = dir.path().join("web-1");
+    let config = format!(
+        "trust_domain = \"{TD}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n",
+        control_section(&web_dir, &token)
+    );
+    let _web = AgentProcess::start(EXE, dir.path(), "web-1", &config);
+
+    let admin_dir = dir.path().join("alice");
+    let d = data.to_str().unwrap();
+    let (code, out, err) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "admin-cert",
+            "--data-dir",
+            d,
+            "--name",
+            "alice",
+            "--out",
+            admin_dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(admin_dir.join("admin.key"))
+            .unwrap()
+            .permissions(),
+    ) & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let addr = server.addr.to_string();
+    let remote = [
+        "--server",
+        addr.as_str(),
+        "--admin-dir",
+        admin_dir.to_str().unwrap(),
+    ];
+    // A data dir that does not exist proves the command used the API, not the local store.
+    let nowhere = ["--data-dir", "/nonexistent-tapproof"];
+    let run = |args: &[&str]| {
+        let all: Vec<&str> = args
+            .iter()
+            .chain(nowhere.iter())
+            .chain(remote.iter())
+            .copied()
+            .collect();
+        run_tapproof(EXE, &all)
+    };
+    let (code, out, err) = run(&["server", "node", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("web-1") && out.contains("active") && out.contains("web"),
+        "{out}"
+    );
+    let (code, out, err) = run(&[
+        "server",
+        "revoke",
+        "--node",
+        "web-1",
+        "--reason",
+        "decommissioned",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked node web-1"), "{out}");
+    let (code, out, err) = run(&["server", "audit-log", "show"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("spiffe://example.org/admin/alice") && out.contains("revocation.add"),
+        "{out}"
+    );
+
+    // A node identity is not an admin; no identity at all is refused too.
+    let bundle = vec![std::fs::read_to_string(admin_dir.join("bundle.pem")).unwrap()];
+    let chain = std::fs::read_to_string(web_dir.join("node.pem")).unwrap();
+    let key = std::fs::read_to_string(web_dir.join("node.key")).unwrap();
+    let (status, v) = control_request(
+        server.addr,
+        tapproof_tls::ServerTrust::Bundle(bundle.clone()),
+        Some((&chain, &key)),
+        "GET",
+        "/v1/nodes",
+        vec![],
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("admin_required")),
+        "{v}"
+    );
+    let (status, _) = control_request(
+        server.addr,
+        tapproof_tls::ServerTrust::Bundle(bundle),
+        None,
+        "GET",
+        "/v1/audit-log",
+        vec![],
+    );
+    assert_eq!(status, 401);
 }

@@ -393,10 +393,10 @@ impl AgentConfig {
             if !inbound.forward.ip().is_loopback() && !inbound.allow_non_loopback {
                 return Err(invalid(key("forward"), format!("{} is not a loopback address: the plaintext leg would cross a network; set allow_non_loopback = true to accept that", inbound.forward)));
             }
-            if inbound.allow.is_empty() {
+            if inbound.allow.is_empty() && self.control.is_none() {
                 return Err(invalid(
                     key("allow"),
-                    "is empty, so no peer could use this service; list the SPIFFE IDs that may".into(),
+                    "is empty, so no peer could use this service; list the SPIFFE IDs that may (or take them from the control plane's policy with [control])".into(),
                 ));
             }
             for (j, pattern) in inbound.allow.iter().enumerate() {

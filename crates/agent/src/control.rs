@@ -373,6 +373,8 @@ struct StateResponse {
     bundle: Vec<String>,
     #[serde(default)]
     directory: Vec<DirectoryEntry>,
+    #[serde(default)]
+    policy: std::collections::HashMap<String, Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -455,6 +457,16 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
                         }
                     }
                     state.set_directory(directory);
+                    let mut policy: std::collections::HashMap<String, Vec<crate::policy::AllowPattern>> =
+                        Default::default();
+                    for (service, patterns) in feed.policy {
+                        let parsed: Vec<_> = patterns.iter().filter_map(|p| p.parse().ok()).collect();
+                        if parsed.len() != patterns.len() {
+                            warn!(service = %service, "state feed: policy has patterns this agent cannot parse; they are ignored");
+                        }
+                        policy.insert(service, parsed);
+                    }
+                    state.set_policy(policy);
                     if let Err(e) = install_bundle(&state, &cfg, &feed.bundle) {
                         warn!(error = %e, "cannot install the new trust bundle");
                     }

@@ -215,7 +215,7 @@ async fn serve_stream(
         warn!(peer_id = %peer_id, service = %service, "stream refused: no such service here");
         return refuse(&mut respond, StatusCode::NOT_FOUND);
     };
-    if !allowed(&inbound.allow, &peer_id) {
+    if !allowed(&inbound.allow, &peer_id) && !state.policy_allows(&service, &peer_id) {
         deny("not_allowed");
         warn!(peer_id = %peer_id, service = %service, "stream refused: policy does not allow this peer");
         return refuse(&mut respond, StatusCode::FORBIDDEN);

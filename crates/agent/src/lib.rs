@@ -11,7 +11,10 @@ mod drain;
 mod inbound;
 pub mod metrics;
 mod outbound;
-pub mod policy;
+/// Allow patterns live in `tapproof-identity` (the control plane checks them too).
+pub mod policy {
+    pub use tapproof_identity::pattern::*;
+}
 mod pool;
 mod socket;
 mod state;

@@ -27,6 +27,8 @@ pub struct AgentState {
     directory: std::sync::RwLock<std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>>>,
     /// Where peers reach our tunnel listener (announced to the control plane).
     pub advertise: std::sync::OnceLock<SocketAddr>,
+    /// Service -> patterns allowed by the control plane's policy (in addition to the config's).
+    policy: std::sync::RwLock<std::collections::HashMap<String, Vec<crate::policy::AllowPattern>>>,
 }
 
 /// What the control plane has revoked (from its state feed).
@@ -102,6 +104,7 @@ impl AgentState {
             revoked: std::sync::RwLock::new(Revoked::default()),
             directory: Default::default(),
             advertise: std::sync::OnceLock::new(),
+            policy: Default::default(),
         }
     }
 
@@ -205,6 +208,17 @@ impl AgentState {
         }
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked;
         closed
+    }
+
+    pub fn policy_allows(&self, service: &str, peer: &SpiffeId) -> bool {
+        let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
+        policy
+            .get(service)
+            .is_some_and(|patterns| crate::policy::allowed(patterns, peer))
+    }
+
+    pub fn set_policy(&self, policy: std::collections::HashMap<String, Vec<crate::policy::AllowPattern>>) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
     }
 
     pub fn directory_for(&self, service: &str) -> Vec<(SocketAddr, SpiffeId)> {

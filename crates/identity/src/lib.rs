@@ -4,12 +4,14 @@
 
 pub mod ca;
 pub mod csr;
+pub mod pattern;
 pub mod spiffe;
 pub mod svid;
 pub mod token;
 
 pub use ca::{Authority, CaError, IssuedIdentity};
 pub use csr::{check_csr, new_csr, CsrError};
+pub use pattern::{allowed, AllowPattern, PatternError};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{inspect_svid, SvidError, SvidInfo};
 pub use token::{JoinToken, TokenFormatError};

@@ -97,6 +97,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/registrations", get(admin_registrations).post(admin_register))
         .route("/v1/revocations", get(admin_revocations).post(admin_revoke))
         .route("/v1/audit-log", get(admin_audit_log))
+        .route("/v1/policy", get(admin_policy).post(admin_set_policy))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -495,6 +496,9 @@ pub struct StateResponse {
     pub revocations: Vec<tapproof_store::Revocation>,
     pub bundle: Vec<String>,
     pub directory: Vec<DirectoryEntry>,
+    /// Service -> SPIFFE ID patterns allowed to open it.
+    #[serde(default)]
+    pub policy: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// The state feed: answers at once when `version > since`, else holds the request until
@@ -552,11 +556,25 @@ async fn state_feed(
             })
         })
         .collect();
+    let policy = crate::get_policy(&*s.store)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "policy_unavailable",
+                e.to_string(),
+            )
+        })?
+        .services
+        .into_iter()
+        .map(|(service, rule)| (service, rule.allow))
+        .collect();
     Ok(Json(StateResponse {
         version: current,
         revocations,
         bundle: s.ca().bundle.clone(),
         directory,
+        policy,
     }))
 }
 
@@ -697,4 +715,40 @@ async fn admin_audit_log(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?
         .0;
     Ok(Json(s.store.audit_list(q.after, q.limit.clamp(1, 1000)).await?))
+}
+
+async fn admin_policy(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Json<crate::Policy>, ApiError> {
+    require_admin(&peer)?;
+    crate::get_policy(&*s.store).await.map(Json).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "policy_unavailable",
+            e.to_string(),
+        )
+    })
+}
+
+async fn admin_set_policy(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<crate::Policy>, ApiError> {
+    let actor = require_admin(&peer)?;
+    let body = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.body_text()))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", "body is not UTF-8"))?;
+    let td = s.ca().trust_domain.clone();
+    let policy = crate::Policy::parse(text, &td)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_policy", e.to_string()))?;
+    crate::set_policy(&*s.store, &policy, &actor).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+    })?;
+    Ok(Json(policy))
 }

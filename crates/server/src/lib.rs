@@ -399,3 +399,71 @@ pub async fn issue_admin(
         .await?;
     Ok(id.to_string())
 }
+
+/// The policy document: for each service, the SPIFFE ID patterns that may open it. Written by
+/// operators as TOML (`[services.db] allow = ["spiffe://td/node/web-1", "spiffe://td/svc/*"]`),
+/// kept and sent to agents as JSON. Agents allow a stream when their own config or the policy does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub services: std::collections::BTreeMap<String, ServicePolicy>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePolicy {
+    pub allow: Vec<String>,
+}
+
+impl Policy {
+    /// Parses TOML (or JSON) and checks every service name and pattern against `td`.
+    pub fn parse(text: &str, td: &TrustDomain) -> Result<Self, ServerError> {
+        let policy: Policy = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?
+        } else {
+            toml::from_str(text).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?
+        };
+        for (service, rule) in &policy.services {
+            td.service_id(service)
+                .map_err(|e| ServerError::Invalid(format!("policy: service {service:?}: {e}")))?;
+            for p in &rule.allow {
+                let pattern: tapproof_identity::AllowPattern = p
+                    .parse()
+                    .map_err(|e| ServerError::Invalid(format!("policy: services.{service}.allow: {e}")))?;
+                if pattern.trust_domain() != td {
+                    return Err(ServerError::Invalid(format!(
+                        "policy: services.{service}.allow: {p} is not in trust domain {td}"
+                    )));
+                }
+            }
+        }
+        Ok(policy)
+    }
+}
+
+/// Replaces the policy; agents apply it within seconds (state feed).
+pub async fn set_policy(store: &dyn Store, policy: &Policy, actor: &str) -> Result<(), ServerError> {
+    let json = serde_json::to_string(policy).map_err(|e| ServerError::Invalid(e.to_string()))?;
+    store.policy_set(&json, now()).await?;
+    store.notify_change().await?;
+    store
+        .audit_append(
+            NewAudit {
+                actor: actor.to_owned(),
+                action: "policy.set".into(),
+                details: serde_json::to_value(policy).unwrap_or_default(),
+            },
+            now(),
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn get_policy(store: &dyn Store) -> Result<Policy, ServerError> {
+    match store.policy_get().await? {
+        Some(json) => serde_json::from_str(&json)
+            .map_err(|e| ServerError::Ca(format!("stored policy is malformed: {e}"))),
+        None => Ok(Policy::default()),
+    }
+}

@@ -401,6 +401,27 @@ macro_rules! impl_store {
                 rows.iter().map(revocation_from).collect()
             }
 
+            async fn policy_get(&self) -> Result<Option<String>> {
+                let row = sqlx::query("SELECT document FROM policy WHERE id = 1")
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(q)?;
+                row.map(|r| r.try_get("document").map_err(q)).transpose()
+            }
+
+            async fn policy_set(&self, document: &str, now: i64) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO policy (id, document, updated_at) VALUES (1, $1, $2) \
+                     ON CONFLICT (id) DO UPDATE SET document = excluded.document, updated_at = excluded.updated_at",
+                )
+                .bind(document)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(q)?;
+                Ok(())
+            }
+
             async fn audit_append(&self, entry: NewAudit, now: i64) -> Result<AuditEntry> {
                 let details = entry.details.to_string();
                 let mut tx = self.begin_write().await?;

@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 use std::sync::Arc;
 
 /// The newest schema version this build knows (the number of the last migration).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -86,6 +86,10 @@ pub trait Store: Send + Sync {
     /// Idempotent: revoking the same thing twice keeps the first record.
     async fn revoke(&self, kind: RevocationKind, value: &str, reason: &str, now: i64) -> Result<Revocation>;
     async fn revocations(&self) -> Result<Vec<Revocation>>;
+
+    /// The policy document (JSON: service -> allowed SPIFFE ID patterns), if one was set.
+    async fn policy_get(&self) -> Result<Option<String>>;
+    async fn policy_set(&self, document: &str, now: i64) -> Result<()>;
 
     /// Appends one row to the hash-chained audit log and returns it.
     async fn audit_append(&self, entry: NewAudit, now: i64) -> Result<AuditEntry>;

@@ -301,6 +301,16 @@ async fn nodes_registrations_revocations(db: &Db) {
     assert_eq!(s.revocations().await.unwrap().len(), 2);
     assert_eq!(s.node_get("web-1").await.unwrap().unwrap().revoked_at, Some(40));
     assert_eq!(s.node_list().await.unwrap().len(), 1);
+
+    assert_eq!(s.policy_get().await.unwrap(), None);
+    s.policy_set("{\"db\":[]}", 1).await.unwrap();
+    s.policy_set("{\"db\":[\"spiffe://example.org/node/web-1\"]}", 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.policy_get().await.unwrap().as_deref(),
+        Some("{\"db\":[\"spiffe://example.org/node/web-1\"]}")
+    );
 }
 
 async fn audit_chain_holds_under_concurrency_and_finds_edits(db: &Db) {

@@ -215,6 +215,11 @@ pub enum ServerCommand {
         #[command(subcommand)]
         command: RegistrationCommand,
     },
+    /// The policy: which SPIFFE IDs may open which service (agents apply it within seconds).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// The certificate authority: root rollover.
     Ca {
         #[command(subcommand)]
@@ -266,6 +271,26 @@ pub enum RegistrationCommand {
     List {
         #[command(flatten)]
         store: ServerStoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Replace the policy with a TOML file: `[services.db] allow = ["spiffe://td/node/web-1"]`.
+    Set {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Print the policy (JSON).
+    Show {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
 }
 

@@ -1,8 +1,8 @@
 //! `tapproof server ...`: init, run, token create, audit-log verify/show.
 
 use crate::cli::{
-    AuditCommand, CaCommand, NodeCommand, RegistrationCommand, RemoteArgs, RotateStepArg, ServerArgs,
-    ServerCommand, TokenCommand,
+    AuditCommand, CaCommand, NodeCommand, PolicyCommand, RegistrationCommand, RemoteArgs, RotateStepArg,
+    ServerArgs, ServerCommand, TokenCommand,
 };
 use crate::run_agent::ConfigProblem;
 use anyhow::{bail, Context};
@@ -201,6 +201,52 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        ServerCommand::Policy {
+            command: PolicyCommand::Set { store, remote, file },
+        } => {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            if remote.server.is_some() {
+                let (status, value) =
+                    remote_raw(&remote, http::Method::POST, "/v1/policy", Some(text.into_bytes())).await?;
+                if status != 200 {
+                    return Err(ConfigProblem(format!(
+                        "server refused the policy: {}",
+                        value["error"]["message"].as_str().unwrap_or("?")
+                    ))
+                    .into());
+                }
+            } else {
+                let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                    .await
+                    .map_err(classify)?;
+                let td =
+                    TrustDomain::new(&meta.trust_domain).context("server.json holds a bad trust domain")?;
+                let policy = tapproof_server::Policy::parse(&text, &td).map_err(classify)?;
+                tapproof_server::set_policy(&*db, &policy, "cli")
+                    .await
+                    .map_err(classify)?;
+            }
+            println!(
+                "policy from {} set; agents apply it within seconds",
+                file.display()
+            );
+            Ok(())
+        }
+        ServerCommand::Policy {
+            command: PolicyCommand::Show { store, remote },
+        } => {
+            let policy = if remote.server.is_some() {
+                remote_call(&remote, http::Method::GET, "/v1/policy", None).await?
+            } else {
+                let (_, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+                    .await
+                    .map_err(classify)?;
+                serde_json::to_value(tapproof_server::get_policy(&*db).await.map_err(classify)?)?
+            };
+            println!("{}", serde_json::to_string_pretty(&policy)?);
+            Ok(())
+        }
         ServerCommand::Registration { command } => {
             let (store, change) = match command {
                 RegistrationCommand::Add { store, node, service } => (store, Some((true, node, service))),
@@ -371,13 +417,31 @@ fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// One admin API call over mTLS with the identity in `--admin-dir`.
+/// One admin API call over mTLS with the identity in `--admin-dir`; a non-200 answer is an error.
 async fn remote_call(
     remote: &RemoteArgs,
     method: http::Method,
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
+    let (status, value) = remote_raw(remote, method, path, body.map(|b| b.to_string().into_bytes())).await?;
+    if status != 200 {
+        bail!(
+            "server refused ({status}): {}: {}",
+            value["error"]["code"].as_str().unwrap_or("?"),
+            value["error"]["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(value)
+}
+
+/// The status and JSON body of one admin API call.
+async fn remote_raw(
+    remote: &RemoteArgs,
+    method: http::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
     let server = remote.server.as_deref().context("--server is required")?;
     let dir = remote
         .admin_dir
@@ -399,7 +463,6 @@ async fn remote_call(
         Some((&chain, &key)),
     )
     .map_err(|e| ConfigProblem(format!("--admin-dir {}: {e}", dir.display())))?;
-    let body = body.map(|b| b.to_string().into_bytes());
     let (status, bytes) = tapproof_agent::control::request(
         server,
         &tls,
@@ -410,12 +473,5 @@ async fn remote_call(
     )
     .await?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    if status != 200 {
-        bail!(
-            "server refused ({status}): {}: {}",
-            value["error"]["code"].as_str().unwrap_or("?"),
-            value["error"]["message"].as_str().unwrap_or("")
-        );
-    }
-    Ok(value)
+    Ok((status, value))
 }

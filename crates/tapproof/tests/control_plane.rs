@@ -891,3 +891,109 @@ fn admin_commands_over_mtls() {
     );
     assert_eq!(status, 401);
 }
+
+/// The control plane's policy decides who may open a service whose config lists no `allow`:
+/// agents apply a new policy within seconds.
+#[test]
+fn policy_from_the_control_plane_is_applied_within_seconds() {
+    let dir = tempfile::Builder::new()
+        .prefix("tapproof-policy-")
+        .tempdir()
+        .unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", "1h");
+    let echo = EchoServer::start();
+    let db_token = server.token(EXE, "db-1", &["db"], "5m");
+    let db_config = format!(
+        "trust_domain = \"{TD}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\n\
+         [[inbound]]\nservice = \"db\"\nforward = \"{}\"\n",
+        control_section(&dir.path().join("db-1"), &db_token),
+        echo.addr
+    );
+    let db = AgentProcess::start(EXE, dir.path(), "db-1", &db_config);
+    let web_token = server.token(EXE, "web-1", &[], "5m");
+    let web = AgentProcess::start(
+        EXE,
+        dir.path(),
+        "web-1",
+        &web_config(&dir.path().join("web-1"), &web_token, db.tunnel()),
+    );
+    let works = || {
+        round_trip(web.outbound(0), b"hello")
+            .map(|b| b == b"hello")
+            .unwrap_or(false)
+    };
+    assert!(!works(), "no policy and no allow list: denied");
+    assert!(db.metric("tapproof_policy_denials_total", &["reason=\"not_allowed\""]) >= 1.0);
+
+    let d = data.to_str().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(
+        &file,
+        format!("[services.db]\nallow = [\"spiffe://{TD}/node/web-1\"]\n"),
+    )
+    .unwrap();
+    let (code, out, err) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "policy",
+            "set",
+            "--data-dir",
+            d,
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !works() {
+        assert!(
+            Instant::now() < deadline,
+            "policy not applied within 5 s; db log:\n{}",
+            db.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    std::fs::write(&file, "[services.db]\nallow = []\n").unwrap();
+    let (code, _, err) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "policy",
+            "set",
+            "--data-dir",
+            d,
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while works() {
+        assert!(Instant::now() < deadline, "emptied policy not applied within 5 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    std::fs::write(&file, "[services.db]\nallow = [\"spiffe://evil.org/node/x\"]\n").unwrap();
+    let (code, _, err) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "policy",
+            "set",
+            "--data-dir",
+            d,
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not in trust domain"), "{err}");
+    let (_, out, _) = run_tapproof(EXE, &["server", "policy", "show", "--data-dir", d]);
+    assert!(
+        out.contains("\"db\"") && !out.contains("evil.org"),
+        "a refused policy changes nothing: {out}"
+    );
+}

@@ -3,10 +3,10 @@
 //! `spiffe://example.org/svc/web` and `spiffe://example.org/svc/web/v2`, but not
 //! `spiffe://example.org/svc` itself nor `spiffe://example.org/svcx`).
 
+use crate::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 use serde::{Deserialize, Deserializer};
 use std::fmt;
 use std::str::FromStr;
-use tapproof_identity::{SpiffeId, SpiffeIdError, TrustDomain};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AllowPattern {

@@ -1,0 +1,6 @@
+-- Version 3: the policy document (which identities may open which service), one row.
+CREATE TABLE policy (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    document    TEXT    NOT NULL,
+    updated_at  INTEGER NOT NULL
+);

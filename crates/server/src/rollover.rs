@@ -161,3 +161,54 @@ async fn last_activation(store: &dyn Store) -> Result<i64, ServerError> {
 pub async fn feed_version(store: &dyn Store) -> Result<i64, ServerError> {
     Ok(store.change_version().await?)
 }
+
+/// When `tapproof server run` rolls the root over by itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    /// Prepare a new root once the signing root is this old.
+    pub root_max_age: std::time::Duration,
+    /// Activate a prepared root after this long (time for every agent to fetch the new bundle).
+    pub propagation: std::time::Duration,
+}
+
+/// One look at the schedule: runs the step that is due, if any. Safe with several replicas: a
+/// step another replica already took fails its precondition and nothing happens.
+pub async fn scheduled_step(
+    store: &dyn Store,
+    kek: &Kek,
+    td: &TrustDomain,
+    schedule: &Schedule,
+) -> Result<Option<String>, ServerError> {
+    let cas = store.ca_list().await?;
+    let t = now();
+    if let Some(prepared) = cas
+        .iter()
+        .find(|c| c.state == CaState::Prepared && c.kind == CaKind::Intermediate)
+    {
+        if t - prepared.created_at >= schedule.propagation.as_secs() as i64 {
+            return rotate(store, kek, td, RotateStep::Activate).await.map(Some);
+        }
+        return Ok(None);
+    }
+    let signing_root = cas
+        .iter()
+        .filter(|c| c.kind == CaKind::Intermediate && c.state == CaState::Active)
+        .max_by_key(|c| c.id)
+        .and_then(|i| i.parent_id)
+        .and_then(|id| cas.iter().find(|c| c.id == id));
+    let old_roots = cas.iter().any(|c| {
+        c.kind == CaKind::Root && c.state == CaState::Active && Some(c.id) != signing_root.map(|r| r.id)
+    });
+    if old_roots {
+        // Retire refuses while certificates from before the activation live; try again later.
+        return Ok(rotate(store, kek, td, RotateStep::Retire { force: false })
+            .await
+            .ok());
+    }
+    match signing_root {
+        Some(root) if t - root.created_at >= schedule.root_max_age.as_secs() as i64 => {
+            rotate(store, kek, td, RotateStep::Prepare).await.map(Some)
+        }
+        _ => Ok(None),
+    }
+}

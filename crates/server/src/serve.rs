@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub leaf_ttl: Duration,
     /// Written with `{"listen": "<addr>"}` once the listener is bound.
     pub ready_file: Option<PathBuf>,
+    /// Roll the root over automatically.
+    pub rollover: Option<crate::rollover::Schedule>,
 }
 
 fn server_tls(ca: &Ca) -> Result<ControlServerTls, ServerError> {
@@ -56,12 +58,11 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     }
     let (meta, store) = open_store(&options.data_dir, options.store.as_deref()).await?;
     let td = TrustDomain::new(&meta.trust_domain).map_err(|e| ServerError::Invalid(e.to_string()))?;
-    let kek = Kek::load(
-        &options
-            .kek_file
-            .clone()
-            .unwrap_or_else(|| crate::default_kek_file(&options.data_dir)),
-    )?;
+    let kek_file = options
+        .kek_file
+        .clone()
+        .unwrap_or_else(|| crate::default_kek_file(&options.data_dir));
+    let kek = Arc::new(Kek::load(&kek_file)?);
     let ca = Arc::new(Ca::load(&*store, &kek, &td).await?);
     let tls = Arc::new(RwLock::new(server_tls(&ca)?));
     let (version_tx, version_rx) = tokio::sync::watch::channel(crate::rollover::feed_version(&*store).await?);
@@ -113,7 +114,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     // watcher: PostgreSQL wakes it with NOTIFY; on SQLite it looks once a second.
     let mut changes = store.listen_changes().await?;
     let watcher = {
-        let (store, state, tls) = (store.clone(), state.clone(), tls.clone());
+        let (store, state, tls, kek) = (store.clone(), state.clone(), tls.clone(), kek.clone());
         let td = td.clone();
         tokio::spawn(async move {
             loop {
@@ -149,6 +150,21 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
             }
         })
     };
+
+    let scheduler = options.rollover.map(|schedule| {
+        let (store, kek, td) = (store.clone(), kek.clone(), td.clone());
+        tokio::spawn(async move {
+            let every = (schedule.propagation / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            loop {
+                tokio::time::sleep(every).await;
+                match crate::rollover::scheduled_step(&*store, &kek, &td, &schedule).await {
+                    Ok(Some(done)) => info!(step = %done, "scheduled root rollover"),
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "scheduled root rollover step failed"),
+                }
+            }
+        })
+    });
 
     tokio::pin!(shutdown);
     loop {
@@ -189,6 +205,9 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     }
     refresher.abort();
     watcher.abort();
+    if let Some(s) = scheduler {
+        s.abort();
+    }
     info!("control plane stopped");
     Ok(())
 }

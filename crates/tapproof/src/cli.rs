@@ -171,6 +171,13 @@ pub enum ServerCommand {
         /// Write `{"listen": ...}` here once bound.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Roll the root over automatically once the signing root is this old (e.g. 180d);
+        /// off unless given.
+        #[arg(long, env = "TAPPROOF_ROOT_MAX_AGE")]
+        root_max_age: Option<humantime_arg::Duration>,
+        /// With --root-max-age: how long a prepared root waits (in every bundle) before it signs.
+        #[arg(long, env = "TAPPROOF_ROLLOVER_PROPAGATION", default_value = "1h")]
+        rollover_propagation: humantime_arg::Duration,
     },
     /// Issue an admin identity (spiffe://<td>/admin/<name>) for the admin commands' --admin-dir.
     AdminCert {

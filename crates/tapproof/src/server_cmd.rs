@@ -51,6 +51,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             kek_file,
             leaf_ttl,
             ready_file,
+            root_max_age,
+            rollover_propagation,
         } => {
             let options = tapproof_server::RunOptions {
                 data_dir: store.data_dir,
@@ -59,6 +61,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 kek_file,
                 leaf_ttl: leaf_ttl.0,
                 ready_file,
+                rollover: root_max_age.map(|age| tapproof_server::rollover::Schedule {
+                    root_max_age: age.0,
+                    propagation: rollover_propagation.0,
+                }),
             };
             tapproof_server::run(options, crate::run_agent::shutdown_signal())
                 .await

@@ -997,3 +997,76 @@ fn policy_from_the_control_plane_is_applied_within_seconds() {
         "a refused policy changes nothing: {out}"
     );
 }
+
+/// With --root-max-age the server rolls its root over by itself (prepare, activate, retire),
+/// while a client keeps sending requests: zero failures.
+#[test]
+fn scheduled_root_rollover_under_load() {
+    let dir = tempfile::Builder::new()
+        .prefix("tapproof-auto-")
+        .tempdir()
+        .unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let server = ServerProcess::start_with_args(
+        EXE,
+        &data,
+        "127.0.0.1:0",
+        "30s",
+        None,
+        &["--root-max-age", "5s", "--rollover-propagation", "4s"],
+    );
+    let echo = EchoServer::start();
+    let db_token = server.token(EXE, "db-1", &["db"], "5m");
+    let db = AgentProcess::start(
+        EXE,
+        dir.path(),
+        "db-1",
+        &db_config(&dir.path().join("db-1"), &db_token, echo.addr, "127.0.0.1:0"),
+    );
+    let web_token = server.token(EXE, "web-1", &[], "5m");
+    let web = AgentProcess::start(
+        EXE,
+        dir.path(),
+        "web-1",
+        &web_config(&dir.path().join("web-1"), &web_token, db.tunnel()),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed, handle) = load(web.outbound(0), stop.clone());
+    let d = data.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, out, _) = run_tapproof(
+            EXE,
+            &["server", "audit-log", "show", "--data-dir", d, "--limit", "1000"],
+        );
+        if out.contains("ca.retire") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no full scheduled rollover in 120 s:\n{out}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // Keep going until both agents have renewed again under whatever root signs now.
+    let (db_r, web_r) = (
+        db.metric("tapproof_renewals_total", &[]),
+        web.metric("tapproof_renewals_total", &[]),
+    );
+    db.wait_for("a renewal after retirement", Duration::from_secs(40), |a| {
+        a.metric("tapproof_renewals_total", &[]) > db_r
+    });
+    web.wait_for("a renewal after retirement", Duration::from_secs(40), |a| {
+        a.metric("tapproof_renewals_total", &[]) > web_r
+    });
+    stop.store(true, Ordering::Relaxed);
+    handle.join().unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request may fail during scheduled rollover"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    assert!(server.log().contains("scheduled root rollover"));
+}

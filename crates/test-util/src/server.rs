@@ -48,6 +48,18 @@ impl ServerProcess {
         leaf_ttl: &str,
         store: Option<&str>,
     ) -> Self {
+        Self::start_with_args(exe, data_dir, listen, leaf_ttl, store, &[])
+    }
+
+    /// Like `start_with_store`, with more `server run` arguments.
+    pub fn start_with_args(
+        exe: &str,
+        data_dir: &Path,
+        listen: &str,
+        leaf_ttl: &str,
+        store: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
         let ready = data_dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let log = data_dir.join(format!(
@@ -73,6 +85,7 @@ impl ServerProcess {
                 leaf_ttl,
             ])
             .args(store.map(|s| vec!["--store", s]).unwrap_or_default())
+            .args(extra)
             .arg("--ready-file")
             .arg(&ready)
             .stdin(Stdio::null())

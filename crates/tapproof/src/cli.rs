@@ -262,6 +262,8 @@ pub enum RegistrationCommand {
     Add {
         #[command(flatten)]
         store: ServerStoreArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         #[arg(long)]
         node: String,
         #[arg(long)]
@@ -270,6 +272,8 @@ pub enum RegistrationCommand {
     Remove {
         #[command(flatten)]
         store: ServerStoreArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         #[arg(long)]
         node: String,
         #[arg(long)]
@@ -278,6 +282,8 @@ pub enum RegistrationCommand {
     List {
         #[command(flatten)]
         store: ServerStoreArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
 }
 

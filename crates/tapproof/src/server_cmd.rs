@@ -254,11 +254,53 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             Ok(())
         }
         ServerCommand::Registration { command } => {
-            let (store, change) = match command {
-                RegistrationCommand::Add { store, node, service } => (store, Some((true, node, service))),
-                RegistrationCommand::Remove { store, node, service } => (store, Some((false, node, service))),
-                RegistrationCommand::List { store } => (store, None),
+            let (store, remote, change) = match command {
+                RegistrationCommand::Add {
+                    store,
+                    remote,
+                    node,
+                    service,
+                } => (store, remote, Some((true, node, service))),
+                RegistrationCommand::Remove {
+                    store,
+                    remote,
+                    node,
+                    service,
+                } => (store, remote, Some((false, node, service))),
+                RegistrationCommand::List { store, remote } => (store, remote, None),
             };
+            if remote.server.is_some() {
+                match change {
+                    Some((add, node, service)) => {
+                        let body = serde_json::json!({ "node": node, "service": service, "add": add });
+                        let v =
+                            remote_call(&remote, http::Method::POST, "/v1/registrations", Some(body)).await?;
+                        println!(
+                            "{} {node} / {service}",
+                            if v["changed"] == true {
+                                "changed:"
+                            } else {
+                                "no change:"
+                            }
+                        );
+                    }
+                    None => {
+                        for r in remote_call(&remote, http::Method::GET, "/v1/registrations", None)
+                            .await?
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                        {
+                            println!(
+                                "{:<20} {}",
+                                r["node"].as_str().unwrap_or("?"),
+                                r["service"].as_str().unwrap_or("?")
+                            );
+                        }
+                    }
+                }
+                return Ok(());
+            }
             let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
                 .await
                 .map_err(classify)?;

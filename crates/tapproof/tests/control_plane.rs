@@ -857,6 +857,19 @@ fn admin_commands_over_mtls() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("revoked node web-1"), "{out}");
+    let (code, out, err) = run(&[
+        "server",
+        "registration",
+        "add",
+        "--node",
+        "web-1",
+        "--service",
+        "api",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("changed"), "{out}");
+    let (_, out, _) = run(&["server", "registration", "list"]);
+    assert!(out.contains("api"), "{out}");
     let (code, out, err) = run(&["server", "audit-log", "show"]);
     assert_eq!(code, 0, "{err}");
     assert!(

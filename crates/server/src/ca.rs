@@ -48,3 +48,38 @@ impl Ca {
         })
     }
 }
+
+/// A new root and an intermediate under it, keys sealed, recorded in `state`; returns their ids
+/// and the root's SHA-256 pin. Used by `init` (active) and by rollover's prepare (prepared).
+pub(crate) async fn create_pair(
+    store: &dyn Store,
+    kek: &Kek,
+    trust_domain: &TrustDomain,
+    state: CaState,
+) -> Result<(i64, i64, [u8; 32]), ServerError> {
+    let ca_err = |e: tapproof_identity::CaError| ServerError::Ca(e.to_string());
+    let root = Authority::new_root(trust_domain.clone(), crate::ROOT_LIFETIME).map_err(ca_err)?;
+    let inter = root
+        .new_intermediate(crate::INTERMEDIATE_LIFETIME)
+        .map_err(ca_err)?;
+    let t = crate::now();
+    let mut parent = None;
+    let mut ids = Vec::new();
+    for (kind, ca) in [(CaKind::Root, &root), (CaKind::Intermediate, &inter)] {
+        let id = store
+            .ca_insert(tapproof_store::NewCa {
+                kind,
+                parent_id: parent,
+                cert_pem: ca.cert_pem().to_owned(),
+                key_sealed: kek.seal(SEAL_PURPOSE, ca.key_pem().as_bytes())?,
+                state,
+                not_after: ca.not_after().unix_timestamp(),
+                created_at: t,
+            })
+            .await?;
+        parent = Some(id);
+        ids.push(id);
+    }
+    let pin = tapproof_tls::cert_pin(root.cert_pem()).map_err(|e| ServerError::Ca(e.to_string()))?;
+    Ok((ids[0], ids[1], pin))
+}

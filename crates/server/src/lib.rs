@@ -17,8 +17,8 @@ use kek::{Kek, KekError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tapproof_identity::{Authority, JoinToken, TrustDomain};
-use tapproof_store::{CaKind, CaState, NewAudit, NewCa, NewToken, Store, StoreError};
+use tapproof_identity::{JoinToken, TrustDomain};
+use tapproof_store::{CaKind, CaState, NewAudit, NewToken, Store, StoreError};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:15443";
 pub const ROOT_LIFETIME: time::Duration = time::Duration::days(3650);
@@ -107,35 +107,9 @@ pub async fn init(
     if !store.ca_list().await?.is_empty() {
         return Err(ServerError::AlreadyInitialised);
     }
-    let root = Authority::new_root(trust_domain.clone(), ROOT_LIFETIME)
-        .map_err(|e| ServerError::Ca(e.to_string()))?;
-    let inter = root
-        .new_intermediate(INTERMEDIATE_LIFETIME)
-        .map_err(|e| ServerError::Ca(e.to_string()))?;
+    let (root_id, inter_id, root_pin) =
+        ca::create_pair(&*store, &kek, &trust_domain, CaState::Active).await?;
     let t = now();
-    let root_id = store
-        .ca_insert(NewCa {
-            kind: CaKind::Root,
-            parent_id: None,
-            cert_pem: root.cert_pem().to_owned(),
-            key_sealed: kek.seal(ca::SEAL_PURPOSE, root.key_pem().as_bytes())?,
-            state: CaState::Active,
-            not_after: root.not_after().unix_timestamp(),
-            created_at: t,
-        })
-        .await?;
-    let inter_id = store
-        .ca_insert(NewCa {
-            kind: CaKind::Intermediate,
-            parent_id: Some(root_id),
-            cert_pem: inter.cert_pem().to_owned(),
-            key_sealed: kek.seal(ca::SEAL_PURPOSE, inter.key_pem().as_bytes())?,
-            state: CaState::Active,
-            not_after: inter.not_after().unix_timestamp(),
-            created_at: t,
-        })
-        .await?;
-    let root_pin = tapproof_tls::cert_pin(root.cert_pem()).map_err(|e| ServerError::Ca(e.to_string()))?;
     store
         .audit_append(
             NewAudit {

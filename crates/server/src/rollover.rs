@@ -8,9 +8,9 @@
 //!    activation is still valid (unless forced).
 
 use crate::kek::Kek;
-use crate::{now, ServerError, INTERMEDIATE_LIFETIME, ROOT_LIFETIME};
-use tapproof_identity::{Authority, TrustDomain};
-use tapproof_store::{CaKind, CaState, NewAudit, NewCa, Store};
+use crate::{now, ServerError};
+use tapproof_identity::TrustDomain;
+use tapproof_store::{CaKind, CaState, NewAudit, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RotateStep {
@@ -56,35 +56,7 @@ pub async fn rotate(
                     "a new root is already prepared; run `tapproof server ca rotate activate`".into(),
                 ));
             }
-            let root =
-                Authority::new_root(td.clone(), ROOT_LIFETIME).map_err(|e| ServerError::Ca(e.to_string()))?;
-            let inter = root
-                .new_intermediate(INTERMEDIATE_LIFETIME)
-                .map_err(|e| ServerError::Ca(e.to_string()))?;
-            let t = now();
-            let root_id = store
-                .ca_insert(NewCa {
-                    kind: CaKind::Root,
-                    parent_id: None,
-                    cert_pem: root.cert_pem().to_owned(),
-                    key_sealed: kek.seal(crate::ca::SEAL_PURPOSE, root.key_pem().as_bytes())?,
-                    state: CaState::Prepared,
-                    not_after: root.not_after().unix_timestamp(),
-                    created_at: t,
-                })
-                .await?;
-            let inter_id = store
-                .ca_insert(NewCa {
-                    kind: CaKind::Intermediate,
-                    parent_id: Some(root_id),
-                    cert_pem: inter.cert_pem().to_owned(),
-                    key_sealed: kek.seal(crate::ca::SEAL_PURPOSE, inter.key_pem().as_bytes())?,
-                    state: CaState::Prepared,
-                    not_after: inter.not_after().unix_timestamp(),
-                    created_at: t,
-                })
-                .await?;
-            let pin = tapproof_tls::cert_pin(root.cert_pem()).map_err(|e| ServerError::Ca(e.to_string()))?;
+            let (root_id, inter_id, pin) = crate::ca::create_pair(store, kek, td, CaState::Prepared).await?;
             audit(store, "ca.prepare", serde_json::json!({ "root_id": root_id, "intermediate_id": inter_id, "root_sha256": hex::encode(pin) })).await?;
             Ok(format!("prepared root {root_id} (sha256 {}): it is in every bundle now and signs nothing yet; activate once agents have it", hex::encode(pin)))
         }

@@ -77,12 +77,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             out,
             ttl,
         } => {
-            let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
-                .await
-                .map_err(classify)?;
-            let td = TrustDomain::new(&meta.trust_domain).context("server.json holds a bad trust domain")?;
-            let kek_path = kek_file.unwrap_or_else(|| tapproof_server::default_kek_file(&store.data_dir));
-            let kek = tapproof_server::kek::Kek::load(&kek_path).map_err(|e| classify(e.into()))?;
+            let (td, db, kek) = open_with_kek(&store, kek_file).await?;
             let id = tapproof_server::issue_admin(&*db, &kek, &td, &name, ttl.0, &out)
                 .await
                 .map_err(classify)?;
@@ -336,12 +331,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 },
         } => {
             use tapproof_server::rollover::{rotate, RotateStep};
-            let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
-                .await
-                .map_err(classify)?;
-            let td = TrustDomain::new(&meta.trust_domain).context("server.json holds a bad trust domain")?;
-            let kek_path = kek_file.unwrap_or_else(|| tapproof_server::default_kek_file(&store.data_dir));
-            let kek = tapproof_server::kek::Kek::load(&kek_path).map_err(|e| classify(e.into()))?;
+            let (td, db, kek) = open_with_kek(&store, kek_file).await?;
             let step = match step {
                 RotateStepArg::Prepare => RotateStep::Prepare,
                 RotateStepArg::Activate => RotateStep::Activate,
@@ -522,4 +512,22 @@ async fn remote_raw(
     .await?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     Ok((status, value))
+}
+
+/// The store, its trust domain and the key-encryption key: what commands that sign need.
+async fn open_with_kek(
+    store: &crate::cli::ServerStoreArgs,
+    kek_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<(
+    TrustDomain,
+    std::sync::Arc<dyn tapproof_store::Store>,
+    tapproof_server::kek::Kek,
+)> {
+    let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
+        .await
+        .map_err(classify)?;
+    let td = TrustDomain::new(&meta.trust_domain).context("server.json holds a bad trust domain")?;
+    let kek_path = kek_file.unwrap_or_else(|| tapproof_server::default_kek_file(&store.data_dir));
+    let kek = tapproof_server::kek::Kek::load(&kek_path).map_err(|e| classify(e.into()))?;
+    Ok((td, db, kek))
 }

@@ -55,6 +55,9 @@ struct ControlState {
     id: String,
     issued_at: i64,
     not_after: i64,
+    /// Services registered to this node; their identities live in `svc-<name>.pem` / `.key`.
+    #[serde(default)]
+    services: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -69,12 +72,59 @@ struct JoinResponse {
     node: String,
     identity: IssuedIdentity,
     bundle: Vec<String>,
+    #[serde(default)]
+    services: Vec<String>,
+}
+
+fn service_files(data_dir: &Path, service: &str) -> (PathBuf, PathBuf) {
+    (
+        data_dir.join(format!("svc-{service}.pem")),
+        data_dir.join(format!("svc-{service}.key")),
+    )
+}
+
+/// New keys and CSRs for the node (when `node` is given) and each service.
+fn service_csrs(
+    td: &TrustDomain,
+    services: &[String],
+) -> Result<Vec<(String, String, String)>, ControlError> {
+    let mut out = Vec::new();
+    for service in services {
+        let id = td
+            .service_id(service)
+            .map_err(|e| ControlError::Token(format!("service {service:?} from the server: {e}")))?;
+        let (csr, key) = new_csr(Some(&id)).map_err(|e| ControlError::Token(e.to_string()))?;
+        out.push((id.to_string(), csr, key));
+    }
+    Ok(out)
+}
+
+/// Keeps the service identities the server issued (key 0600 beside each certificate).
+fn write_service_identities(
+    data_dir: &Path,
+    issued: &[IssuedIdentity],
+    keys: &[(String, String, String)],
+) -> Result<(), ControlError> {
+    for i in issued {
+        let Some((_, _, key)) = keys.iter().find(|(id, _, _)| id == &i.id) else {
+            continue;
+        };
+        let Some(service) = i.id.rsplit_once("/svc/").map(|(_, s)| s) else {
+            continue;
+        };
+        let (pem, key_path) = service_files(data_dir, service);
+        write_file(&key_path, key.as_bytes(), 0o600)?;
+        write_file(&pem, i.chain_pem.as_bytes(), 0o644)?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
 struct SignResponse {
     identities: Vec<IssuedIdentity>,
     bundle: Vec<String>,
+    #[serde(default)]
+    services: Vec<String>,
 }
 
 pub fn identity_files(data_dir: &Path) -> IdentityFiles {
@@ -247,12 +297,41 @@ pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<Identity
     write_file(&files.key, key.as_bytes(), 0o600)?;
     write_file(&files.cert, joined.identity.chain_pem.as_bytes(), 0o644)?;
     write_file(&files.bundle, joined.bundle.concat().as_bytes(), 0o644)?;
+    if !joined.services.is_empty() {
+        // The identities of the services registered to this node, over mTLS with the new identity.
+        let tls = ControlClientTls::new(
+            ServerTrust::Bundle(joined.bundle.clone()),
+            server_id(td),
+            Some((&joined.identity.chain_pem, &key)),
+        )
+        .map_err(|e| data_err(&files.cert, e))?;
+        let keys = service_csrs(td, &joined.services)?;
+        let csrs: Vec<_> = keys
+            .iter()
+            .map(|(id, csr, _)| serde_json::json!({ "id": id, "csr": csr }))
+            .collect();
+        let (status, bytes) = post(
+            &server,
+            &tls,
+            "/v1/sign",
+            serde_json::json!({ "csrs": csrs }).to_string().into_bytes(),
+        )
+        .await?;
+        if status != 200 {
+            return Err(refusal(&server, &bytes));
+        }
+        let signed: SignResponse =
+            serde_json::from_slice(&bytes).map_err(|e| refusal(&server, e.to_string().as_bytes()))?;
+        write_service_identities(&cfg.data_dir, &signed.identities, &keys)?;
+        info!(services = ?joined.services, "received the identities of the services registered to this node");
+    }
     let state = ControlState {
         server,
         node: joined.node,
         id: joined.identity.id,
         issued_at: now(),
         not_after: joined.identity.not_after,
+        services: joined.services,
     };
     write_file(
         &cfg.data_dir.join(STATE),
@@ -332,6 +411,33 @@ async fn renew(
     }
     let signed: SignResponse =
         serde_json::from_slice(&bytes).map_err(|e| refusal(&current.server, e.to_string().as_bytes()))?;
+    let services = signed.services.clone();
+    // Service identities in a second request, for exactly the services the server now lists: a
+    // registration removed meanwhile must not block the node's own renewal.
+    if !services.is_empty() {
+        let keys = service_csrs(td, &services)?;
+        let csrs: Vec<_> = keys
+            .iter()
+            .map(|(id, csr, _)| serde_json::json!({ "id": id, "csr": csr }))
+            .collect();
+        match post(
+            &current.server,
+            &tls,
+            "/v1/sign",
+            serde_json::json!({ "csrs": csrs }).to_string().into_bytes(),
+        )
+        .await
+        {
+            Ok((200, bytes)) => match serde_json::from_slice::<SignResponse>(&bytes) {
+                Ok(svc) => write_service_identities(&cfg.data_dir, &svc.identities, &keys)?,
+                Err(e) => warn!(error = %e, "service identities: unreadable answer"),
+            },
+            Ok((_, bytes)) => {
+                warn!(error = %refusal(&current.server, &bytes), "service identities not renewed")
+            }
+            Err(e) => warn!(error = %e, "service identities not renewed"),
+        }
+    }
     let issued = signed
         .identities
         .into_iter()
@@ -356,6 +462,7 @@ async fn renew(
     let next = ControlState {
         issued_at: now(),
         not_after: issued.not_after,
+        services,
         ..current
     };
     write_file(

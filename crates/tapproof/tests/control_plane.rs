@@ -96,6 +96,18 @@ fn join_then_rotate_under_load_without_a_failed_request() {
     let s = setup("30s");
     assert_eq!(round_trip(s.web.outbound(0), b"joined").unwrap(), b"joined");
     assert_eq!(s.db.status()["id"], "spiffe://example.org/node/db-1");
+    // db-1's token registered service db: the agent holds that identity too, key 0600.
+    let svc = std::fs::read_to_string(s.dir.path().join("db-1/svc-db.pem")).unwrap();
+    let leaf = tapproof_identity::ca::first_der(&svc).unwrap();
+    assert_eq!(
+        tapproof_identity::inspect_svid(&leaf).unwrap().id.to_string(),
+        "spiffe://example.org/svc/db"
+    );
+    let mode = std::fs::metadata(s.dir.path().join("db-1/svc-db.key"))
+        .unwrap()
+        .permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    let svc_serial = tapproof_identity::inspect_svid(&leaf).unwrap().serial;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed, handle) = load(s.web.outbound(0), stop.clone());
@@ -124,6 +136,12 @@ fn join_then_rotate_under_load_without_a_failed_request() {
         "tunnels are re-made once a certificate they were authenticated with expires"
     );
     assert_eq!(s.web.metric("tapproof_renewal_failures_total", &[]), 0.0);
+    let svc = std::fs::read_to_string(s.dir.path().join("db-1/svc-db.pem")).unwrap();
+    let renewed = tapproof_identity::inspect_svid(&tapproof_identity::ca::first_der(&svc).unwrap()).unwrap();
+    assert_ne!(
+        renewed.serial, svc_serial,
+        "service identities are renewed with the node's"
+    );
 
     // The audit log recorded the joins and renewals, and its chain verifies.
     let data = s.server.data_dir.to_str().unwrap().to_owned();

@@ -238,3 +238,28 @@ impl AgentState {
         self.tunnels_table().values().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Revoked;
+
+    #[test]
+    fn revocations_cover_nodes_ids_and_serials() {
+        let mut r = Revoked::default();
+        r.nodes.insert("web-1".into());
+        r.ids.insert("spiffe://example.org/svc/api".into());
+        r.serials.insert("ABCD".into());
+        assert!(r.covers("spiffe://example.org/node/web-1", "1234"));
+        assert!(
+            !r.covers("spiffe://example.org/node/web-10", "1234"),
+            "whole node names only"
+        );
+        assert!(!r.covers("spiffe://example.org/node/web-1/x", "1234"));
+        assert!(r.covers("spiffe://example.org/svc/api", "1234"));
+        assert!(
+            r.covers("spiffe://example.org/node/db-1", "ABCD"),
+            "any identity with a revoked serial"
+        );
+        assert!(!r.covers("spiffe://example.org/node/db-1", "1234"));
+    }
+}

@@ -899,6 +899,22 @@ fn admin_commands_over_mtls() {
     let bundle = vec![std::fs::read_to_string(admin_dir.join("bundle.pem")).unwrap()];
     let chain = std::fs::read_to_string(web_dir.join("node.pem")).unwrap();
     let key = std::fs::read_to_string(web_dir.join("node.key")).unwrap();
+    // The revoked node cannot renew.
+    let (csr, _) = tapproof_identity::new_csr(None).unwrap();
+    let body = serde_json::json!({ "csrs": [{ "id": "spiffe://example.org/node/web-1", "csr": csr }] });
+    let (status, v) = control_request(
+        server.addr,
+        tapproof_tls::ServerTrust::Bundle(bundle.clone()),
+        Some((&chain, &key)),
+        "POST",
+        "/v1/sign",
+        serde_json::to_vec(&body).unwrap(),
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("node_revoked")),
+        "{v}"
+    );
     let (status, v) = control_request(
         server.addr,
         tapproof_tls::ServerTrust::Bundle(bundle.clone()),

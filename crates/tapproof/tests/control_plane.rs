@@ -975,23 +975,26 @@ fn policy_from_the_control_plane_is_applied_within_seconds() {
 
     let d = data.to_str().unwrap();
     let file = dir.path().join("policy.toml");
+    let set_policy = || {
+        run_tapproof(
+            EXE,
+            &[
+                "server",
+                "policy",
+                "set",
+                "--data-dir",
+                d,
+                "--file",
+                file.to_str().unwrap(),
+            ],
+        )
+    };
     std::fs::write(
         &file,
         format!("[services.db]\nallow = [\"spiffe://{TD}/node/web-1\"]\n"),
     )
     .unwrap();
-    let (code, out, err) = run_tapproof(
-        EXE,
-        &[
-            "server",
-            "policy",
-            "set",
-            "--data-dir",
-            d,
-            "--file",
-            file.to_str().unwrap(),
-        ],
-    );
+    let (code, out, err) = set_policy();
     assert_eq!(code, 0, "{out}{err}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !works() {
@@ -1004,18 +1007,7 @@ fn policy_from_the_control_plane_is_applied_within_seconds() {
     }
 
     std::fs::write(&file, "[services.db]\nallow = []\n").unwrap();
-    let (code, _, err) = run_tapproof(
-        EXE,
-        &[
-            "server",
-            "policy",
-            "set",
-            "--data-dir",
-            d,
-            "--file",
-            file.to_str().unwrap(),
-        ],
-    );
+    let (code, _, err) = set_policy();
     assert_eq!(code, 0, "{err}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while works() {
@@ -1024,18 +1016,7 @@ fn policy_from_the_control_plane_is_applied_within_seconds() {
     }
 
     std::fs::write(&file, "[services.db]\nallow = [\"spiffe://evil.org/node/x\"]\n").unwrap();
-    let (code, _, err) = run_tapproof(
-        EXE,
-        &[
-            "server",
-            "policy",
-            "set",
-            "--data-dir",
-            d,
-            "--file",
-            file.to_str().unwrap(),
-        ],
-    );
+    let (code, _, err) = set_policy();
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not in trust domain"), "{err}");
     let (_, out, _) = run_tapproof(EXE, &["server", "policy", "show", "--data-dir", d]);

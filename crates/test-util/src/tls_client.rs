@@ -153,21 +153,26 @@ pub fn plaintext_attempt(addr: SocketAddr) -> Vec<u8> {
     back
 }
 
-/// Completes a good handshake as `identity`, then sends bytes that are not HTTP/2. Returns
-/// whether the server closed the connection.
-pub fn garbage_after_handshake(addr: SocketAddr, identity: &IdentityPaths) -> bool {
+/// A completed TLS 1.3 handshake as `identity` (the server is not judged).
+async fn handshake(addr: SocketAddr, identity: &IdentityPaths) -> tokio_rustls::client::TlsStream<TcpStream> {
     let config = raw_config(
         Some(identity),
         &[&rustls::version::TLS13],
         KxPolicy::PreferPostQuantum,
     );
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    connector
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .unwrap()
+}
+
+/// Completes a good handshake as `identity`, then sends bytes that are not HTTP/2. Returns
+/// whether the server closed the connection.
+pub fn garbage_after_handshake(addr: SocketAddr, identity: &IdentityPaths) -> bool {
     runtime().block_on(async move {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(config);
-        let mut tls = connector
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-            .await
-            .unwrap();
+        let mut tls = handshake(addr, identity).await;
         let _ = tls.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(64)).await;
         let mut buf = vec![0u8; 4096];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -183,18 +188,8 @@ pub fn garbage_after_handshake(addr: SocketAddr, identity: &IdentityPaths) -> bo
 
 /// The leaf certificate the server presents to a good client.
 pub fn server_leaf(addr: SocketAddr, identity: &IdentityPaths) -> Vec<u8> {
-    let config = raw_config(
-        Some(identity),
-        &[&rustls::version::TLS13],
-        KxPolicy::PreferPostQuantum,
-    );
     runtime().block_on(async move {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(config);
-        let tls = connector
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-            .await
-            .unwrap();
+        let tls = handshake(addr, identity).await;
         tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
     })
 }

@@ -154,20 +154,7 @@ fn data_err(path: &Path, e: impl std::fmt::Display) -> ControlError {
 }
 
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), ControlError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| data_err(&tmp, e))?;
-    f.write_all(contents)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| data_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| data_err(path, e))
+    tapproof_tls::write_identity_file(path, contents, mode).map_err(|e| data_err(path, e))
 }
 
 fn read_state(data_dir: &Path) -> Option<ControlState> {

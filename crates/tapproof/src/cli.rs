@@ -259,32 +259,26 @@ pub enum NodeCommand {
 
 #[derive(Subcommand)]
 pub enum RegistrationCommand {
-    Add {
-        #[command(flatten)]
-        store: ServerStoreArgs,
-        #[command(flatten)]
-        remote: RemoteArgs,
-        #[arg(long)]
-        node: String,
-        #[arg(long)]
-        service: String,
-    },
-    Remove {
-        #[command(flatten)]
-        store: ServerStoreArgs,
-        #[command(flatten)]
-        remote: RemoteArgs,
-        #[arg(long)]
-        node: String,
-        #[arg(long)]
-        service: String,
-    },
+    Add(RegistrationArgs),
+    Remove(RegistrationArgs),
     List {
         #[command(flatten)]
         store: ServerStoreArgs,
         #[command(flatten)]
         remote: RemoteArgs,
     },
+}
+
+#[derive(Args)]
+pub struct RegistrationArgs {
+    #[command(flatten)]
+    pub store: ServerStoreArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    #[arg(long)]
+    pub node: String,
+    #[arg(long)]
+    pub service: String,
 }
 
 #[derive(Subcommand)]

@@ -54,17 +54,6 @@ pub fn mint(td: &TrustDomain, out: &Path, nodes: &[String], lifetime: time::Dura
 
 /// Creates the file with its final mode from the start, so a key is never briefly world-readable.
 pub fn write(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    tapproof_tls::write_identity_file(path, contents.as_bytes(), mode)
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -250,18 +250,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
         ServerCommand::Registration { command } => {
             let (store, remote, change) = match command {
-                RegistrationCommand::Add {
-                    store,
-                    remote,
-                    node,
-                    service,
-                } => (store, remote, Some((true, node, service))),
-                RegistrationCommand::Remove {
-                    store,
-                    remote,
-                    node,
-                    service,
-                } => (store, remote, Some((false, node, service))),
+                RegistrationCommand::Add(a) => (a.store, a.remote, Some((true, a.node, a.service))),
+                RegistrationCommand::Remove(a) => (a.store, a.remote, Some((false, a.node, a.service))),
                 RegistrationCommand::List { store, remote } => (store, remote, None),
             };
             if remote.server.is_some() {

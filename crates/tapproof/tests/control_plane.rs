@@ -37,9 +37,14 @@ struct Setup {
 }
 
 fn setup(leaf_ttl: &str) -> Setup {
+    setup_with(leaf_ttl, &[])
+}
+
+/// `setup` with more `server run` arguments.
+fn setup_with(leaf_ttl: &str, server_args: &[&str]) -> Setup {
     let dir = tempfile::Builder::new().prefix("tapproof-cp-").tempdir().unwrap();
     let data = init(EXE, dir.path(), TD);
-    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", leaf_ttl);
+    let server = ServerProcess::start_with_args(EXE, &data, "127.0.0.1:0", leaf_ttl, None, server_args);
     let echo = EchoServer::start();
     let db_token = server.token(EXE, "db-1", &["db"], "5m");
     let db = AgentProcess::start(
@@ -1030,34 +1035,9 @@ fn policy_from_the_control_plane_is_applied_within_seconds() {
 /// while a client keeps sending requests: zero failures.
 #[test]
 fn scheduled_root_rollover_under_load() {
-    let dir = tempfile::Builder::new()
-        .prefix("tapproof-auto-")
-        .tempdir()
-        .unwrap();
-    let data = init(EXE, dir.path(), TD);
-    let server = ServerProcess::start_with_args(
-        EXE,
-        &data,
-        "127.0.0.1:0",
-        "30s",
-        None,
-        &["--root-max-age", "5s", "--rollover-propagation", "4s"],
-    );
-    let echo = EchoServer::start();
-    let db_token = server.token(EXE, "db-1", &["db"], "5m");
-    let db = AgentProcess::start(
-        EXE,
-        dir.path(),
-        "db-1",
-        &db_config(&dir.path().join("db-1"), &db_token, echo.addr, "127.0.0.1:0"),
-    );
-    let web_token = server.token(EXE, "web-1", &[], "5m");
-    let web = AgentProcess::start(
-        EXE,
-        dir.path(),
-        "web-1",
-        &web_config(&dir.path().join("web-1"), &web_token, db.tunnel()),
-    );
+    let s = setup_with("30s", &["--root-max-age", "5s", "--rollover-propagation", "4s"]);
+    let (server, db, web) = (&s.server, &s.db, &s.web);
+    let data = server.data_dir.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed, handle) = load(web.outbound(0), stop.clone());
     let d = data.to_str().unwrap();

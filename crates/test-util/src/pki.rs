@@ -25,19 +25,7 @@ pub struct IdentityPaths {
 }
 
 pub fn write_file(path: &Path, contents: &str, mode: u32) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp-write");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .unwrap();
-    f.write_all(contents.as_bytes()).unwrap();
-    drop(f);
-    std::fs::rename(&tmp, path).unwrap();
+    tapproof_tls::write_identity_file(path, contents.as_bytes(), mode).unwrap();
 }
 
 impl TestPki {

@@ -78,6 +78,24 @@ pub enum MaterialError {
     },
 }
 
+/// Writes an identity file the way the reload loop expects to see it change: into a temporary
+/// file created with its final `mode` (a key is never briefly readable by others), synced, then
+/// renamed over `path` in one step.
+pub fn write_identity_file(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Checked identity material: a leaf SVID with its key, and the roots to verify peers with.
 #[derive(Debug)]
 pub struct Material {

@@ -1,143 +1,209 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark on loopback: direct plaintext, a tapproof agent pair, a stunnel4 pair.
+"""tapproof's benchmark: every figure of the performance issue, side by side with the peers, in one run.
 
-Each path fronts the same nginx (1 KiB static response) and iperf3 server. For each path and run:
-  bulk        iperf3, one stream, MB/s, plus CPU seconds per GB spent in the two proxy processes
-  new conn/s  wrk with "Connection: close": every request is a new app connection
-  keep-alive  wrk on persistent connections: requests/s, p50 and p99 latency
-The table shows the median of --runs runs. Traffic goes to 127.0.0.1 only; every process started
-here is stopped (by PID) at the end.
+Sections (--sections, default all):
+  loopback    direct / tapproof pair / stunnel4 pair on 127.0.0.1: iperf3 bulk MB/s and proxy CPU
+              seconds per GB, wrk new connections/s (Connection: close), wrk keep-alive req/s, p50, p99
+  clients     pgbench (8 clients, TPC-B-like) and redis-benchmark GET (16 clients) through each path
+  memory      resident memory per idle proxied connection at --idle-conns connections (tapproof, stunnel4)
+  handshakes  full mTLS 1.3 handshakes (X25519MLKEM768, ECDSA P-256, no resumption) per second, one core
+  veth        two network namespaces + veth: direct, tapproof, Nebula, boringtun (bulk, new conn, keep-alive)
+  longfat     the same veth with netem delay; one iperf3 stream direct vs tapproof
+  control     signings/s on SQLite; --feed-agents simulated agents on the state feed, revocation latency
+Medians of --runs runs. Results: a table on stdout, bench/results.json, bench/README.md's figures
+section and bench/plot.png (with --write). Every process and namespace started here is stopped.
 """
-import argparse, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, datetime, json, os, shutil, signal, subprocess, sys, tempfile
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import log, med, raise_fd_limit
+import control, loopback, veth
 
-PORTS = dict(nginx=18080, iperf=15201,
-             tp_admin_s=25000, tp_admin_c=25001, tp_tunnel=25008, tp_http=28080, tp_iperf=25201,
-             st_http_s=38443, st_iperf_s=38444, st_http=38080, st_iperf=35201)
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def wait_port(port, what, timeout=20):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"{what} did not listen on {port}")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ALL = ["loopback", "clients", "memory", "handshakes", "veth", "longfat", "control"]
+TOOLS = dict(loopback=["nginx", "wrk", "iperf3", "stunnel4"], clients=["pgbench", "redis-server", "redis-benchmark"],
+             memory=["stunnel4"], veth=["nginx", "wrk", "iperf3", "ip"], longfat=["iperf3", "tc"])
 
 
-def cpu_seconds(pids):
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
+def f0(x):
+    return "-" if x != x else f"{x:,.0f}"
 
 
-class Procs:
-    def __init__(self):
-        self.procs = []
-
-    def start(self, name, args, log):
-        p = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.procs.append((name, p))
-        return p
-
-    def stop(self):
-        for _, p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for _, p in reversed(self.procs):
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+def f2(x):
+    return "-" if x != x else f"{x:.2f}"
 
 
-def setup(d, tapproof, procs):
-    www = os.path.join(d, "www")
-    os.makedirs(www)
-    with open(os.path.join(www, "1k"), "wb") as f:
-        f.write(b"x" * 1024)
-    with open(os.path.join(d, "nginx.conf"), "w") as f:
-        f.write(f"""daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx-error.log;
-events {{ worker_connections 8192; }}
-http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 120;
-  server {{ listen 127.0.0.1:{PORTS['nginx']} backlog=4096; location / {{ root {www}; }} }} }}
-""")
-    procs.start("nginx", ["nginx", "-c", f"{d}/nginx.conf", "-e", f"{d}/nginx-error.log"], f"{d}/nginx.log")
-    procs.start("iperf3", ["iperf3", "-s", "-p", str(PORTS["iperf"])], f"{d}/iperf3.log")
-    wait_port(PORTS["nginx"], "nginx")
-    wait_port(PORTS["iperf"], "iperf3")
-
-    subprocess.run([tapproof, "pki", "mint", "--trust-domain", "bench.example", "--out", d,
-                    "--node", "server", "--node", "client"], check=True, stdout=subprocess.DEVNULL)
-    ident = lambda n: f'[identity]\ncert = "{d}/{n}.pem"\nkey = "{d}/{n}.key"\nbundle = "{d}/bundle.pem"\n'
-    with open(f"{d}/tp-server.toml", "w") as f:
-        f.write(f'trust_domain = "bench.example"\n{ident("server")}[admin]\nlisten = "127.0.0.1:{PORTS["tp_admin_s"]}"\n'
-                f'[tunnel]\nlisten = "127.0.0.1:{PORTS["tp_tunnel"]}"\n'
-                f'[[inbound]]\nservice = "http"\nforward = "127.0.0.1:{PORTS["nginx"]}"\nallow = ["spiffe://bench.example/node/client"]\n'
-                f'[[inbound]]\nservice = "iperf"\nforward = "127.0.0.1:{PORTS["iperf"]}"\nallow = ["spiffe://bench.example/node/client"]\n')
-    with open(f"{d}/tp-client.toml", "w") as f:
-        out = lambda svc, port: (f'[[outbound]]\nlisten = "127.0.0.1:{port}"\nservice = "{svc}"\n'
-                                 f'peers = ["127.0.0.1:{PORTS["tp_tunnel"]}"]\nserver_id = "spiffe://bench.example/node/server"\n')
-        f.write(f'trust_domain = "bench.example"\n{ident("client")}[admin]\nlisten = "127.0.0.1:{PORTS["tp_admin_c"]}"\n'
-                + out("http", PORTS["tp_http"]) + out("iperf", PORTS["tp_iperf"]))
-    tp = [procs.start("tapproof-server", [tapproof, "--log-level", "warn", "agent", "-c", f"{d}/tp-server.toml"], f"{d}/tp-server.log"),
-          procs.start("tapproof-client", [tapproof, "--log-level", "warn", "agent", "-c", f"{d}/tp-client.toml"], f"{d}/tp-client.log")]
-    for p in ("tp_tunnel", "tp_http", "tp_iperf"):
-        wait_port(PORTS[p], "tapproof")
-
-    common = (f"cert = {d}/{{n}}.pem\nkey = {d}/{{n}}.key\nCAfile = {d}/bundle.pem\nverifyChain = yes\n"
-              "sslVersionMin = TLSv1.3\n")
-    with open(f"{d}/st-server.conf", "w") as f:
-        f.write(f"foreground = yes\npid = {d}/st-server.pid\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
-                f"[http]\naccept = 127.0.0.1:{PORTS['st_http_s']}\nconnect = 127.0.0.1:{PORTS['nginx']}\n" + common.format(n="server") +
-                f"[iperf]\naccept = 127.0.0.1:{PORTS['st_iperf_s']}\nconnect = 127.0.0.1:{PORTS['iperf']}\n" + common.format(n="server"))
-    with open(f"{d}/st-client.conf", "w") as f:
-        f.write(f"foreground = yes\nclient = yes\npid = {d}/st-client.pid\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
-                f"[http]\naccept = 127.0.0.1:{PORTS['st_http']}\nconnect = 127.0.0.1:{PORTS['st_http_s']}\n" + common.format(n="client") +
-                f"[iperf]\naccept = 127.0.0.1:{PORTS['st_iperf']}\nconnect = 127.0.0.1:{PORTS['st_iperf_s']}\n" + common.format(n="client"))
-    st = [procs.start("stunnel-server", ["stunnel4", f"{d}/st-server.conf"], f"{d}/st-server.log"),
-          procs.start("stunnel-client", ["stunnel4", f"{d}/st-client.conf"], f"{d}/st-client.log")]
-    for p in ("st_http_s", "st_http", "st_iperf"):
-        wait_port(PORTS[p], "stunnel")
-    return {
-        "direct plaintext": dict(http=PORTS["nginx"], iperf=PORTS["iperf"], pids=[]),
-        "tapproof pair": dict(http=PORTS["tp_http"], iperf=PORTS["tp_iperf"], pids=[p.pid for p in tp]),
-        "stunnel4 pair": dict(http=PORTS["st_http"], iperf=PORTS["st_iperf"], pids=[p.pid for p in st]),
-    }
+def ratio(a, b):
+    return a / b if b and b == b and a == a else float("nan")
 
 
-def bulk(port, pids, seconds):
-    before = cpu_seconds(pids)
-    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
-                         capture_output=True, text=True, timeout=seconds + 30)
-    if out.returncode != 0:
-        raise RuntimeError(f"iperf3 failed: {out.stdout[-400:]} {out.stderr[-400:]}")
-    cpu = cpu_seconds(pids) - before
-    r = json.loads(out.stdout)["end"]["sum_received"]
-    gb = r["bytes"] / 1e9
-    return r["bits_per_second"] / 8 / 1e6, (cpu / gb if pids else None)
+def report(R, a):
+    """Markdown tables and the target checks; returns the text."""
+    out = []
+    p = out.append
+    targets = []
+
+    def target(name, ok, detail):
+        targets.append(f"| {name} | {'met' if ok else 'NOT met'} | {detail} |")
+
+    if "loopback" in R:
+        L = R["loopback"]
+        p("### Loopback (2 cores, everything on 127.0.0.1)\n")
+        p("| path | bulk MB/s | proxy CPU s/GB | new conn/s | keep-alive req/s | p50 ms | p99 ms |")
+        p("|---|---|---|---|---|---|---|")
+        for path, r in L.items():
+            p(f"| {path} | {f0(med(r['bulk']))} | {f2(med(r['cpu'])) if r['cpu'] else '-'} | {f0(med(r['new']))} | "
+              f"{f0(med(r['ka']))} | {f2(med(r['p50']))} | {f2(med(r['p99']))} |")
+        tp, st = L["tapproof pair"], L["stunnel4 pair"]
+        b, c = ratio(med(tp["bulk"]), med(st["bulk"])), ratio(med(tp["cpu"]), med(st["cpu"]))
+        k = ratio(med(tp["ka"]), med(st["ka"]))
+        p(f"\ntapproof / stunnel4: bulk {b:.2f}x, CPU per GB {c:.2f}x, new conn/s "
+          f"{ratio(med(tp['new']), med(st['new'])):.1f}x, keep-alive {k:.2f}x\n")
+        target("bulk >= 2x stunnel4", b >= 2, f"{b:.2f}x")
+        target("CPU s/GB below stunnel4's", c < 1, f"{c:.2f}x")
+        target("new conn/s >= 8,000 on loopback", med(tp["new"]) >= 8000, f0(med(tp["new"])))
+        target("keep-alive >= 2.5x stunnel4", k >= 2.5, f"{k:.2f}x")
+        target("keep-alive p99 < 1 ms (loopback)", med(tp["p99"]) < 1, f"{f2(med(tp['p99']))} ms")
+    if "clients" in R:
+        C = R["clients"]
+        p("### Real clients through the pair (loopback)\n")
+        p("| path | pgbench TPS (8 clients) | % of direct | redis GET/s (16 clients) | % of direct | errors |")
+        p("|---|---|---|---|---|---|")
+        dt, dr = med(C["direct plaintext"]["tps"]), med(C["direct plaintext"]["redis"])
+        for path, r in C.items():
+            p(f"| {path} | {f0(med(r['tps']))} | {100 * ratio(med(r['tps']), dt):.0f}% | {f0(med(r['redis']))} | "
+              f"{100 * ratio(med(r['redis']), dr):.0f}% | {len(r['errors'])} |")
+        tp = C["tapproof pair"]
+        target("pgbench >= 80% of direct", ratio(med(tp["tps"]), dt) >= 0.8 and not tp["errors"],
+               f"{100 * ratio(med(tp['tps']), dt):.0f}%")
+        target("redis GET >= 70% of direct", ratio(med(tp["redis"]), dr) >= 0.7 and not tp["errors"],
+               f"{100 * ratio(med(tp['redis']), dr):.0f}%")
+        p("")
+    if "memory" in R:
+        M = R["memory"]
+        p(f"### Memory per idle proxied connection\n")
+        p("| path | connections open | KiB per connection, each process (server side, client side) |")
+        p("|---|---|---|")
+        for path, r in M.items():
+            p(f"| {path} | {r['conns']:,} | {', '.join(f'{x:.1f}' for x in r['per_conn_kib'])} {r['note']} |")
+        worst = max(M["tapproof pair"]["per_conn_kib"])
+        target(f"< 16 KiB per idle connection per agent at {M['tapproof pair']['conns']:,}",
+               worst < 16 and M["tapproof pair"]["conns"] >= a.idle_conns, f"{worst:.1f} KiB")
+        p("")
+    if "handshakes" in R:
+        H = R["handshakes"]
+        p("### Full mTLS handshakes, one core\n")
+        p(f"X25519MLKEM768, ECDSA P-256 chain, TLS 1.3, no resumption ({H['resumed']} resumed), both ends in one "
+          f"process pinned to one core: {f0(H['rate'])} complete handshakes/s; CPU time of the server side alone: "
+          f"{f0(H['server_side_rate'])}/s per core; client side {f0(H['client_side_rate'])}/s per core.\n")
+        target(">= 2,000 full handshakes/s on one core (server side)", H["server_side_rate"] >= 2000,
+               f"{f0(H['server_side_rate'])}/s")
+    if "veth" in R:
+        V = R["veth"]
+        p("### Across two network namespaces (veth)\n")
+        p("| path | bulk MB/s | CPU s/GB (tunnel processes) | new conn/s | keep-alive req/s | p50 ms | p99 ms |")
+        p("|---|---|---|---|---|---|---|")
+        for path, r in V["results"].items():
+            p(f"| {path} | {f0(med(r['bulk']))} | {f2(med(r['cpu'])) if r['cpu'] else '-'} | {f0(med(r['new']))} | "
+              f"{f0(med(r['ka']))} | {f2(med(r['p50']))} | {f2(med(r['p99']))} |")
+        for name, why in V["skipped"].items():
+            p(f"\n{name} not measured: {why}")
+        meshes = [V["results"][m] for m in ("Nebula", "boringtun") if m in V["results"]]
+        if meshes:
+            tp = V["results"]["tapproof"]
+            bn = max(med(m["new"]) for m in meshes)
+            bk = max(med(m["ka"]) for m in meshes)
+            rn, rk = ratio(med(tp["new"]), bn), ratio(med(tp["ka"]), bk)
+            p(f"\ntapproof / best L3 mesh: new conn/s {rn:.2f}x, keep-alive {rk:.2f}x, bulk "
+              f"{ratio(med(tp['bulk']), max(med(m['bulk']) for m in meshes)):.1f}x\n")
+            target("new conn/s >= 1.3x best of Nebula/boringtun", rn >= 1.3, f"{rn:.2f}x")
+            target("keep-alive >= 1.5x best of Nebula/boringtun", rk >= 1.5, f"{rk:.2f}x")
+            target("keep-alive p99 < 1 ms (veth)", med(tp["p99"]) < 1, f"{f2(med(tp['p99']))} ms")
+        for path, r in V["results"].items():
+            for n in sorted(r["notes"]):
+                p(f"note: {path}: {n}")
+        p("")
+    if "longfat" in R:
+        F = R["longfat"]
+    if "longfat" in R and "error" in F:
+        p(f"### Long fat link\n\nNot measured: {F['error']}.\n")
+        target("long fat link >= 80% of direct", False, "not measured: " + F["error"])
+    elif "longfat" in R:
+        d, t = med(F["direct plaintext"]), med(F["tapproof"])
+        p(f"### Long fat link\n\nveth with netem delay {a.delay_ms} ms each way (RTT {2 * a.delay_ms} ms), one "
+          f"iperf3 stream: direct {f0(d)} MB/s, tapproof {f0(t)} MB/s ({100 * ratio(t, d):.0f}% of direct).\n")
+        target("long fat link >= 80% of direct", ratio(t, d) >= 0.8, f"{100 * ratio(t, d):.0f}%")
+    if "control" in R:
+        S, Fd = R["control"]["sign"], R["control"]["feed"]
+        p("### Control plane (server on SQLite, 127.0.0.1)\n")
+        p(f"- Signings: {f0(med(S['rate']))}/s (32 concurrent node connections, one CSR each per request, "
+          f"{S['failed']} failed), {med(S['cpu']):.2f} ms server CPU per signing.")
+        p(f"- State feed: {Fd['agents']:,} simulated agents (own mTLS connection each, connected in "
+          f"{Fd['connect_s']:.1f} s); after `server revoke`, {Fd['notified']:,} saw the revocation, p50 "
+          f"{Fd['p50_s']:.2f} s, p99 {Fd['p99_s']:.2f} s, last {Fd['max_s']:.2f} s, {Fd['errors']} errors. Server "
+          f"memory {Fd['server_rss_before_mib']:.0f} MiB before, {Fd['server_rss_mib']:.0f} MiB peak; server CPU "
+          f"{Fd['server_cpu_s']:.1f} s over the {Fd['wall_s']:.0f} s run.\n")
+        target(">= 1,000 signings/s on SQLite", med(S["rate"]) >= 1000 and not S["failed"], f0(med(S["rate"])))
+        target(f"revocation reaches all {Fd['agents']:,} agents within 5 s",
+               Fd["notified"] == Fd["agents"] and Fd["max_s"] <= 5, f"last after {Fd['max_s']:.2f} s")
+    text = "\n".join(out)
+    if targets:
+        text += "\n### Targets\n\n| target | status | measured |\n|---|---|---|\n" + "\n".join(targets) + "\n"
+    return text
 
 
-def parse_wrk(text):
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", text)
-    lat = {}
-    for pct, val, unit in re.findall(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", text, re.M):
-        lat[pct] = float(val) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-    return rps, lat, errors.group(0) if errors else ""
+def plot(R, path):
+    """Bar charts of tapproof against the peers: loopback and veth."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing (apt-get install python3-matplotlib): no plot")
+        return False
+    panels = []
+    if "loopback" in R:
+        panels += [("loopback: bulk MB/s", R["loopback"], "bulk"), ("loopback: new conn/s", R["loopback"], "new"),
+                   ("loopback: keep-alive req/s", R["loopback"], "ka")]
+    if "veth" in R:
+        V = R["veth"]["results"]
+        panels += [("veth: bulk MB/s", V, "bulk"), ("veth: new conn/s", V, "new"), ("veth: keep-alive req/s", V, "ka")]
+    if not panels:
+        return False
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(15, 4.2 * rows), squeeze=False)
+    for ax, (title, data, key) in zip(axes.flat, panels):
+        names = list(data)
+        vals = [med(data[n][key]) for n in names]
+        colors = ["#2a7" if "tapproof" in n else ("#999" if "direct" in n else "#c55") for n in names]
+        ax.bar(range(len(names)), [0 if v != v else v for v in vals], color=colors)
+        ax.set_xticks(range(len(names)), [n.replace(" plaintext", "").replace(" pair", "") for n in names],
+                      rotation=15)
+        ax.set_title(title)
+        for i, v in enumerate(vals):
+            if v == v:
+                ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("tapproof vs peers (green: tapproof, grey: direct plaintext, red: peers); median of runs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
 
 
-def wrk(port, seconds, conns, close):
-    args = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency"]
-    if close:
-        args += ["-H", "Connection: close"]
-    out = subprocess.run(args + [f"http://127.0.0.1:{port}/1k"], capture_output=True, text=True, timeout=seconds + 30)
-    return parse_wrk(out.stdout)
+def write_readme(text, a, sections):
+    readme = os.path.join(HERE, "README.md")
+    with open(readme) as f:
+        body = f.read()
+    marker = "## Latest figures"
+    head = body.split(marker)[0]
+    stamp = datetime.date.today().isoformat()
+    cmd = f"bench/run.sh --runs {a.runs} --seconds {a.seconds}" + (
+        f" --sections {','.join(sections)}" if sections != ALL else "")
+    with open(readme, "w") as f:
+        f.write(head + marker + f"\n\n{stamp}, {os.cpu_count()} cores, command `{cmd}`, median of {a.runs} runs. "
+                "The machine is noisy: compare ratios from one run, not absolute figures across runs.\n\n"
+                "![tapproof against the peers](plot.png)\n\n" + text + "\n")
 
 
 def main():
@@ -145,59 +211,87 @@ def main():
     ap.add_argument("--tapproof", required=True)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--sections", default=",".join(ALL))
+    ap.add_argument("--idle-conns", type=int, default=10000)
+    ap.add_argument("--feed-agents", type=int, default=10000)
+    ap.add_argument("--delay-ms", type=int, default=10)
+    ap.add_argument("--write", action="store_true", help="write bench/results.json, bench/README.md, bench/plot.png")
     ap.add_argument("--keep", action="store_true", help="keep the work directory with configs and logs")
     a = ap.parse_args()
-    for tool in ("nginx", "wrk", "iperf3", "stunnel4"):
-        if not shutil.which(tool):
-            sys.exit(f"{tool} not found (bench/run.sh installs it)")
+    sections = [s for s in a.sections.split(",") if s]
+    for s in sections:
+        if s not in ALL:
+            sys.exit(f"unknown section {s!r}; choose from {', '.join(ALL)}")
+        for tool in TOOLS.get(s, []):
+            if not shutil.which(tool):
+                sys.exit(f"{tool} not found (bench/run.sh installs it)")
+    if any(s in sections for s in ("veth", "longfat", "clients")) and os.geteuid() != 0:
+        sys.exit("the veth, longfat and clients sections need root (network namespaces, a throwaway PostgreSQL)")
+    raise_fd_limit()
+    # SIGTERM/SIGINT end the run through the finally blocks below, which stop every process and
+    # remove the namespaces.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     d = tempfile.mkdtemp(prefix="tapproof-bench-")
-    os.chmod(d, 0o755)  # nginx workers run unprivileged and must read www/ (key files stay 0600)
-    procs = Procs()
-    results = {}
+    os.chmod(d, 0o755)  # nginx and postgres run unprivileged and must reach their files (keys stay 0600)
+    R = {}
     try:
-        paths = setup(d, a.tapproof, procs)
-        for run in range(a.runs):
-            for name, p in paths.items():
-                r = results.setdefault(name, dict(bulk=[], cpu=[], new=[], ka=[], p50=[], p99=[], notes=set()))
-                mbs, cpu = bulk(p["iperf"], p["pids"], a.seconds)
-                r["bulk"].append(mbs)
-                if cpu is not None:
-                    r["cpu"].append(cpu)
-                rps, _, err = wrk(p["http"], a.seconds, 16, close=True)
-                r["new"].append(rps)
-                if err:
-                    r["notes"].add("new-conn: " + err)
-                rps, lat, err = wrk(p["http"], a.seconds, 32, close=False)
-                r["ka"].append(rps)
-                r["p50"].append(lat.get("50", float("nan")))
-                r["p99"].append(lat.get("99", float("nan")))
-                if err:
-                    r["notes"].add("keep-alive: " + err)
-                print(f"run {run + 1}/{a.runs} {name:17} bulk {mbs:8.0f} MB/s  new {r['new'][-1]:8.0f}/s  "
-                      f"keep-alive {rps:8.0f}/s p99 {r['p99'][-1]:.2f} ms", flush=True)
+        if any(s in sections for s in ("loopback", "clients", "memory")):
+            lb = loopback.Loopback(d, a.tapproof, with_clients="clients" in sections)
+            try:
+                lb.start()
+                if "loopback" in sections:
+                    R["loopback"] = loopback.run_basic(lb, a.runs, a.seconds)
+                if "clients" in sections:
+                    R["clients"] = loopback.run_clients(lb, a.runs, a.seconds)
+                if "memory" in sections:
+                    R["memory"] = loopback.run_memory(lb, a.idle_conns)
+            finally:
+                lb.stop()
+        if "handshakes" in sections:
+            if not os.path.exists(f"{d}/server.pem"):
+                subprocess.run([a.tapproof, "pki", "mint", "--trust-domain", "bench.example", "--out", d, "--node",
+                                "server", "--node", "client"], check=True, stdout=subprocess.DEVNULL)
+            runs = []
+            for _ in range(a.runs):
+                out = subprocess.run(["taskset", "-c", "0", a.tapproof, "--threads", "1", "dev", "handshakes", "--pki",
+                                      d, "--trust-domain", "bench.example", "--seconds", str(a.seconds)],
+                                     check=True, capture_output=True, text=True).stdout
+                runs.append(dict(kv.split("=") for kv in out.split()))
+                log(f"handshakes: {out.strip()}")
+            R["handshakes"] = {k: med([float(r[k]) for r in runs]) for k in ("rate", "server_side_rate",
+                                                                           "client_side_rate", "resumed")}
+        if "veth" in sections or "longfat" in sections:
+            v = veth.Veth(d, a.tapproof)
+            try:
+                v.start()
+                if "veth" in sections:
+                    R["veth"] = dict(results=veth.run_basic(v, a.runs, a.seconds), skipped=v.skipped)
+                if "longfat" in sections:
+                    R["longfat"] = veth.run_long_fat(v, a.runs, a.seconds * 2, a.delay_ms)
+            finally:
+                v.stop()
+        if "control" in sections:
+            cp = control.ControlPlane(d, a.tapproof)
+            try:
+                cp.start()
+                R["control"] = dict(sign=control.run_signings(cp, a.runs, a.seconds),
+                                    feed=control.run_feed(cp, a.feed_agents))
+            finally:
+                cp.stop()
     finally:
-        procs.stop()
         if a.keep:
-            print(f"kept {d}")
+            log(f"kept {d}")
         else:
             shutil.rmtree(d, ignore_errors=True)
-
-    med = lambda xs: statistics.median(xs) if xs else float("nan")
-    st = results["stunnel4 pair"]
-    print(f"\nMedian of {a.runs} runs, {a.seconds} s each, loopback, {os.cpu_count()} cores:\n")
-    print("| path | bulk MB/s | proxy CPU s/GB | new conn/s | keep-alive req/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        cpu = f"{med(r['cpu']):.2f}" if r["cpu"] else "-"
-        print(f"| {name} | {med(r['bulk']):,.0f} | {cpu} | {med(r['new']):,.0f} | {med(r['ka']):,.0f} | "
-              f"{med(r['p50']):.2f} | {med(r['p99']):.2f} |")
-    tp = results["tapproof pair"]
-    print(f"\ntapproof / stunnel4: bulk {med(tp['bulk']) / med(st['bulk']):.2f}x, "
-          f"CPU per GB {med(tp['cpu']) / med(st['cpu']):.2f}x, new conn/s {med(tp['new']) / med(st['new']):.2f}x, "
-          f"keep-alive {med(tp['ka']) / med(st['ka']):.2f}x")
-    for name, r in results.items():
-        for n in sorted(r["notes"]):
-            print(f"note: {name}: {n}")
+    text = report(R, a)
+    print(f"\nMedian of {a.runs} runs, {a.seconds} s each, {os.cpu_count()} cores:\n\n{text}")
+    if a.write:
+        def plain(o):
+            return sorted(o) if isinstance(o, set) else str(o)
+        with open(os.path.join(HERE, "results.json"), "w") as f:
+            json.dump(R, f, indent=1, default=plain)
+        plot(R, os.path.join(HERE, "plot.png"))
+        write_readme(text, a, sections)
 
 
 if __name__ == "__main__":

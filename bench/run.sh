@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# One command for the benchmark: installs the peers and load tools (Debian packages) when missing,
-# builds tapproof in release mode, and runs bench/run.py, which measures direct plaintext,
-# tapproof and a stunnel4 pair side by side on loopback. Extra arguments go to run.py
-# (e.g. --runs 5 --seconds 10).
+# One command for the benchmark: installs the peers and load tools when missing (Debian packages:
+# nginx-light, wrk, iperf3, stunnel4, nebula, wireguard-tools, postgresql, redis, matplotlib;
+# crates.io: boringtun-cli), builds tapproof in release mode, and runs bench/run.py, which
+# measures tapproof and the peers side by side (see its --help). Extra arguments go to run.py,
+# e.g. `--runs 5 --seconds 10`, `--sections loopback,veth`, `--write` (update bench/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in nginx:nginx-light wrk:wrk iperf3:iperf3 stunnel4:stunnel4; do
+for pair in nginx:nginx-light wrk:wrk iperf3:iperf3 stunnel4:stunnel4 nebula:nebula wg:wireguard-tools \
+            pgbench:postgresql redis-server:redis-server redis-benchmark:redis-tools tc:iproute2 ip:iproute2; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
+python3 -c "import matplotlib" 2>/dev/null || need+=(python3-matplotlib)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "missing ${need[*]}; install them or run as root" >&2; exit 1; fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# Debian starts its own redis and postgres services on install; the benchmark runs its own.
+if ! command -v boringtun-cli >/dev/null 2>&1; then
+  cargo install --locked boringtun-cli
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
 
 cargo build --release --locked -p tapproof
 exec python3 bench/run.py --tapproof target/release/tapproof "$@"

@@ -16,7 +16,7 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_MAX_STREAMS: u32 = 4096;
+pub const DEFAULT_MAX_STREAMS: u32 = 65_536;
 /// HTTP/2 flow-control windows: large, so that one stream can fill a fast link with some delay
 /// (window / RTT bounds a stream's throughput).
 pub const DEFAULT_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
@@ -58,6 +58,9 @@ pub struct AgentConfig {
     pub inbound: Vec<InboundConfig>,
     #[serde(default)]
     pub outbound: Vec<OutboundConfig>,
+    /// The coverage audit: accepted exceptions, and how often a control-plane agent reports.
+    #[serde(default)]
+    pub audit: tapproof_audit::AuditConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,6 +277,26 @@ impl AgentConfig {
         }
     }
 
+    /// What the audit needs to know about this agent: where apps reach its outbound listeners and
+    /// which of its forward targets are off this host.
+    pub fn audit_known(&self) -> tapproof_audit::Known {
+        tapproof_audit::Known {
+            outbound_listeners: self
+                .outbound
+                .iter()
+                .filter(|o| !o.listen.ip().is_loopback())
+                .map(|o| o.listen)
+                .collect(),
+            forwards: self
+                .inbound
+                .iter()
+                .filter(|i| !i.forward.ip().is_loopback())
+                .map(|i| i.forward)
+                .collect(),
+            config_given: true,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -317,6 +340,11 @@ impl AgentConfig {
             key,
             message,
         };
+        if let Err(tapproof_audit::AllowError::Invalid { index, detail }) =
+            tapproof_audit::validate(&self.audit.allow)
+        {
+            return Err(invalid(format!("audit.allow[{index}]"), detail));
+        }
         match (&self.identity, &self.control) {
             (Some(_), Some(_)) => {
                 return Err(invalid(

@@ -486,40 +486,55 @@ struct RevocationEntry {
 
 /// Follows the control plane's state feed (long-poll) and applies revocations: revoked peers'
 /// tunnels are closed and their new handshakes refused.
+/// The server's address and a client config presenting this node's current identity.
+pub(crate) fn node_client(
+    cfg: &ControlConfig,
+    td: &TrustDomain,
+) -> Result<(String, ControlClientTls), ControlError> {
+    let current = read_state(&cfg.data_dir).ok_or_else(|| data_err(&cfg.data_dir.join(STATE), "missing"))?;
+    let files = identity_files(&cfg.data_dir);
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| data_err(p, e));
+    let (chain, key, bundle) = (read(&files.cert)?, read(&files.key)?, read(&files.bundle)?);
+    let tls = ControlClientTls::new(
+        ServerTrust::Bundle(vec![bundle]),
+        server_id(td),
+        Some((&chain, &key)),
+    )
+    .map_err(|e| data_err(&files.cert, e))?;
+    Ok((current.server, tls))
+}
+
+/// Sends a coverage report; the server answers 204.
+pub(crate) async fn post_coverage(
+    cfg: &ControlConfig,
+    td: &TrustDomain,
+    body: Vec<u8>,
+) -> Result<(), ControlError> {
+    let (server, tls) = node_client(cfg, td)?;
+    let (status, bytes) = post(&server, &tls, "/v1/coverage", body).await?;
+    if status != 204 {
+        return Err(refusal(&server, &bytes));
+    }
+    Ok(())
+}
+
 pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: CancellationToken) {
     let mut since = 0i64;
     let mut retry = RETRY_MIN;
     loop {
         let step = async {
-            let current =
-                read_state(&cfg.data_dir).ok_or_else(|| data_err(&cfg.data_dir.join(STATE), "missing"))?;
-            let files = identity_files(&cfg.data_dir);
-            let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| data_err(p, e));
-            let (chain, key, bundle) = (read(&files.cert)?, read(&files.key)?, read(&files.bundle)?);
-            let tls = ControlClientTls::new(
-                ServerTrust::Bundle(vec![bundle]),
-                server_id(&state.config.trust_domain),
-                Some((&chain, &key)),
-            )
-            .map_err(|e| data_err(&files.cert, e))?;
+            let (server, tls) = node_client(&cfg, &state.config.trust_domain)?;
             let path = match state.advertise.get() {
                 Some(addr) => format!("/v1/state?since={since}&tunnel={addr}"),
                 None => format!("/v1/state?since={since}"),
             };
-            let (status, bytes) = request(
-                &current.server,
-                &tls,
-                http::Method::GET,
-                &path,
-                None,
-                STATE_TIMEOUT,
-            )
-            .await?;
+            let (status, bytes) =
+                request(&server, &tls, http::Method::GET, &path, None, STATE_TIMEOUT).await?;
             if status != 200 {
-                return Err(refusal(&current.server, &bytes));
+                return Err(refusal(&server, &bytes));
             }
             serde_json::from_slice::<StateResponse>(&bytes)
-                .map_err(|e| refusal(&current.server, e.to_string().as_bytes()))
+                .map_err(|e| refusal(&server, e.to_string().as_bytes()))
         };
         let outcome = tokio::select! {
             _ = stop.cancelled() => return,

@@ -2,19 +2,27 @@
 //! EOF from the app becomes END_STREAM, END_STREAM from the peer becomes a TCP shutdown of the
 //! write side. Flow control gives backpressure: capacity is released to the peer only after the
 //! bytes were written to the app.
+//!
+//! An idle connection holds no read buffer: one is taken only once the socket is readable and
+//! handed on (as `Bytes`) with the data, so 10,000 idle app connections cost kilobytes each, not
+//! 64 KiB each. The receiving half may still be on its way (the outbound sends the app's first
+//! bytes before the peer has answered the CONNECT, saving a round trip per app connection).
 
 use crate::metrics::{BytesLabels, Flow, Metrics, ServiceLabels, Side, SideLabel};
+use crate::socket::read_draining;
 use crate::state::TunnelStats;
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::sync::atomic::Ordering;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// Bytes read from the app per syscall.
+/// Bytes read from the app per syscall while it streams.
 pub const READ_BUFFER: usize = 64 * 1024;
+/// Bytes read per syscall after a short read (request/response traffic).
+pub const SMALL_READ: usize = 16 * 1024;
 
 fn h2_error(e: h2::Error) -> io::Error {
     if e.is_io() {
@@ -25,10 +33,11 @@ fn h2_error(e: h2::Error) -> io::Error {
 }
 
 /// Splices one stream and keeps the stream counters (metrics and the tunnel's own) for its lifetime.
+/// `recv` resolves to the peer's half of the stream; an error from it ends the stream like any other.
 pub async fn carry(
     tcp: TcpStream,
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    recv: impl Future<Output = io::Result<RecvStream>>,
     side: Side,
     service: &str,
     metrics: &Metrics,
@@ -59,12 +68,12 @@ pub async fn carry(
 async fn splice(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
-    mut recv: RecvStream,
+    recv: impl Future<Output = io::Result<RecvStream>>,
     side: Side,
     metrics: &Metrics,
     tunnel: &TunnelStats,
 ) -> io::Result<()> {
-    let (mut app_read, mut app_write) = tcp.into_split();
+    let (app_read, mut app_write) = tcp.into_split();
     let to_tunnel = metrics
         .bytes
         .get_or_create(&BytesLabels {
@@ -80,18 +89,35 @@ async fn splice(
         })
         .clone();
 
+    let app_done = std::sync::atomic::AtomicBool::new(false);
     let up = async {
-        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        let mut buf = BytesMut::new();
+        let mut want = SMALL_READ;
         loop {
-            if buf.capacity() < READ_BUFFER / 4 {
-                buf.reserve(READ_BUFFER);
+            app_read.readable().await?;
+            if buf.capacity() < want / 4 {
+                buf.reserve(want);
             }
-            let n = app_read.read_buf(&mut buf).await?;
+            let spare = buf.capacity() - buf.len();
+            let n = match read_draining(app_read.as_ref(), spare, || app_read.try_read_buf(&mut buf)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
             if n == 0 {
                 send.send_data(Bytes::new(), true).map_err(h2_error)?;
+                app_done.store(true, Ordering::Relaxed);
                 return Ok::<_, io::Error>(());
             }
             let mut chunk = buf.split().freeze();
+            if n >= want / 2 {
+                // Streaming: read big and keep the rest of the buffer for the next read.
+                want = READ_BUFFER;
+            } else {
+                // Request/response or going idle: let the buffer go with the data.
+                want = SMALL_READ;
+                buf = BytesMut::new();
+            }
             to_tunnel.inc_by(n as u64);
             tunnel.bytes_app_to_tunnel.fetch_add(n as u64, Ordering::Relaxed);
             while !chunk.is_empty() {
@@ -107,6 +133,7 @@ async fn splice(
     };
 
     let down = async {
+        let mut recv = recv.await?;
         while let Some(data) = recv.data().await {
             let data = data.map_err(h2_error)?;
             app_write.write_all(&data).await?;
@@ -118,7 +145,11 @@ async fn splice(
                 .release_capacity(data.len())
                 .map_err(h2_error)?;
         }
-        app_write.shutdown().await?;
+        // Half-close toward the app, unless the app already sent its EOF: then the socket is
+        // closed right after this (which sends the FIN) and a shutdown would be one more syscall.
+        if !app_done.load(Ordering::Relaxed) {
+            app_write.shutdown().await?;
+        }
         Ok::<_, io::Error>(())
     };
 

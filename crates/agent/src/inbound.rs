@@ -63,7 +63,12 @@ async fn connection(
         }
     };
     let tunnel_cfg = &state.config.tunnel;
-    let stream = match timeout(tunnel_cfg.handshake_timeout, accept(&tls, tcp)).await {
+    let stream = match timeout(
+        tunnel_cfg.handshake_timeout,
+        accept(&tls, crate::socket::buffered(tcp)),
+    )
+    .await
+    {
         Err(_) => {
             metrics.handshake_failed(Side::Inbound, "timeout");
             warn!(%peer, reason = "timeout", "tunnel: handshake refused");
@@ -209,6 +214,7 @@ async fn serve_stream(
                 reason,
             })
             .inc();
+        state.record_denial(&peer_id, &service, reason);
     };
     let Some(inbound) = state.config.inbound.iter().find(|i| i.service == service) else {
         deny("unknown_service");
@@ -253,7 +259,7 @@ async fn serve_stream(
     let result = carry(
         app,
         send,
-        request.into_body(),
+        std::future::ready(Ok(request.into_body())),
         Side::Inbound,
         &service,
         metrics,

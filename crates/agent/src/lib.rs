@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 mod copy;
+mod coverage;
 mod drain;
 mod inbound;
 pub mod metrics;
@@ -150,6 +151,11 @@ pub async fn run(
     if let Some(control) = state.config.control.clone() {
         state.metrics.control_plane_up.set(1);
         tokio::spawn(control::renew_loop(state.clone(), control.clone(), stop.clone()));
+        tokio::spawn(coverage::report_loop(
+            state.clone(),
+            control.clone(),
+            stop.clone(),
+        ));
         tokio::spawn(control::state_loop(state.clone(), control, stop.clone()));
     }
     let mut serving = Vec::new();

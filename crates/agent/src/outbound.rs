@@ -7,6 +7,7 @@ use crate::metrics::Side;
 use crate::pool::{Pool, Tunnel};
 use crate::state::AgentState;
 use http::{Method, Request, StatusCode};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
@@ -91,33 +92,43 @@ async fn connection(
             return;
         }
     };
-    let response = match timeout(wait, response).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            metrics.stream_failed(Side::Outbound, "stream_error");
-            warn!(%app, service, error = %e, "outbound: stream failed before an answer");
-            return;
-        }
-        Err(_) => {
-            metrics.stream_failed(Side::Outbound, "timeout");
-            warn!(%app, service, "outbound: peer did not answer the stream in time");
-            return;
-        }
-    };
-    if response.status() != StatusCode::OK {
-        let reason = match response.status() {
-            StatusCode::FORBIDDEN => "denied_by_peer",
-            StatusCode::NOT_FOUND => "unknown_service_at_peer",
-            _ => "refused_by_peer",
+    // The app's first bytes go out with the CONNECT, not after the peer's answer: the peer agent
+    // proved its identity in the handshake and forwards nothing before its own policy check, so
+    // waiting would only add a round trip to every app connection.
+    let peer_id = tunnel.stats.peer_id.clone();
+    let answered = async move {
+        let response = match timeout(wait, response).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                metrics.stream_failed(Side::Outbound, "stream_error");
+                warn!(%app, service, error = %e, "outbound: stream failed before an answer");
+                return Err(io::Error::other(e));
+            }
+            Err(_) => {
+                metrics.stream_failed(Side::Outbound, "timeout");
+                warn!(%app, service, "outbound: peer did not answer the stream in time");
+                return Err(io::ErrorKind::TimedOut.into());
+            }
         };
-        metrics.stream_failed(Side::Outbound, reason);
-        warn!(%app, service, status = %response.status(), peer_id = %tunnel.stats.peer_id, "outbound: peer refused the stream");
-        return;
-    }
+        if response.status() != StatusCode::OK {
+            let reason = match response.status() {
+                StatusCode::FORBIDDEN => "denied_by_peer",
+                StatusCode::NOT_FOUND => "unknown_service_at_peer",
+                _ => "refused_by_peer",
+            };
+            metrics.stream_failed(Side::Outbound, reason);
+            warn!(%app, service, status = %response.status(), peer_id = %peer_id, "outbound: peer refused the stream");
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "peer refused the stream",
+            ));
+        }
+        Ok(response.into_body())
+    };
     let result = carry(
         tcp,
         send,
-        response.into_body(),
+        answered,
         Side::Outbound,
         service,
         metrics,

@@ -71,6 +71,9 @@ struct Inner {
 pub struct Pool {
     outbound: OutboundConfig,
     state: Arc<AgentState>,
+    /// The live tunnel, read by every app connection without waiting on `inner` (which is held
+    /// across a dial). A std mutex: held only to clone or replace it, never across an await.
+    current: std::sync::Mutex<Option<Tunnel>>,
     inner: Mutex<Inner>,
 }
 
@@ -79,6 +82,7 @@ impl Pool {
         Self {
             outbound,
             state,
+            current: std::sync::Mutex::new(None),
             inner: Mutex::new(Inner {
                 current: None,
                 next_peer: 0,
@@ -92,6 +96,9 @@ impl Pool {
     /// A live tunnel, dialling one if needed. Callers serialise on the lock, so a burst of app
     /// connections leads to one handshake.
     pub async fn tunnel(&self) -> Result<Tunnel, PoolError> {
+        if let Some(t) = self.live() {
+            return Ok(t);
+        }
         let mut inner = self.inner.lock().await;
         if let Some(t) = &inner.current {
             if t.is_alive() {
@@ -131,6 +138,7 @@ impl Pool {
                     inner.failures = 0;
                     inner.retry_at = None;
                     inner.current = Some(t.clone());
+                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
                     return Ok(t);
                 }
                 Err(e) => {
@@ -151,6 +159,11 @@ impl Pool {
         })
     }
 
+    fn live(&self) -> Option<Tunnel> {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().filter(|t| t.is_alive()).cloned()
+    }
+
     /// Where to dial and whom to expect there: the configured peers, or the directory's nodes
     /// fronting the service.
     fn targets(&self) -> Vec<(SocketAddr, SpiffeId)> {
@@ -169,7 +182,12 @@ impl Pool {
             Err(_) => return Err("connect: timed out".into()),
         };
         crate::socket::tune_tunnel(&tcp);
-        let stream = match timeout(cfg.handshake_timeout, connect(tls, tcp, peer)).await {
+        let stream = match timeout(
+            cfg.handshake_timeout,
+            connect(tls, crate::socket::buffered(tcp), peer),
+        )
+        .await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = failure_reason(&e);

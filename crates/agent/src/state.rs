@@ -29,6 +29,8 @@ pub struct AgentState {
     pub advertise: std::sync::OnceLock<SocketAddr>,
     /// Service -> patterns allowed by the control plane's policy (in addition to the config's).
     policy: std::sync::RwLock<std::collections::HashMap<String, Vec<crate::policy::AllowPattern>>>,
+    /// The most recent refused streams, for the coverage report's dashboard view.
+    denials: Mutex<std::collections::VecDeque<tapproof_audit::Denial>>,
 }
 
 /// What the control plane has revoked (from its state feed).
@@ -91,6 +93,28 @@ impl Drop for TunnelGuard {
 }
 
 impl AgentState {
+    pub fn record_denial(&self, peer: &SpiffeId, service: &str, reason: &str) {
+        let mut d = self.denials.lock().unwrap_or_else(|p| p.into_inner());
+        if d.len() == tapproof_audit::MAX_UPLOAD_DENIALS {
+            d.pop_front();
+        }
+        d.push_back(tapproof_audit::Denial {
+            at: tapproof_audit::now(),
+            peer: peer.to_string(),
+            service: service.to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
+
+    pub fn recent_denials(&self) -> Vec<tapproof_audit::Denial> {
+        self.denials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     pub fn new(config: AgentConfig, material: ReloadingMaterial) -> Self {
         Self {
             config,
@@ -105,6 +129,7 @@ impl AgentState {
             directory: Default::default(),
             advertise: std::sync::OnceLock::new(),
             policy: Default::default(),
+            denials: Default::default(),
         }
     }
 

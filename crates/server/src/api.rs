@@ -54,7 +54,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -98,6 +98,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/revocations", get(admin_revocations).post(admin_revoke))
         .route("/v1/audit-log", get(admin_audit_log))
         .route("/v1/policy", get(admin_policy).post(admin_set_policy))
+        .route(
+            "/v1/coverage",
+            post(crate::coverage::report).layer(DefaultBodyLimit::max(crate::coverage::MAX_COVERAGE_BODY)),
+        )
+        .route("/v1/dashboard", get(crate::coverage::dashboard_data))
+        .route("/dashboard", get(crate::coverage::index))
+        .route("/dashboard/", get(crate::coverage::index))
+        .route("/dashboard/app.js", get(crate::coverage::script))
+        .route("/dashboard/style.css", get(crate::coverage::style))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -110,7 +119,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Parses a JSON body strictly, mapping every failure to a JSON error.
-fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -339,7 +350,7 @@ pub struct SignResponse {
 }
 
 /// Audits a refused signing request and builds its error.
-async fn refused(
+pub(crate) async fn refused(
     store: &dyn Store,
     actor: &str,
     node: &str,
@@ -580,7 +591,7 @@ async fn state_feed(
 
 /// Admin endpoints require an admin identity, `spiffe://<td>/admin/<name>`, issued by
 /// `tapproof server admin-cert` on the server host.
-fn require_admin(peer: &Peer) -> Result<String, ApiError> {
+pub(crate) fn require_admin(peer: &Peer) -> Result<String, ApiError> {
     match &peer.id {
         Some(id) if id.path().starts_with("/admin/") => Ok(id.to_string()),
         Some(id) => Err(ApiError::new(

@@ -5,6 +5,7 @@
 
 pub mod api;
 mod ca;
+mod coverage;
 pub mod kek;
 mod openapi;
 pub mod rollover;

@@ -474,6 +474,76 @@ macro_rules! impl_store {
                     .map_err(q)?;
                 rows.iter().map(audit_from).collect()
             }
+
+            async fn audit_tail(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+                let rows = sqlx::query("SELECT * FROM audit_log ORDER BY seq DESC LIMIT $1")
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(q)?;
+                rows.iter().map(audit_from).collect()
+            }
+
+            async fn coverage_add(&self, c: NewCoverage) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO coverage (node, at, links, encrypted, plaintext, report) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&c.node)
+                .bind(c.at)
+                .bind(c.links)
+                .bind(c.encrypted)
+                .bind(c.plaintext)
+                .bind(&c.report)
+                .execute(&self.pool)
+                .await
+                .map_err(q)?;
+                Ok(())
+            }
+
+            async fn coverage_latest(&self) -> Result<Vec<CoverageRecord>> {
+                let rows = sqlx::query(
+                    "SELECT c.node, c.at, c.links, c.encrypted, c.plaintext, c.report FROM coverage c \
+                     JOIN (SELECT node, MAX(id) AS id FROM coverage GROUP BY node) m ON c.id = m.id \
+                     ORDER BY c.node",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(CoverageRecord {
+                            node: r.try_get("node").map_err(q)?,
+                            at: r.try_get("at").map_err(q)?,
+                            links: r.try_get("links").map_err(q)?,
+                            encrypted: r.try_get("encrypted").map_err(q)?,
+                            plaintext: r.try_get("plaintext").map_err(q)?,
+                            report: r.try_get("report").map_err(q)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn coverage_history(&self, since: i64) -> Result<Vec<CoveragePoint>> {
+                let rows = sqlx::query(
+                    "SELECT node, at, links, encrypted, plaintext FROM coverage WHERE at >= $1 ORDER BY at, id",
+                )
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(CoveragePoint {
+                            node: r.try_get("node").map_err(q)?,
+                            at: r.try_get("at").map_err(q)?,
+                            links: r.try_get("links").map_err(q)?,
+                            encrypted: r.try_get("encrypted").map_err(q)?,
+                            plaintext: r.try_get("plaintext").map_err(q)?,
+                        })
+                    })
+                    .collect()
+            }
         }
     };
 }

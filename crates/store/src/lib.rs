@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 use std::sync::Arc;
 
 /// The newest schema version this build knows (the number of the last migration).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -95,6 +95,15 @@ pub trait Store: Send + Sync {
     async fn audit_append(&self, entry: NewAudit, now: i64) -> Result<AuditEntry>;
     /// Rows with `seq > after`, oldest first, at most `limit`.
     async fn audit_list(&self, after: i64, limit: i64) -> Result<Vec<AuditEntry>>;
+    /// The newest `limit` rows, newest first.
+    async fn audit_tail(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+
+    /// Keeps one agent's coverage report (history is kept; the dashboard charts it).
+    async fn coverage_add(&self, report: NewCoverage) -> Result<()>;
+    /// The newest report of each node.
+    async fn coverage_latest(&self) -> Result<Vec<CoverageRecord>>;
+    /// Every report since `since` (Unix seconds), oldest first, without the report bodies.
+    async fn coverage_history(&self, since: i64) -> Result<Vec<CoveragePoint>>;
 }
 
 /// Opens the store a `--store` value names: `sqlite:PATH` / a plain path (SQLite, created if

@@ -151,3 +151,34 @@ pub struct AuditEntry {
 fn hex<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
+
+/// One agent's coverage report, as it arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCoverage {
+    pub node: String,
+    pub at: i64,
+    pub links: i64,
+    pub encrypted: i64,
+    pub plaintext: i64,
+    /// The whole report (JSON), for the dashboard's link view.
+    pub report: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoverageRecord {
+    pub node: String,
+    pub at: i64,
+    pub links: i64,
+    pub encrypted: i64,
+    pub plaintext: i64,
+    pub report: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoveragePoint {
+    pub node: String,
+    pub at: i64,
+    pub links: i64,
+    pub encrypted: i64,
+    pub plaintext: i64,
+}

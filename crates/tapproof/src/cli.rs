@@ -23,6 +23,11 @@ pub struct Cli {
     /// Log filter, e.g. `info`, `debug`, `tapproof_agent=debug,info`.
     #[arg(long, global = true, default_value = "info", env = "TAPPROOF_LOG")]
     pub log_level: String,
+    /// Runtime worker threads; 0: for the agent one per four cores (at least 1, at most 8), which
+    /// leaves the cores to the services it carries (one thread moves about 1 GB/s); for the
+    /// server and the other commands one per core.
+    #[arg(long, global = true, default_value_t = 0, env = "TAPPROOF_THREADS")]
+    pub threads: usize,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -47,6 +52,9 @@ pub enum Command {
     Pki(PkiArgs),
     /// Show a running agent's identity, listeners and tunnels (reads its admin endpoint).
     Status(StatusArgs),
+    /// Which TCP links of this host are encrypted, and which are plaintext. Exit code 1 when a
+    /// link is plaintext (and not an accepted exception): a deploy gate.
+    Audit(AuditArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -55,6 +63,32 @@ pub enum Command {
     /// Helpers for tests and benchmarks.
     #[command(hide = true)]
     Dev(DevArgs),
+}
+
+#[derive(Args)]
+pub struct AuditArgs {
+    /// The agent's config: its [audit] allow-list, outbound listeners and forward targets.
+    #[arg(long, short, env = "TAPPROOF_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Connect to the listening side of each link that is not tapproof's and offer TLS: reports
+    /// version, cipher, group and certificate, and tells other TLS from plaintext.
+    #[arg(long)]
+    pub probe: bool,
+    /// How long a probe waits to connect and again for an answer.
+    #[arg(long, default_value = "2s")]
+    pub probe_timeout: humantime_arg::Duration,
+    /// Count links on loopback too (demos, single-host tests).
+    #[arg(long)]
+    pub include_loopback: bool,
+    /// Also exit 1 when a listening socket is reachable from the network without tapproof.
+    #[arg(long)]
+    pub strict: bool,
+    /// Where procfs is mounted.
+    #[arg(long, default_value = "/proc", hide = true)]
+    pub proc_root: PathBuf,
 }
 
 #[derive(Args)]
@@ -237,6 +271,15 @@ pub enum ServerCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Serve the fleet dashboard on this machine's loopback, fetched from the server as the admin
+    /// in --admin-dir (mTLS): open the printed URL in a browser.
+    Dashboard {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Where the browser connects; loopback only (the page is served with your admin identity).
+        #[arg(long, default_value = "127.0.0.1:15480")]
+        listen: SocketAddr,
+    },
     /// The tamper-evident audit log.
     AuditLog {
         #[command(subcommand)]
@@ -400,6 +443,47 @@ pub enum DevCommand {
         #[arg(long)]
         data: String,
     },
+    /// Benchmark: full mTLS 1.3 handshakes (no resumption), both ends in this process, in memory.
+    Handshakes {
+        /// A `tapproof pki mint --node server --node client` directory.
+        #[arg(long)]
+        pki: PathBuf,
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// Benchmark: certificate signings per second against a running server, as a joined node.
+    SignLoad {
+        #[command(flatten)]
+        node: LoadNodeArgs,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// Benchmark: many simulated agents long-polling the state feed; runs `--then` once all wait
+    /// and reports when each agent saw a new revocation.
+    FeedLoad {
+        #[command(flatten)]
+        node: LoadNodeArgs,
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Command (and arguments) that makes the revocation.
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        then: Vec<String>,
+    },
+}
+
+/// The node a load generator acts as: a joined agent's control data dir.
+#[derive(Args)]
+pub struct LoadNodeArgs {
+    #[arg(long)]
+    pub server: String,
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    #[arg(long)]
+    pub trust_domain: String,
 }
 
 pub mod humantime_arg {

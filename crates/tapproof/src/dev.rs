@@ -1,5 +1,6 @@
 //! Hidden helpers for tests and benchmarks that run inside network namespaces, where the test
-//! process itself cannot open sockets: a half-close-aware echo server and a one-shot client.
+//! process itself cannot open sockets: a half-close-aware echo server and a one-shot client; and
+//! the load generators of bench/ (loadgen.rs).
 
 use crate::cli::{DevArgs, DevCommand};
 use anyhow::Context;
@@ -26,6 +27,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             println!("{}", String::from_utf8_lossy(&back));
             Ok(())
         }
+        DevCommand::Handshakes {
+            pki,
+            trust_domain,
+            seconds,
+        } => crate::loadgen::handshakes(&pki, &trust_domain, seconds).await,
+        DevCommand::SignLoad {
+            node,
+            concurrency,
+            seconds,
+        } => crate::loadgen::sign_load(&node, concurrency, seconds).await,
+        DevCommand::FeedLoad { node, agents, then } => crate::loadgen::feed_load(&node, agents, &then).await,
     }
 }
 

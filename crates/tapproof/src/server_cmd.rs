@@ -84,6 +84,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             println!("issued {id} into {0} (admin.pem, admin.key, bundle.pem); use it with --server ADDR --admin-dir {0}", out.display());
             Ok(())
         }
+        ServerCommand::Dashboard { remote, listen } => crate::dashboard_cmd::run(remote, listen).await,
         ServerCommand::Revoke {
             store,
             remote,
@@ -470,6 +471,22 @@ async fn remote_raw(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
+    let (server, tls) = admin_client(remote)?;
+    let (status, bytes) = tapproof_agent::control::request(
+        &server,
+        &tls,
+        method,
+        path,
+        body,
+        std::time::Duration::from_secs(15),
+    )
+    .await?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Ok((status, value))
+}
+
+/// The server's address and a client config presenting the admin identity in `--admin-dir`.
+pub fn admin_client(remote: &RemoteArgs) -> anyhow::Result<(String, tapproof_tls::ControlClientTls)> {
     let server = remote.server.as_deref().context("--server is required")?;
     let dir = remote
         .admin_dir
@@ -491,17 +508,7 @@ async fn remote_raw(
         Some((&chain, &key)),
     )
     .map_err(|e| ConfigProblem(format!("--admin-dir {}: {e}", dir.display())))?;
-    let (status, bytes) = tapproof_agent::control::request(
-        server,
-        &tls,
-        method,
-        path,
-        body,
-        std::time::Duration::from_secs(15),
-    )
-    .await?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    Ok((status, value))
+    Ok((server.to_owned(), tls))
 }
 
 /// The store, its trust domain and the key-encryption key: what commands that sign need.

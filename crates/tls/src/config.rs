@@ -99,6 +99,20 @@ impl ClientTls {
             connector: TlsConnector::from(Arc::new(config)),
         })
     }
+
+    /// The same, but never resuming a session: every handshake is a full one (benchmarks).
+    pub fn without_resumption(
+        material: &Material,
+        expected_peer: SpiffeId,
+        kx: KxPolicy,
+    ) -> Result<Self, MaterialError> {
+        let tls = Self::new(material, expected_peer, kx)?;
+        let mut config = (*tls.connector.config().clone()).clone();
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(config)),
+        })
+    }
 }
 
 /// Runs the server side of the handshake over any byte stream (TCP in the agent, in-memory pipes

@@ -1,11 +1,13 @@
 //! TLS for tapproof, and the only crate that names rustls: TLS 1.3-only configurations with the
 //! aws-lc-rs provider (X25519MLKEM768 preferred), SPIFFE peer verification, identity files loaded
-//! and hot-swapped from disk, and handshake failures sorted into stable reasons for metrics.
+//! and hot-swapped from disk, handshake failures sorted into stable reasons for metrics, and the
+//! audit's TLS probe (the one place that offers every version and trusts nothing).
 
 mod classify;
 mod config;
 mod control;
 mod material;
+pub mod probe;
 mod provider;
 mod session;
 mod verify;

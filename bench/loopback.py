@@ -1,0 +1,159 @@
+"""Loopback sections: direct plaintext, a tapproof agent pair and a stunnel4 pair in front of the
+same nginx, iperf3, PostgreSQL, Redis and echo servers; all on 127.0.0.1."""
+import os, re, shutil, socket, subprocess, time
+from common import (Procs, cpu_seconds, in_ns, iperf, log, med, nginx_conf, rss_kib, stunnel_configs,
+                    tapproof_configs, wait_port, wrk)
+
+TD = "bench.example"
+# backend, tapproof outbound, stunnel client accept, stunnel server accept
+# All below the ephemeral range (32768-60999), where a busy run's own connections would collide.
+PORTS = dict(http=(18080, 28080, 29080, 30080), iperf=(15201, 25201, 29201, 30201),
+             pg=(15432, 25432, 29432, 30432), redis=(16379, 26379, 29379, 30379),
+             echo=(17007, 27007, 29007, 30007))
+TUNNEL, ADMIN = 25008, (25000, 25001)
+PATHS = ("direct plaintext", "tapproof pair", "stunnel4 pair")
+
+
+def port(service, path):
+    return PORTS[service][PATHS.index(path)]
+
+
+class Loopback:
+    def __init__(self, d, tapproof, with_clients):
+        self.d, self.tapproof, self.procs = d, tapproof, Procs()
+        self.with_clients = with_clients
+        self.pids = {}
+
+    def start(self):
+        d, tp = self.d, self.tapproof
+        self.procs.start("nginx", ["nginx", "-c", nginx_conf(d, f"127.0.0.1:{PORTS['http'][0]}"), "-e",
+                                   f"{d}/nginx-error.log"], f"{d}/nginx.log")
+        self.procs.start("iperf3", ["iperf3", "-s", "-p", str(PORTS["iperf"][0])], f"{d}/iperf3.log")
+        self.procs.start("echo", [tp, "--threads", "1", "dev", "echo-server", "--listen",
+                                  f"127.0.0.1:{PORTS['echo'][0]}"], f"{d}/echo.log")
+        if self.with_clients:
+            self.start_postgres()
+            self.procs.start("redis", ["redis-server", "--port", str(PORTS["redis"][0]), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no", "--dir", d], f"{d}/redis.log")
+        for s in ("http", "iperf", "echo") + (("pg", "redis") if self.with_clients else ()):
+            wait_port(PORTS[s][0], s)
+        services = [s for s in PORTS if s in ("http", "iperf", "echo") or self.with_clients]
+
+        subprocess.run([tp, "pki", "mint", "--trust-domain", TD, "--out", d, "--node", "server", "--node", "client"],
+                       check=True, stdout=subprocess.DEVNULL)
+        tapproof_configs(d, TD, "server", "client", f"127.0.0.1:{TUNNEL}", f"127.0.0.1:{TUNNEL}",
+                         {s: f"127.0.0.1:{PORTS[s][0]}" for s in services},
+                         {s: f"127.0.0.1:{PORTS[s][1]}" for s in services}, ADMIN)
+        agents = [self.procs.start(n, [tp, "--log-level", "warn", "agent", "-c", f"{d}/tp-{n}.toml"], f"{d}/tp-{n}.log")
+                  for n in ("server", "client")]
+        stunnel_configs(d, {s: (f"127.0.0.1:{PORTS[s][2]}", f"127.0.0.1:{PORTS[s][3]}", f"127.0.0.1:{PORTS[s][0]}")
+                            for s in services})
+        st = [self.procs.start(f"stunnel-{n}", ["stunnel4", f"{d}/st-{n}.conf"], f"{d}/st-{n}.log")
+              for n in ("server", "client")]
+        for s in services:
+            wait_port(PORTS[s][1], "tapproof")
+            wait_port(PORTS[s][2], "stunnel")
+        self.pids = {"direct plaintext": [], "tapproof pair": [p.pid for p in agents],
+                     "stunnel4 pair": [p.pid for p in st]}
+
+    def start_postgres(self):
+        """A throwaway cluster owned by the postgres user, trust auth on loopback only, Debian's
+        defaults otherwise (fsync and synchronous commit on, as a real database runs)."""
+        bindir = sorted(os.listdir("/usr/lib/postgresql"))[-1]
+        bindir = f"/usr/lib/postgresql/{bindir}/bin"
+        pgdata = os.path.join(self.d, "pg")
+        os.makedirs(pgdata)
+        shutil.chown(pgdata, "postgres", "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(as_pg + [f"{bindir}/initdb", "-D", pgdata, "--auth=trust", "-U", "postgres"],
+                       check=True, stdout=subprocess.DEVNULL)
+        self.procs.start("postgres", as_pg + [f"{bindir}/postgres", "-D", pgdata, "-p", str(PORTS["pg"][0]),
+                                              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={pgdata}",
+                                              "-c", "max_connections=200"], f"{self.d}/postgres.log")
+
+    def stop(self):
+        self.procs.stop()
+
+
+def run_basic(lb, runs, seconds):
+    """bulk, new connections, keep-alive for each path; returns {path: {metric: [values]}}."""
+    res = {p: dict(bulk=[], cpu=[], new=[], ka=[], p50=[], p99=[], notes=set()) for p in PATHS}
+    for run in range(runs):
+        for path in PATHS:
+            r, pids = res[path], lb.pids[path]
+            mbs, cpu = iperf("127.0.0.1", port("iperf", path), seconds, pids)
+            r["bulk"].append(mbs)
+            if cpu is not None:
+                r["cpu"].append(cpu)
+            rps, _, err = wrk("127.0.0.1", port("http", path), seconds, 16, close=True)
+            r["new"].append(rps)
+            if err:
+                r["notes"].add("new-conn: " + err)
+            rps, lat, err = wrk("127.0.0.1", port("http", path), seconds, 16, close=False)
+            r["ka"].append(rps)
+            r["p50"].append(lat.get("50", float("nan")))
+            r["p99"].append(lat.get("99", float("nan")))
+            if err:
+                r["notes"].add("keep-alive: " + err)
+            log(f"loopback run {run + 1}/{runs} {path:17} bulk {mbs:6.0f} MB/s new {r['new'][-1]:7.0f}/s "
+                f"keep-alive {rps:7.0f}/s p99 {r['p99'][-1]:.2f} ms")
+    return res
+
+
+def run_clients(lb, runs, seconds):
+    """pgbench (8 clients, TPC-B-like) and redis-benchmark GET (16 clients) through each path."""
+    d = lb.d
+    pg = lambda args, path: ["pgbench", "-h", "127.0.0.1", "-p", str(port("pg", path)), "-U", "postgres"] + args
+    subprocess.run(pg(["-i", "-q", "-s", "10", "postgres"], "direct plaintext"), check=True,
+                   capture_output=True, timeout=300)
+    res = {p: dict(tps=[], redis=[], errors=[]) for p in PATHS}
+    for run in range(runs):
+        for path in PATHS:
+            out = subprocess.run(pg(["-c", "8", "-j", "2", "-T", str(seconds), "-n", "postgres"], path),
+                                 capture_output=True, text=True, timeout=seconds + 120)
+            m = re.search(r"tps = ([\d.]+)", out.stdout)
+            failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
+            res[path]["tps"].append(float(m.group(1)) if m else float("nan"))
+            if out.returncode != 0 or not m or (failed and int(failed.group(1))):
+                res[path]["errors"].append(f"pgbench: {out.stderr[-200:]}")
+            n = 40000 * seconds
+            out = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port("redis", path)), "-t", "get",
+                                  "-c", "16", "-n", str(n), "--csv"], capture_output=True, text=True, timeout=600)
+            m = re.search(r'"GET","([\d.]+)"', out.stdout)
+            res[path]["redis"].append(float(m.group(1)) if m else float("nan"))
+            if out.returncode != 0 or not m:
+                res[path]["errors"].append(f"redis-benchmark: {out.stderr[-200:]}")
+            log(f"clients run {run + 1}/{runs} {path:17} pgbench {res[path]['tps'][-1]:8.0f} tps  "
+                f"redis GET {res[path]['redis'][-1]:9.0f}/s")
+    return res
+
+
+def run_memory(lb, conns):
+    """Opens `conns` connections through each proxy to the echo server, one byte echoed on each so
+    every hop is up, then reads each proxy's resident memory: (after - before) / conns."""
+    res = {}
+    for path in ("tapproof pair", "stunnel4 pair"):
+        pids = lb.pids[path]
+        time.sleep(1)
+        before = [rss_kib(p) for p in pids]
+        socks, failed = [], ""
+        try:
+            for i in range(conns):
+                s = socket.create_connection(("127.0.0.1", port("echo", path)), timeout=10)
+                s.sendall(b"x")
+                if s.recv(1) != b"x":
+                    raise RuntimeError("echo did not answer")
+                socks.append(s)
+        except (OSError, RuntimeError) as e:
+            failed = f"stopped at {len(socks)} connections: {e}"
+        time.sleep(2)
+        after = [rss_kib(p) for p in pids]
+        n = max(len(socks), 1)
+        res[path] = dict(conns=len(socks), per_conn_kib=[(a - b) / n for a, b in zip(after, before)],
+                         rss_after_kib=after, note=failed)
+        for s in socks:
+            s.close()
+        log(f"memory {path}: {len(socks)} idle connections, per connection KiB per process "
+            f"{[round(x, 1) for x in res[path]['per_conn_kib']]} {failed}")
+        time.sleep(3)
+    return res

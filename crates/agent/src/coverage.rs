@@ -1,0 +1,67 @@
+//! The agent's part of the fleet view: it audits its own host on a schedule and sends the report
+//! (and its recent denials) to the control plane, which keeps the history for the dashboard.
+
+use crate::config::ControlConfig;
+use crate::state::AgentState;
+use rand::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+use tapproof_audit::{CoverageUpload, Options, MAX_UPLOAD_LINKS};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// The first report goes out soon after start, so a new node shows up on the dashboard at once.
+const FIRST_REPORT: Duration = Duration::from_secs(3);
+
+pub async fn report_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: CancellationToken) {
+    let every = state.config.audit.report_interval_secs;
+    if every == 0 {
+        return;
+    }
+    let mut wait = FIRST_REPORT;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        // Jitter, so a fleet restarted together does not report in lockstep.
+        wait = Duration::from_secs(every).mul_f64(rand::rng().random_range(0.8..1.2));
+        let options = Options {
+            allow: state.config.audit.allow.clone(),
+            known: state.config.audit_known(),
+            ..Options::default()
+        };
+        let report = match tokio::task::spawn_blocking(move || {
+            tapproof_audit::audit(std::path::Path::new("/proc"), &options)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "coverage: the audit did not finish");
+                continue;
+            }
+        };
+        let mut report = report;
+        report.links.truncate(MAX_UPLOAD_LINKS);
+        let upload = CoverageUpload {
+            report,
+            denials: state.recent_denials(),
+        };
+        let body = match serde_json::to_vec(&upload) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "coverage: cannot encode the report");
+                continue;
+            }
+        };
+        match crate::control::post_coverage(&cfg, &state.config.trust_domain, body).await {
+            Ok(()) => debug!(
+                links = upload.report.summary.links,
+                plaintext = upload.report.summary.plaintext,
+                "coverage report sent"
+            ),
+            Err(e) => warn!(error = %e, "coverage: report not accepted"),
+        }
+    }
+}

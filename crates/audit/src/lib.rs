@@ -1,0 +1,113 @@
+//! The coverage audit: which of a host's TCP links to other hosts are encrypted (through tapproof,
+//! or another program's TLS seen by a probe) and which are plaintext; which listening sockets are
+//! reachable from the network without tapproof; and what the scan could not see.
+
+pub mod allow;
+pub mod report;
+pub mod scan;
+
+pub use allow::{validate, AllowError, AllowRule};
+pub use report::{classify, render, Class, Known, Link, Listener, Options, Report, Role, Summary};
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The `[audit]` section of the agent's config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Accepted plaintext exceptions.
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+    /// How often an agent with a control plane scans and reports (seconds); 0 turns it off.
+    #[serde(default = "default_report_interval")]
+    pub report_interval_secs: u64,
+}
+
+fn default_report_interval() -> u64 {
+    60
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            report_interval_secs: default_report_interval(),
+        }
+    }
+}
+
+/// This host's name, for reports.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `2026-11-29T12:00:00Z` from Unix seconds (civil-from-days, proleptic Gregorian).
+pub fn unix_to_utc(t: i64) -> String {
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// Scans `proc_root` and classes what it finds.
+pub fn audit(proc_root: &Path, options: &Options) -> Report {
+    let scan = scan::scan(proc_root);
+    classify(&scan, options, hostname(), now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc() {
+        assert_eq!(unix_to_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(unix_to_utc(1_795_953_600), "2026-11-29T12:00:00Z");
+        assert_eq!(unix_to_utc(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}
+
+/// A stream an agent refused (policy or unknown service), kept for the fleet dashboard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denial {
+    pub at: i64,
+    pub peer: String,
+    pub service: String,
+    pub reason: String,
+}
+
+/// What an agent sends to `POST /v1/coverage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoverageUpload {
+    pub report: Report,
+    /// The agent's most recent denials, newest last.
+    #[serde(default)]
+    pub denials: Vec<Denial>,
+}
+
+/// Links and denials an agent sends at most: a busy host's report stays a bounded request.
+pub const MAX_UPLOAD_LINKS: usize = 2000;
+pub const MAX_UPLOAD_DENIALS: usize = 50;

@@ -1,0 +1,394 @@
+//! Classes each network link of a scan and renders the report: a table for people, JSON (the
+//! same structures, serialised) for machines and for the agent's reports to the server.
+
+use crate::allow::{accepted, AllowRule};
+use crate::scan::{Scan, Socket, TcpState};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use tapproof_tls::probe::{probe, ProbeOutcome};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// Carried by a tapproof agent (mTLS 1.3).
+    Tapproof,
+    /// Another program's TLS (seen by `--probe`).
+    OtherTls,
+    /// Not encrypted, or not shown to be.
+    Plaintext,
+    /// Plaintext, accepted by an allow-list rule.
+    Allowed,
+}
+
+impl Class {
+    pub fn encrypted(self) -> bool {
+        matches!(self, Class::Tapproof | Class::OtherTls)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// This host accepted the connection.
+    Server,
+    /// This host opened it.
+    Client,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    pub class: Class,
+    pub role: Role,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub process: Option<String>,
+    pub pid: Option<u32>,
+    /// Why it got its class (probe answer, allow-list reason, ...).
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Listener {
+    pub local: SocketAddr,
+    pub process: Option<String>,
+    pub pid: Option<u32>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub links: usize,
+    pub tapproof: usize,
+    pub other_tls: usize,
+    pub plaintext: usize,
+    pub allowed: usize,
+    /// Encrypted links as a share of all network links (100 when there are none).
+    pub coverage_percent: f64,
+    pub exposed_listeners: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub host: String,
+    pub generated_at: i64,
+    pub summary: Summary,
+    pub links: Vec<Link>,
+    /// Listening sockets reachable from the network that tapproof does not own.
+    pub exposed_listeners: Vec<Listener>,
+    /// What the scan could not see.
+    pub not_seen: Vec<String>,
+    /// The allow-list rules that matched, with their reasons.
+    pub exceptions: Vec<AllowRule>,
+}
+
+/// What tapproof itself runs on this host, from the agent's config (when given).
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// Local ports where apps reach outbound listeners: connections to them from the network are
+    /// plaintext legs.
+    pub outbound_listeners: Vec<SocketAddr>,
+    /// Forward targets of inbound services: tapproof's connections to non-loopback ones are
+    /// plaintext legs.
+    pub forwards: Vec<SocketAddr>,
+    pub config_given: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub probe: Option<Duration>,
+    pub include_loopback: bool,
+    pub allow: Vec<AllowRule>,
+    pub known: Known,
+    /// Process names that are tapproof (normally just "tapproof").
+    pub tapproof_names: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            probe: None,
+            include_loopback: false,
+            allow: Vec::new(),
+            known: Known::default(),
+            tapproof_names: vec!["tapproof".into()],
+        }
+    }
+}
+
+fn local_only(ip: IpAddr) -> bool {
+    ip.is_loopback()
+        || match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+            IpAddr::V4(_) => false,
+        }
+}
+
+/// Classes the scan's sockets. Probes (with `options.probe`) go to the listening side of each
+/// link: this host's own port when it is the server, the remote port when it is the client.
+pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Report {
+    let listening: HashSet<u16> = scan
+        .sockets
+        .iter()
+        .filter(|s| s.state == TcpState::Listen)
+        .map(|s| s.local.port())
+        .collect();
+    let owner = |s: &Socket| scan.owners.get(&s.inode);
+    let is_tapproof = |s: &Socket| owner(s).is_some_and(|p| options.tapproof_names.contains(&p.name));
+    let mut probes: BTreeMap<SocketAddr, ProbeOutcome> = BTreeMap::new();
+    let mut links = Vec::new();
+    let mut unowned = 0;
+    for s in scan.sockets.iter().filter(|s| s.state == TcpState::Established) {
+        if !options.include_loopback && (local_only(s.remote.ip()) || local_only(s.local.ip())) {
+            continue;
+        }
+        let role = if listening.contains(&s.local.port()) {
+            Role::Server
+        } else {
+            Role::Client
+        };
+        let process = owner(s);
+        if process.is_none() {
+            unowned += 1;
+        }
+        let (mut class, mut detail) = if is_tapproof(s) {
+            if role == Role::Server
+                && options
+                    .known
+                    .outbound_listeners
+                    .iter()
+                    .any(|l| l.port() == s.local.port())
+            {
+                (
+                    Class::Plaintext,
+                    "an app reaches tapproof's outbound listener over the network".to_owned(),
+                )
+            } else if role == Role::Client && options.known.forwards.contains(&s.remote) {
+                (
+                    Class::Plaintext,
+                    "tapproof's forward leg to a non-loopback address".to_owned(),
+                )
+            } else {
+                (
+                    Class::Tapproof,
+                    "mTLS 1.3 tunnel or control-plane connection".to_owned(),
+                )
+            }
+        } else if let Some(timeout) = options.probe {
+            let target = match role {
+                Role::Server => {
+                    let ip = if s.local.ip().is_unspecified() {
+                        s.remote.ip()
+                    } else {
+                        s.local.ip()
+                    };
+                    SocketAddr::new(ip, s.local.port())
+                }
+                Role::Client => s.remote,
+            };
+            let outcome = probes.entry(target).or_insert_with(|| probe(target, timeout));
+            describe(target, outcome)
+        } else {
+            (
+                Class::Plaintext,
+                "not tapproof; not probed (--probe recognises other TLS)".to_owned(),
+            )
+        };
+        if class == Class::Plaintext {
+            if let Some(rule) = accepted(
+                &options.allow,
+                s.local,
+                s.remote,
+                process.map(|p| p.name.as_str()),
+            ) {
+                class = Class::Allowed;
+                detail = format!("accepted: {}", rule.reason);
+            }
+        }
+        links.push(Link {
+            class,
+            role,
+            local: s.local,
+            remote: s.remote,
+            process: process.map(|p| p.name.clone()),
+            pid: process.map(|p| p.pid),
+            detail,
+        });
+    }
+    links.sort_by_key(|l| (l.class, l.remote, l.local));
+
+    let mut exposed = Vec::new();
+    let mut seen = HashSet::new();
+    for s in scan.sockets.iter().filter(|s| s.state == TcpState::Listen) {
+        if local_only(s.local.ip()) || is_tapproof(s) || !seen.insert(s.local) {
+            continue;
+        }
+        let process = owner(s);
+        let fronted = options.known.forwards.iter().any(|f| f.port() == s.local.port());
+        let detail = if fronted {
+            "tapproof fronts this port, but it also listens on the network: bind it to 127.0.0.1"
+        } else {
+            "reachable from the network without tapproof"
+        };
+        if accepted(&options.allow, s.local, s.local, process.map(|p| p.name.as_str())).is_some() {
+            continue;
+        }
+        exposed.push(Listener {
+            local: s.local,
+            process: process.map(|p| p.name.clone()),
+            pid: process.map(|p| p.pid),
+            detail: detail.into(),
+        });
+    }
+
+    let count = |c: Class| links.iter().filter(|l| l.class == c).count();
+    let encrypted = links.iter().filter(|l| l.class.encrypted()).count();
+    let summary = Summary {
+        links: links.len(),
+        tapproof: count(Class::Tapproof),
+        other_tls: count(Class::OtherTls),
+        plaintext: count(Class::Plaintext),
+        allowed: count(Class::Allowed),
+        coverage_percent: if links.is_empty() {
+            100.0
+        } else {
+            100.0 * encrypted as f64 / links.len() as f64
+        },
+        exposed_listeners: exposed.len(),
+    };
+    let mut not_seen = scan.blind_spots.clone();
+    if unowned > 0 {
+        not_seen.push(format!(
+            "{unowned} links have no known owning process (another user's, or it exited mid-scan); they are classed without it"
+        ));
+    }
+    if !options.known.config_given {
+        not_seen.push(
+            "no agent config given (--config): tapproof's own connections are all counted as tunnels".into(),
+        );
+    }
+    let mut exceptions: Vec<AllowRule> = Vec::new();
+    for rule in &options.allow {
+        let used = links
+            .iter()
+            .any(|l| l.detail == format!("accepted: {}", rule.reason));
+        if used && !exceptions.contains(rule) {
+            exceptions.push(rule.clone());
+        }
+    }
+    Report {
+        host,
+        generated_at: now,
+        summary,
+        links,
+        exposed_listeners: exposed,
+        not_seen,
+        exceptions,
+    }
+}
+
+fn describe(target: SocketAddr, outcome: &ProbeOutcome) -> (Class, String) {
+    match outcome {
+        ProbeOutcome::Tls(t) => {
+            let mut d = format!("{target}: {} {} {}", t.version, t.cipher, t.group);
+            if let Some(subject) = &t.subject {
+                let _ = write!(d, ", certificate {subject:?}");
+            }
+            if let Some(exp) = t.not_after {
+                let _ = write!(d, " expires {}", crate::unix_to_utc(exp));
+            }
+            if t.client_cert_required {
+                d.push_str(", client certificate required");
+            }
+            (Class::OtherTls, d)
+        }
+        ProbeOutcome::NotTls { answer } => (
+            Class::Plaintext,
+            format!("{target} answered without TLS: {answer}"),
+        ),
+        ProbeOutcome::NoAnswer { waited } => (
+            Class::Plaintext,
+            format!("{target} gave no TLS answer in {:.1} s", waited.as_secs_f64()),
+        ),
+        ProbeOutcome::Unreachable { detail } => (
+            Class::Plaintext,
+            format!("probe could not reach {target}: {detail}"),
+        ),
+    }
+}
+
+/// The report for people.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let s = &report.summary;
+    let _ = writeln!(
+        out,
+        "Coverage on {}: {:.1}% of {} network links encrypted ({} through tapproof, {} other TLS, {} plaintext, {} accepted exceptions)",
+        report.host, s.coverage_percent, s.links, s.tapproof, s.other_tls, s.plaintext, s.allowed
+    );
+    if !report.links.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<10} {:<6} {:<24} {:<24} {:<16} DETAIL",
+            "CLASS", "ROLE", "LOCAL", "REMOTE", "PROCESS"
+        );
+        for l in &report.links {
+            let class = match l.class {
+                Class::Tapproof => "tapproof",
+                Class::OtherTls => "tls",
+                Class::Plaintext => "PLAINTEXT",
+                Class::Allowed => "allowed",
+            };
+            let role = match l.role {
+                Role::Server => "in",
+                Role::Client => "out",
+            };
+            let process = match (&l.process, l.pid) {
+                (Some(p), Some(pid)) => format!("{p}[{pid}]"),
+                _ => "?".into(),
+            };
+            let _ = writeln!(
+                out,
+                "{class:<10} {role:<6} {:<24} {:<24} {process:<16} {}",
+                l.local.to_string(),
+                l.remote.to_string(),
+                l.detail
+            );
+        }
+    }
+    if !report.exposed_listeners.is_empty() {
+        let _ = writeln!(out, "\nListening on the network without tapproof:");
+        for l in &report.exposed_listeners {
+            let process = match (&l.process, l.pid) {
+                (Some(p), Some(pid)) => format!("{p}[{pid}]"),
+                _ => "?".into(),
+            };
+            let _ = writeln!(out, "  {:<24} {process:<16} {}", l.local.to_string(), l.detail);
+        }
+    }
+    if !report.exceptions.is_empty() {
+        let _ = writeln!(out, "\nAccepted exceptions (audit.allow):");
+        for r in &report.exceptions {
+            let mut what = Vec::new();
+            if let Some(p) = &r.peer {
+                what.push(format!("peer {p}"));
+            }
+            if let Some(p) = r.port {
+                what.push(format!("port {p}"));
+            }
+            if let Some(p) = &r.process {
+                what.push(format!("process {p}"));
+            }
+            let _ = writeln!(out, "  {}: {}", what.join(", "), r.reason);
+        }
+    }
+    if !report.not_seen.is_empty() {
+        let _ = writeln!(out, "\nNot seen:");
+        for n in &report.not_seen {
+            let _ = writeln!(out, "  {n}");
+        }
+    }
+    out
+}

@@ -1,0 +1,154 @@
+// The fleet dashboard: fetches /v1/dashboard (same origin, the admin's mTLS session) and draws
+// tables and two SVG charts. No framework, nothing loaded from elsewhere.
+"use strict";
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function el(tag, attrs, text) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function svg(tag, attrs, text) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function when(t) {
+  return t ? new Date(t * 1000).toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z") : "–";
+}
+
+function ago(t, now) {
+  if (!t) return "never";
+  const d = now - t;
+  if (d < 90) return d + " s ago";
+  if (d < 5400) return Math.round(d / 60) + " min ago";
+  return Math.round(d / 3600) + " h ago";
+}
+
+function until(t, now) {
+  if (!t) return "–";
+  const d = t - now;
+  if (d < 0) return "expired";
+  if (d < 5400) return "in " + Math.round(d / 60) + " min";
+  if (d < 172800) return "in " + Math.round(d / 3600) + " h";
+  return "in " + Math.round(d / 86400) + " d";
+}
+
+function pct(x) {
+  return x === null || x === undefined ? "–" : x.toFixed(1) + "%";
+}
+
+function fill(id, rows, cells) {
+  const body = document.querySelector("#" + id + " tbody");
+  body.replaceChildren();
+  if (rows.length === 0) {
+    const tr = el("tr");
+    tr.append(el("td", { colspan: "9", class: "empty" }, "none"));
+    body.append(tr);
+    return;
+  }
+  for (const r of rows) {
+    const tr = el("tr");
+    for (const c of cells(r)) tr.append(c);
+    body.append(tr);
+  }
+}
+
+const CLASS = { tapproof: ["tapproof", "enc"], other_tls: ["TLS", "enc"], plaintext: ["PLAINTEXT", "plain"], allowed: ["allowed", "allowed"] };
+
+function historyChart(points) {
+  const box = document.getElementById("history");
+  box.replaceChildren();
+  if (points.length === 0) { box.append(el("p", { class: "empty" }, "no coverage reports yet")); return; }
+  const W = 900, H = 200, L = 40, B = 24;
+  const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "fleet coverage over time" });
+  const t0 = points[0].at, t1 = Math.max(points[points.length - 1].at, t0 + 1);
+  const x = (t) => L + (W - L - 10) * (t - t0) / (t1 - t0);
+  const y = (p) => 10 + (H - B - 10) * (1 - p / 100);
+  for (const g of [0, 50, 100]) {
+    s.append(svg("line", { x1: L, x2: W - 10, y1: y(g), y2: y(g), stroke: "#ddd" }));
+    s.append(svg("text", { x: 2, y: y(g) + 4, "font-size": "11" }, g + "%"));
+  }
+  let d = "";
+  points.forEach((p, i) => { d += (i ? " L" : "M") + x(p.at).toFixed(1) + " " + y(p.coverage_percent).toFixed(1); });
+  if (points.length === 1) d += " L" + (W - 10) + " " + y(points[0].coverage_percent).toFixed(1);
+  s.append(svg("path", { d, fill: "none", stroke: "#00733b", "stroke-width": "2" }));
+  s.append(svg("text", { x: L, y: H - 6, "font-size": "11" }, when(t0)));
+  s.append(svg("text", { x: W - 10, y: H - 6, "font-size": "11", "text-anchor": "end" }, when(t1)));
+  box.append(s);
+}
+
+function expiryChart(nodes, now) {
+  const box = document.getElementById("expiry");
+  box.replaceChildren();
+  const rows = nodes.filter((n) => n.cert_not_after && !n.revoked);
+  if (rows.length === 0) { box.append(el("p", { class: "empty" }, "no live certificates")); return; }
+  const last = Math.max(...rows.map((n) => n.cert_not_after));
+  const W = 900, R = 22, L = 160, H = rows.length * R + 24;
+  const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "certificate expiry timeline" });
+  const x = (t) => L + (W - L - 90) * Math.max(0, t - now) / Math.max(1, last - now);
+  rows.forEach((n, i) => {
+    const yy = i * R + 4;
+    const soon = n.cert_not_after - now < 600;
+    s.append(svg("text", { x: 0, y: yy + 14, "font-size": "12" }, n.name));
+    s.append(svg("rect", { x: L, y: yy, width: Math.max(2, x(n.cert_not_after) - L), height: R - 8, fill: soon ? "#dba617" : "#72aee6" }));
+    s.append(svg("text", { x: x(n.cert_not_after) + 4, y: yy + 13, "font-size": "11" }, until(n.cert_not_after, now)));
+  });
+  s.append(svg("text", { x: L, y: H - 4, "font-size": "11" }, "now"));
+  box.append(s);
+}
+
+function render(data) {
+  const now = data.generated_at;
+  const f = data.fleet;
+  document.getElementById("coverage").textContent = pct(f.coverage_percent);
+  document.getElementById("coverage").className = "big " + (f.plaintext > 0 ? "plain" : "enc");
+  document.getElementById("links").textContent = `${f.encrypted} / ${f.plaintext}`;
+  document.getElementById("nodes-reporting").textContent = `${f.nodes_reporting} of ${f.nodes}`;
+  document.getElementById("status").textContent = "updated " + when(now);
+  fill("nodes", data.nodes, (n) => [
+    el("td", {}, n.name + (n.revoked ? " (revoked)" : "")),
+    el("td", { class: "mono" }, n.spiffe_id),
+    el("td", {}, n.cert_not_after ? `${until(n.cert_not_after, now)} (${when(n.cert_not_after)})` : "–"),
+    el("td", {}, ago(n.last_report, now)),
+    el("td", { class: n.plaintext ? "plain" : "enc" }, pct(n.coverage_percent)),
+    el("td", {}, n.plaintext === null ? "–" : String(n.plaintext)),
+  ]);
+  fill("link-table", data.links, (l) => {
+    const [label, cls] = CLASS[l.class] || [l.class, ""];
+    return [
+      el("td", {}, l.from), el("td", {}, l.to || "–"), el("td", { class: cls }, label),
+      el("td", { class: "mono" }, l.local), el("td", { class: "mono" }, l.remote),
+      el("td", {}, l.process || "?"), el("td", {}, l.detail),
+    ];
+  });
+  fill("denials", data.denials, (d) => [
+    el("td", {}, when(d.at)), el("td", {}, d.node), el("td", { class: "mono" }, d.peer),
+    el("td", {}, d.service), el("td", {}, d.reason),
+  ]);
+  fill("audit", data.audit, (a) => [
+    el("td", {}, String(a.seq)), el("td", {}, when(a.at)), el("td", { class: "mono" }, a.actor), el("td", {}, a.action),
+  ]);
+  historyChart(data.history);
+  expiryChart(data.nodes, now);
+  document.body.dataset.loaded = "true";
+}
+
+async function refresh() {
+  try {
+    const r = await fetch("/v1/dashboard", { cache: "no-store" });
+    if (!r.ok) throw new Error(`${r.status} ${await r.text()}`);
+    render(await r.json());
+  } catch (e) {
+    document.getElementById("status").textContent = "cannot load /v1/dashboard: " + e.message;
+    document.getElementById("status").className = "warn";
+  }
+}
+
+refresh();
+setInterval(refresh, 15000);

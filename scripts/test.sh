@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what the tests need when it is missing and we are root
-# (iproute2 and tcpdump for the network-namespace tap test; a local PostgreSQL server for the
-# store's conformance suite), then runs every test in the workspace. Without root those tests say
-# they were skipped; under CI=true they must run.
+# (iproute2 and tcpdump for the network-namespace tests; chromium and chromedriver for the
+# dashboard's browser test; a local PostgreSQL server for the store's conformance suite), then
+# runs every test in the workspace. Without root those tests say they were skipped; under CI=true
+# they must run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    echo "installing ${need[*]} for the network-namespace tests"
+    echo "installing ${need[*]} for the network-namespace and browser tests"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "note: ${need[*]} missing and not root: the tap test will be skipped"
+    echo "note: ${need[*]} missing and not root: the tests needing them will be skipped"
   fi
 fi
 

@@ -89,23 +89,32 @@ pub fn inspect_svid(der: &[u8]) -> Result<SvidInfo, SvidError> {
     })
 }
 
-/// Subject (or, when empty, the first subject alternative name) and expiry (Unix seconds) of any
-/// X.509 certificate: what the audit's TLS probe reports about a server it does not trust.
+/// Subject and subject alternative names (`O=example.org, SAN spiffe://...`) and expiry (Unix
+/// seconds) of any X.509 certificate: what the audit's TLS probe reports about a server it does
+/// not trust.
 pub fn cert_summary(der: &[u8]) -> Option<(String, i64)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let mut subject = cert.subject().to_string();
-    if subject.is_empty() {
-        if let Ok(Some(san)) = cert.subject_alternative_name() {
-            subject = san
-                .value
-                .general_names
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
+    let mut parts = Vec::new();
+    let subject = cert.subject().to_string();
+    if !subject.is_empty() {
+        parts.push(subject);
+    }
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
+                x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+                other => other.to_string(),
+            })
+            .collect();
+        if !names.is_empty() {
+            parts.push(format!("SAN {}", names.join(" ")));
         }
     }
-    Some((subject, cert.validity().not_after.timestamp()))
+    Some((parts.join(", "), cert.validity().not_after.timestamp()))
 }
 
 #[cfg(test)]

@@ -410,6 +410,48 @@ async fn change_notices_wake_listeners(db: &Db) {
     notifier.await.unwrap();
 }
 
+async fn coverage_history_and_latest(db: &Db) {
+    let (a, b) = (db.open().await, db.open().await);
+    let report = |node: &str, at: i64, links: i64, encrypted: i64| NewCoverage {
+        node: node.into(),
+        at,
+        links,
+        encrypted,
+        plaintext: links - encrypted,
+        report: format!("{{\"node\": \"{node}\", \"at\": {at}}}"),
+    };
+    a.coverage_add(report("db-1", 100, 4, 3)).await.unwrap();
+    b.coverage_add(report("web-1", 110, 2, 2)).await.unwrap();
+    a.coverage_add(report("db-1", 120, 4, 4)).await.unwrap();
+    let latest = b.coverage_latest().await.unwrap();
+    let got: Vec<_> = latest
+        .iter()
+        .map(|r| (r.node.as_str(), r.at, r.encrypted))
+        .collect();
+    assert_eq!(got, vec![("db-1", 120, 4), ("web-1", 110, 2)]);
+    assert!(latest[0].report.contains("\"at\": 120"));
+    let history = a.coverage_history(105).await.unwrap();
+    let got: Vec<_> = history.iter().map(|p| (p.node.as_str(), p.at)).collect();
+    assert_eq!(got, vec![("web-1", 110), ("db-1", 120)]);
+    for i in 0..3 {
+        a.audit_append(
+            NewAudit {
+                actor: "t".into(),
+                action: format!("a{i}"),
+                details: serde_json::json!({}),
+            },
+            i,
+        )
+        .await
+        .unwrap();
+    }
+    let tail = b.audit_tail(2).await.unwrap();
+    assert_eq!(
+        tail.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        vec!["a2", "a1"]
+    );
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -427,10 +469,10 @@ macro_rules! suite {
 
 suite!(sqlite: migrations_are_idempotent, cas_round_trip, tokens_are_single_use, a_token_is_used_once_across_replicas,
     serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
-    refuses_a_newer_schema, change_notices_wake_listeners);
+    refuses_a_newer_schema, change_notices_wake_listeners, coverage_history_and_latest);
 suite!(postgres: migrations_are_idempotent, cas_round_trip, tokens_are_single_use, a_token_is_used_once_across_replicas,
     serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
-    refuses_a_newer_schema, change_notices_wake_listeners);
+    refuses_a_newer_schema, change_notices_wake_listeners, coverage_history_and_latest);
 
 #[tokio::test]
 async fn postgres_read_only_and_unreachable_are_clear_errors() {

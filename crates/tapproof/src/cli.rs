@@ -125,6 +125,9 @@ pub struct QuickstartArgs {
     /// Number of concurrent app connections to send through the tunnel.
     #[arg(long, default_value_t = 50)]
     pub connections: usize,
+    /// At the end, keep the server, the agents and the dashboard running until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
 }
 
 #[derive(Args)]
@@ -441,6 +444,14 @@ pub enum DevCommand {
         #[arg(long)]
         connect: SocketAddr,
         #[arg(long)]
+        data: String,
+    },
+    /// Connect, send `--data`, read the echo, print "held", then keep the connection open until
+    /// killed (an established link for the audit's tests).
+    Hold {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value = "hello")]
         data: String,
     },
     /// Benchmark: full mTLS 1.3 handshakes (no resumption), both ends in this process, in memory.

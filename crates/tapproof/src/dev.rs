@@ -27,6 +27,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             println!("{}", String::from_utf8_lossy(&back));
             Ok(())
         }
+        DevCommand::Hold { connect, data } => {
+            let mut tcp = TcpStream::connect(connect)
+                .await
+                .with_context(|| format!("cannot connect to {connect}"))?;
+            tcp.write_all(data.as_bytes()).await?;
+            let mut back = vec![0u8; data.len()];
+            tcp.read_exact(&mut back).await?;
+            println!("held {}", tcp.local_addr()?);
+            // Stays until the peer closes or the process is killed.
+            let mut rest = Vec::new();
+            tcp.read_to_end(&mut rest).await?;
+            Ok(())
+        }
         DevCommand::Handshakes {
             pki,
             trust_domain,

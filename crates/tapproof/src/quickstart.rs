@@ -107,6 +107,114 @@ impl Agent {
     }
 }
 
+/// Issues an admin identity and starts `tapproof server dashboard` with it; returns the process
+/// (killed on drop) and the URL it printed.
+async fn dashboard(data: &Path, server: SocketAddr, dir: &Path) -> anyhow::Result<(Child, String)> {
+    let exe = std::env::current_exe().context("cannot find this binary")?;
+    let admin = dir.join("admin");
+    let status = Command::new(&exe)
+        .args([
+            "--log-level",
+            "warn",
+            "server",
+            "admin-cert",
+            "--name",
+            "quickstart",
+            "--data-dir",
+        ])
+        .arg(data)
+        .arg("--out")
+        .arg(&admin)
+        .stdout(Stdio::null())
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("cannot issue the demo's admin identity ({status})");
+    }
+    let mut child = Command::new(&exe)
+        .args([
+            "--log-level",
+            "warn",
+            "server",
+            "dashboard",
+            "--listen",
+            "127.0.0.1:0",
+            "--server",
+        ])
+        .arg(server.to_string())
+        .arg("--admin-dir")
+        .arg(&admin)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the dashboard")?;
+    let stdout = child.stdout.take().context("dashboard stdout")?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut line),
+    )
+    .await
+    .context("the dashboard did not start in 20 s")??;
+    let url = line
+        .trim()
+        .strip_prefix("dashboard: ")
+        .with_context(|| format!("the dashboard printed {line:?}"))?
+        .to_owned();
+    Ok((child, url))
+}
+
+/// Step 8: the fleet's coverage as the server holds it, and this host's own audit.
+async fn coverage(dashboard_url: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = dashboard_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .context("dashboard URL")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let fleet: Value = loop {
+        let v: Value = serde_json::from_str(&admin_get(addr, "/v1/dashboard").await?)?;
+        if v["fleet"]["nodes_reporting"].as_u64() >= Some(2) || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let f = &fleet["fleet"];
+    println!("\n8. Coverage, as the agents reported it to the server (fleet dashboard {dashboard_url}):");
+    println!(
+        "     fleet: {:.1}% of {} links between hosts encrypted ({} plaintext); {} of {} nodes reporting",
+        f["coverage_percent"].as_f64().unwrap_or(0.0),
+        f["links"],
+        f["plaintext"],
+        f["nodes_reporting"],
+        f["nodes"]
+    );
+    for n in fleet["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "     {:<6} {}  coverage {}  plaintext links {}",
+            n["name"].as_str().unwrap_or("?"),
+            n["spiffe_id"].as_str().unwrap_or("?"),
+            n["coverage_percent"]
+                .as_f64()
+                .map_or("-".into(), |c| format!("{c:.1}%")),
+            n["plaintext"]
+        );
+    }
+    println!("   (The demo runs on loopback, so its tunnel is not a link between hosts; on real hosts every");
+    println!("   link appears here, classed tapproof, TLS or PLAINTEXT.) This host, by `tapproof audit`:");
+    let report = tokio::task::spawn_blocking(|| {
+        tapproof_audit::audit(Path::new("/proc"), &tapproof_audit::Options::default())
+    })
+    .await?;
+    for line in tapproof_audit::render(&report).lines() {
+        println!("     {line}");
+    }
+    Ok(())
+}
+
 /// One app connection: send `payload`, half-close, read the echo, compare digests.
 async fn round_trip(addr: SocketAddr, payload: Vec<u8>) -> anyhow::Result<usize> {
     let tcp = TcpStream::connect(addr).await?;
@@ -199,6 +307,9 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     println!("   through the root pin in the token) and got its identity:");
     println!("     db-1  spiffe://{TRUST_DOMAIN}/node/db-1   tunnel {tunnel}, serves \"db\" -> {echo_addr}, allows only web-1");
     println!("     web-1 spiffe://{TRUST_DOMAIN}/node/web-1  apps connect in plaintext to {outbound}");
+    let (dashboard, dashboard_url) = dashboard(&data, server_addr, &dir).await?;
+    println!("   Each agent audits its host and reports its coverage; the fleet dashboard, served with an");
+    println!("   admin identity issued for this demo, is at {dashboard_url} while the demo runs.");
 
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -289,6 +400,12 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         );
     }
 
+    coverage(&dashboard_url).await?;
+    if args.keep_running {
+        println!("\n   Everything keeps running (dashboard {dashboard_url}); Ctrl-C stops it.");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    drop(dashboard);
     web.stop().await?;
     db.stop().await?;
     server.stop().await?;
@@ -296,7 +413,7 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         Ok(rows) => rows,
         Err(problems) => bail!("the audit log does not verify: {problems:?}"),
     };
-    println!("\n8. Stopped the agents and the server with SIGTERM (they drained and exited 0).");
+    println!("\n9. Stopped the agents and the server with SIGTERM (they drained and exited 0).");
     println!("   Audit log: {rows} rows (CA init, tokens, joins, renewals), hash chain verified.");
     if args.keep {
         let kept = tmp.keep();

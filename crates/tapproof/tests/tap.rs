@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tapproof_test_util::netns::{Netns, TwoHosts};
+use tapproof_test_util::netns::{spawn_ready, Background, Netns, TwoHosts};
 use tapproof_test_util::pcap::{contains, server_hello_group, stream_from, tcp_segments, X25519MLKEM768};
 use tapproof_test_util::pki::TestPki;
 use tapproof_test_util::process::{identity_section, AgentProcess};
@@ -30,29 +30,9 @@ fn can_run() -> bool {
     false
 }
 
-/// A background process in a namespace, killed (by PID) and reaped on drop.
-struct Background(Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `tapproof dev echo-server` in `ns` and waits for its "listening" line.
 fn echo_server(ns: &Netns, listen: &str) -> Background {
-    let mut child = ns.spawn(&[EXE, "dev", "echo-server", "--listen", listen]);
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.starts_with("listening"),
-        "echo server in {}: {line:?}",
-        ns.name
-    );
-    Background(child)
+    spawn_ready(ns, &[EXE, "dev", "echo-server", "--listen", listen], "listening").0
 }
 
 /// A capture of `iface` in `ns`, written to `file`, stopped by SIGINT (which flushes it).

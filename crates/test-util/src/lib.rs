@@ -1,7 +1,7 @@
 //! Helpers for tapproof's integration tests: certificates minted at run time, `tapproof agent`
 //! processes started and waited on through their ready file (never a sleep), raw TLS and HTTP/2
 //! clients for the refusal cases, loopback echo services, network namespaces with veth links,
-//! and a small pcap reader for tap tests.
+//! a small pcap reader for tap tests, and a WebDriver client for the dashboard test.
 
 pub mod fixture;
 pub mod netns;
@@ -11,6 +11,7 @@ pub mod process;
 pub mod server;
 pub mod tls_client;
 pub mod traffic;
+pub mod webdriver;
 
 /// Whether this run must not skip root-only tests (CI sets CI=true).
 pub fn in_ci() -> bool {

@@ -110,3 +110,27 @@ impl TwoHosts {
         }
     }
 }
+
+/// A background process (in a namespace or not), killed by PID and reaped on drop.
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `args` in `ns` and waits for its first stdout line to start with `ready` (the line is
+/// returned with the process).
+pub fn spawn_ready(ns: &Netns, args: &[&str], ready: &str) -> (Background, String) {
+    use std::io::BufRead;
+    let mut child = ns.spawn(args);
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("spawn pipes stdout"))
+        .read_line(&mut line)
+        .expect("read the first line");
+    let bg = Background(child);
+    assert!(line.starts_with(ready), "{args:?} in {}: {line:?}", ns.name);
+    (bg, line.trim_end().to_owned())
+}

@@ -188,6 +188,30 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> ProbeOutcome {
             },
         };
     }
+    // TLS 1.3 clients finish before the server has judged their (empty) certificate: a server
+    // that requires one says so with an alert right after. Wait for it briefly.
+    let mut refused_after = result.is_err();
+    if result.is_ok() {
+        while conn.wants_write() {
+            if conn.write_tls(&mut tcp).is_err() {
+                break;
+            }
+        }
+        let _ = tcp.set_read_timeout(Some(timeout.min(Duration::from_millis(500))));
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = io::Read::read(&mut tcp, &mut buf) {
+            let mut slice = &buf[..n];
+            let _ = conn.read_tls(&mut slice);
+            if let Err(rustls::Error::AlertReceived(alert)) = conn.process_new_packets() {
+                refused_after = matches!(
+                    alert,
+                    rustls::AlertDescription::CertificateRequired
+                        | rustls::AlertDescription::HandshakeFailure
+                        | rustls::AlertDescription::BadCertificate
+                );
+            }
+        }
+    }
     let leaf = recorder.leaf.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let (subject, not_after) = leaf
         .as_deref()
@@ -208,6 +232,6 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> ProbeOutcome {
             .unwrap_or_default(),
         subject,
         not_after,
-        client_cert_required: result.is_err(),
+        client_cert_required: refused_after,
     })
 }

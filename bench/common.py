@@ -135,6 +135,36 @@ def wrk(host, port, seconds, conns, close, ns=None):
     return parse_wrk(out.stdout)
 
 
+def measure_paths(section, paths, runs, seconds):
+    """Bulk (iperf3), new connections and keep-alive (wrk) for each path, `runs` times, paths
+    interleaved. paths: {name: dict(host, http, iperf, pids, ns)}; returns {name: {metric: [values]}}."""
+    res = {p: dict(bulk=[], cpu=[], new=[], ka=[], p50=[], p99=[], notes=set()) for p in paths}
+    for run in range(runs):
+        for name, p in paths.items():
+            r = res[name]
+            try:
+                mbs, cpu = iperf(p["host"], p["iperf"], seconds, p["pids"], ns=p.get("ns"))
+            except RuntimeError as e:
+                mbs, cpu = float("nan"), None
+                r["notes"].add(f"bulk: {str(e)[:120]}")
+            r["bulk"].append(mbs)
+            if cpu is not None:
+                r["cpu"].append(cpu)
+            rps, _, err = wrk(p["host"], p["http"], seconds, 16, close=True, ns=p.get("ns"))
+            r["new"].append(rps)
+            if err:
+                r["notes"].add("new-conn: " + err)
+            rps, lat, err = wrk(p["host"], p["http"], seconds, 16, close=False, ns=p.get("ns"))
+            r["ka"].append(rps)
+            r["p50"].append(lat.get("50", float("nan")))
+            r["p99"].append(lat.get("99", float("nan")))
+            if err:
+                r["notes"].add("keep-alive: " + err)
+            log(f"{section} run {run + 1}/{runs} {name:17} bulk {mbs:6.0f} MB/s new {r['new'][-1]:7.0f}/s "
+                f"keep-alive {rps:7.0f}/s p99 {r['p99'][-1]:.2f} ms")
+    return res
+
+
 def nginx_conf(d, listen, name="nginx"):
     """A one-worker nginx serving a 1 KiB file; returns the config path."""
     www = os.path.join(d, "www")

@@ -1,8 +1,8 @@
 """Loopback sections: direct plaintext, a tapproof agent pair and a stunnel4 pair in front of the
 same nginx, iperf3, PostgreSQL, Redis and echo servers; all on 127.0.0.1."""
 import os, re, shutil, socket, subprocess, time
-from common import (Procs, cpu_seconds, in_ns, iperf, log, med, nginx_conf, rss_kib, stunnel_configs,
-                    tapproof_configs, wait_port, wrk)
+from common import (Procs, log, measure_paths, nginx_conf, rss_kib, stunnel_configs, tapproof_configs,
+                    wait_port)
 
 TD = "bench.example"
 # backend, tapproof outbound, stunnel client accept, stunnel server accept
@@ -77,27 +77,8 @@ class Loopback:
 
 def run_basic(lb, runs, seconds):
     """bulk, new connections, keep-alive for each path; returns {path: {metric: [values]}}."""
-    res = {p: dict(bulk=[], cpu=[], new=[], ka=[], p50=[], p99=[], notes=set()) for p in PATHS}
-    for run in range(runs):
-        for path in PATHS:
-            r, pids = res[path], lb.pids[path]
-            mbs, cpu = iperf("127.0.0.1", port("iperf", path), seconds, pids)
-            r["bulk"].append(mbs)
-            if cpu is not None:
-                r["cpu"].append(cpu)
-            rps, _, err = wrk("127.0.0.1", port("http", path), seconds, 16, close=True)
-            r["new"].append(rps)
-            if err:
-                r["notes"].add("new-conn: " + err)
-            rps, lat, err = wrk("127.0.0.1", port("http", path), seconds, 16, close=False)
-            r["ka"].append(rps)
-            r["p50"].append(lat.get("50", float("nan")))
-            r["p99"].append(lat.get("99", float("nan")))
-            if err:
-                r["notes"].add("keep-alive: " + err)
-            log(f"loopback run {run + 1}/{runs} {path:17} bulk {mbs:6.0f} MB/s new {r['new'][-1]:7.0f}/s "
-                f"keep-alive {rps:7.0f}/s p99 {r['p99'][-1]:.2f} ms")
-    return res
+    paths = {p: dict(host="127.0.0.1", http=port("http", p), iperf=port("iperf", p), pids=lb.pids[p]) for p in PATHS}
+    return measure_paths("loopback", paths, runs, seconds)
 
 
 def run_clients(lb, runs, seconds):

@@ -25,4 +25,5 @@ fi
 export PATH="$HOME/.cargo/bin:$PATH"
 
 cargo build --release --locked -p tapproof
-exec python3 bench/run.py --tapproof target/release/tapproof "$@"
+PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3  # Debian's python3-matplotlib is for the system python
+exec "$PY" bench/run.py --tapproof target/release/tapproof "$@"

@@ -4,7 +4,7 @@ clients in the client namespace. Then the long fat link: the same veth with nete
 Namespaces, links and addresses are this harness's own (tpbench-*, 10.231-233.0.0/24) and are
 removed at the end, as is every process started here."""
 import os, subprocess, time
-from common import Procs, iperf, log, nginx_conf, tapproof_configs, wait_port, wrk
+from common import Procs, iperf, log, measure_paths, nginx_conf, tapproof_configs, wait_port
 
 NS_C, NS_S = "tpbench-c", "tpbench-s"
 VETH_C, VETH_S = "tpbc0", "tpbs0"
@@ -156,31 +156,9 @@ firewall:
 
 
 def run_basic(v, runs, seconds):
-    res = {p: dict(bulk=[], cpu=[], new=[], ka=[], p50=[], p99=[], notes=set()) for p in PATHS if p not in v.skipped}
-    for run in range(runs):
-        for path in res:
-            r, host = res[path], v.host[path]
-            try:
-                mbs, cpu = iperf(host, v.port(path, "iperf"), seconds, v.pids[path], ns=NS_C)
-            except RuntimeError as e:
-                mbs, cpu = float("nan"), None
-                r["notes"].add(f"bulk: {str(e)[:120]}")
-            r["bulk"].append(mbs)
-            if cpu is not None:
-                r["cpu"].append(cpu)
-            rps, _, err = wrk(host, v.port(path, "http"), seconds, 16, close=True, ns=NS_C)
-            r["new"].append(rps)
-            if err:
-                r["notes"].add("new-conn: " + err)
-            rps, lat, err = wrk(host, v.port(path, "http"), seconds, 16, close=False, ns=NS_C)
-            r["ka"].append(rps)
-            r["p50"].append(lat.get("50", float("nan")))
-            r["p99"].append(lat.get("99", float("nan")))
-            if err:
-                r["notes"].add("keep-alive: " + err)
-            log(f"veth run {run + 1}/{runs} {path:17} bulk {mbs:6.0f} MB/s new {r['new'][-1]:7.0f}/s "
-                f"keep-alive {rps:7.0f}/s p99 {r['p99'][-1]:.2f} ms")
-    return res
+    paths = {p: dict(host=v.host[p], http=v.port(p, "http"), iperf=v.port(p, "iperf"), pids=v.pids[p], ns=NS_C)
+             for p in PATHS if p not in v.skipped}
+    return measure_paths("veth", paths, runs, seconds)
 
 
 def run_long_fat(v, runs, seconds, delay_ms):

@@ -357,8 +357,20 @@ pub(crate) async fn refused(
     code: &'static str,
     message: String,
 ) -> ApiError {
+    refused_as(store, "sign.refused", actor, node, code, message).await
+}
+
+/// Audits a refused node request (`action`, e.g. `coverage.refused`) and builds its error.
+async fn refused_as(
+    store: &dyn Store,
+    action: &str,
+    actor: &str,
+    node: &str,
+    code: &'static str,
+    message: String,
+) -> ApiError {
     let details = serde_json::json!({ "node": node, "reason": code, "message": message });
-    audit(store, actor.to_owned(), "sign.refused", details).await;
+    audit(store, actor.to_owned(), action, details).await;
     let status = if code == "csr_invalid" || code == "bad_request" {
         StatusCode::BAD_REQUEST
     } else {
@@ -367,20 +379,16 @@ pub(crate) async fn refused(
     ApiError::new(status, code, message)
 }
 
-/// Renewal and service identities, authenticated by the node's current certificate.
-async fn sign(
-    State(s): State<Arc<AppState>>,
-    Extension(peer): Extension<Peer>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<SignResponse>, ApiError> {
+/// The calling node: its SPIFFE ID (the actor) and name, registered and not revoked. `what` names
+/// the request in errors and in the audit row of a refusal (`<what>.refused`).
+pub(crate) async fn live_node(s: &AppState, peer: &Peer, what: &str) -> Result<(String, String), ApiError> {
     let Some(caller) = peer.id.clone() else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "identity_required",
-            "present your node certificate (mTLS) to sign",
+            format!("present your node certificate (mTLS) to {what}"),
         ));
     };
-    let req: SignRequest = parse(body)?;
     let actor = caller.to_string();
     let node = caller
         .path()
@@ -394,30 +402,30 @@ async fn sign(
             )
         })?
         .to_owned();
+    let action = format!("{what}.refused");
     let Some(record) = s.store.node_get(&node).await? else {
-        return Err(refused(
-            &*s.store,
-            &actor,
-            &node,
-            "unknown_node",
-            format!("node {node} is not registered"),
-        )
-        .await);
+        let message = format!("node {node} is not registered");
+        return Err(refused_as(&*s.store, &action, &actor, &node, "unknown_node", message).await);
     };
     let revoked = s.store.revocations().await?.into_iter().any(|r| {
         (r.kind == RevocationKind::Node && r.value == node)
             || (r.kind == RevocationKind::SpiffeId && r.value == actor)
     });
     if revoked || record.revoked_at.is_some() {
-        return Err(refused(
-            &*s.store,
-            &actor,
-            &node,
-            "node_revoked",
-            format!("node {node} is revoked"),
-        )
-        .await);
+        let message = format!("node {node} is revoked");
+        return Err(refused_as(&*s.store, &action, &actor, &node, "node_revoked", message).await);
     }
+    Ok((actor, node))
+}
+
+/// Renewal and service identities, authenticated by the node's current certificate.
+async fn sign(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<SignResponse>, ApiError> {
+    let (actor, node) = live_node(&s, &peer, "sign").await?;
+    let req: SignRequest = parse(body)?;
     if req.csrs.is_empty() || req.csrs.len() > MAX_CSRS {
         return Err(refused(
             &*s.store,
@@ -442,7 +450,7 @@ async fn sign(
     for item in &req.csrs {
         let id = SpiffeId::parse(&item.id)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_id", format!("{}: {e}", item.id)))?;
-        let allowed = id == caller
+        let allowed = id.to_string() == actor
             || id
                 .path()
                 .strip_prefix("/svc/")

@@ -2,7 +2,7 @@
 //! (`/dashboard`, `/v1/dashboard`, admin identities). The dashboard is one HTML page, one script
 //! and one stylesheet compiled into the binary: nothing is fetched from elsewhere.
 
-use crate::api::{parse, refused, require_admin, ApiError, AppState, Peer};
+use crate::api::{live_node, parse, require_admin, ApiError, AppState, Peer};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use tapproof_audit::{Class, CoverageUpload, Denial, MAX_UPLOAD_DENIALS, MAX_UPLOAD_LINKS};
-use tapproof_store::{NewCoverage, RevocationKind};
+use tapproof_store::NewCoverage;
 use tracing::info;
 
 /// A coverage upload may be larger than other requests (up to MAX_UPLOAD_LINKS links).
@@ -27,54 +27,7 @@ pub async fn report(
     Extension(peer): Extension<Peer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let Some(caller) = peer.id.clone() else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "identity_required",
-            "present your node certificate (mTLS) to report coverage",
-        ));
-    };
-    let actor = caller.to_string();
-    let node = caller
-        .path()
-        .strip_prefix("/node/")
-        .filter(|n| !n.contains('/'))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                "not_a_node",
-                format!("{caller} is not a node identity"),
-            )
-        })?
-        .to_owned();
-    let record = s.store.node_get(&node).await?;
-    let revoked = s.store.revocations().await?.into_iter().any(|r| {
-        (r.kind == RevocationKind::Node && r.value == node)
-            || (r.kind == RevocationKind::SpiffeId && r.value == actor)
-    });
-    match record {
-        None => {
-            return Err(refused(
-                &*s.store,
-                &actor,
-                &node,
-                "unknown_node",
-                format!("node {node} is not registered"),
-            )
-            .await)
-        }
-        Some(r) if revoked || r.revoked_at.is_some() => {
-            return Err(refused(
-                &*s.store,
-                &actor,
-                &node,
-                "node_revoked",
-                format!("node {node} is revoked; its coverage reports are refused"),
-            )
-            .await)
-        }
-        Some(_) => {}
-    }
+    let (_actor, node) = live_node(&s, &peer, "coverage").await?;
     let upload: CoverageUpload = parse(body)?;
     if upload.report.links.len() > MAX_UPLOAD_LINKS || upload.denials.len() > MAX_UPLOAD_DENIALS {
         return Err(ApiError::new(

@@ -55,6 +55,24 @@ pub fn document() -> Value {
             "/v1/audit-log": { "get": { "summary": "Admin: audit-log rows after `after`, at most `limit`",
                 "parameters": [{ "name": "after", "in": "query", "schema": { "type": "integer" } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "maximum": 1000 } }],
                 "responses": { "200": { "description": "rows" }, "403": error_response("admin_required") } } },
+            "/v1/policy": {
+                "get": { "summary": "Admin: the policy document (service -> allowed SPIFFE ID patterns)", "responses": { "200": { "description": "policy" }, "403": error_response("admin_required"), "503": error_response("policy_unavailable") } },
+                "post": { "summary": "Admin: replace the policy document; agents apply it within seconds", "responses": { "200": { "description": "the stored policy" }, "400": error_response("bad_policy, bad_json"), "403": error_response("admin_required") } }
+            },
+            "/v1/coverage": { "post": {
+                "summary": "An agent's coverage report (mTLS with the node identity): {report, denials}, as `tapproof audit --json` prints the report. Kept as history for the dashboard",
+                "responses": {
+                    "204": { "description": "kept" },
+                    "400": error_response("bad_json, bad_body, report_too_large"),
+                    "401": error_response("identity_required"),
+                    "403": error_response("not_a_node, unknown_node, node_revoked"),
+                    "413": error_response("body_too_large")
+                }
+            } },
+            "/v1/dashboard": { "get": { "summary": "Admin: the fleet dashboard's data: nodes and certificate expiry, links with their class, coverage history, recent denials and audit-log rows",
+                "responses": { "200": { "description": "dashboard data" }, "401": error_response("identity_required"), "403": error_response("admin_required") } } },
+            "/dashboard": { "get": { "summary": "Admin: the fleet dashboard page (HTML; its script and stylesheet are /dashboard/app.js and /dashboard/style.css). Browsers reach it through `tapproof server dashboard`",
+                "responses": { "200": { "description": "HTML" }, "401": error_response("identity_required"), "403": error_response("admin_required") } } },
             "/v1/sign": { "post": {
                 "summary": "Sign CSRs for the caller's node identity and its registered services (mTLS with the node identity)",
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/SignRequest" } } } },

@@ -647,6 +647,10 @@ fn api_refuses_bad_input_with_codes() {
         "/v1/registrations",
         "/v1/revocations",
         "/v1/audit-log",
+        "/v1/policy",
+        "/v1/coverage",
+        "/v1/dashboard",
+        "/dashboard",
         "/healthz",
     ] {
         assert!(openapi["paths"].get(route).is_some(), "OpenAPI lacks {route}");

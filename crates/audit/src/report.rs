@@ -392,3 +392,127 @@ pub fn render(report: &Report) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::{Process, Scan, Socket, TcpState};
+
+    fn sock(local: &str, remote: &str, state: TcpState, inode: u64) -> Socket {
+        Socket {
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            state,
+            inode,
+            uid: 0,
+        }
+    }
+
+    fn scan() -> Scan {
+        let sockets = vec![
+            sock("0.0.0.0:5432", "0.0.0.0:0", TcpState::Listen, 1),
+            // A database client across the network, inbound: plaintext.
+            sock("10.0.0.1:5432", "10.0.0.2:40000", TcpState::Established, 2),
+            // A tapproof tunnel.
+            sock("10.0.0.1:50000", "10.0.0.3:15008", TcpState::Established, 3),
+            // tapproof's forward leg to a non-loopback address.
+            sock("10.0.0.1:50001", "10.0.0.4:6379", TcpState::Established, 4),
+            // Loopback: never a network link.
+            sock("127.0.0.1:50002", "127.0.0.1:15008", TcpState::Established, 5),
+            // Its process exited mid-scan: no owner.
+            sock("10.0.0.1:50003", "10.0.0.5:80", TcpState::Established, 6),
+        ];
+        let mut s = Scan {
+            sockets,
+            ..Scan::default()
+        };
+        let owner = |pid, name: &str| Process {
+            pid,
+            name: name.into(),
+        };
+        s.owners.insert(1, owner(10, "postgres"));
+        s.owners.insert(2, owner(10, "postgres"));
+        s.owners.insert(3, owner(20, "tapproof"));
+        s.owners.insert(4, owner(20, "tapproof"));
+        s.owners.insert(5, owner(30, "psql"));
+        s.blind_spots
+            .push("2 processes of other users could not be inspected".into());
+        s
+    }
+
+    #[test]
+    fn links_are_classed_and_counted() {
+        let options = Options {
+            known: Known {
+                forwards: vec!["10.0.0.4:6379".parse().unwrap()],
+                config_given: true,
+                ..Known::default()
+            },
+            ..Options::default()
+        };
+        let r = classify(&scan(), &options, "h".into(), 0);
+        let class_of = |remote: &str| {
+            r.links
+                .iter()
+                .find(|l| l.remote.to_string() == remote)
+                .map(|l| (l.class, l.role))
+        };
+        assert_eq!(class_of("10.0.0.2:40000"), Some((Class::Plaintext, Role::Server)));
+        assert_eq!(class_of("10.0.0.3:15008"), Some((Class::Tapproof, Role::Client)));
+        assert_eq!(class_of("10.0.0.4:6379"), Some((Class::Plaintext, Role::Client)));
+        assert_eq!(
+            class_of("127.0.0.1:15008"),
+            None,
+            "loopback is not a network link"
+        );
+        let unowned = r
+            .links
+            .iter()
+            .find(|l| l.remote.to_string() == "10.0.0.5:80")
+            .unwrap();
+        assert_eq!(
+            (unowned.class, unowned.process.as_deref()),
+            (Class::Plaintext, None)
+        );
+        assert_eq!(r.summary.links, 4);
+        assert_eq!(r.summary.plaintext, 3);
+        assert_eq!(r.summary.coverage_percent, 25.0);
+        assert_eq!(r.exposed_listeners.len(), 1);
+        assert!(r.not_seen.iter().any(|n| n.contains("other users")));
+        assert!(r.not_seen.iter().any(|n| n.contains("no known owning process")));
+        let table = render(&r);
+        assert!(table.contains("25.0% of 4 network links"), "{table}");
+        assert!(table.contains("PLAINTEXT"));
+    }
+
+    #[test]
+    fn an_allow_rule_turns_plaintext_into_an_accepted_exception() {
+        let options = Options {
+            allow: vec![AllowRule {
+                peer: Some("10.0.0.0/24".into()),
+                port: Some(5432),
+                process: Some("postgres".into()),
+                reason: "replication inside the cage".into(),
+            }],
+            ..Options::default()
+        };
+        let r = classify(&scan(), &options, "h".into(), 0);
+        let l = r
+            .links
+            .iter()
+            .find(|l| l.remote.to_string() == "10.0.0.2:40000")
+            .unwrap();
+        assert_eq!(l.class, Class::Allowed);
+        assert!(l.detail.contains("replication inside the cage"));
+        assert_eq!(r.exceptions.len(), 1);
+        // A rule scoped to some peers does not accept a listener anyone can reach.
+        assert_eq!(r.exposed_listeners.len(), 1);
+        assert!(render(&r).contains("Accepted exceptions"));
+    }
+
+    #[test]
+    fn no_links_is_full_coverage() {
+        let r = classify(&Scan::default(), &Options::default(), "h".into(), 0);
+        assert_eq!(r.summary.coverage_percent, 100.0);
+    }
+}

@@ -35,6 +35,9 @@ pub struct AppState {
     pub leaf_ttl: Duration,
     /// The state feed's version (the newest revocation's id); long-polls wait on it.
     pub version: tokio::sync::watch::Receiver<i64>,
+    /// The state feed's answer for the newest version, built once per version: a revocation
+    /// wakes every long-poll at once, and 10,000 agents must not mean 10,000 rounds of queries.
+    pub feed_cache: tokio::sync::Mutex<Option<(i64, Bytes)>>,
 }
 
 /// How long `/v1/state` holds a request open when nothing changed.
@@ -526,7 +529,7 @@ async fn state_feed(
     State(s): State<Arc<AppState>>,
     Extension(peer): Extension<Peer>,
     query: Result<axum::extract::Query<StateQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<StateResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let Some(caller) = peer.id.clone() else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -556,6 +559,25 @@ async fn state_feed(
         let _ = tokio::time::timeout(LONG_POLL, version.wait_for(|v| *v > since)).await;
     }
     let current = *version.borrow();
+    // One request builds the answer for this version; the others wait for it and reuse it.
+    let mut cache = s.feed_cache.lock().await;
+    let bytes = match &*cache {
+        Some((v, bytes)) if *v == current => bytes.clone(),
+        _ => {
+            let built =
+                Bytes::from(serde_json::to_vec(&build_state(&s, current).await?).map_err(|e| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?);
+            *cache = Some((current, built.clone()));
+            built
+        }
+    };
+    drop(cache);
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+/// The state feed's answer at `current`, from the store.
+async fn build_state(s: &AppState, current: i64) -> Result<StateResponse, ApiError> {
     let revocations = s.store.revocations().await?;
     let nodes = s.store.node_list().await?;
     let directory = s
@@ -588,13 +610,13 @@ async fn state_feed(
         .into_iter()
         .map(|(service, rule)| (service, rule.allow))
         .collect();
-    Ok(Json(StateResponse {
+    Ok(StateResponse {
         version: current,
         revocations,
         bundle: s.ca().bundle.clone(),
         directory,
         policy,
-    }))
+    })
 }
 
 /// Admin endpoints require an admin identity, `spiffe://<td>/admin/<name>`, issued by

@@ -68,6 +68,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     let (version_tx, version_rx) = tokio::sync::watch::channel(crate::rollover::feed_version(&*store).await?);
     let state = Arc::new(AppState {
         version: version_rx,
+        feed_cache: tokio::sync::Mutex::new(None),
         store: store.clone(),
         ca: RwLock::new(ca),
         leaf_ttl: options.leaf_ttl,

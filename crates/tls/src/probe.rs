@@ -136,6 +136,10 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> ProbeOutcome {
         if !conn.is_handshaking() {
             break Ok(());
         }
+        // Each read has its own timeout; this bounds a peer that trickles bytes.
+        if start.elapsed() > timeout * 3 {
+            break Err(io::Error::new(ErrorKind::TimedOut, "handshake too slow"));
+        }
         if conn.wants_write() {
             if let Err(e) = conn.write_tls(&mut tcp) {
                 break Err(e);
@@ -151,19 +155,27 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> ProbeOutcome {
                     first.extend_from_slice(&buf[..n.min(64)]);
                 }
                 let mut slice = &buf[..n];
-                while !slice.is_empty() {
-                    if let Err(e) = conn.read_tls(&mut slice) {
-                        return ProbeOutcome::NotTls {
-                            answer: format!("{} ({e})", printable(&first)),
-                        };
+                let mut failed = None;
+                while !slice.is_empty() && failed.is_none() {
+                    match conn.read_tls(&mut slice) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            return ProbeOutcome::NotTls {
+                                answer: format!("{} ({e})", printable(&first)),
+                            }
+                        }
+                    }
+                    if let Err(e) = conn.process_new_packets() {
+                        if conn.protocol_version().is_none() {
+                            return ProbeOutcome::NotTls {
+                                answer: format!("{} ({e})", printable(&first)),
+                            };
+                        }
+                        failed = Some(e);
                     }
                 }
-                if let Err(e) = conn.process_new_packets() {
-                    if conn.protocol_version().is_none() {
-                        return ProbeOutcome::NotTls {
-                            answer: format!("{} ({e})", printable(&first)),
-                        };
-                    }
+                if let Some(e) = failed {
                     break Err(io::Error::other(e));
                 }
             }
@@ -190,7 +202,13 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> ProbeOutcome {
     }
     // TLS 1.3 clients finish before the server has judged their (empty) certificate: a server
     // that requires one says so with an alert right after. Wait for it briefly.
-    let mut refused_after = result.is_err();
+    let mut refused_after = match &result {
+        Err(e) => !matches!(
+            e.kind(),
+            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::UnexpectedEof
+        ),
+        Ok(()) => false,
+    };
     if result.is_ok() {
         while conn.wants_write() {
             if conn.write_tls(&mut tcp).is_err() {

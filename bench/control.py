@@ -23,6 +23,9 @@ class ControlPlane:
                                                   "--data-dir", f"{d}/server", "--listen", LISTEN],
                                        f"{d}/server.log")
         wait_port(int(LISTEN.rsplit(":", 1)[1]), "tapproof server")
+        time.sleep(0.3)
+        if self.server.poll() is not None:  # the port is someone else's
+            raise RuntimeError(f"tapproof server exited: {open(f'{d}/server.log').read()[-300:]}")
         token = self.cli("server", "token", "create", "--data-dir", f"{d}/server", "--node", "load",
                          "--server", LISTEN).stdout.strip().splitlines()[-1]
         with open(f"{d}/token", "w") as f:

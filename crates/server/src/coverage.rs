@@ -144,7 +144,7 @@ pub async fn dashboard_data(
     let latest = s.store.coverage_latest().await?;
     let uploads: Vec<(String, CoverageUpload)> = latest
         .iter()
-        .filter_map(|r| Some((r.node.clone(), serde_json::from_str(&r.report).ok()?)))
+        .filter_map(|r| Some((r.point.node.clone(), serde_json::from_str(&r.report).ok()?)))
         .collect();
 
     // Which node owns which address: announced tunnel addresses, and the local addresses each
@@ -175,7 +175,7 @@ pub async fn dashboard_data(
             .filter(|c| c.spiffe_id == n.spiffe_id)
             .map(|c| c.not_after)
             .max();
-        let report = latest.iter().find(|r| r.node == n.name);
+        let report = latest.iter().map(|r| &r.point).find(|r| r.node == n.name);
         rows.push(NodeRow {
             name: n.name.clone(),
             spiffe_id: n.spiffe_id.clone(),
@@ -211,6 +211,7 @@ pub async fn dashboard_data(
 
     let reporting: Vec<_> = latest
         .iter()
+        .map(|r| &r.point)
         .filter(|r| !nodes.iter().any(|n| n.name == r.node && n.revoked_at.is_some()))
         .collect();
     let (total, encrypted, plaintext) = reporting.iter().fold((0, 0, 0), |(t, e, p), r| {

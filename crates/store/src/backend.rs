@@ -81,6 +81,16 @@ macro_rules! impl_store {
             })
         }
 
+        fn coverage_point_from(row: &<$db as sqlx::Database>::Row) -> Result<CoveragePoint> {
+            Ok(CoveragePoint {
+                node: row.try_get("node").map_err(q)?,
+                at: row.try_get("at").map_err(q)?,
+                links: row.try_get("links").map_err(q)?,
+                encrypted: row.try_get("encrypted").map_err(q)?,
+                plaintext: row.try_get("plaintext").map_err(q)?,
+            })
+        }
+
         fn audit_from(row: &<$db as sqlx::Database>::Row) -> Result<AuditEntry> {
             Ok(AuditEntry {
                 seq: row.try_get("seq").map_err(q)?,
@@ -513,11 +523,7 @@ macro_rules! impl_store {
                 rows.iter()
                     .map(|r| {
                         Ok(CoverageRecord {
-                            node: r.try_get("node").map_err(q)?,
-                            at: r.try_get("at").map_err(q)?,
-                            links: r.try_get("links").map_err(q)?,
-                            encrypted: r.try_get("encrypted").map_err(q)?,
-                            plaintext: r.try_get("plaintext").map_err(q)?,
+                            point: coverage_point_from(r)?,
                             report: r.try_get("report").map_err(q)?,
                         })
                     })
@@ -532,17 +538,7 @@ macro_rules! impl_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(q)?;
-                rows.iter()
-                    .map(|r| {
-                        Ok(CoveragePoint {
-                            node: r.try_get("node").map_err(q)?,
-                            at: r.try_get("at").map_err(q)?,
-                            links: r.try_get("links").map_err(q)?,
-                            encrypted: r.try_get("encrypted").map_err(q)?,
-                            plaintext: r.try_get("plaintext").map_err(q)?,
-                        })
-                    })
-                    .collect()
+                rows.iter().map(coverage_point_from).collect()
             }
         }
     };

@@ -164,16 +164,7 @@ pub struct NewCoverage {
     pub report: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CoverageRecord {
-    pub node: String,
-    pub at: i64,
-    pub links: i64,
-    pub encrypted: i64,
-    pub plaintext: i64,
-    pub report: String,
-}
-
+/// One report as the history keeps it (counts only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CoveragePoint {
     pub node: String,
@@ -181,4 +172,12 @@ pub struct CoveragePoint {
     pub links: i64,
     pub encrypted: i64,
     pub plaintext: i64,
+}
+
+/// A node's latest report, with its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoverageRecord {
+    #[serde(flatten)]
+    pub point: CoveragePoint,
+    pub report: String,
 }

@@ -426,7 +426,7 @@ async fn coverage_history_and_latest(db: &Db) {
     let latest = b.coverage_latest().await.unwrap();
     let got: Vec<_> = latest
         .iter()
-        .map(|r| (r.node.as_str(), r.at, r.encrypted))
+        .map(|r| (r.point.node.as_str(), r.point.at, r.point.encrypted))
         .collect();
     assert_eq!(got, vec![("db-1", 120, 4), ("web-1", 110, 2)]);
     assert!(latest[0].report.contains("\"at\": 120"));

@@ -60,7 +60,6 @@ impl Tunnel {
 }
 
 struct Inner {
-    current: Option<Tunnel>,
     next_peer: usize,
     failures: u32,
     retry_at: Option<Instant>,
@@ -84,7 +83,6 @@ impl Pool {
             state,
             current: std::sync::Mutex::new(None),
             inner: Mutex::new(Inner {
-                current: None,
                 next_peer: 0,
                 failures: 0,
                 retry_at: None,
@@ -100,12 +98,10 @@ impl Pool {
             return Ok(t);
         }
         let mut inner = self.inner.lock().await;
-        if let Some(t) = &inner.current {
-            if t.is_alive() {
-                return Ok(t.clone());
-            }
+        // Another app connection may have dialled while this one waited for the lock.
+        if let Some(t) = self.live() {
+            return Ok(t);
         }
-        inner.current = None;
         if let Some(at) = inner.retry_at {
             tokio::time::sleep_until(at).await;
         }
@@ -137,7 +133,6 @@ impl Pool {
                     inner.next_peer = index;
                     inner.failures = 0;
                     inner.retry_at = None;
-                    inner.current = Some(t.clone());
                     *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
                     return Ok(t);
                 }

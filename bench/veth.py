@@ -1,6 +1,6 @@
 """Across two network namespaces joined by a veth: direct plaintext, tapproof, Nebula and boringtun
 (userspace WireGuard), each carrying the same nginx and iperf3 in the server namespace to
-clients in the client namespace. Then the long fat link: the same veth with netem delay.
+clients in the client namespace.
 Namespaces, links and addresses are this harness's own (tpbench-*, 10.231-233.0.0/24) and are
 removed at the end, as is every process started here."""
 import os, subprocess, time
@@ -159,24 +159,3 @@ def run_basic(v, runs, seconds):
     paths = {p: dict(host=v.host[p], http=v.port(p, "http"), iperf=v.port(p, "iperf"), pids=v.pids[p], ns=NS_C)
              for p in PATHS if p not in v.skipped}
     return measure_paths("veth", paths, runs, seconds)
-
-
-def run_long_fat(v, runs, seconds, delay_ms):
-    """netem delay on both ends of the veth (RTT = 2 x delay); one iperf3 stream, direct vs tapproof."""
-    for space, dev in ((NS_C, VETH_C), (NS_S, VETH_S)):
-        added = ns(space, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", f"{delay_ms}ms", "limit",
-                   "100000", check=False)
-        if added.returncode != 0:
-            ns(NS_C, "tc", "qdisc", "del", "dev", VETH_C, "root", check=False)
-            return dict(error=f"tc netem unavailable on this kernel: {added.stderr.strip()}")
-    res = {"direct plaintext": [], "tapproof": []}
-    try:
-        for run in range(runs):
-            for path in res:
-                mbs, _ = iperf(v.host[path], v.port(path, "iperf"), seconds, ns=NS_C)
-                res[path].append(mbs)
-                log(f"long fat link run {run + 1}/{runs} {path:17} {mbs:6.0f} MB/s")
-    finally:
-        for space, dev in ((NS_C, VETH_C), (NS_S, VETH_S)):
-            ns(space, "tc", "qdisc", "del", "dev", dev, "root", check=False)
-    return res

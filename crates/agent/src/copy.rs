@@ -66,14 +66,16 @@ pub async fn carry(
 /// Carries bytes until both directions have ended. On an error in either direction the stream
 /// is reset and the app connection dropped, so neither side waits on a dead peer.
 async fn splice(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     mut send: SendStream<Bytes>,
     recv: impl Future<Output = io::Result<RecvStream>>,
     side: Side,
     metrics: &Metrics,
     tunnel: &TunnelStats,
 ) -> io::Result<()> {
-    let (app_read, mut app_write) = tcp.into_split();
+    // Borrowed halves: tokio's owned write half sends shutdown(SHUT_WR) when dropped, one
+    // syscall per connection that the close right after makes redundant.
+    let (app_read, mut app_write) = tcp.split();
     let to_tunnel = metrics
         .bytes
         .get_or_create(&BytesLabels {

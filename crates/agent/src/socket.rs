@@ -209,6 +209,33 @@ pub fn tune_tunnel(tcp: &TcpStream) {
 mod tests {
     use super::*;
 
+    /// Small writes are gathered, a large one after them keeps its place, a flush sends all,
+    /// shutdown sends what is left and then the FIN.
+    #[tokio::test]
+    async fn gathered_writes_arrive_whole_and_in_order() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let mut io = TunnelIo::new(tcp);
+        let big = vec![7u8; 3 * DIRECT_WRITE];
+        io.write_all(b"one ").await.unwrap();
+        io.write_all(b"two ").await.unwrap();
+        assert!(!io.out.is_empty(), "small writes wait for the flush");
+        io.write_all(&big).await.unwrap();
+        io.flush().await.unwrap();
+        assert!(io.out.is_empty());
+        let mut got = vec![0u8; 8 + big.len()];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..8], b"one two ");
+        assert!(got[8..].iter().all(|b| *b == 7));
+        io.write_all(b"last").await.unwrap();
+        io.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"last");
+    }
+
     #[tokio::test]
     async fn tunnel_sockets_get_keepalive_and_user_timeout() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

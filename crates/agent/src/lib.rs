@@ -105,7 +105,9 @@ pub async fn run(
     };
     let mut outbound_listeners = Vec::new();
     for (i, o) in config.outbound.iter().enumerate() {
-        outbound_listeners.push(bind(format!("outbound[{i}].listen"), o.listen).await?);
+        let listener = bind(format!("outbound[{i}].listen"), o.listen).await?;
+        socket::nodelay_inherited(&listener);
+        outbound_listeners.push(listener);
     }
     let bound = BoundAddresses {
         admin: local(&admin_listener, config.admin.listen),

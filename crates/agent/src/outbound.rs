@@ -75,7 +75,7 @@ async fn connection(
     outbound: Arc<OutboundConfig>,
     state: Arc<AgentState>,
 ) {
-    let _ = tcp.set_nodelay(true);
+    // TCP_NODELAY comes from the listener (socket::nodelay_inherited).
     let metrics = &state.metrics;
     let service = outbound.service.as_str();
     let wait = state.config.tunnel.connect_timeout + state.config.tunnel.handshake_timeout;

@@ -188,6 +188,14 @@ impl AsyncWrite for TunnelIo {
     }
 }
 
+/// Sets TCP_NODELAY on a listening socket: Linux copies it to every accepted socket, which saves
+/// a setsockopt per app connection (request/response apps must not wait for Nagle).
+pub fn nodelay_inherited(listener: &tokio::net::TcpListener) {
+    if let Err(e) = SockRef::from(listener).set_tcp_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY on a listener");
+    }
+}
+
 /// TCP_NODELAY (the tunnel batches writes itself), keepalive and a user timeout. Failures are
 /// logged, not fatal: the tunnel still works, only dead-peer detection is slower.
 pub fn tune_tunnel(tcp: &TcpStream) {
@@ -234,6 +242,15 @@ mod tests {
         let mut rest = Vec::new();
         peer.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"last");
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        nodelay_inherited(&listener);
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[tokio::test]

@@ -1,21 +1,25 @@
-"""Loopback sections: direct plaintext, a tapproof agent pair and a stunnel4 pair in front of the
-same nginx, iperf3, PostgreSQL, Redis and echo servers; all on 127.0.0.1."""
+"""Loopback sections: direct plaintext, a tapproof agent pair, a stunnel4 pair and a plain relay
+pair in front of the same nginx, iperf3, PostgreSQL, Redis and echo servers; all on 127.0.0.1.
+
+The plain relay pair (`tapproof dev relay` twice, chained: no TLS, no HTTP/2, one upstream TCP
+connection per app connection, one worker thread each like the agents) is the floor under any
+two-process proxy on this machine: what the two extra socket hops cost with nothing else."""
 import os, re, shutil, socket, subprocess, time
 from common import (Procs, log, measure_paths, nginx_conf, rss_kib, stunnel_configs, tapproof_configs,
                     wait_port)
 
 TD = "bench.example"
-# backend, tapproof outbound, stunnel client accept, stunnel server accept
+# backend, tapproof outbound, stunnel client accept, stunnel server accept, relay front, relay back
 # All below the ephemeral range (32768-60999), where a busy run's own connections would collide.
-PORTS = dict(http=(18080, 28080, 29080, 30080), iperf=(15201, 25201, 29201, 30201),
-             pg=(15432, 25432, 29432, 30432), redis=(16379, 26379, 29379, 30379),
-             echo=(17007, 27007, 29007, 30007))
+PORTS = dict(http=(18080, 28080, 29080, 30080, 31080, 32080), iperf=(15201, 25201, 29201, 30201, 31201, 32201),
+             pg=(15432, 25432, 29432, 30432, 31432, 32432), redis=(16379, 26379, 29379, 30379, 31379, 32379),
+             echo=(17007, 27007, 29007, 30007, 31007, 32007))
 TUNNEL, ADMIN = 25008, (25000, 25001)
-PATHS = ("direct plaintext", "tapproof pair", "stunnel4 pair")
+PATHS = ("direct plaintext", "tapproof pair", "stunnel4 pair", "plain relay pair (no TLS)")
 
 
 def port(service, path):
-    return PORTS[service][PATHS.index(path)]
+    return PORTS[service][(0, 1, 2, 4)[PATHS.index(path)]]
 
 
 class Loopback:
@@ -50,11 +54,18 @@ class Loopback:
                             for s in services})
         st = [self.procs.start(f"stunnel-{n}", ["stunnel4", f"{d}/st-{n}.conf"], f"{d}/st-{n}.log")
               for n in ("server", "client")]
+        relays = []
+        for s in services:
+            for name, listen, to in (("back", PORTS[s][5], PORTS[s][0]), ("front", PORTS[s][4], PORTS[s][5])):
+                relays.append(self.procs.start(f"relay-{s}-{name}", [tp, "--threads", "1", "dev", "relay", "--listen",
+                                                                     f"127.0.0.1:{listen}", "--to", f"127.0.0.1:{to}"],
+                                               f"{d}/relay-{s}-{name}.log"))
         for s in services:
             wait_port(PORTS[s][1], "tapproof")
             wait_port(PORTS[s][2], "stunnel")
+            wait_port(PORTS[s][4], "relay")
         self.pids = {"direct plaintext": [], "tapproof pair": [p.pid for p in agents],
-                     "stunnel4 pair": [p.pid for p in st]}
+                     "stunnel4 pair": [p.pid for p in st], "plain relay pair (no TLS)": [p.pid for p in relays]}
 
     def start_postgres(self):
         """A throwaway cluster owned by the postgres user, trust auth on loopback only, Debian's

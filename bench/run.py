@@ -2,8 +2,9 @@
 """tapproof's benchmark: every figure of the performance issue, side by side with the peers, in one run.
 
 Sections (--sections, default all):
-  loopback    direct / tapproof pair / stunnel4 pair on 127.0.0.1: iperf3 bulk MB/s and proxy CPU
-              seconds per GB, wrk new connections/s (Connection: close), wrk keep-alive req/s, p50, p99
+  loopback    direct / tapproof pair / stunnel4 pair / plain relay pair (no TLS, the floor of any
+              two-process proxy) on 127.0.0.1: iperf3 bulk MB/s and proxy CPU seconds per GB,
+              wrk new connections/s (Connection: close), wrk keep-alive req/s, p50, p99
   clients     pgbench (8 clients, TPC-B-like) and redis-benchmark GET (16 clients) through each path
   memory      resident memory per idle proxied connection at --idle-conns connections (tapproof, stunnel4)
   handshakes  full mTLS 1.3 handshakes (X25519MLKEM768, ECDSA P-256, no resumption) per second, one core
@@ -58,7 +59,12 @@ def report(R, a):
         b, c = ratio(med(tp["bulk"]), med(st["bulk"])), ratio(med(tp["cpu"]), med(st["cpu"]))
         k = ratio(med(tp["ka"]), med(st["ka"]))
         p(f"\ntapproof / stunnel4: bulk {b:.2f}x, CPU per GB {c:.2f}x, new conn/s "
-          f"{ratio(med(tp['new']), med(st['new'])):.1f}x, keep-alive {k:.2f}x\n")
+          f"{ratio(med(tp['new']), med(st['new'])):.1f}x, keep-alive {k:.2f}x")
+        rl = L.get("plain relay pair (no TLS)")
+        if rl:
+            p(f"tapproof / plain relay pair: bulk {ratio(med(tp['bulk']), med(rl['bulk'])):.2f}x, new conn/s "
+              f"{ratio(med(tp['new']), med(rl['new'])):.2f}x, keep-alive {ratio(med(tp['ka']), med(rl['ka'])):.2f}x")
+        p("")
         target("bulk >= 2x stunnel4", b >= 2, f"{b:.2f}x")
         target("CPU s/GB below stunnel4's", c < 1, f"{c:.2f}x")
         target("new conn/s >= 8,000 on loopback", med(tp["new"]) >= 8000, f0(med(tp["new"])))
@@ -173,17 +179,19 @@ def plot(R, path):
     for ax, (title, data, key) in zip(axes.flat, panels):
         names = list(data)
         vals = [med(data[n][key]) for n in names]
-        colors = ["#2a7" if "tapproof" in n else ("#999" if "direct" in n else "#c55") for n in names]
+        colors = ["#2a7" if "tapproof" in n else ("#999" if "direct" in n or "relay" in n else "#c55")
+                  for n in names]
         ax.bar(range(len(names)), [0 if v != v else v for v in vals], color=colors)
-        ax.set_xticks(range(len(names)), [n.replace(" plaintext", "").replace(" pair", "") for n in names],
-                      rotation=15)
+        ax.set_xticks(range(len(names)), [n.replace(" plaintext", "").replace(" pair", "").replace(" (no TLS)", "")
+                                          for n in names], rotation=15)
         ax.set_title(title)
         for i, v in enumerate(vals):
             if v == v:
                 ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("tapproof vs peers (green: tapproof, grey: direct plaintext, red: peers); median of runs")
+    fig.suptitle("tapproof vs peers (green: tapproof, grey: direct plaintext and the no-TLS relay floor, red: peers); "
+                 "median of runs")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return True

@@ -454,6 +454,14 @@ pub enum DevCommand {
         #[arg(long, default_value = "hello")]
         data: String,
     },
+    /// Benchmark floor: a plaintext TCP relay (no TLS, no HTTP/2, one upstream connection per
+    /// app connection). Two of them in a chain cost what any two-hop proxy pair must pay.
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Benchmark: full mTLS 1.3 handshakes (no resumption), both ends in this process, in memory.
     Handshakes {
         /// A `tapproof pki mint --node server --node client` directory.

@@ -378,15 +378,8 @@ async fn renew(
     current: ControlState,
 ) -> Result<ControlState, ControlError> {
     let files = identity_files(&cfg.data_dir);
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| data_err(p, e));
-    let (chain, key, bundle) = (read(&files.cert)?, read(&files.key)?, read(&files.bundle)?);
     let td = &state.config.trust_domain;
-    let tls = ControlClientTls::new(
-        ServerTrust::Bundle(vec![bundle.clone()]),
-        server_id(td),
-        Some((&chain, &key)),
-    )
-    .map_err(|e| data_err(&files.cert, e))?;
+    let tls = node_tls(&cfg.data_dir, td)?;
     let id = SpiffeId::parse(&current.id).map_err(|e| data_err(&cfg.data_dir.join(STATE), e))?;
     let (csr, new_key) = new_csr(Some(&id)).map_err(|e| data_err(&cfg.data_dir, e))?;
     let body = serde_json::json!({ "csrs": [{ "id": current.id, "csr": csr }] })
@@ -484,24 +477,24 @@ struct RevocationEntry {
     value: String,
 }
 
-/// Follows the control plane's state feed (long-poll) and applies revocations: revoked peers'
-/// tunnels are closed and their new handshakes refused.
 /// The server's address and a client config presenting this node's current identity.
 pub(crate) fn node_client(
     cfg: &ControlConfig,
     td: &TrustDomain,
 ) -> Result<(String, ControlClientTls), ControlError> {
     let current = read_state(&cfg.data_dir).ok_or_else(|| data_err(&cfg.data_dir.join(STATE), "missing"))?;
-    let files = identity_files(&cfg.data_dir);
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| data_err(p, e));
-    let (chain, key, bundle) = (read(&files.cert)?, read(&files.key)?, read(&files.bundle)?);
-    let tls = ControlClientTls::new(
-        ServerTrust::Bundle(vec![bundle]),
-        server_id(td),
-        Some((&chain, &key)),
-    )
-    .map_err(|e| data_err(&files.cert, e))?;
-    Ok((current.server, tls))
+    Ok((current.server, node_tls(&cfg.data_dir, td)?))
+}
+
+/// A client config presenting the identity in `data_dir`, which must be of trust domain `td`.
+fn node_tls(data_dir: &Path, td: &TrustDomain) -> Result<ControlClientTls, ControlError> {
+    let files = identity_files(data_dir);
+    let (tls, id) = ControlClientTls::from_files(&files).map_err(|e| data_err(data_dir, e))?;
+    if id.trust_domain() != td {
+        let detail = format!("holds an identity of {}, the config says {td}", id.trust_domain());
+        return Err(data_err(&files.cert, detail));
+    }
+    Ok(tls)
 }
 
 /// Sends a coverage report; the server answers 204.
@@ -518,6 +511,8 @@ pub(crate) async fn post_coverage(
     Ok(())
 }
 
+/// Follows the control plane's state feed (long-poll) and applies revocations: revoked peers'
+/// tunnels are closed and their new handshakes refused.
 pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: CancellationToken) {
     let mut since = 0i64;
     let mut retry = RETRY_MIN;

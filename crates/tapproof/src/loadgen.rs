@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use tapproof_agent::control::identity_files;
 use tapproof_identity::csr::new_csr;
 use tapproof_identity::{SpiffeId, TrustDomain};
+use tapproof_tls::ControlClientTls;
 use tapproof_tls::{
     accept, client_session, connect, ClientTls, IdentityFiles, KxPolicy, Material, ServerTls,
 };
-use tapproof_tls::{ControlClientTls, ServerTrust};
 
 /// Both ends of each handshake run here, on this thread: the rate is a lower bound for one core
 /// serving only the server side.
@@ -87,13 +87,14 @@ struct Node {
 
 fn node(args: &LoadNodeArgs) -> anyhow::Result<Node> {
     let td = TrustDomain::new(&args.trust_domain)?;
-    let files = identity_files(&args.data_dir);
-    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
-    let (chain, key, bundle) = (read(&files.cert)?, read(&files.key)?, read(&files.bundle)?);
-    let der = tapproof_identity::ca::first_der(&chain).map_err(anyhow::Error::msg)?;
-    let id = tapproof_identity::inspect_svid(&der)?.id;
-    let server_id = SpiffeId::new(td, "/server")?;
-    let tls = ControlClientTls::new(ServerTrust::Bundle(vec![bundle]), server_id, Some((&chain, &key)))?;
+    let (tls, id) = ControlClientTls::from_files(&identity_files(&args.data_dir))?;
+    if id.trust_domain() != &td {
+        anyhow::bail!(
+            "{} holds an identity of {}, not {td}",
+            args.data_dir.display(),
+            id.trust_domain()
+        );
+    }
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&args.server)?
         .next()
         .context("server address resolves to nothing")?;

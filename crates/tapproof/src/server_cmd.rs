@@ -492,22 +492,13 @@ pub fn admin_client(remote: &RemoteArgs) -> anyhow::Result<(String, tapproof_tls
         .admin_dir
         .as_deref()
         .context("--admin-dir is required with --server")?;
-    let read = |f: &str| {
-        std::fs::read_to_string(dir.join(f)).with_context(|| format!("cannot read {}", dir.join(f).display()))
+    let files = tapproof_tls::IdentityFiles {
+        cert: dir.join("admin.pem"),
+        key: dir.join("admin.key"),
+        bundle: dir.join("bundle.pem"),
     };
-    let (chain, key, bundle) = (read("admin.pem")?, read("admin.key")?, read("bundle.pem")?);
-    let leaf =
-        tapproof_identity::ca::first_der(&chain).map_err(|e| ConfigProblem(format!("admin.pem: {e}")))?;
-    let admin =
-        tapproof_identity::inspect_svid(&leaf).map_err(|e| ConfigProblem(format!("admin.pem: {e}")))?;
-    let server_id =
-        tapproof_identity::SpiffeId::new(admin.id.trust_domain().clone(), "/server").expect("valid path");
-    let tls = tapproof_tls::ControlClientTls::new(
-        tapproof_tls::ServerTrust::Bundle(vec![bundle]),
-        server_id,
-        Some((&chain, &key)),
-    )
-    .map_err(|e| ConfigProblem(format!("--admin-dir {}: {e}", dir.display())))?;
+    let (tls, _) = tapproof_tls::ControlClientTls::from_files(&files)
+        .map_err(|e| ConfigProblem(format!("--admin-dir {}: {e}", dir.display())))?;
     Ok((server.to_owned(), tls))
 }
 

@@ -3,6 +3,7 @@
 //! speaks HTTP/2 or HTTP/1.1. Agents verify the server against the bundle they hold, or, before
 //! they hold one (join), against the SHA-256 pin of the root carried in the join token.
 
+use crate::material::IdentityFiles;
 use crate::provider::{crypto_provider, KxPolicy};
 use crate::verify::{check_svid, reject, SpiffeCheckError, SpiffeClientVerifier};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -15,6 +16,7 @@ use rustls::version::TLS13;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tapproof_identity::{SpiffeId, TrustDomain};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -25,6 +27,10 @@ pub enum ControlTlsError {
     Pem { what: &'static str, detail: String },
     #[error("cannot build TLS configuration: {0}")]
     Config(String),
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path}: {detail}")]
+    BadIdentity { path: PathBuf, detail: String },
 }
 
 fn pem_certs(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, ControlTlsError> {
@@ -192,6 +198,31 @@ impl ControlClientTls {
         Ok(Self {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         })
+    }
+
+    /// A client presenting the identity in `files` (chain and key) that trusts `files.bundle` and
+    /// expects the server at `spiffe://<the leaf's trust domain>/server`. Also returns the leaf's
+    /// SPIFFE ID. Agents, admin commands and the load generators all connect this way.
+    pub fn from_files(files: &IdentityFiles) -> Result<(Self, SpiffeId), ControlTlsError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| ControlTlsError::Read {
+                path: p.to_owned(),
+                source,
+            })
+        };
+        let (chain, key, bundle) = (read(&files.cert)?, read(&files.key)?, read(&files.bundle)?);
+        let bad = |detail: String| ControlTlsError::BadIdentity {
+            path: files.cert.clone(),
+            detail,
+        };
+        let leaf = tapproof_identity::ca::first_der(&chain).map_err(bad)?;
+        let id = tapproof_identity::inspect_svid(&leaf)
+            .map_err(|e| bad(e.to_string()))?
+            .id;
+        let server_id =
+            SpiffeId::new(id.trust_domain().clone(), "/server").expect("\"/server\" is a valid path");
+        let tls = Self::new(ServerTrust::Bundle(vec![bundle]), server_id, Some((&chain, &key)))?;
+        Ok((tls, id))
     }
 
     pub async fn connect<IO: AsyncRead + AsyncWrite + Unpin>(

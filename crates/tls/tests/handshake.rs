@@ -321,3 +321,33 @@ fn material_checks_name_the_problem() {
     ));
     let _ = &pki.root_pem;
 }
+
+#[test]
+fn control_client_from_files_names_the_leaf_and_the_missing_file() {
+    let pki = Pki::new();
+    let files = pki.files("alpha");
+    let (_, id) = tapproof_tls::ControlClientTls::from_files(&files).unwrap();
+    assert_eq!(id, pki.td.node_id("alpha").unwrap());
+
+    let missing = IdentityFiles {
+        key: pki.dir.path().join("absent.key"),
+        ..files
+    };
+    let err = tapproof_tls::ControlClientTls::from_files(&missing)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("absent.key"), "{err}");
+
+    let garbage = pki.dir.path().join("garbage.pem");
+    write(&garbage, "not a certificate", 0o644);
+    let bad = IdentityFiles {
+        cert: garbage,
+        ..pki.files("beta")
+    };
+    let err = tapproof_tls::ControlClientTls::from_files(&bad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("garbage.pem"), "{err}");
+}

@@ -1,5 +1,6 @@
 """The long fat link: two hosts (namespaces tpbench-lc and tpbench-ls) on one Ethernet segment
-whose frames wait DELAY ms each way in a third namespace (tpbench-lm). With sch_netem the wait is
+whose frames wait DELAY ms each way in a third namespace (tpbench-lm), measured first without
+the delay over the same path, so that a CPU limit shows apart from a window limit. With sch_netem the wait is
 `tc qdisc ... netem delay` on both of the middle's interfaces; kernels built without netem (this
 project's CI machines) get the same segment from bench/delaylink.py, a user-space relay, and the
 report says which one ran. One iperf3 stream, direct TCP vs through a tapproof pair, both over the
@@ -31,7 +32,7 @@ def cleanup():
 class LongFat:
     def __init__(self, d, tapproof, delay_ms):
         self.d, self.tapproof, self.delay_ms, self.procs = d, tapproof, delay_ms, Procs()
-        self.link = None
+        self.link, self.netem, self.relay, self.rtt_ms = None, None, None, None
 
     def start(self):
         cleanup()
@@ -51,7 +52,7 @@ class LongFat:
         ns(NS_M, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
         for dev in ("tplm0", "tplm1"):
             ns(NS_M, "ip", "link", "set", dev, "up")
-        self.start_link()
+        self.set_delay(0)
         d, tp = self.d, self.tapproof
         self.procs.start("iperf3", ["iperf3", "-s", "-p", str(IPERF)], f"{d}/iperf3-longfat.log", ns=NS_S)
         wait_port(IPERF, "iperf3", NS_S)
@@ -69,33 +70,45 @@ class LongFat:
                              f"{ld}/tp-{n}.log", ns=space)
         wait_port(TP_IPERF, "tapproof", NS_C)
         wait_port(TUNNEL, "tapproof", NS_S)
-        self.rtt_ms = self.measure_rtt()
 
-    def start_link(self):
-        """netem on both middle interfaces joined by a bridge, else the user-space relay."""
-        netem = all(ns(NS_M, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", f"{self.delay_ms}ms",
-                       "limit", "100000", check=False).returncode == 0 for dev in ("tplm0", "tplm1"))
-        if netem:
-            ns(NS_M, "ip", "link", "add", "tplbr", "type", "bridge")
-            for dev in ("tplm0", "tplm1"):
-                ns(NS_M, "ip", "link", "set", dev, "master", "tplbr")
-            ns(NS_M, "ip", "link", "set", "tplbr", "up")
-            self.link = f"netem delay {self.delay_ms} ms on both ends of a bridge"
-            return
-        for dev in ("tplm0", "tplm1"):
-            ns(NS_M, "tc", "qdisc", "del", "dev", dev, "root", check=False)
-            ns(NS_M, "ip", "link", "set", dev, "promisc", "on")
-        relay = self.procs.start("delaylink", [sys.executable, "-u", f"{HERE}/delaylink.py", "tplm0", "tplm1",
-                                               str(self.delay_ms)], f"{self.d}/delaylink.log", ns=NS_M)
-        for _ in range(100):
-            with open(f"{self.d}/delaylink.log") as f:
-                if "ready" in f.read():
-                    break
-            if relay.poll() is not None:
-                raise RuntimeError(f"delaylink.py exited: {open(f'{self.d}/delaylink.log').read()[-300:]}")
-            time.sleep(0.05)
-        self.link = (f"bench/delaylink.py (user-space relay, {self.delay_ms} ms each way; this kernel has no "
-                     "sch_netem)")
+    def set_delay(self, ms):
+        """From now on every frame waits `ms` each way: netem on both middle interfaces (joined by
+        a bridge) where the kernel has it, else the user-space relay, restarted with the new delay.
+        Measures the round trip after."""
+        devs = ("tplm0", "tplm1")
+        if self.netem is None:
+            self.netem = all(ns(NS_M, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", f"{ms}ms",
+                                "limit", "100000", check=False).returncode == 0 for dev in devs)
+            if self.netem:
+                ns(NS_M, "ip", "link", "add", "tplbr", "type", "bridge")
+                for dev in devs:
+                    ns(NS_M, "ip", "link", "set", dev, "master", "tplbr")
+                ns(NS_M, "ip", "link", "set", "tplbr", "up")
+            else:
+                for dev in devs:
+                    ns(NS_M, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+                    ns(NS_M, "ip", "link", "set", dev, "promisc", "on")
+        elif self.netem:
+            for dev in devs:
+                ns(NS_M, "tc", "qdisc", "change", "dev", dev, "root", "netem", "delay", f"{ms}ms", "limit", "100000")
+        if self.netem:
+            self.link = "netem on both ends of a bridge"
+        else:
+            if self.relay:
+                self.relay.terminate()
+                self.relay.wait(10)
+            log_path = f"{self.d}/delaylink-{ms}ms.log"
+            self.relay = self.procs.start("delaylink", [sys.executable, "-u", f"{HERE}/delaylink.py", *devs, str(ms)],
+                                          log_path, ns=NS_M)
+            for _ in range(100):
+                with open(log_path) as f:
+                    if "ready" in f.read():
+                        break
+                if self.relay.poll() is not None:
+                    raise RuntimeError(f"delaylink.py exited: {open(log_path).read()[-300:]}")
+                time.sleep(0.05)
+            self.link = "bench/delaylink.py, a user-space relay (this kernel has no sch_netem)"
+        self.rtt_ms = self.measure_rtt()
 
     def measure_rtt(self):
         """Median of ten TCP connects to a closed port of the server host: the refusal comes back
@@ -113,10 +126,17 @@ class LongFat:
 
 
 def run(lf, runs, seconds):
-    res = {"direct plaintext": [], "tapproof": [], "link": lf.link, "rtt_ms": lf.rtt_ms}
-    for run in range(runs):
-        for path, host, port in (("direct plaintext", IP_S, IPERF), ("tapproof", "127.0.0.1", TP_IPERF)):
-            mbs, _ = iperf(host, port, seconds, ns=NS_C)
-            res[path].append(mbs)
-            log(f"long fat link run {run + 1}/{runs} {path:17} {mbs:6.0f} MB/s")
+    """One stream direct and through tapproof, first with no delay (what the machine's CPU allows
+    over this link) and then with the long delay."""
+    res = dict(delays={})
+    for ms in (0, lf.delay_ms):
+        lf.set_delay(ms)
+        r = {"rtt_ms": lf.rtt_ms, "direct plaintext": [], "tapproof": []}
+        for run in range(runs):
+            for path, host, port in (("direct plaintext", IP_S, IPERF), ("tapproof", "127.0.0.1", TP_IPERF)):
+                mbs, _ = iperf(host, port, seconds, ns=NS_C)
+                r[path].append(mbs)
+                log(f"long fat link {ms} ms run {run + 1}/{runs} {path:17} {mbs:6.0f} MB/s")
+        res["delays"][ms] = r
+    res["link"] = lf.link
     return res

@@ -131,10 +131,17 @@ def report(R, a):
         p("")
     if "longfat" in R:
         F = R["longfat"]
-        d, t = med(F["direct plaintext"]), med(F["tapproof"])
-        p(f"### Long fat link\n\nTwo namespaces on one Ethernet segment, {F['link']}; measured round trip "
-          f"{F['rtt_ms']:.1f} ms. One iperf3 stream: direct {f0(d)} MB/s, tapproof {f0(t)} MB/s "
-          f"({100 * ratio(t, d):.0f}% of direct).\n")
+        p(f"### Long fat link\n\nTwo namespaces on one Ethernet segment through {F['link']}; hosts with 32 MiB TCP "
+          "buffers; one iperf3 stream. The row without delay is what this machine's CPU allows over the same "
+          "path.\n")
+        p("| delay each way | measured RTT ms | direct MB/s | tapproof MB/s | tapproof % of direct |")
+        p("|---|---|---|---|---|")
+        for ms, r in F["delays"].items():
+            d, t = med(r["direct plaintext"]), med(r["tapproof"])
+            p(f"| {ms} ms | {r['rtt_ms']:.1f} | {f0(d)} | {f0(t)} | {100 * ratio(t, d):.0f}% |")
+        long = F["delays"][max(F["delays"])]
+        d, t = med(long["direct plaintext"]), med(long["tapproof"])
+        p("")
         target("long fat link >= 80% of direct", ratio(t, d) >= 0.8, f"{100 * ratio(t, d):.0f}%")
     if "control" in R:
         S, Fd = R["control"]["sign"], R["control"]["feed"]

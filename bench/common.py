@@ -80,6 +80,11 @@ class Procs:
         self.procs.append((name, p))
         return p
 
+    def adopt(self, name, p):
+        """A process started elsewhere (say, with a stdin pipe), stopped with the others."""
+        self.procs.append((name, p))
+        return p
+
     def stop(self):
         for _, p in reversed(self.procs):
             if p.poll() is None:
@@ -180,6 +185,20 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 120;
   server {{ listen {listen} backlog=4096; location / {{ root {www}; }} }} }}
 """)
     return path
+
+
+def pki_dir(d, tapproof, td, sub):
+    """A directory `d/sub` holding server and client identities of trust domain `td` (one
+    `tapproof pki mint` per run, in `d`, shared by every section through hard links)."""
+    if not os.path.exists(f"{d}/server.pem"):
+        subprocess.run([tapproof, "pki", "mint", "--trust-domain", td, "--out", d, "--node", "server", "--node",
+                        "client"], check=True, stdout=subprocess.DEVNULL)
+    out = f"{d}/{sub}"
+    os.makedirs(out, exist_ok=True)
+    for f in ("server.pem", "server.key", "client.pem", "client.key", "bundle.pem"):
+        if not os.path.exists(f"{out}/{f}"):
+            os.link(f"{d}/{f}", f"{out}/{f}")
+    return out
 
 
 def tapproof_configs(d, td, server_name, client_name, tunnel_listen, peer, inbound, outbound, admin_ports):

@@ -3,6 +3,10 @@ interfaces, each frame held for a fixed delay, the way `tc qdisc ... netem delay
 
     python3 delaylink.py IFACE_A IFACE_B DELAY_MS
 
+A line on stdin holding a number sets a new delay (ms) for the frames that arrive after it,
+without a restart: a restart would drop the frames in flight, and a TCP connection that loses
+its retransmissions too backs off for seconds.
+
 Run it in a network namespace that owns both interfaces (each the far end of a veth to a host
 namespace): the two hosts then share one Ethernet segment whose one-way delay is DELAY_MS.
 The sockets ask for virtio-net headers (PACKET_VNET_HDR), so a TSO/GRO super-frame of up to 64 KiB
@@ -48,6 +52,8 @@ def main():
     poll = select.epoll()
     for s in socks.values():
         poll.register(s.fileno(), select.EPOLLIN)
+    control = sys.stdin.fileno()
+    poll.register(control, select.EPOLLIN)
     print("ready", flush=True)
     while running[0]:
         now = time.monotonic()
@@ -59,6 +65,14 @@ def main():
             continue
         now = time.monotonic()
         for fd, _ in events:
+            if fd == control:
+                line = sys.stdin.readline()
+                if not line:
+                    poll.unregister(control)
+                elif line.strip():
+                    delay = float(line) / 1000
+                    print(f"delay {line.strip()} ms", flush=True)
+                continue
             out = peer[fd]
             src = socks[a] if out is socks[b] else socks[b]
             q = queue[out.fileno()]

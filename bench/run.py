@@ -136,10 +136,10 @@ def report(R, a):
           "path.\n")
         p("| delay each way | measured RTT ms | direct MB/s | tapproof MB/s | tapproof % of direct |")
         p("|---|---|---|---|---|")
-        for ms, r in F["delays"].items():
+        for ms, r in sorted(F["delays"].items(), key=lambda kv: int(kv[0])):
             d, t = med(r["direct plaintext"]), med(r["tapproof"])
             p(f"| {ms} ms | {r['rtt_ms']:.1f} | {f0(d)} | {f0(t)} | {100 * ratio(t, d):.0f}% |")
-        long = F["delays"][max(F["delays"])]
+        long = F["delays"][max(F["delays"], key=int)]
         d, t = med(long["direct plaintext"]), med(long["tapproof"])
         p("")
         target("long fat link >= 80% of direct", ratio(t, d) >= 0.8, f"{100 * ratio(t, d):.0f}%")

@@ -4,7 +4,7 @@ clients in the client namespace.
 Namespaces, links and addresses are this harness's own (tpbench-*, 10.231-233.0.0/24) and are
 removed at the end, as is every process started here."""
 import os, subprocess, time
-from common import Procs, iperf, log, measure_paths, nginx_conf, tapproof_configs, wait_port
+from common import Procs, log, measure_paths, nginx_conf, pki_dir, tapproof_configs, wait_port
 
 NS_C, NS_S = "tpbench-c", "tpbench-s"
 VETH_C, VETH_S = "tpbc0", "tpbs0"
@@ -61,14 +61,7 @@ class Veth:
         self.procs.start("iperf3", ["iperf3", "-s", "-p", str(IPERF)], f"{d}/iperf3-veth.log", ns=NS_S)
         wait_port(HTTP, "nginx", NS_S)
         wait_port(IPERF, "iperf3", NS_S)
-        # tapproof: identities minted by the loopback section or here.
-        if not os.path.exists(f"{d}/server.pem"):
-            subprocess.run([tp, "pki", "mint", "--trust-domain", TD, "--out", d, "--node", "server", "--node", "client"],
-                           check=True, stdout=subprocess.DEVNULL)
-        vd = f"{d}/veth"
-        os.makedirs(vd, exist_ok=True)
-        for f in ("server.pem", "server.key", "client.pem", "client.key", "bundle.pem"):
-            os.link(f"{d}/{f}", f"{vd}/{f}") if not os.path.exists(f"{vd}/{f}") else None
+        vd = pki_dir(d, tp, TD, "veth")
         tapproof_configs(vd, TD, "server", "client", f"{IP['veth'][1]}:{TUNNEL}", f"{IP['veth'][1]}:{TUNNEL}",
                          {"http": f"127.0.0.1:{HTTP}", "iperf": f"127.0.0.1:{IPERF}"},
                          {"http": f"127.0.0.1:{TP_HTTP}", "iperf": f"127.0.0.1:{TP_IPERF}"}, (25100, 25101))

@@ -122,6 +122,16 @@ impl TunnelIo {
     }
 }
 
+impl Drop for TunnelIo {
+    /// Bytes still gathered when the socket goes (the alert of a failed handshake: tokio-rustls
+    /// writes it and drops the stream without a flush) get one non-blocking send before the close.
+    fn drop(&mut self) {
+        if !self.out.is_empty() {
+            let _ = self.tcp.try_write(&self.out);
+        }
+    }
+}
+
 impl AsyncRead for TunnelIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let tcp = &self.get_mut().tcp;
@@ -242,6 +252,21 @@ mod tests {
         let mut rest = Vec::new();
         peer.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"last");
+    }
+
+    /// A write that is never flushed still leaves when the stream is dropped (a handshake alert).
+    #[tokio::test]
+    async fn gathered_bytes_leave_when_the_stream_is_dropped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let mut io = TunnelIo::new(tcp);
+        io.write_all(b"alert").await.unwrap();
+        drop(io);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"alert");
     }
 
     #[tokio::test]

@@ -99,25 +99,17 @@ impl TunnelIo {
         Poll::Ready(Ok(()))
     }
 
-    /// Gathers `len` bytes with `append` after making room; `direct` is the unbuffered write for
-    /// a large write with nothing gathered.
-    fn poll_gather(
-        &mut self,
-        cx: &mut Context<'_>,
-        len: usize,
-        direct: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
-        append: impl FnOnce(&mut Vec<u8>),
-    ) -> Poll<io::Result<usize>> {
-        if self.out.is_empty() && len >= DIRECT_WRITE {
-            return direct(Pin::new(&mut self.tcp), cx);
-        }
+    /// Takes `bufs`: gathered, or straight to the socket when large with nothing gathered before
+    /// (after sending what is gathered when the batch would overflow).
+    fn poll_gather(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
         if self.out.len() + len > TUNNEL_WRITE_BATCH {
             ready!(self.poll_send_gathered(cx))?;
-            if len >= DIRECT_WRITE {
-                return direct(Pin::new(&mut self.tcp), cx);
-            }
         }
-        append(&mut self.out);
+        if self.out.is_empty() && len >= DIRECT_WRITE {
+            return Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        }
+        bufs.iter().for_each(|b| self.out.extend_from_slice(b));
         Poll::Ready(Ok(len))
     }
 }
@@ -153,12 +145,7 @@ impl AsyncRead for TunnelIo {
 
 impl AsyncWrite for TunnelIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_gather(
-            cx,
-            buf.len(),
-            |tcp, cx| tcp.poll_write(cx, buf),
-            |out| out.extend_from_slice(buf),
-        )
+        self.get_mut().poll_gather(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -166,13 +153,7 @@ impl AsyncWrite for TunnelIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let len = bufs.iter().map(|b| b.len()).sum();
-        self.get_mut().poll_gather(
-            cx,
-            len,
-            |tcp, cx| tcp.poll_write_vectored(cx, bufs),
-            |out| bufs.iter().for_each(|b| out.extend_from_slice(b)),
-        )
+        self.get_mut().poll_gather(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -227,15 +208,20 @@ pub fn tune_tunnel(tcp: &TcpStream) {
 mod tests {
     use super::*;
 
+    /// A TunnelIo and the socket at the other end of its connection.
+    async fn tunnel_io_and_peer() -> (TunnelIo, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        (TunnelIo::new(tcp), peer)
+    }
+
     /// Small writes are gathered, a large one after them keeps its place, a flush sends all,
     /// shutdown sends what is left and then the FIN.
     #[tokio::test]
     async fn gathered_writes_arrive_whole_and_in_order() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (mut peer, _) = listener.accept().await.unwrap();
-        let mut io = TunnelIo::new(tcp);
+        let (mut io, mut peer) = tunnel_io_and_peer().await;
         let big = vec![7u8; 3 * DIRECT_WRITE];
         io.write_all(b"one ").await.unwrap();
         io.write_all(b"two ").await.unwrap();
@@ -258,10 +244,7 @@ mod tests {
     #[tokio::test]
     async fn gathered_bytes_leave_when_the_stream_is_dropped() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (mut peer, _) = listener.accept().await.unwrap();
-        let mut io = TunnelIo::new(tcp);
+        let (mut io, mut peer) = tunnel_io_and_peer().await;
         io.write_all(b"alert").await.unwrap();
         drop(io);
         let mut got = Vec::new();

@@ -488,12 +488,8 @@ pub(crate) fn node_client(
 
 /// A client config presenting the identity in `data_dir`, which must be of trust domain `td`.
 fn node_tls(data_dir: &Path, td: &TrustDomain) -> Result<ControlClientTls, ControlError> {
-    let files = identity_files(data_dir);
-    let (tls, id) = ControlClientTls::from_files(&files).map_err(|e| data_err(data_dir, e))?;
-    if id.trust_domain() != td {
-        let detail = format!("holds an identity of {}, the config says {td}", id.trust_domain());
-        return Err(data_err(&files.cert, detail));
-    }
+    let (tls, _) = ControlClientTls::from_files(&identity_files(data_dir), Some(td))
+        .map_err(|e| data_err(data_dir, e))?;
     Ok(tls)
 }
 

@@ -87,14 +87,7 @@ struct Node {
 
 fn node(args: &LoadNodeArgs) -> anyhow::Result<Node> {
     let td = TrustDomain::new(&args.trust_domain)?;
-    let (tls, id) = ControlClientTls::from_files(&identity_files(&args.data_dir))?;
-    if id.trust_domain() != &td {
-        anyhow::bail!(
-            "{} holds an identity of {}, not {td}",
-            args.data_dir.display(),
-            id.trust_domain()
-        );
-    }
+    let (tls, id) = ControlClientTls::from_files(&identity_files(&args.data_dir), Some(&td))?;
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&args.server)?
         .next()
         .context("server address resolves to nothing")?;

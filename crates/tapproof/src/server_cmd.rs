@@ -497,7 +497,7 @@ pub fn admin_client(remote: &RemoteArgs) -> anyhow::Result<(String, tapproof_tls
         key: dir.join("admin.key"),
         bundle: dir.join("bundle.pem"),
     };
-    let (tls, _) = tapproof_tls::ControlClientTls::from_files(&files)
+    let (tls, _) = tapproof_tls::ControlClientTls::from_files(&files, None)
         .map_err(|e| ConfigProblem(format!("--admin-dir {}: {e}", dir.display())))?;
     Ok((server.to_owned(), tls))
 }

@@ -201,9 +201,13 @@ impl ControlClientTls {
     }
 
     /// A client presenting the identity in `files` (chain and key) that trusts `files.bundle` and
-    /// expects the server at `spiffe://<the leaf's trust domain>/server`. Also returns the leaf's
-    /// SPIFFE ID. Agents, admin commands and the load generators all connect this way.
-    pub fn from_files(files: &IdentityFiles) -> Result<(Self, SpiffeId), ControlTlsError> {
+    /// expects the server at `spiffe://<the leaf's trust domain>/server`; with `trust_domain`, the
+    /// leaf must belong to it. Also returns the leaf's SPIFFE ID. Agents, admin commands and the
+    /// load generators all connect this way.
+    pub fn from_files(
+        files: &IdentityFiles,
+        trust_domain: Option<&TrustDomain>,
+    ) -> Result<(Self, SpiffeId), ControlTlsError> {
         let read = |p: &Path| {
             std::fs::read_to_string(p).map_err(|source| ControlTlsError::Read {
                 path: p.to_owned(),
@@ -219,6 +223,12 @@ impl ControlClientTls {
         let id = tapproof_identity::inspect_svid(&leaf)
             .map_err(|e| bad(e.to_string()))?
             .id;
+        if let Some(td) = trust_domain.filter(|td| *td != id.trust_domain()) {
+            return Err(bad(format!(
+                "holds an identity of {}, not {td}",
+                id.trust_domain()
+            )));
+        }
         let server_id =
             SpiffeId::new(id.trust_domain().clone(), "/server").expect("\"/server\" is a valid path");
         let tls = Self::new(ServerTrust::Bundle(vec![bundle]), server_id, Some((&chain, &key)))?;

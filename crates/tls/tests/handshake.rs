@@ -326,14 +326,20 @@ fn material_checks_name_the_problem() {
 fn control_client_from_files_names_the_leaf_and_the_missing_file() {
     let pki = Pki::new();
     let files = pki.files("alpha");
-    let (_, id) = tapproof_tls::ControlClientTls::from_files(&files).unwrap();
+    let (_, id) = tapproof_tls::ControlClientTls::from_files(&files, Some(&pki.td)).unwrap();
     assert_eq!(id, pki.td.node_id("alpha").unwrap());
+    let other = tapproof_identity::TrustDomain::new("other.example").unwrap();
+    let err = tapproof_tls::ControlClientTls::from_files(&files, Some(&other))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not other.example"), "{err}");
 
     let missing = IdentityFiles {
         key: pki.dir.path().join("absent.key"),
         ..files
     };
-    let err = tapproof_tls::ControlClientTls::from_files(&missing)
+    let err = tapproof_tls::ControlClientTls::from_files(&missing, None)
         .err()
         .unwrap()
         .to_string();
@@ -345,7 +351,7 @@ fn control_client_from_files_names_the_leaf_and_the_missing_file() {
         cert: garbage,
         ..pki.files("beta")
     };
-    let err = tapproof_tls::ControlClientTls::from_files(&bad)
+    let err = tapproof_tls::ControlClientTls::from_files(&bad, None)
         .err()
         .unwrap()
         .to_string();

@@ -102,6 +102,16 @@ def in_ns(ns, args):
     return (["ip", "netns", "exec", ns] if ns else []) + args
 
 
+def sh(*args, check=True):
+    """Runs a command, output captured as text."""
+    return subprocess.run(list(args), check=check, capture_output=True, text=True)
+
+
+def ns_run(n, *args, check=True):
+    """Runs a command inside network namespace `n`."""
+    return sh(*in_ns(n, list(args)), check=check)
+
+
 def iperf(host, port, seconds, pids=(), ns=None, streams=1):
     """One iperf3 test: (MB/s received, CPU seconds per GB in `pids`)."""
     for _ in range(3):

@@ -1,13 +1,13 @@
 """The long fat link: two hosts (namespaces tpbench-lc and tpbench-ls) on one Ethernet segment
-whose frames wait DELAY ms each way in a third namespace (tpbench-lm), measured first without
-the delay over the same path, so that a CPU limit shows apart from a window limit. With sch_netem the wait is
+whose frames wait DELAY ms each way in a third namespace (tpbench-lm), measured also without the
+delay over the same path, so that a CPU limit shows apart from a window limit. With sch_netem the wait is
 `tc qdisc ... netem delay` on both of the middle's interfaces; kernels built without netem (this
 project's CI machines) get the same segment from bench/delaylink.py, a user-space relay, and the
 report says which one ran. One iperf3 stream, direct TCP vs through a tapproof pair, both over the
 same link. Addresses 10.234.0.0/24 and the namespaces are the harness's own and are removed at the
 end, as is every process started here."""
 import os, subprocess, sys, time
-from common import Procs, iperf, log, pki_dir, tapproof_configs, wait_port
+from common import Procs, in_ns, iperf, log, ns_run as ns, pki_dir, sh, tapproof_configs, wait_port
 
 NS_C, NS_M, NS_S = "tpbench-lc", "tpbench-lm", "tpbench-ls"
 IP_C, IP_S = "10.234.0.1", "10.234.0.2"
@@ -15,13 +15,6 @@ IPERF, TUNNEL, TP_IPERF = 15202, 25009, 25202
 TD = "bench.example"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-def sh(*args, check=True):
-    return subprocess.run(list(args), check=check, capture_output=True, text=True)
-
-
-def ns(n, *args, check=True):
-    return sh("ip", "netns", "exec", n, *args, check=check)
 
 
 def cleanup():
@@ -93,9 +86,9 @@ class LongFat:
                 self.relay.stdin.flush()
             else:
                 log_path = f"{self.d}/delaylink.log"
-                self.relay = subprocess.Popen(["ip", "netns", "exec", NS_M, sys.executable, "-u",
-                                               f"{HERE}/delaylink.py", *devs, str(ms)], stdin=subprocess.PIPE,
-                                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT, text=True)
+                self.relay = subprocess.Popen(in_ns(NS_M, [sys.executable, "-u", f"{HERE}/delaylink.py", *devs, str(ms)]),
+                                              stdin=subprocess.PIPE, stdout=open(log_path, "w"),
+                                              stderr=subprocess.STDOUT, text=True)
                 self.procs.adopt("delaylink", self.relay)
                 for _ in range(100):
                     with open(log_path) as f:

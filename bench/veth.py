@@ -4,7 +4,7 @@ clients in the client namespace.
 Namespaces, links and addresses are this harness's own (tpbench-*, 10.231-233.0.0/24) and are
 removed at the end, as is every process started here."""
 import os, subprocess, time
-from common import Procs, log, measure_paths, nginx_conf, pki_dir, tapproof_configs, wait_port
+from common import Procs, log, measure_paths, nginx_conf, ns_run as ns, pki_dir, sh, tapproof_configs, wait_port
 
 NS_C, NS_S = "tpbench-c", "tpbench-s"
 VETH_C, VETH_S = "tpbc0", "tpbs0"
@@ -14,13 +14,6 @@ HTTP, IPERF, TUNNEL, TP_HTTP, TP_IPERF = 18080, 15201, 25008, 28080, 25201
 PATHS = ("direct plaintext", "tapproof", "Nebula", "boringtun")
 TD = "bench.example"
 
-
-def sh(*args, check=True):
-    return subprocess.run(list(args), check=check, capture_output=True, text=True)
-
-
-def ns(n, *args, check=True):
-    return sh("ip", "netns", "exec", n, *args, check=check)
 
 
 def cleanup():

@@ -2,6 +2,16 @@
 processes, and the wrk / iperf3 / network-namespace wrappers."""
 import json, os, re, resource, signal, socket, statistics, subprocess, sys, time
 
+# The test and benchmark helpers (echo server, plain relay, load generators) live in their own
+# binary, tapproof-bench, which is never installed with the product. run.py sets this.
+BENCH_TOOLS = None
+
+
+def bench_tools():
+    if BENCH_TOOLS is None:
+        raise RuntimeError("run.py --bench-tools was not given")
+    return BENCH_TOOLS
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 

@@ -1,7 +1,7 @@
 """Control plane: certificate signings per second on the embedded SQLite store, and many simulated
 agents long-polling one server's state feed while a revocation is made. Server on 127.0.0.1."""
 import json, os, re, subprocess, threading, time
-from common import Procs, cpu_seconds, log, rss_kib, wait_port
+from common import Procs, bench_tools, cpu_seconds, log, rss_kib, wait_port
 
 TD = "bench.example"
 LISTEN = "127.0.0.1:25443"
@@ -11,6 +11,9 @@ class ControlPlane:
     def __init__(self, d, tapproof):
         self.d, self.tapproof, self.procs = f"{d}/control", tapproof, Procs()
         os.makedirs(self.d, exist_ok=True)
+
+    def bench(self, *args):
+        return subprocess.run([bench_tools()] + list(args), check=True, stdout=subprocess.PIPE, text=True)
 
     def cli(self, *args):
         return subprocess.run([self.tapproof, "--log-level", "warn"] + list(args), check=True,
@@ -57,7 +60,7 @@ def run_signings(cp, runs, seconds):
     res = dict(rate=[], failed=0, cpu=[])
     for run in range(runs):
         before = cpu_seconds([cp.server.pid])
-        out = cp.cli("dev", "sign-load", *cp.node_args(), "--concurrency", "32", "--seconds", str(seconds)).stdout
+        out = cp.bench("sign-load", *cp.node_args(), "--concurrency", "32", "--seconds", str(seconds)).stdout
         cpu = cpu_seconds([cp.server.pid]) - before
         m = dict(re.findall(r"(\w+)=([\w.]+)", out))
         res["rate"].append(float(m["rate"]))
@@ -87,7 +90,7 @@ def run_feed(cp, agents):
     cpu_before = cpu_seconds([pid])
     started = time.time()
     try:
-        out = cp.cli("dev", "feed-load", *cp.node_args(), "--agents", str(agents), "--then", cp.tapproof,
+        out = cp.bench("feed-load", *cp.node_args(), "--agents", str(agents), "--then", cp.tapproof,
                      "--log-level", "warn", "server", "revoke", "--data-dir", f"{cp.d}/server", "--id",
                      f"spiffe://{TD}/node/victim", "--reason", "benchmark").stdout
     finally:

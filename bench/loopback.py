@@ -1,11 +1,11 @@
 """Loopback sections: direct plaintext, a tapproof agent pair, a stunnel4 pair and a plain relay
 pair in front of the same nginx, iperf3, PostgreSQL, Redis and echo servers; all on 127.0.0.1.
 
-The plain relay pair (`tapproof dev relay` twice, chained: no TLS, no HTTP/2, one upstream TCP
+The plain relay pair (`tapproof-bench relay` twice, chained: no TLS, no HTTP/2, one upstream TCP
 connection per app connection, one worker thread each like the agents) is the floor under any
 two-process proxy on this machine: what the two extra socket hops cost with nothing else."""
 import os, re, shutil, socket, subprocess, time
-from common import (Procs, log, measure_paths, nginx_conf, rss_kib, stunnel_configs, tapproof_configs,
+from common import (Procs, bench_tools, log, measure_paths, nginx_conf, rss_kib, stunnel_configs, tapproof_configs,
                     wait_port)
 
 TD = "bench.example"
@@ -33,7 +33,7 @@ class Loopback:
         self.procs.start("nginx", ["nginx", "-c", nginx_conf(d, f"127.0.0.1:{PORTS['http'][0]}"), "-e",
                                    f"{d}/nginx-error.log"], f"{d}/nginx.log")
         self.procs.start("iperf3", ["iperf3", "-s", "-p", str(PORTS["iperf"][0])], f"{d}/iperf3.log")
-        self.procs.start("echo", [tp, "--threads", "1", "dev", "echo-server", "--listen",
+        self.procs.start("echo", [bench_tools(), "--threads", "1", "echo-server", "--listen",
                                   f"127.0.0.1:{PORTS['echo'][0]}"], f"{d}/echo.log")
         if self.with_clients:
             self.start_postgres()
@@ -57,7 +57,7 @@ class Loopback:
         relays = []
         for s in services:
             for name, listen, to in (("back", PORTS[s][5], PORTS[s][0]), ("front", PORTS[s][4], PORTS[s][5])):
-                relays.append(self.procs.start(f"relay-{s}-{name}", [tp, "--threads", "1", "dev", "relay", "--listen",
+                relays.append(self.procs.start(f"relay-{s}-{name}", [bench_tools(), "--threads", "1", "relay", "--listen",
                                                                      f"127.0.0.1:{listen}", "--to", f"127.0.0.1:{to}"],
                                                f"{d}/relay-{s}-{name}.log"))
         for s in services:

@@ -222,6 +222,7 @@ def write_readme(text, a, sections):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tapproof", required=True)
+    ap.add_argument("--bench-tools", required=True, help="the tapproof-bench binary (echo server, relay, load generators)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--sections", default=",".join(ALL))
@@ -231,6 +232,7 @@ def main():
     ap.add_argument("--write", action="store_true", help="write bench/results.json, bench/README.md, bench/plot.png")
     ap.add_argument("--keep", action="store_true", help="keep the work directory with configs and logs")
     a = ap.parse_args()
+    common.BENCH_TOOLS = a.bench_tools
     sections = [s for s in a.sections.split(",") if s]
     for s in sections:
         if s not in ALL:
@@ -266,7 +268,7 @@ def main():
                                 "server", "--node", "client"], check=True, stdout=subprocess.DEVNULL)
             runs = []
             for _ in range(a.runs):
-                out = subprocess.run(["taskset", "-c", "0", a.tapproof, "--threads", "1", "dev", "handshakes", "--pki",
+                out = subprocess.run(["taskset", "-c", "0", a.bench_tools, "--threads", "1", "handshakes", "--pki",
                                       d, "--trust-domain", "bench.example", "--seconds", str(a.seconds)],
                                      check=True, capture_output=True, text=True).stdout
                 runs.append(dict(kv.split("=") for kv in out.split()))

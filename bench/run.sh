@@ -24,6 +24,6 @@ if ! command -v boringtun-cli >/dev/null 2>&1; then
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
 
-cargo build --release --locked -p tapproof
+cargo build --release --locked -p tapproof -p tapproof-bench
 PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3  # Debian's python3-matplotlib is for the system python
-exec "$PY" bench/run.py --tapproof target/release/tapproof "$@"
+exec "$PY" bench/run.py --tapproof target/release/tapproof --bench-tools target/release/tapproof-bench "$@"

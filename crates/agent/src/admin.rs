@@ -1,7 +1,8 @@
 //! The admin endpoint: `/metrics` (Prometheus text), `/healthz` (the process serves),
 //! `/readyz` (listeners bound, identity loaded, not draining) and `/v1/status` (JSON: identity,
 //! listeners, open tunnels with what their handshakes negotiated), which `tapproof status` and the
-//! quickstart read.
+//! quickstart read, and `/v1/sockets` (the TLS sockets this agent vouches for, which the coverage
+//! audit matches socket by socket).
 
 use crate::state::AgentState;
 use axum::extract::State;
@@ -47,6 +48,10 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
+        .route(
+            "/v1/sockets",
+            get(|| async { Json(crate::vouch::sockets().snapshot()) }),
+        )
         .with_state(AdminState {
             agent,
             bound: Arc::new(bound),

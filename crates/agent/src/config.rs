@@ -198,7 +198,7 @@ pub struct OutboundConfig {
     pub allow_non_loopback: bool,
 }
 
-fn default_admin_listen() -> SocketAddr {
+pub fn default_admin_listen() -> SocketAddr {
     DEFAULT_ADMIN_LISTEN.parse().expect("constant is a valid address")
 }
 fn default_tunnel_listen() -> SocketAddr {
@@ -295,7 +295,6 @@ impl AgentConfig {
                 .filter(|i| !i.forward.ip().is_loopback())
                 .map(|i| i.forward)
                 .collect(),
-            config_given: true,
         }
     }
 

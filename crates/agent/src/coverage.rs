@@ -6,7 +6,7 @@ use crate::state::AgentState;
 use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
-use tapproof_audit::{CoverageUpload, Options, MAX_UPLOAD_LINKS};
+use tapproof_audit::{AgentView, CoverageUpload, Options, MAX_UPLOAD_LINKS};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -26,13 +26,16 @@ pub async fn report_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cance
         }
         // Jitter, so a fleet restarted together does not report in lockstep.
         wait = Duration::from_secs(every).mul_f64(rand::rng().random_range(0.8..1.2));
-        let options = Options {
+        let mut options = Options {
             allow: state.config.audit.allow.clone(),
             known: state.config.audit_known(),
             ..Options::default()
         };
         let report = match tokio::task::spawn_blocking(move || {
-            tapproof_audit::audit(std::path::Path::new("/proc"), &options)
+            let scan = tapproof_audit::scan::scan(std::path::Path::new("/proc"));
+            // Asked after the scan: every vouched socket the scan saw was open before this list.
+            options.agent = AgentView::Vouched(crate::vouch::sockets().snapshot());
+            tapproof_audit::classify(&scan, &options, tapproof_audit::hostname(), tapproof_audit::now())
         })
         .await
         {

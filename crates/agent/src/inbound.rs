@@ -54,6 +54,8 @@ async fn connection(
     tracker: TaskTracker,
 ) {
     crate::socket::tune_tunnel(&tcp);
+    // Only TLS is read or written on this socket, from the first byte: the audit may count it.
+    let _vouched = crate::vouch::sockets().register(&tcp, tapproof_audit::VouchedKind::TunnelIn);
     let metrics = &state.metrics;
     let tls = match state.server_tls() {
         Ok(tls) => tls,

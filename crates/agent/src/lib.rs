@@ -19,6 +19,7 @@ pub mod policy {
 mod pool;
 mod socket;
 mod state;
+pub mod vouch;
 
 pub use admin::{BoundAddresses, BoundOutbound};
 pub use config::{AgentConfig, ConfigError};
@@ -123,6 +124,9 @@ pub async fn run(
             .collect(),
     };
 
+    if let Some(addr) = bound.tunnel {
+        vouch::sockets().listening(addr);
+    }
     let state = Arc::new(AgentState::new(config, material));
     let advertise = state
         .config

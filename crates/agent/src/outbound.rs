@@ -42,30 +42,46 @@ pub async fn serve(
     }
 }
 
+/// Why an app connection got no stream.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error(transparent)]
+    Pool(#[from] crate::pool::PoolError),
+    #[error("service name {service:?} is not a valid CONNECT authority: {source}")]
+    BadService { service: String, source: http::Error },
+    #[error("tunnel unusable twice (last: {0})")]
+    TunnelGone(h2::Error),
+}
+
 /// Opens a stream, retrying once on a fresh tunnel when the pooled one turns out to be gone
 /// (the peer restarted or sent GOAWAY while draining).
 async fn open_stream(
     pool: &Pool,
     service: &str,
-) -> Result<(Tunnel, h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>), String> {
-    let mut last = String::new();
-    for _ in 0..2 {
-        let tunnel = pool.tunnel().await.map_err(|e| e.to_string())?;
+) -> Result<(Tunnel, h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>), OpenError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let tunnel = pool.tunnel().await?;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(service)
             .body(())
-            .map_err(|e| format!("bad service name {service:?}: {e}"))?;
+            .map_err(|source| OpenError::BadService {
+                service: service.to_owned(),
+                source,
+            })?;
         let ready = tunnel.sender.clone().ready().await;
         match ready.and_then(|mut s| s.send_request(request, false)) {
             Ok((response, send)) => return Ok((tunnel, response, send)),
             Err(e) => {
                 tunnel.mark_dead();
-                last = e.to_string();
+                if attempt == 2 {
+                    return Err(OpenError::TunnelGone(e));
+                }
             }
         }
     }
-    Err(format!("tunnel unusable: {last}"))
 }
 
 async fn connection(

@@ -26,9 +26,33 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("no peer of service {service} could be reached (last error: {last})")]
-    AllPeersFailed { service: String, last: String },
+    AllPeersFailed { service: String, last: DialError },
+    #[error("no node fronts service {service} in the control plane's directory (yet); check its registration and that its agent announced a tunnel address")]
+    NoPeer { service: String },
     #[error("cannot build TLS configuration: {0}")]
     Tls(String),
+}
+
+/// Why one peer could not be dialled.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connect: timed out")]
+    ConnectTimeout,
+    #[error("TLS handshake failed ({reason}): {source}")]
+    Handshake {
+        reason: &'static str,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("the peer's identity is revoked")]
+    Revoked,
+    #[error("HTTP/2 handshake failed: {0}")]
+    Http2(h2::Error),
+    #[error("HTTP/2 handshake timed out")]
+    Http2Timeout,
 }
 
 #[derive(Clone)]
@@ -107,13 +131,12 @@ impl Pool {
         }
         let peers = self.targets();
         if peers.is_empty() {
-            return Err(PoolError::AllPeersFailed {
+            return Err(PoolError::NoPeer {
                 service: self.outbound.service.clone(),
-                last: "no node fronts this service in the control plane's directory (yet)".into(),
             });
         }
         let generation = self.state.material.generation();
-        let mut last = String::new();
+        let mut last = DialError::ConnectTimeout;
         for i in 0..peers.len() {
             let index = (inner.next_peer + i) % peers.len();
             let (addr, id) = &peers[index];
@@ -168,15 +191,16 @@ impl Pool {
         }
     }
 
-    async fn dial(&self, peer: SocketAddr, tls: &ClientTls) -> Result<Tunnel, String> {
+    async fn dial(&self, peer: SocketAddr, tls: &ClientTls) -> Result<Tunnel, DialError> {
         let cfg = &self.state.config.tunnel;
         let metrics = &self.state.metrics;
         let tcp = match timeout(cfg.connect_timeout, TcpStream::connect(peer)).await {
             Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(format!("connect: {e}")),
-            Err(_) => return Err("connect: timed out".into()),
+            Ok(Err(e)) => return Err(DialError::Connect(e)),
+            Err(_) => return Err(DialError::ConnectTimeout),
         };
         crate::socket::tune_tunnel(&tcp);
+        let vouched = crate::vouch::sockets().register(&tcp, tapproof_audit::VouchedKind::TunnelOut);
         let stream = match timeout(
             cfg.handshake_timeout,
             connect(tls, crate::socket::buffered(tcp), peer),
@@ -187,17 +211,17 @@ impl Pool {
             Ok(Err(e)) => {
                 let reason = failure_reason(&e);
                 metrics.handshake_failed(Side::Outbound, reason);
-                return Err(format!("TLS handshake failed ({reason}): {e}"));
+                return Err(DialError::Handshake { reason, source: e });
             }
             Err(_) => {
                 metrics.handshake_failed(Side::Outbound, "timeout");
-                return Err("TLS handshake timed out".into());
+                return Err(DialError::HandshakeTimeout);
             }
         };
         let session = client_session(&stream);
         if self.state.is_revoked(&session) {
             metrics.handshake_failed(Side::Outbound, "revoked");
-            return Err("the peer's identity is revoked".into());
+            return Err(DialError::Revoked);
         }
         metrics
             .handshakes
@@ -213,8 +237,8 @@ impl Pool {
         let (sender, connection) =
             match timeout(cfg.handshake_timeout, builder.handshake::<_, Bytes>(stream)).await {
                 Ok(Ok(pair)) => pair,
-                Ok(Err(e)) => return Err(format!("HTTP/2 handshake failed: {e}")),
-                Err(_) => return Err("HTTP/2 handshake timed out".into()),
+                Ok(Err(e)) => return Err(DialError::Http2(e)),
+                Err(_) => return Err(DialError::Http2Timeout),
             };
         info!(service = %self.outbound.service, %peer, peer_id = ?session.peer_id.as_ref().map(|p| p.to_string()),
               version = %session.version, cipher = %session.cipher, group = %session.group,
@@ -239,6 +263,7 @@ impl Pool {
             };
             alive.store(false, Ordering::Release);
             drop(guard);
+            drop(vouched);
             match result {
                 Ok(()) => info!(service = %service, %peer, "outbound: tunnel closed"),
                 Err(e) => warn!(service = %service, %peer, error = %e, "outbound: tunnel closed with error"),

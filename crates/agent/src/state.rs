@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tapproof_identity::SpiffeId;
+use tapproof_identity::{RevocationSet, SpiffeId};
 use tapproof_tls::{ClientTls, KxPolicy, MaterialError, ReloadingMaterial, ServerTls, SessionInfo};
 
 pub struct AgentState {
@@ -22,7 +22,7 @@ pub struct AgentState {
     server_tls: Mutex<Option<(u64, ServerTls)>>,
     tunnels: Mutex<BTreeMap<u64, Arc<TunnelStats>>>,
     next_tunnel: AtomicU64,
-    revoked: std::sync::RwLock<Revoked>,
+    revoked: std::sync::RwLock<RevocationSet>,
     /// Service -> nodes fronting it (tunnel address, node identity), from the state feed.
     directory: std::sync::RwLock<std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>>>,
     /// Where peers reach our tunnel listener (announced to the control plane).
@@ -31,24 +31,6 @@ pub struct AgentState {
     policy: std::sync::RwLock<std::collections::HashMap<String, Vec<crate::policy::AllowPattern>>>,
     /// The most recent refused streams, for the coverage report's dashboard view.
     denials: Mutex<std::collections::VecDeque<tapproof_audit::Denial>>,
-}
-
-/// What the control plane has revoked (from its state feed).
-#[derive(Debug, Default, Clone)]
-pub struct Revoked {
-    pub nodes: std::collections::HashSet<String>,
-    pub ids: std::collections::HashSet<String>,
-    pub serials: std::collections::HashSet<String>,
-}
-
-impl Revoked {
-    pub fn covers(&self, id: &str, serial: &str) -> bool {
-        self.ids.contains(id)
-            || self.serials.contains(serial)
-            || id
-                .split_once("/node/")
-                .is_some_and(|(_, node)| !node.contains('/') && self.nodes.contains(node))
-    }
 }
 
 /// One TLS connection between two agents and what it has carried.
@@ -125,7 +107,7 @@ impl AgentState {
             server_tls: Mutex::new(None),
             tunnels: Mutex::new(BTreeMap::new()),
             next_tunnel: AtomicU64::new(1),
-            revoked: std::sync::RwLock::new(Revoked::default()),
+            revoked: std::sync::RwLock::new(RevocationSet::default()),
             directory: Default::default(),
             advertise: std::sync::OnceLock::new(),
             policy: Default::default(),
@@ -207,28 +189,34 @@ impl AgentState {
         }
     }
 
-    /// Whether the control plane revoked this peer (by node, SPIFFE ID or serial).
+    /// Whether the control plane revoked this peer (by node, SPIFFE ID or serial): the one rule,
+    /// `RevocationSet::covers`. A session without a peer ID is treated as revoked (our verifiers
+    /// never accept one, so this only closes a door).
     pub fn is_revoked(&self, session: &SessionInfo) -> bool {
-        let id = session
-            .peer_id
-            .as_ref()
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        let serial = session.peer_serial.as_deref().unwrap_or_default();
+        let Some(id) = session.peer_id.as_ref() else {
+            return true;
+        };
         self.revoked
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .covers(&id, serial)
+            .covers(id, session.peer_serial.as_deref())
+            .is_some()
     }
 
     /// Installs a new revocation list and closes every open tunnel it covers; returns how many.
-    pub fn apply_revocations(&self, revoked: Revoked) -> usize {
+    pub fn apply_revocations(&self, revoked: RevocationSet) -> usize {
         let mut closed = 0;
         for t in self.tunnels() {
-            if revoked.covers(&t.peer_id, &t.peer_serial) && !t.close.is_cancelled() {
-                tracing::warn!(peer_id = %t.peer_id, tunnel = t.id, side = t.side, "closing the tunnel of a revoked peer");
-                t.close.cancel();
-                closed += 1;
+            let covered = match SpiffeId::parse(&t.peer_id) {
+                Ok(id) => revoked.covers(&id, Some(&t.peer_serial)),
+                Err(_) => None,
+            };
+            if let Some(why) = covered {
+                if !t.close.is_cancelled() {
+                    tracing::warn!(peer_id = %t.peer_id, tunnel = t.id, side = t.side, revoked = %why, "closing the tunnel of a revoked peer");
+                    t.close.cancel();
+                    closed += 1;
+                }
             }
         }
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked;
@@ -261,30 +249,5 @@ impl AgentState {
 
     pub fn tunnels(&self) -> Vec<Arc<TunnelStats>> {
         self.tunnels_table().values().cloned().collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Revoked;
-
-    #[test]
-    fn revocations_cover_nodes_ids_and_serials() {
-        let mut r = Revoked::default();
-        r.nodes.insert("web-1".into());
-        r.ids.insert("spiffe://example.org/svc/api".into());
-        r.serials.insert("ABCD".into());
-        assert!(r.covers("spiffe://example.org/node/web-1", "1234"));
-        assert!(
-            !r.covers("spiffe://example.org/node/web-10", "1234"),
-            "whole node names only"
-        );
-        assert!(!r.covers("spiffe://example.org/node/web-1/x", "1234"));
-        assert!(r.covers("spiffe://example.org/svc/api", "1234"));
-        assert!(
-            r.covers("spiffe://example.org/node/db-1", "ABCD"),
-            "any identity with a revoked serial"
-        );
-        assert!(!r.covers("spiffe://example.org/node/db-1", "1234"));
     }
 }

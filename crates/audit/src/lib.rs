@@ -7,7 +7,7 @@ pub mod report;
 pub mod scan;
 
 pub use allow::{validate, AllowError, AllowRule};
-pub use report::{classify, render, Class, Known, Link, Listener, Options, Report, Role, Summary};
+pub use report::{classify, render, AgentView, Class, Known, Link, Listener, Options, Report, Role, Summary};
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -75,6 +75,43 @@ pub fn unix_to_utc(t: i64) -> String {
 pub fn audit(proc_root: &Path, options: &Options) -> Report {
     let scan = scan::scan(proc_root);
     classify(&scan, options, hostname(), now())
+}
+
+/// How a running agent's sockets are vouched for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VouchedKind {
+    /// A tunnel a peer agent opened to us (mTLS 1.3).
+    TunnelIn,
+    /// A tunnel we opened to a peer agent (mTLS 1.3).
+    TunnelOut,
+    /// A connection to the control plane (TLS 1.3).
+    Control,
+}
+
+/// One TCP connection a running agent vouches for: only TLS flows on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VouchedConnection {
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    pub kind: VouchedKind,
+}
+
+/// What a running agent vouches for (its admin API's `GET /v1/sockets`): the audit classes a
+/// socket as *through tapproof* only when it is listed here and owned by the process `pid`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSockets {
+    pub pid: u32,
+    pub connections: Vec<VouchedConnection>,
+    /// Listeners that speak only TLS (the tunnel listener).
+    pub listeners: Vec<std::net::SocketAddr>,
+}
+
+/// An address as /proc/net/tcp6 shows it folded: IPv4-mapped IPv6 becomes IPv4.
+pub fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 #[cfg(test)]

@@ -93,29 +93,32 @@ pub struct Known {
     /// Forward targets of inbound services: tapproof's connections to non-loopback ones are
     /// plaintext legs.
     pub forwards: Vec<SocketAddr>,
-    pub config_given: bool,
 }
 
+/// What the running agent said it vouches for, or why it could not be asked.
 #[derive(Debug, Clone)]
+pub enum AgentView {
+    /// The agent answered with these sockets.
+    Vouched(crate::AgentSockets),
+    /// No agent answered (`reason` says where it was asked and what happened): nothing is
+    /// counted as through tapproof.
+    Unavailable(String),
+}
+
+impl Default for AgentView {
+    fn default() -> Self {
+        Self::Unavailable("no agent was asked".into())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     pub probe: Option<Duration>,
     pub include_loopback: bool,
     pub allow: Vec<AllowRule>,
     pub known: Known,
-    /// Process names that are tapproof (normally just "tapproof").
-    pub tapproof_names: Vec<String>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            probe: None,
-            include_loopback: false,
-            allow: Vec::new(),
-            known: Known::default(),
-            tapproof_names: vec!["tapproof".into()],
-        }
-    }
+    /// The running agent's sockets: the only evidence that a link goes through tapproof.
+    pub agent: AgentView,
 }
 
 fn local_only(ip: IpAddr) -> bool {
@@ -136,7 +139,27 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
         .map(|s| s.local.port())
         .collect();
     let owner = |s: &Socket| scan.owners.get(&s.inode);
-    let is_tapproof = |s: &Socket| owner(s).is_some_and(|p| options.tapproof_names.contains(&p.name));
+    // A socket is tapproof's when the running agent lists exactly it and the scan shows that same
+    // process owning it: a program merely named `tapproof` proves nothing.
+    let vouched = match &options.agent {
+        AgentView::Vouched(a) => Some(a),
+        AgentView::Unavailable(_) => None,
+    };
+    let agent_pid = vouched.map(|a| a.pid);
+    let owned_by_agent = |s: &Socket| agent_pid.is_some() && owner(s).map(|p| p.pid) == agent_pid;
+    let tunnels: HashSet<(SocketAddr, SocketAddr)> = vouched
+        .map(|a| a.connections.iter().map(|c| (c.local, c.remote)).collect())
+        .unwrap_or_default();
+    let tls_listeners: HashSet<SocketAddr> = vouched
+        .map(|a| a.listeners.iter().copied().collect())
+        .unwrap_or_default();
+    let is_tapproof = |s: &Socket| {
+        owned_by_agent(s)
+            && match s.state {
+                TcpState::Listen => tls_listeners.contains(&s.local),
+                _ => tunnels.contains(&(s.local, s.remote)),
+            }
+    };
     let mut probes: BTreeMap<SocketAddr, ProbeOutcome> = BTreeMap::new();
     let mut links = Vec::new();
     let mut unowned = 0;
@@ -154,28 +177,27 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
             unowned += 1;
         }
         let (mut class, mut detail) = if is_tapproof(s) {
-            if role == Role::Server
-                && options
-                    .known
-                    .outbound_listeners
-                    .iter()
-                    .any(|l| l.port() == s.local.port())
-            {
-                (
-                    Class::Plaintext,
-                    "an app reaches tapproof's outbound listener over the network".to_owned(),
-                )
-            } else if role == Role::Client && options.known.forwards.contains(&s.remote) {
-                (
-                    Class::Plaintext,
-                    "tapproof's forward leg to a non-loopback address".to_owned(),
-                )
-            } else {
-                (
-                    Class::Tapproof,
-                    "mTLS 1.3 tunnel or control-plane connection".to_owned(),
-                )
-            }
+            (
+                Class::Tapproof,
+                "mTLS 1.3 tunnel or control-plane connection (vouched for by the agent)".to_owned(),
+            )
+        } else if owned_by_agent(s)
+            && role == Role::Server
+            && options
+                .known
+                .outbound_listeners
+                .iter()
+                .any(|l| l.port() == s.local.port())
+        {
+            (
+                Class::Plaintext,
+                "an app reaches tapproof's outbound listener over the network".to_owned(),
+            )
+        } else if owned_by_agent(s) && role == Role::Client && options.known.forwards.contains(&s.remote) {
+            (
+                Class::Plaintext,
+                "tapproof's forward leg to a non-loopback address".to_owned(),
+            )
         } else if let Some(timeout) = options.probe {
             let target = match role {
                 Role::Server => {
@@ -264,10 +286,10 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
             "{unowned} links have no known owning process (another user's, or it exited mid-scan); they are classed without it"
         ));
     }
-    if !options.known.config_given {
-        not_seen.push(
-            "no agent config given (--config): tapproof's own connections are all counted as tunnels".into(),
-        );
+    if let AgentView::Unavailable(reason) = &options.agent {
+        not_seen.push(format!(
+            "no tapproof agent vouched for its sockets ({reason}): nothing is counted as through tapproof"
+        ));
     }
     let mut exceptions: Vec<AllowRule> = Vec::new();
     for rule in &options.allow {
@@ -421,6 +443,11 @@ mod tests {
             sock("127.0.0.1:50002", "127.0.0.1:15008", TcpState::Established, 5),
             // Its process exited mid-scan: no owner.
             sock("10.0.0.1:50003", "10.0.0.5:80", TcpState::Established, 6),
+            // A plaintext program that calls itself tapproof, serving a network client.
+            sock("10.0.0.1:7000", "10.0.0.6:41000", TcpState::Established, 7),
+            sock("0.0.0.0:7000", "0.0.0.0:0", TcpState::Listen, 8),
+            // The agent's tunnel listener.
+            sock("0.0.0.0:15008", "0.0.0.0:0", TcpState::Listen, 9),
         ];
         let mut s = Scan {
             sockets,
@@ -435,9 +462,25 @@ mod tests {
         s.owners.insert(3, owner(20, "tapproof"));
         s.owners.insert(4, owner(20, "tapproof"));
         s.owners.insert(5, owner(30, "psql"));
+        s.owners.insert(7, owner(40, "tapproof"));
+        s.owners.insert(8, owner(40, "tapproof"));
+        s.owners.insert(9, owner(20, "tapproof"));
         s.blind_spots
             .push("2 processes of other users could not be inspected".into());
         s
+    }
+
+    /// The agent (PID 20) vouches for its tunnel and its tunnel listener.
+    fn agent() -> AgentView {
+        AgentView::Vouched(crate::AgentSockets {
+            pid: 20,
+            connections: vec![crate::VouchedConnection {
+                local: "10.0.0.1:50000".parse().unwrap(),
+                remote: "10.0.0.3:15008".parse().unwrap(),
+                kind: crate::VouchedKind::TunnelOut,
+            }],
+            listeners: vec!["0.0.0.0:15008".parse().unwrap()],
+        })
     }
 
     #[test]
@@ -445,9 +488,9 @@ mod tests {
         let options = Options {
             known: Known {
                 forwards: vec!["10.0.0.4:6379".parse().unwrap()],
-                config_given: true,
                 ..Known::default()
             },
+            agent: agent(),
             ..Options::default()
         };
         let r = classify(&scan(), &options, "h".into(), 0);
@@ -474,14 +517,25 @@ mod tests {
             (unowned.class, unowned.process.as_deref()),
             (Class::Plaintext, None)
         );
-        assert_eq!(r.summary.links, 4);
-        assert_eq!(r.summary.plaintext, 3);
-        assert_eq!(r.summary.coverage_percent, 25.0);
-        assert_eq!(r.exposed_listeners.len(), 1);
+        assert_eq!(
+            class_of("10.0.0.6:41000"),
+            Some((Class::Plaintext, Role::Server)),
+            "a process named tapproof that the agent does not vouch for is plaintext"
+        );
+        assert_eq!(r.summary.links, 5);
+        assert_eq!(r.summary.plaintext, 4);
+        assert_eq!(r.summary.coverage_percent, 20.0);
+        let exposed: Vec<_> = r.exposed_listeners.iter().map(|l| l.local.port()).collect();
+        assert_eq!(
+            exposed,
+            vec![5432, 7000],
+            "the vouched tunnel listener is not exposed"
+        );
         assert!(r.not_seen.iter().any(|n| n.contains("other users")));
         assert!(r.not_seen.iter().any(|n| n.contains("no known owning process")));
+        assert!(!r.not_seen.iter().any(|n| n.contains("vouched")));
         let table = render(&r);
-        assert!(table.contains("25.0% of 4 network links"), "{table}");
+        assert!(table.contains("20.0% of 5 network links"), "{table}");
         assert!(table.contains("PLAINTEXT"));
     }
 
@@ -506,8 +560,36 @@ mod tests {
         assert!(l.detail.contains("replication inside the cage"));
         assert_eq!(r.exceptions.len(), 1);
         // A rule scoped to some peers does not accept a listener anyone can reach.
-        assert_eq!(r.exposed_listeners.len(), 1);
+        assert!(r.exposed_listeners.iter().any(|l| l.local.port() == 5432));
         assert!(render(&r).contains("Accepted exceptions"));
+    }
+
+    #[test]
+    fn without_an_agent_nothing_is_tapproof() {
+        let r = classify(&scan(), &Options::default(), "h".into(), 0);
+        assert_eq!(r.summary.tapproof, 0);
+        assert!(r.links.iter().all(|l| l.class == Class::Plaintext));
+        assert!(
+            r.not_seen.iter().any(|n| n.contains("no tapproof agent vouched")),
+            "{:?}",
+            r.not_seen
+        );
+        // The agent's answer is bound to its PID: another process's socket with a vouched
+        // 4-tuple (a stale or forged list) is not tapproof.
+        let mut forged = scan();
+        forged.owners.insert(
+            3,
+            Process {
+                pid: 40,
+                name: "tapproof".into(),
+            },
+        );
+        let options = Options {
+            agent: agent(),
+            ..Options::default()
+        };
+        let r = classify(&forged, &options, "h".into(), 0);
+        assert_eq!(r.summary.tapproof, 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod ca;
 pub mod csr;
 pub mod pattern;
+pub mod revocation;
 pub mod spiffe;
 pub mod svid;
 pub mod token;
@@ -12,6 +13,7 @@ pub mod token;
 pub use ca::{Authority, CaError, IssuedIdentity};
 pub use csr::{check_csr, new_csr, CsrError};
 pub use pattern::{allowed, AllowPattern, PatternError};
+pub use revocation::{node_name, normalize_serial, Covered, RevocationSet, RevokedBy};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{inspect_svid, SvidError, SvidInfo};
 pub use token::{JoinToken, TokenFormatError};

@@ -134,6 +134,15 @@ impl SpiffeId {
     }
 }
 
+/// Checks one path segment (a node or service name): what `node_id` and `service_id` accept
+/// after their prefix.
+pub fn validate_segment(segment: &str) -> Result<(), SpiffeIdError> {
+    if segment.contains('/') {
+        return Err(SpiffeIdError::BadPathChar('/'));
+    }
+    validate_path(&format!("/{segment}"))
+}
+
 fn validate_path(path: &str) -> Result<(), SpiffeIdError> {
     if path.is_empty() {
         return Ok(());

@@ -1,38 +1,32 @@
-//! Coverage reports from agents (`POST /v1/coverage`, node identities) and the fleet dashboard
-//! (`/dashboard`, `/v1/dashboard`, admin identities). The dashboard is one HTML page, one script
-//! and one stylesheet compiled into the binary: nothing is fetched from elsewhere.
+//! Coverage reports from agents (`POST /v1/coverage`, registered unrevoked node identities):
+//! each is kept whole for the dashboard, with its counts for the fleet's history.
 
-use crate::api::{live_node, parse, require_admin, ApiError, AppState, Peer};
+use crate::app::{parse, ApiError, AppState, Peer};
+use crate::auth::{authorize, Need};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::{Extension, Json};
+use axum::http::StatusCode;
+use axum::Extension;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
 use std::sync::Arc;
-use tapproof_audit::{Class, CoverageUpload, Denial, MAX_UPLOAD_DENIALS, MAX_UPLOAD_LINKS};
+use tapproof_api::ErrorCode;
+use tapproof_audit::{Class, CoverageUpload, MAX_UPLOAD_DENIALS, MAX_UPLOAD_LINKS};
 use tapproof_store::NewCoverage;
 use tracing::info;
 
 /// A coverage upload may be larger than other requests (up to MAX_UPLOAD_LINKS links).
 pub const MAX_COVERAGE_BODY: usize = 2 * 1024 * 1024;
-/// The dashboard's chart covers this much history.
-const HISTORY: i64 = 7 * 24 * 3600;
 
 pub async fn report(
     State(s): State<Arc<AppState>>,
     Extension(peer): Extension<Peer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let (_actor, node) = live_node(&s, &peer, "coverage").await?;
+    let node = authorize(&s, &peer, Need::Node, "coverage").await?.name;
     let upload: CoverageUpload = parse(body)?;
     if upload.report.links.len() > MAX_UPLOAD_LINKS || upload.denials.len() > MAX_UPLOAD_DENIALS {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "report_too_large",
+            ErrorCode::ReportTooLarge,
             format!("send at most {MAX_UPLOAD_LINKS} links and {MAX_UPLOAD_DENIALS} denials"),
         ));
     }
@@ -53,7 +47,7 @@ pub async fn report(
             encrypted: encrypted as i64,
             plaintext: plaintext as i64,
             report: serde_json::to_string(&upload)
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.to_string()))?,
+                .map_err(|e| ApiError::new(ErrorCode::BadBody, e.to_string()))?,
         })
         .await?;
     s.store.node_seen(&node, at).await?;
@@ -65,273 +59,4 @@ pub async fn report(
         "coverage report"
     );
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Debug, Serialize)]
-pub struct Dashboard {
-    pub generated_at: i64,
-    pub fleet: Fleet,
-    pub nodes: Vec<NodeRow>,
-    pub links: Vec<LinkRow>,
-    pub history: Vec<HistoryPoint>,
-    pub denials: Vec<DenialRow>,
-    pub audit: Vec<tapproof_store::AuditEntry>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct Fleet {
-    /// Encrypted links as a share of all links in each node's latest report (100 with none).
-    pub coverage_percent: f64,
-    pub links: i64,
-    pub encrypted: i64,
-    pub plaintext: i64,
-    pub nodes: usize,
-    pub nodes_reporting: usize,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct NodeRow {
-    pub name: String,
-    pub spiffe_id: String,
-    pub cert_not_after: Option<i64>,
-    pub last_seen: Option<i64>,
-    pub revoked: bool,
-    pub last_report: Option<i64>,
-    pub coverage_percent: Option<f64>,
-    pub plaintext: Option<i64>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct LinkRow {
-    pub from: String,
-    /// The node at the other end, when its address is known.
-    pub to: Option<String>,
-    pub remote: String,
-    pub local: String,
-    pub class: Class,
-    pub process: Option<String>,
-    pub detail: String,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct HistoryPoint {
-    pub at: i64,
-    pub coverage_percent: f64,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct DenialRow {
-    pub node: String,
-    #[serde(flatten)]
-    pub denial: Denial,
-}
-
-fn percent(encrypted: i64, links: i64) -> f64 {
-    if links == 0 {
-        100.0
-    } else {
-        100.0 * encrypted as f64 / links as f64
-    }
-}
-
-pub async fn dashboard_data(
-    State(s): State<Arc<AppState>>,
-    Extension(peer): Extension<Peer>,
-) -> Result<Json<Dashboard>, ApiError> {
-    require_admin(&peer)?;
-    let now = crate::now();
-    let nodes = s.store.node_list().await?;
-    let latest = s.store.coverage_latest().await?;
-    let uploads: Vec<(String, CoverageUpload)> = latest
-        .iter()
-        .filter_map(|r| Some((r.point.node.clone(), serde_json::from_str(&r.report).ok()?)))
-        .collect();
-
-    // Which node owns which address: announced tunnel addresses, and the local addresses each
-    // node's own report shows.
-    let mut owner: HashMap<IpAddr, String> = HashMap::new();
-    for n in &nodes {
-        if let Some(ip) = n
-            .tunnel_addr
-            .as_deref()
-            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-        {
-            owner.insert(ip.ip(), n.name.clone());
-        }
-    }
-    for (node, upload) in &uploads {
-        for l in &upload.report.links {
-            if !l.local.ip().is_unspecified() {
-                owner.entry(l.local.ip()).or_insert_with(|| node.clone());
-            }
-        }
-    }
-
-    let mut rows = Vec::new();
-    for n in &nodes {
-        let certs = s.store.cert_list(&n.name).await?;
-        let cert_not_after = certs
-            .iter()
-            .filter(|c| c.spiffe_id == n.spiffe_id)
-            .map(|c| c.not_after)
-            .max();
-        let report = latest.iter().map(|r| &r.point).find(|r| r.node == n.name);
-        rows.push(NodeRow {
-            name: n.name.clone(),
-            spiffe_id: n.spiffe_id.clone(),
-            cert_not_after,
-            last_seen: n.last_seen,
-            revoked: n.revoked_at.is_some(),
-            last_report: report.map(|r| r.at),
-            coverage_percent: report.map(|r| percent(r.encrypted, r.links)),
-            plaintext: report.map(|r| r.plaintext),
-        });
-    }
-
-    let mut links = Vec::new();
-    let mut denials = Vec::new();
-    for (node, upload) in &uploads {
-        links.extend(upload.report.links.iter().map(|l| LinkRow {
-            from: node.clone(),
-            to: owner.get(&l.remote.ip()).filter(|o| *o != node).cloned(),
-            remote: l.remote.to_string(),
-            local: l.local.to_string(),
-            class: l.class,
-            process: l.process.clone(),
-            detail: l.detail.clone(),
-        }));
-        denials.extend(upload.denials.iter().map(|d| DenialRow {
-            node: node.clone(),
-            denial: d.clone(),
-        }));
-    }
-    links.sort_by(|a, b| (b.class, &a.from, &a.remote).cmp(&(a.class, &b.from, &b.remote)));
-    denials.sort_by_key(|d| std::cmp::Reverse(d.denial.at));
-    denials.truncate(50);
-
-    let reporting: Vec<_> = latest
-        .iter()
-        .map(|r| &r.point)
-        .filter(|r| !nodes.iter().any(|n| n.name == r.node && n.revoked_at.is_some()))
-        .collect();
-    let (total, encrypted, plaintext) = reporting.iter().fold((0, 0, 0), |(t, e, p), r| {
-        (t + r.links, e + r.encrypted, p + r.plaintext)
-    });
-    let history = history(&s.store.coverage_history(now - HISTORY).await?);
-    Ok(Json(Dashboard {
-        generated_at: now,
-        fleet: Fleet {
-            coverage_percent: percent(encrypted, total),
-            links: total,
-            encrypted,
-            plaintext,
-            nodes: nodes.iter().filter(|n| n.revoked_at.is_none()).count(),
-            nodes_reporting: reporting.len(),
-        },
-        nodes: rows,
-        links,
-        history,
-        denials,
-        audit: s.store.audit_tail(20).await?,
-    }))
-}
-
-/// The fleet's coverage after each report (every node's latest report up to then), at most 500
-/// points (later ones win within a bucket).
-fn history(points: &[tapproof_store::CoveragePoint]) -> Vec<HistoryPoint> {
-    let mut latest: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-    let mut out: Vec<HistoryPoint> = Vec::new();
-    let (first, last) = match (points.first(), points.last()) {
-        (Some(f), Some(l)) => (f.at, l.at),
-        _ => return out,
-    };
-    let bucket = ((last - first) / 500).max(1);
-    for p in points {
-        latest.insert(&p.node, (p.links, p.encrypted));
-        let (links, enc) = latest.values().fold((0, 0), |(l, e), (pl, pe)| (l + pl, e + pe));
-        let point = HistoryPoint {
-            at: p.at,
-            coverage_percent: percent(enc, links),
-        };
-        match out.last_mut() {
-            Some(prev) if (prev.at - first) / bucket == (p.at - first) / bucket => *prev = point,
-            _ => out.push(point),
-        }
-    }
-    out
-}
-
-const INDEX: &str = include_str!("dashboard/index.html");
-const SCRIPT: &str = include_str!("dashboard/app.js");
-const STYLE: &str = include_str!("dashboard/style.css");
-
-fn asset(peer: &Peer, content_type: &'static str, body: &'static str) -> Result<impl IntoResponse, ApiError> {
-    require_admin(peer)?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-store"),
-            // Everything comes from this server; nothing inline, nothing from elsewhere.
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'",
-            ),
-        ],
-        body,
-    ))
-}
-
-pub async fn index(Extension(peer): Extension<Peer>) -> Result<impl IntoResponse, ApiError> {
-    asset(&peer, "text/html; charset=utf-8", INDEX)
-}
-
-pub async fn script(Extension(peer): Extension<Peer>) -> Result<impl IntoResponse, ApiError> {
-    asset(&peer, "text/javascript; charset=utf-8", SCRIPT)
-}
-
-pub async fn style(Extension(peer): Extension<Peer>) -> Result<impl IntoResponse, ApiError> {
-    asset(&peer, "text/css; charset=utf-8", STYLE)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tapproof_audit::Report;
-    use tapproof_store::CoveragePoint;
-
-    fn p(node: &str, at: i64, links: i64, encrypted: i64) -> CoveragePoint {
-        CoveragePoint {
-            node: node.into(),
-            at,
-            links,
-            encrypted,
-            plaintext: links - encrypted,
-        }
-    }
-
-    #[test]
-    fn history_combines_each_nodes_latest_report() {
-        let h = history(&[p("a", 10, 2, 1), p("b", 20, 2, 2), p("a", 30, 2, 2)]);
-        let got: Vec<_> = h.iter().map(|x| (x.at, x.coverage_percent)).collect();
-        assert_eq!(got, vec![(10, 50.0), (20, 75.0), (30, 100.0)]);
-        assert!(history(&[]).is_empty());
-    }
-
-    #[test]
-    fn no_links_is_full_coverage() {
-        assert_eq!(percent(0, 0), 100.0);
-        assert_eq!(percent(1, 4), 25.0);
-    }
-
-    #[test]
-    fn report_type_is_what_agents_send() {
-        let r: Report = serde_json::from_value(serde_json::json!({
-            "host": "h", "generated_at": 1,
-            "summary": {"links": 0, "tapproof": 0, "other_tls": 0, "plaintext": 0, "allowed": 0,
-                        "coverage_percent": 100.0, "exposed_listeners": 0},
-            "links": [], "exposed_listeners": [], "not_seen": [], "exceptions": []
-        }))
-        .unwrap();
-        assert_eq!(r.summary.links, 0);
-    }
 }

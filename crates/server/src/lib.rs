@@ -3,12 +3,18 @@
 //! store; `run` serves `/v1` (join with a token, signing over mTLS, the trust bundle, OpenAPI);
 //! `create_token` issues single-use join tokens; `verify_audit` checks the audit log's chain.
 
-pub mod api;
+pub mod admin;
+mod app;
+mod auth;
 mod ca;
 mod coverage;
+mod dashboard;
+mod enrol;
+mod feed;
 pub mod kek;
 mod openapi;
 pub mod rollover;
+mod routes;
 mod serve;
 
 pub use ca::Ca;
@@ -18,6 +24,7 @@ use kek::{Kek, KekError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+pub use tapproof_api::{Policy, ServicePolicy};
 use tapproof_identity::{JoinToken, TrustDomain};
 use tapproof_store::{CaKind, CaState, NewAudit, NewToken, Store, StoreError};
 
@@ -253,9 +260,28 @@ pub async fn revoke_as(
     reason: &str,
     actor: &str,
 ) -> Result<tapproof_store::Revocation, ServerError> {
+    use tapproof_store::RevocationKind;
     if value.is_empty() {
         return Err(ServerError::Invalid("say what to revoke".into()));
     }
+    // Checked here, once, for the CLI and the API alike: a revocation that can match nothing is
+    // refused rather than kept as a false comfort.
+    let value = match kind {
+        RevocationKind::Serial => tapproof_identity::normalize_serial(value).ok_or_else(|| {
+            ServerError::Invalid(format!(
+                "serial {value:?} is not hex (copy it from `tapproof status` or `openssl x509 -serial`)"
+            ))
+        })?,
+        RevocationKind::SpiffeId => tapproof_identity::SpiffeId::parse(value)
+            .map_err(|e| ServerError::Invalid(format!("SPIFFE ID {value:?}: {e}")))?
+            .to_string(),
+        RevocationKind::Node => {
+            tapproof_identity::spiffe::validate_segment(value)
+                .map_err(|e| ServerError::Invalid(format!("node {value:?}: {e}")))?;
+            value.to_owned()
+        }
+    };
+    let value = value.as_str();
     let t = now();
     let revocation = store.revoke(kind, value, reason, t).await?;
     store.notify_change().await?;
@@ -340,27 +366,22 @@ pub async fn issue_admin(
         .signer
         .issue_with_new_key(&id, lifetime)
         .map_err(|e| ServerError::Ca(e.to_string()))?;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(out)
         .map_err(|e| data_err(out, e))?;
+    // The one identity-file writer: mode from the first byte, fsync, rename, so an existing
+    // admin.key is replaced by a 0600 file whatever mode it had.
     for (file, contents, mode) in [
         ("admin.key", issued.key_pem.as_str(), 0o600),
         ("admin.pem", issued.chain_pem.as_str(), 0o644),
         ("bundle.pem", &ca.bundle.concat(), 0o644),
     ] {
         let path = out.join(file);
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&path)
+        tapproof_tls::write_identity_file(&path, contents.as_bytes(), mode)
             .map_err(|e| data_err(&path, e))?;
-        f.write_all(contents.as_bytes()).map_err(|e| data_err(&path, e))?;
     }
     store
         .audit_append(
@@ -375,46 +396,29 @@ pub async fn issue_admin(
     Ok(id.to_string())
 }
 
-/// The policy document: for each service, the SPIFFE ID patterns that may open it. Written by
-/// operators as TOML (`[services.db] allow = ["spiffe://td/node/web-1", "spiffe://td/svc/*"]`),
-/// kept and sent to agents as JSON. Agents allow a stream when their own config or the policy does.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Policy {
-    #[serde(default)]
-    pub services: std::collections::BTreeMap<String, ServicePolicy>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServicePolicy {
-    pub allow: Vec<String>,
-}
-
-impl Policy {
-    /// Parses TOML (or JSON) and checks every service name and pattern against `td`.
-    pub fn parse(text: &str, td: &TrustDomain) -> Result<Self, ServerError> {
-        let policy: Policy = if text.trim_start().starts_with('{') {
-            serde_json::from_str(text).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?
-        } else {
-            toml::from_str(text).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?
-        };
-        for (service, rule) in &policy.services {
-            td.service_id(service)
-                .map_err(|e| ServerError::Invalid(format!("policy: service {service:?}: {e}")))?;
-            for p in &rule.allow {
-                let pattern: tapproof_identity::AllowPattern = p
-                    .parse()
-                    .map_err(|e| ServerError::Invalid(format!("policy: services.{service}.allow: {e}")))?;
-                if pattern.trust_domain() != td {
-                    return Err(ServerError::Invalid(format!(
-                        "policy: services.{service}.allow: {p} is not in trust domain {td}"
-                    )));
-                }
+/// Parses a policy document (TOML, or JSON when it starts with `{`) and checks every service
+/// name and pattern against `td`.
+pub fn parse_policy(text: &str, td: &TrustDomain) -> Result<Policy, ServerError> {
+    let policy: Policy = if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?
+    } else {
+        toml::from_str(text).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?
+    };
+    for (service, rule) in &policy.services {
+        td.service_id(service)
+            .map_err(|e| ServerError::Invalid(format!("policy: service {service:?}: {e}")))?;
+        for p in &rule.allow {
+            let pattern: tapproof_identity::AllowPattern = p
+                .parse()
+                .map_err(|e| ServerError::Invalid(format!("policy: services.{service}.allow: {e}")))?;
+            if pattern.trust_domain() != td {
+                return Err(ServerError::Invalid(format!(
+                    "policy: services.{service}.allow: {p} is not in trust domain {td}"
+                )));
             }
         }
-        Ok(policy)
     }
+    Ok(policy)
 }
 
 /// Replaces the policy; agents apply it within seconds (state feed).

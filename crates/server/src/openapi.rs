@@ -1,108 +1,415 @@
-//! The OpenAPI 3.1 document of `/v1`, served at `/v1/openapi.json`. Kept by hand beside the
-//! handlers in `api.rs`; a test checks every route is described.
+//! The OpenAPI 3.1 document of `/v1`, served at `/v1/openapi.json`. Written by hand; the tests
+//! below hold it against the wire types of `tapproof_api`: every schema lists exactly the fields
+//! its type serialises (a field added to a type and not here fails them), every error code the
+//! document names exists, the `Error` schema lists every `ErrorCode`, and every path the router
+//! serves is described.
 
 use serde_json::{json, Value};
+use tapproof_api::{paths, ErrorCode};
 
-fn error_response(description: &str) -> Value {
-    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+fn error_response(codes: &[ErrorCode]) -> Value {
+    let names: Vec<&str> = codes.iter().map(|c| c.as_str()).collect();
+    json!({ "description": names.join(", "), "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+}
+
+fn body(schema: &str) -> Value {
+    json!({ "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } })
+}
+
+fn ok(description: &str, schema: &str) -> Value {
+    let mut v = body(schema);
+    v["description"] = json!(description);
+    v
+}
+
+fn ok_list(description: &str, schema: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": { "type": "array", "items": { "$ref": format!("#/components/schemas/{schema}") } } } } })
+}
+
+fn string() -> Value {
+    json!({ "type": "string" })
+}
+
+fn int() -> Value {
+    json!({ "type": "integer" })
+}
+
+fn nullable_int() -> Value {
+    json!({ "type": ["integer", "null"] })
+}
+
+fn strings() -> Value {
+    json!({ "type": "array", "items": { "type": "string" } })
+}
+
+fn reference(schema: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{schema}") })
+}
+
+fn list_of(schema: &str) -> Value {
+    json!({ "type": "array", "items": reference(schema) })
+}
+
+/// An object schema; `strict` for request bodies (unknown fields are refused).
+fn object(required: &[&str], properties: Value, strict: bool) -> Value {
+    let mut v = json!({ "type": "object", "required": required, "properties": properties });
+    if strict {
+        v["additionalProperties"] = json!(false);
+    }
+    v
+}
+
+fn schemas() -> Value {
+    use ErrorCode as E;
+    let codes: Vec<&str> = E::ALL.iter().map(|c| c.as_str()).collect();
+    let kinds = json!({ "type": "string", "enum": ["node", "spiffe_id", "serial"] });
+    json!({
+        "Error": object(&["error"], json!({ "error": reference("ErrorDetail") }), false),
+        "ErrorDetail": object(&["code", "message"], json!({
+            "code": { "type": "string", "enum": codes },
+            "message": string(),
+        }), false),
+        "Bundle": object(&["trust_domain", "roots"], json!({ "trust_domain": string(), "roots": strings() }), false),
+        "JoinRequest": object(&["token", "csr"], json!({
+            "token": string(),
+            "csr": { "type": "string", "description": "PEM CSR, ECDSA P-256 or Ed25519; only its public key is used" },
+        }), true),
+        "Identity": object(&["id", "chain_pem", "not_after"], json!({
+            "id": string(), "chain_pem": { "type": "string", "description": "leaf first, then intermediates" }, "not_after": int(),
+        }), false),
+        "JoinResponse": object(&["node", "identity", "bundle", "services"], json!({
+            "node": string(), "identity": reference("Identity"), "bundle": strings(), "services": strings(),
+        }), false),
+        "SignItem": object(&["id", "csr"], json!({ "id": string(), "csr": string() }), true),
+        "SignRequest": object(&["csrs"], json!({
+            "csrs": { "type": "array", "minItems": 1, "maxItems": tapproof_api::MAX_CSRS, "items": reference("SignItem") },
+        }), true),
+        "SignResponse": object(&["identities", "bundle", "services"], json!({
+            "identities": list_of("Identity"), "bundle": strings(), "services": strings(),
+        }), false),
+        "Revocation": object(&["id", "kind", "value", "reason", "revoked_at"], json!({
+            "id": int(), "kind": kinds, "value": string(), "reason": string(), "revoked_at": int(),
+        }), false),
+        "DirectoryEntry": object(&["service", "node", "id", "tunnel"], json!({
+            "service": string(), "node": string(), "id": string(), "tunnel": { "type": "string", "description": "ADDR:PORT" },
+        }), false),
+        "State": object(&["version", "revocations", "bundle", "directory", "policy"], json!({
+            "version": { "type": "integer", "description": "pass as `since` next time" },
+            "revocations": list_of("Revocation"),
+            "bundle": strings(),
+            "directory": list_of("DirectoryEntry"),
+            "policy": { "type": "object", "additionalProperties": strings(), "description": "service -> SPIFFE ID patterns allowed to open it" },
+        }), false),
+        "NodeView": object(&["name", "spiffe_id", "tunnel_addr", "created_at", "last_seen", "revoked_at", "services", "cert_not_after"], json!({
+            "name": string(), "spiffe_id": string(), "tunnel_addr": { "type": ["string", "null"] }, "created_at": int(),
+            "last_seen": nullable_int(), "revoked_at": nullable_int(), "services": strings(), "cert_not_after": nullable_int(),
+        }), false),
+        "Registration": object(&["node", "service"], json!({ "node": string(), "service": string() }), false),
+        "RegistrationChange": object(&["node", "service", "add"], json!({
+            "node": string(), "service": string(), "add": { "type": "boolean", "description": "true adds, false removes" },
+        }), true),
+        "Changed": object(&["changed"], json!({ "changed": { "type": "boolean" } }), false),
+        "RevokeRequest": object(&["kind", "value"], json!({
+            "kind": { "type": "string", "enum": ["node", "spiffe_id", "serial"] },
+            "value": { "type": "string", "description": "a node name, a SPIFFE ID, or a serial in hex" },
+            "reason": string(),
+        }), true),
+        "AuditEntry": object(&["seq", "at", "actor", "action", "details", "prev_hash", "hash"], json!({
+            "seq": int(), "at": int(), "actor": string(), "action": string(),
+            "details": { "type": "string", "description": "JSON text" }, "prev_hash": string(), "hash": string(),
+        }), false),
+        "ServicePolicy": object(&["allow"], json!({ "allow": strings() }), true),
+        "Policy": object(&[], json!({ "services": { "type": "object", "additionalProperties": reference("ServicePolicy") } }), true),
+        "CoverageUpload": object(&["report"], json!({
+            "report": { "type": "object", "description": "the report as `tapproof audit --json` prints it" },
+            "denials": { "type": "array", "maxItems": tapproof_audit::MAX_UPLOAD_DENIALS, "items": { "type": "object" } },
+        }), true),
+    })
 }
 
 pub fn document() -> Value {
+    use ErrorCode as E;
+    let node = [E::IdentityRequired];
+    let node_refused = [
+        E::NotANode,
+        E::UnknownNode,
+        E::NodeRevoked,
+        E::IdentityRevoked,
+        E::CertificateRevoked,
+    ];
+    let admin_refused = [E::AdminRequired, E::IdentityRevoked, E::CertificateRevoked];
+    let mut paths = serde_json::Map::new();
+    let mut add = |path: &str, item: Value| {
+        paths.insert(path.to_owned(), item);
+    };
+    add(
+        paths::HEALTHZ,
+        json!({ "get": { "summary": "Liveness", "responses": { "200": { "description": "serving" } } } }),
+    );
+    add(
+        paths::OPENAPI,
+        json!({ "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI document" } } } }),
+    );
+    add(
+        paths::BUNDLE,
+        json!({ "get": {
+        "summary": "Trust bundle: every root agents must trust",
+        "responses": { "200": ok("bundle", "Bundle") }
+    } }),
+    );
+    add(
+        paths::JOIN,
+        json!({ "post": {
+        "summary": "Exchange a join token and a CSR for the node identity (no client certificate needed). The token and CSR are checked before the token is consumed",
+        "requestBody": body("JoinRequest"),
+        "responses": {
+            "200": ok("joined", "JoinResponse"),
+            "400": error_response(&[E::TokenMalformed, E::CsrInvalid, E::BadNode, E::BadJson, E::BadBody]),
+            "401": error_response(&[E::TokenInvalid, E::TokenExpired, E::TokenUsed]),
+            "413": error_response(&[E::BodyTooLarge]),
+            "503": error_response(&[E::StoreUnavailable, E::StoreFailed])
+        }
+    } }),
+    );
+    add(
+        paths::SIGN,
+        json!({ "post": {
+        "summary": "Sign CSRs for the caller's node identity and its registered services (mTLS with an unrevoked node identity). Nothing is signed unless every CSR passes",
+        "requestBody": body("SignRequest"),
+        "responses": {
+            "200": ok("signed", "SignResponse"),
+            "400": error_response(&[E::CsrInvalid, E::BadId, E::BadRequest, E::BadJson]),
+            "401": error_response(&node),
+            "403": error_response(&[&node_refused[..], &[E::NotRegistered]].concat()),
+            "413": error_response(&[E::BodyTooLarge])
+        }
+    } }),
+    );
+    add(
+        paths::STATE,
+        json!({ "get": {
+        "summary": format!("State feed for agents (mTLS with an unrevoked node identity): revocations, the trust bundle, the service directory and the policy. Answers at once when the version is newer than `since`, else holds the request up to {} s. `tunnel` announces where the caller's tunnel listener is reached", tapproof_api::LONG_POLL_SECS),
+        "parameters": [
+            { "name": "since", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 0 }, "description": "the version held; absent: answer at once" },
+            { "name": "tunnel", "in": "query", "required": false, "schema": { "type": "string", "description": "ADDR:PORT" } }
+        ],
+        "responses": {
+            "200": ok("state", "State"),
+            "400": error_response(&[E::BadQuery]),
+            "401": error_response(&node),
+            "403": error_response(&node_refused)
+        }
+    } }),
+    );
+    add(
+        paths::NODES,
+        json!({ "get": { "summary": "Admin: nodes with services and certificate expiry",
+        "responses": { "200": ok_list("nodes", "NodeView"), "401": error_response(&node), "403": error_response(&admin_refused) } } }),
+    );
+    add(
+        paths::REGISTRATIONS,
+        json!({
+            "get": { "summary": "Admin: which node fronts which service", "responses": { "200": ok_list("registrations", "Registration"), "401": error_response(&node), "403": error_response(&admin_refused) } },
+            "post": { "summary": "Admin: add or remove a registration", "requestBody": body("RegistrationChange"),
+                "responses": { "200": ok("whether anything changed", "Changed"), "400": error_response(&[E::BadRequest, E::BadJson]), "401": error_response(&node), "403": error_response(&admin_refused) } }
+        }),
+    );
+    add(
+        paths::REVOCATIONS,
+        json!({
+            "get": { "summary": "Admin: every revocation", "responses": { "200": ok_list("revocations", "Revocation"), "401": error_response(&node), "403": error_response(&admin_refused) } },
+            "post": { "summary": "Admin: revoke a node, a SPIFFE ID or a certificate serial; in force on this server at once, on agents within seconds", "requestBody": body("RevokeRequest"),
+                "responses": { "200": ok("the revocation", "Revocation"), "400": error_response(&[E::BadRequest, E::BadJson]), "401": error_response(&node), "403": error_response(&admin_refused) } }
+        }),
+    );
+    add(
+        paths::AUDIT_LOG,
+        json!({ "get": { "summary": "Admin: audit-log rows after `after`, at most `limit`",
+        "parameters": [{ "name": "after", "in": "query", "schema": { "type": "integer" } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000 } }],
+        "responses": { "200": ok_list("rows", "AuditEntry"), "400": error_response(&[E::BadQuery]), "401": error_response(&node), "403": error_response(&admin_refused) } } }),
+    );
+    add(
+        paths::POLICY,
+        json!({
+            "get": { "summary": "Admin: the policy document (service -> allowed SPIFFE ID patterns)", "responses": { "200": ok("policy", "Policy"), "401": error_response(&node), "403": error_response(&admin_refused), "503": error_response(&[E::PolicyUnavailable]) } },
+            "post": { "summary": "Admin: replace the policy document (JSON, or TOML); agents apply it within seconds", "requestBody": body("Policy"),
+                "responses": { "200": ok("the stored policy", "Policy"), "400": error_response(&[E::BadPolicy, E::BadJson]), "401": error_response(&node), "403": error_response(&admin_refused) } }
+        }),
+    );
+    add(
+        paths::COVERAGE,
+        json!({ "post": {
+        "summary": "An agent's coverage report (mTLS with an unrevoked node identity). Kept as history for the dashboard",
+        "requestBody": body("CoverageUpload"),
+        "responses": {
+            "204": { "description": "kept" },
+            "400": error_response(&[E::BadJson, E::BadBody, E::ReportTooLarge]),
+            "401": error_response(&node),
+            "403": error_response(&node_refused),
+            "413": error_response(&[E::BodyTooLarge])
+        }
+    } }),
+    );
+    add(
+        paths::DASHBOARD_DATA,
+        json!({ "get": { "summary": "Admin: the fleet dashboard's data: nodes and certificate expiry, links with their class, coverage history, recent denials and audit-log rows",
+        "responses": { "200": { "description": "dashboard data (read by the dashboard's script)" }, "401": error_response(&node), "403": error_response(&admin_refused) } } }),
+    );
+    add(
+        paths::DASHBOARD,
+        json!({ "get": { "summary": "Admin: the fleet dashboard page (HTML; its script and stylesheet are /dashboard/app.js and /dashboard/style.css). Browsers reach it through `tapproof server dashboard`",
+        "responses": { "200": { "description": "HTML" }, "401": error_response(&node), "403": error_response(&admin_refused) } } }),
+    );
     json!({
         "openapi": "3.1.0",
         "info": {
             "title": "tapproof control plane",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Join with a single-use token, then sign (renew) over mTLS with the node identity. Errors carry a stable code."
+            "description": "Join with a single-use token, then sign (renew) and follow the state feed over mTLS with the node identity; admins use admin identities. Every error carries a stable code; revoked identities (by node, SPIFFE ID or serial) are refused everywhere."
         },
-        "paths": {
-            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "serving" } } } },
-            "/v1/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI document" } } } },
-            "/v1/bundle": { "get": {
-                "summary": "Trust bundle: every root agents must trust",
-                "responses": { "200": { "description": "bundle", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Bundle" } } } } }
-            } },
-            "/v1/join": { "post": {
-                "summary": "Exchange a join token and a CSR for the node identity (no client certificate needed)",
-                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/JoinRequest" } } } },
-                "responses": {
-                    "200": { "description": "joined", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/JoinResponse" } } } },
-                    "400": error_response("token_malformed, csr_invalid, bad_json, bad_body"),
-                    "401": error_response("token_invalid, token_expired, token_used"),
-                    "413": error_response("body_too_large"),
-                    "503": error_response("store_unavailable, store_read_only")
-                }
-            } },
-            "/v1/state": { "get": {
-                "summary": "State feed for agents (mTLS): revocations and the trust bundle. Answers at once when the version is newer than `since`, else holds the request up to 25 s",
-                "parameters": [{ "name": "since", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 0 } }],
-                "responses": {
-                    "200": { "description": "state", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/State" } } } },
-                    "400": error_response("bad_query"),
-                    "401": error_response("identity_required")
-                }
-            } },
-            "/v1/nodes": { "get": { "summary": "Admin: nodes with services and certificate expiry (admin identity)",
-                "responses": { "200": { "description": "nodes" }, "401": error_response("identity_required"), "403": error_response("admin_required") } } },
-            "/v1/registrations": {
-                "get": { "summary": "Admin: which node fronts which service", "responses": { "200": { "description": "registrations" }, "403": error_response("admin_required") } },
-                "post": { "summary": "Admin: add or remove a registration ({node, service, add})", "responses": { "200": { "description": "{changed}" }, "400": error_response("bad_request, bad_json"), "403": error_response("admin_required") } }
-            },
-            "/v1/revocations": {
-                "get": { "summary": "Admin: every revocation", "responses": { "200": { "description": "revocations" }, "403": error_response("admin_required") } },
-                "post": { "summary": "Admin: revoke ({kind: node|spiffe_id|serial, value, reason})", "responses": { "200": { "description": "the revocation" }, "400": error_response("bad_request, bad_json"), "403": error_response("admin_required") } }
-            },
-            "/v1/audit-log": { "get": { "summary": "Admin: audit-log rows after `after`, at most `limit`",
-                "parameters": [{ "name": "after", "in": "query", "schema": { "type": "integer" } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "maximum": 1000 } }],
-                "responses": { "200": { "description": "rows" }, "403": error_response("admin_required") } } },
-            "/v1/policy": {
-                "get": { "summary": "Admin: the policy document (service -> allowed SPIFFE ID patterns)", "responses": { "200": { "description": "policy" }, "403": error_response("admin_required"), "503": error_response("policy_unavailable") } },
-                "post": { "summary": "Admin: replace the policy document; agents apply it within seconds", "responses": { "200": { "description": "the stored policy" }, "400": error_response("bad_policy, bad_json"), "403": error_response("admin_required") } }
-            },
-            "/v1/coverage": { "post": {
-                "summary": "An agent's coverage report (mTLS with the node identity): {report, denials}, as `tapproof audit --json` prints the report. Kept as history for the dashboard",
-                "responses": {
-                    "204": { "description": "kept" },
-                    "400": error_response("bad_json, bad_body, report_too_large"),
-                    "401": error_response("identity_required"),
-                    "403": error_response("not_a_node, unknown_node, node_revoked"),
-                    "413": error_response("body_too_large")
-                }
-            } },
-            "/v1/dashboard": { "get": { "summary": "Admin: the fleet dashboard's data: nodes and certificate expiry, links with their class, coverage history, recent denials and audit-log rows",
-                "responses": { "200": { "description": "dashboard data" }, "401": error_response("identity_required"), "403": error_response("admin_required") } } },
-            "/dashboard": { "get": { "summary": "Admin: the fleet dashboard page (HTML; its script and stylesheet are /dashboard/app.js and /dashboard/style.css). Browsers reach it through `tapproof server dashboard`",
-                "responses": { "200": { "description": "HTML" }, "401": error_response("identity_required"), "403": error_response("admin_required") } } },
-            "/v1/sign": { "post": {
-                "summary": "Sign CSRs for the caller's node identity and its registered services (mTLS with the node identity)",
-                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/SignRequest" } } } },
-                "responses": {
-                    "200": { "description": "signed", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/SignResponse" } } } },
-                    "400": error_response("csr_invalid, bad_id, bad_request, bad_json"),
-                    "401": error_response("identity_required"),
-                    "403": error_response("not_a_node, unknown_node, node_revoked, not_registered"),
-                    "413": error_response("body_too_large")
-                }
-            } }
-        },
-        "components": { "schemas": {
-            "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"],
-                "properties": { "code": { "type": "string" }, "message": { "type": "string" } } } } },
-            "Bundle": { "type": "object", "properties": { "trust_domain": { "type": "string" }, "roots": { "type": "array", "items": { "type": "string" } } } },
-            "JoinRequest": { "type": "object", "additionalProperties": false, "required": ["token", "csr"],
-                "properties": { "token": { "type": "string" }, "csr": { "type": "string", "description": "PEM CSR, ECDSA P-256 or Ed25519" } } },
-            "Identity": { "type": "object", "properties": { "id": { "type": "string" }, "chain_pem": { "type": "string" }, "not_after": { "type": "integer" } } },
-            "JoinResponse": { "type": "object", "properties": { "node": { "type": "string" }, "identity": { "$ref": "#/components/schemas/Identity" },
-                "bundle": { "type": "array", "items": { "type": "string" } }, "services": { "type": "array", "items": { "type": "string" } } } },
-            "State": { "type": "object", "properties": { "version": { "type": "integer" },
-                "revocations": { "type": "array", "items": { "type": "object", "properties": { "id": { "type": "integer" },
-                    "kind": { "type": "string", "enum": ["node", "spiffe_id", "serial"] }, "value": { "type": "string" },
-                    "reason": { "type": "string" }, "revoked_at": { "type": "integer" } } } },
-                "bundle": { "type": "array", "items": { "type": "string" } } } },
-            "SignRequest": { "type": "object", "additionalProperties": false, "required": ["csrs"], "properties": { "csrs": { "type": "array", "maxItems": 64,
-                "items": { "type": "object", "additionalProperties": false, "required": ["id", "csr"], "properties": { "id": { "type": "string" }, "csr": { "type": "string" } } } } } },
-            "SignResponse": { "type": "object", "properties": { "identities": { "type": "array", "items": { "$ref": "#/components/schemas/Identity" } },
-                "bundle": { "type": "array", "items": { "type": "string" } }, "services": { "type": "array", "items": { "type": "string" } } } }
-        } }
+        "paths": paths,
+        "components": { "schemas": schemas() }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use tapproof_api::*;
+
+    fn keys(v: &Value) -> BTreeSet<String> {
+        v.as_object()
+            .unwrap_or_else(|| panic!("not an object: {v}"))
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// The schema `name` lists exactly the fields `example` serialises.
+    fn same_fields<T: serde::Serialize>(name: &str, example: T) {
+        let doc = document();
+        let schema = &doc["components"]["schemas"][name];
+        let documented = keys(&schema["properties"]);
+        let actual = keys(&serde_json::to_value(example).unwrap());
+        assert_eq!(documented, actual, "schema {name} and its type disagree");
+        for required in schema["required"].as_array().unwrap() {
+            assert!(actual.contains(required.as_str().unwrap()), "{name}: {required}");
+        }
+    }
+
+    #[test]
+    fn every_schema_matches_its_type() {
+        same_fields(
+            "Error",
+            ErrorBody {
+                error: ErrorDetail {
+                    code: ErrorCode::Internal,
+                    message: String::new(),
+                },
+            },
+        );
+        same_fields(
+            "ErrorDetail",
+            ErrorDetail {
+                code: ErrorCode::Internal,
+                message: String::new(),
+            },
+        );
+        same_fields("Bundle", BundleResponse::default());
+        same_fields("JoinRequest", JoinRequest::default());
+        same_fields("Identity", IssuedIdentity::default());
+        same_fields("JoinResponse", JoinResponse::default());
+        same_fields("SignItem", SignItem::default());
+        same_fields("SignRequest", SignRequest::default());
+        same_fields("SignResponse", SignResponse::default());
+        same_fields("Revocation", Revocation::default());
+        same_fields("DirectoryEntry", DirectoryEntry::default());
+        same_fields("State", StateResponse::default());
+        same_fields("NodeView", NodeView::default());
+        same_fields("Registration", Registration::default());
+        same_fields("RegistrationChange", RegistrationChange::default());
+        same_fields("Changed", Changed::default());
+        same_fields("RevokeRequest", RevokeRequest::default());
+        same_fields("AuditEntry", AuditEntry::default());
+        same_fields("ServicePolicy", ServicePolicy::default());
+        same_fields("Policy", Policy::default());
+        let report: tapproof_audit::Report = tapproof_audit::classify(
+            &tapproof_audit::scan::Scan::default(),
+            &tapproof_audit::Options::default(),
+            "h".into(),
+            0,
+        );
+        same_fields(
+            "CoverageUpload",
+            tapproof_audit::CoverageUpload {
+                report,
+                denials: vec![],
+            },
+        );
+        let q = StateQuery {
+            since: Some(1),
+            tunnel: Some("10.0.0.1:15008".into()),
+        };
+        let params: BTreeSet<String> = document()["paths"][paths::STATE]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(params, keys(&serde_json::to_value(q).unwrap()));
+        let params: BTreeSet<String> = document()["paths"][paths::AUDIT_LOG]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            params,
+            keys(&serde_json::to_value(AuditQuery::default()).unwrap())
+        );
+    }
+
+    #[test]
+    fn every_code_named_exists_and_every_code_is_listed() {
+        let doc = document();
+        let listed: BTreeSet<&str> = doc["components"]["schemas"]["ErrorDetail"]["properties"]["code"]
+            ["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        let all: BTreeSet<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(listed, all);
+        let mut refs = Vec::new();
+        let text = doc.to_string();
+        for (i, _) in text.match_indices("#/components/schemas/") {
+            let rest = &text[i + "#/components/schemas/".len()..];
+            refs.push(rest[..rest.find('"').unwrap()].to_owned());
+        }
+        for r in refs {
+            assert!(
+                doc["components"]["schemas"].get(&r).is_some(),
+                "dangling $ref {r}"
+            );
+        }
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                for (status, response) in op["responses"].as_object().unwrap() {
+                    let Some(schema) = response["content"]["application/json"]["schema"]["$ref"].as_str()
+                    else {
+                        continue;
+                    };
+                    if schema.ends_with("/Error") {
+                        for code in response["description"].as_str().unwrap().split(", ") {
+                            let parsed: ErrorCode = serde_json::from_value(json!(code)).unwrap();
+                            assert_ne!(parsed, ErrorCode::Unknown, "{method} {path} {status}: {code}");
+                            assert_eq!(parsed.status().to_string(), *status, "{method} {path}: {code}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,9 +1,12 @@
 //! `tapproof server run`: TLS 1.3 accept loop (hyper serves HTTP/2 and HTTP/1.1 on it), with the
 //! client's SPIFFE ID attached to each connection's requests, and the server's own identity
-//! (`spiffe://<td>/server`) issued from the active CA at start and refreshed at half-life.
+//! (`spiffe://<td>/server`) issued from the active CA at start and refreshed at half-life. On the
+//! shutdown future (SIGTERM) it drains: stops accepting, answers waiting long-polls, lets
+//! in-flight requests finish (up to 10 s), then returns.
 
-use crate::api::{router, AppState, Peer};
+use crate::app::{AppState, Peer};
 use crate::kek::Kek;
+use crate::routes::router;
 use crate::{open_store, Ca, ServerError};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
@@ -22,6 +25,9 @@ use tracing::{info, warn};
 const SERVER_CERT_LIFETIME: time::Duration = time::Duration::hours(24);
 
 pub const MIN_LEAF_TTL: Duration = Duration::from_secs(30);
+
+/// How long a stopping server waits for in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct RunOptions {
     pub data_dir: PathBuf,
@@ -69,6 +75,8 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     let state = Arc::new(AppState {
         version: version_rx,
         feed_cache: tokio::sync::Mutex::new(None),
+        revoked: RwLock::new(Arc::new(crate::app::load_revocations(&*store).await?)),
+        draining: tokio_util::sync::CancellationToken::new(),
         store: store.clone(),
         ca: RwLock::new(ca),
         leaf_ttl: options.leaf_ttl,
@@ -130,6 +138,10 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
                 if v == *version_tx.borrow() {
                     continue;
                 }
+                // Revocations first: from here on, handshakes and calls of revoked identities fail.
+                if let Err(e) = state.refresh_revocations().await {
+                    warn!(error = %e, "cannot reload the revocation list");
+                }
                 // A CA change (rollover step) means a new signer or bundle: reload both, and
                 // re-issue the server's own certificate from the signer now active.
                 match Ca::load(&*store, &kek, &td).await {
@@ -167,6 +179,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
         })
     });
 
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -181,10 +194,11 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
             },
         };
         let tls = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let app = app.clone();
+        let (app, state) = (app.clone(), state.clone());
+        let conn_watch = graceful.watcher();
         tokio::spawn(async move {
             let accepted = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await;
-            let (stream, id) = match accepted {
+            let (stream, session) = match accepted {
                 Ok(Ok(pair)) => pair,
                 Ok(Err(e)) => {
                     warn!(peer = %addr, reason = tapproof_tls::failure_reason(&e), error = %e, "control plane: handshake refused");
@@ -195,14 +209,49 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
                     return;
                 }
             };
-            let service = TowerToHyperService::new(app.layer(axum::Extension(Peer { id, addr })));
-            if let Err(e) = Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let peer = Peer {
+                id: session.peer_id,
+                serial: session.peer_serial,
+                addr,
+            };
+            // A certificate revoked by serial gets no HTTP at all (resumed sessions included).
+            // Identities revoked by node or SPIFFE ID are answered by the API, with their code.
+            if let Some(id) = &peer.id {
+                let dead = crate::auth::revoked(&state, id, peer.serial.as_deref())
+                    .filter(|why| why.by == tapproof_identity::RevokedBy::Serial);
+                if let Some(why) = dead {
+                    warn!(peer = %addr, peer_id = %id, revoked = %why, "control plane: handshake of a revoked identity refused");
+                    crate::app::audit(
+                        &*state.store,
+                        id.to_string(),
+                        "handshake.refused",
+                        serde_json::json!({ "reason": crate::auth::revoked_code(why.by), "peer": addr.to_string(), "serial": peer.serial }),
+                    )
+                    .await;
+                    return;
+                }
+            }
+            let service = TowerToHyperService::new(app.layer(axum::Extension(peer)));
+            let builder = Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn_watch.watch(conn).await {
                 tracing::debug!(peer = %addr, error = %e, "control plane: connection ended with error");
             }
         });
+    }
+    // Drain: no new connections; long-polls answer now with the current state; connections get
+    // GOAWAY (HTTP/2) or close after their response (HTTP/1.1); in-flight requests finish.
+    drop(listener);
+    info!(connections = graceful.count(), "control plane draining");
+    state.draining.cancel();
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            timeout_s = DRAIN_TIMEOUT.as_secs(),
+            "control plane: connections still open after the drain timeout; closing them"
+        );
     }
     refresher.abort();
     watcher.abort();

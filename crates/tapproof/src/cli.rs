@@ -60,9 +60,6 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Helpers for tests and benchmarks.
-    #[command(hide = true)]
-    Dev(DevArgs),
 }
 
 #[derive(Args)]
@@ -86,6 +83,10 @@ pub struct AuditArgs {
     /// Also exit 1 when a listening socket is reachable from the network without tapproof.
     #[arg(long)]
     pub strict: bool,
+    /// The running agent's admin address, asked which sockets it vouches for (only those count
+    /// as through tapproof) [default: the config's admin.listen, else 127.0.0.1:15000].
+    #[arg(long, env = "TAPPROOF_AUDIT_AGENT", value_name = "ADDR")]
+    pub agent: Option<std::net::SocketAddr>,
     /// Where procfs is mounted.
     #[arg(long, default_value = "/proc", hide = true)]
     pub proc_root: PathBuf,
@@ -424,85 +425,6 @@ pub struct StatusArgs {
     /// Print the raw JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Args)]
-pub struct DevArgs {
-    #[command(subcommand)]
-    pub command: DevCommand,
-}
-
-#[derive(Subcommand)]
-pub enum DevCommand {
-    /// Echo every byte back on each connection; half-close aware.
-    EchoServer {
-        #[arg(long)]
-        listen: SocketAddr,
-    },
-    /// Connect, send `--data`, half-close, print what came back.
-    Send {
-        #[arg(long)]
-        connect: SocketAddr,
-        #[arg(long)]
-        data: String,
-    },
-    /// Connect, send `--data`, read the echo, print "held", then keep the connection open until
-    /// killed (an established link for the audit's tests).
-    Hold {
-        #[arg(long)]
-        connect: SocketAddr,
-        #[arg(long, default_value = "hello")]
-        data: String,
-    },
-    /// Benchmark floor: a plaintext TCP relay (no TLS, no HTTP/2, one upstream connection per
-    /// app connection). Two of them in a chain cost what any two-hop proxy pair must pay.
-    Relay {
-        #[arg(long)]
-        listen: SocketAddr,
-        #[arg(long)]
-        to: SocketAddr,
-    },
-    /// Benchmark: full mTLS 1.3 handshakes (no resumption), both ends in this process, in memory.
-    Handshakes {
-        /// A `tapproof pki mint --node server --node client` directory.
-        #[arg(long)]
-        pki: PathBuf,
-        #[arg(long)]
-        trust_domain: String,
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-    },
-    /// Benchmark: certificate signings per second against a running server, as a joined node.
-    SignLoad {
-        #[command(flatten)]
-        node: LoadNodeArgs,
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-    },
-    /// Benchmark: many simulated agents long-polling the state feed; runs `--then` once all wait
-    /// and reports when each agent saw a new revocation.
-    FeedLoad {
-        #[command(flatten)]
-        node: LoadNodeArgs,
-        #[arg(long, default_value_t = 1000)]
-        agents: usize,
-        /// Command (and arguments) that makes the revocation.
-        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
-        then: Vec<String>,
-    },
-}
-
-/// The node a load generator acts as: a joined agent's control data dir.
-#[derive(Args)]
-pub struct LoadNodeArgs {
-    #[arg(long)]
-    pub server: String,
-    #[arg(long)]
-    pub data_dir: PathBuf,
-    #[arg(long)]
-    pub trust_domain: String,
 }
 
 pub mod humantime_arg {

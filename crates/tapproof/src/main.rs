@@ -2,11 +2,10 @@
 //! This file only parses the command line and sets up logging; each subcommand lives in its own
 //! module.
 
+mod admin_cmd;
 mod audit_cmd;
 mod cli;
 mod dashboard_cmd;
-mod dev;
-mod loadgen;
 mod logging;
 mod pki;
 mod quickstart;
@@ -65,7 +64,6 @@ fn main() -> ExitCode {
                 cli::completions(shell);
                 Ok(())
             }
-            cli::Command::Dev(args) => dev::run(args).await,
         }
     });
     match result {

@@ -285,7 +285,7 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
 
     let echo = TcpListener::bind("127.0.0.1:0").await?;
     let echo_addr = echo.local_addr()?;
-    tokio::spawn(crate::dev::echo_forever(echo));
+    tokio::spawn(demo_service(echo));
     println!("3. Started a plaintext demo service (echo) on {echo_addr}, standing in for a database.");
 
     let d = dir.display();
@@ -444,4 +444,18 @@ async fn serial(admin: SocketAddr) -> anyhow::Result<String> {
 
 fn short(serial: &str) -> &str {
     &serial[..serial.len().min(8)]
+}
+
+/// The demo's plaintext service: echoes each connection until the client half-closes, then
+/// closes its own side (so the demo's checksums see every byte come back).
+async fn demo_service(listener: TcpListener) {
+    use tokio::io::AsyncWriteExt;
+    while let Ok((mut tcp, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let (mut r, mut w) = tcp.split();
+            if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                let _ = w.shutdown().await;
+            }
+        });
+    }
 }

@@ -55,10 +55,10 @@ fn links_of<'a>(report: &'a Value, class: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-/// A name for the test binary that is not "tapproof": plain apps must not look like the agent.
+/// The bench tools binary under another name (plain apps, whatever they are called).
 fn alias(dir: &Path, name: &str) -> String {
     let path = dir.join(name);
-    symlink(EXE, &path).unwrap();
+    symlink(tapproof_test_util::bench_exe(EXE), &path).unwrap();
     path.to_str().unwrap().to_owned()
 }
 
@@ -77,7 +77,7 @@ fn the_audit_flags_exactly_the_plaintext_link_until_it_goes_through_tapproof() {
     // Host B: a plain service listening on the fibre (and on loopback), fronted by agent db-1.
     let (_service, _) = spawn_ready(
         &hosts.b,
-        &[&plain_echo, "dev", "echo-server", "--listen", "0.0.0.0:7000"],
+        &[&plain_echo, "echo-server", "--listen", "0.0.0.0:7000"],
         "listening",
     );
     let db_config = format!(
@@ -100,14 +100,10 @@ fn the_audit_flags_exactly_the_plaintext_link_until_it_goes_through_tapproof() {
 
     // Two app connections from A: one straight across the fibre, one through tapproof.
     let direct = format!("{}:7000", hosts.b_ip);
-    let (plain_link, _) = spawn_ready(
-        &hosts.a,
-        &[&plain_client, "dev", "hold", "--connect", &direct],
-        "held",
-    );
+    let (plain_link, _) = spawn_ready(&hosts.a, &[&plain_client, "hold", "--connect", &direct], "held");
     let (_tunneled, _) = spawn_ready(
         &hosts.a,
-        &[&plain_client, "dev", "hold", "--connect", "127.0.0.1:17000"],
+        &[&plain_client, "hold", "--connect", "127.0.0.1:17000"],
         "held",
     );
 
@@ -185,7 +181,7 @@ fn the_audit_flags_exactly_the_plaintext_link_until_it_goes_through_tapproof() {
     drop(plain_link);
     let (_moved, _) = spawn_ready(
         &hosts.a,
-        &[&plain_client, "dev", "hold", "--connect", "127.0.0.1:17000"],
+        &[&plain_client, "hold", "--connect", "127.0.0.1:17000"],
         "held",
     );
     let (code, report, _) = audit(&hosts.a, &["--config", web_toml_arg]);
@@ -198,6 +194,61 @@ fn the_audit_flags_exactly_the_plaintext_link_until_it_goes_through_tapproof() {
         String::from_utf8_lossy(&out.stdout).contains("100.0% of"),
         "{out:?}"
     );
+
+    // Without the agent's word nothing is tapproof: asked at an address where no agent listens,
+    // the audit counts the tunnel as plaintext and says why in "not seen".
+    let (code, report, _) = audit(&hosts.a, &["--config", web_toml_arg, "--agent", "127.0.0.1:1"]);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(links_of(&report, "tapproof").is_empty(), "{report:#}");
+    assert!(
+        report["not_seen"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("no tapproof agent vouched")),
+        "{report:#}"
+    );
+
+    // A plaintext echo server that is called `tapproof` (a copy of a binary under that name),
+    // serving a client across the fibre: plaintext on both hosts, exit 1. Only the agent's own
+    // list of its sockets makes a link tapproof's, never a process name.
+    let impostor = pki.path().join("impostor");
+    std::fs::create_dir_all(&impostor).unwrap();
+    let impostor = impostor.join("tapproof");
+    std::fs::copy(tapproof_test_util::bench_exe(EXE), &impostor).unwrap();
+    let (_impostor, _) = spawn_ready(
+        &hosts.b,
+        &[
+            impostor.to_str().unwrap(),
+            "echo-server",
+            "--listen",
+            "0.0.0.0:7001",
+        ],
+        "listening",
+    );
+    let to_impostor = format!("{}:7001", hosts.b_ip);
+    let (_fooled, _) = spawn_ready(
+        &hosts.a,
+        &[&plain_client, "hold", "--connect", &to_impostor],
+        "held",
+    );
+    let (code, report_b, _) = audit(&hosts.b, &[]);
+    assert_eq!(code, 1, "{report_b:#}");
+    let fooled: Vec<_> = links_of(&report_b, "plaintext")
+        .into_iter()
+        .filter(|l| l["local"] == to_impostor.as_str())
+        .collect();
+    assert_eq!(fooled.len(), 1, "{report_b:#}");
+    assert_eq!(fooled[0]["process"], "tapproof");
+    assert!(
+        links_of(&report_b, "tapproof")
+            .iter()
+            .all(|l| l["local"] == format!("{}:15008", hosts.b_ip).as_str()),
+        "only the agent's tunnel is tapproof's: {report_b:#}"
+    );
+    let (code, report, _) = audit(&hosts.a, &["--config", web_toml_arg]);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(links_of(&report, "plaintext")[0]["remote"], to_impostor.as_str());
     drop(web);
 }
 

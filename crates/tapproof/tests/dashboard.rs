@@ -123,6 +123,31 @@ fn the_dashboard_shows_the_nodes_and_coverage_the_api_reports() {
         .unwrap_or_else(|| panic!("no URL: {line:?}"))
         .to_owned();
 
+    // A page of another site whose name was rebound to 127.0.0.1 sends its own Host: refused.
+    let proxy_addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/dashboard")
+        .to_owned();
+    for (host, expected) in [
+        (
+            format!("rebound.example:{}", proxy_addr.rsplit(':').next().unwrap()),
+            "421",
+        ),
+        (proxy_addr.clone(), "200"),
+    ] {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(&proxy_addr).unwrap();
+        write!(
+            tcp,
+            "GET /v1/dashboard HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).unwrap();
+        let status = answer.split_whitespace().nth(1).unwrap_or("");
+        assert_eq!(status, expected, "Host {host}: {answer}");
+    }
+
     let browser = Browser::start(&chromium, &chromedriver);
     browser.open(&url);
     let shown = browser.wait_for(
@@ -228,7 +253,16 @@ fn the_dashboard_shows_the_nodes_and_coverage_the_api_reports() {
         },
         "denials": []
     });
-    let (status, v) = post(serde_json::to_vec(&valid).unwrap());
+    // A revocation made with the CLI reaches the running server through its change watch
+    // (SQLite: within a second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (status, v) = loop {
+        let (status, v) = post(serde_json::to_vec(&valid).unwrap());
+        if status != 204 || std::time::Instant::now() > deadline {
+            break (status, v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(
         (status, v["error"]["code"].as_str()),
         (403, Some("node_revoked")),

@@ -148,3 +148,26 @@ fn quickstart_runs_end_to_end() {
     );
     assert!(stdout.contains("hash chain verified"), "{stdout}");
 }
+
+/// The product binary lists only what an operator runs: the echo server, relay and load
+/// generators live in `tapproof-bench`, and no subcommand runs a command given to it.
+#[test]
+fn the_product_binary_carries_no_test_tools() {
+    let (code, help, _) = run_tapproof(EXE, &["--help"]);
+    assert_eq!(code, 0);
+    for operator in ["agent", "server", "audit", "status", "quickstart"] {
+        assert!(help.contains(operator), "--help lacks {operator}: {help}");
+    }
+    for tool in [
+        "dev",
+        "echo-server",
+        "relay",
+        "sign-load",
+        "feed-load",
+        "handshakes",
+    ] {
+        let (code, _, err) = run_tapproof(EXE, &[tool, "--help"]);
+        assert_eq!(code, 2, "`tapproof {tool}` must not exist: {err}");
+        assert!(err.contains("unrecognized subcommand"), "{tool}: {err}");
+    }
+}

@@ -30,9 +30,10 @@ fn can_run() -> bool {
     false
 }
 
-/// Starts `tapproof dev echo-server` in `ns` and waits for its "listening" line.
+/// Starts `tapproof-bench echo-server` in `ns` and waits for its "listening" line.
 fn echo_server(ns: &Netns, listen: &str) -> Background {
-    spawn_ready(ns, &[EXE, "dev", "echo-server", "--listen", listen], "listening").0
+    let bench = tapproof_test_util::bench_exe(EXE);
+    spawn_ready(ns, &[&bench, "echo-server", "--listen", listen], "listening").0
 }
 
 /// A capture of `iface` in `ns`, written to `file`, stopped by SIGINT (which flushes it).
@@ -108,9 +109,16 @@ impl Drop for Capture {
 }
 
 fn send(ns: &Netns, to: &str, data: &str) -> String {
-    ns.exec_ok(&[EXE, "dev", "send", "--connect", to, "--data", data])
-        .trim_end()
-        .to_owned()
+    ns.exec_ok(&[
+        &tapproof_test_util::bench_exe(EXE),
+        "send",
+        "--connect",
+        to,
+        "--data",
+        data,
+    ])
+    .trim_end()
+    .to_owned()
 }
 
 #[test]

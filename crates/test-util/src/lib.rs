@@ -22,3 +22,16 @@ pub fn in_ci() -> bool {
 pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
+
+/// The `tapproof-bench` binary beside `tapproof_exe` (the test's `CARGO_BIN_EXE_tapproof`): the
+/// echo server and clients the namespace tests run, which the product binary does not carry.
+/// `cargo test --workspace` builds it (its own crate has an integration test).
+pub fn bench_exe(tapproof_exe: &str) -> String {
+    let path = std::path::Path::new(tapproof_exe).with_file_name("tapproof-bench");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` or build it with `cargo build -p tapproof-bench`",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}

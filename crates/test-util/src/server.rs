@@ -228,3 +228,75 @@ pub fn control_request(
         )
     })
 }
+
+/// One HTTP/2 connection to the control plane over TLS, kept open for several requests (as an
+/// agent's long-lived connection would be), for the in-process API tests. `identity`: (chain,
+/// key) PEMs for mTLS.
+pub struct ApiConn {
+    sender: hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    server: SocketAddr,
+}
+
+impl ApiConn {
+    /// Connects and completes the TLS and HTTP/2 handshakes. A server that refuses our identity
+    /// after the handshake shows up as an error on the first request.
+    pub async fn open(
+        server: SocketAddr,
+        td: &str,
+        trust: tapproof_tls::ServerTrust,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Self, String> {
+        let td = tapproof_identity::TrustDomain::new(td).map_err(|e| e.to_string())?;
+        let server_id = tapproof_identity::SpiffeId::new(td, "/server").map_err(|e| e.to_string())?;
+        let tls =
+            tapproof_tls::ControlClientTls::new(trust, server_id, identity).map_err(|e| e.to_string())?;
+        let tcp = tokio::net::TcpStream::connect(server)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let stream = tls.connect(tcp, server).await.map_err(|e| format!("TLS: {e}"))?;
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+        tokio::spawn(conn);
+        Ok(Self { sender, server })
+    }
+
+    /// One request: the status and the JSON body (Null when the body is not JSON).
+    pub async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, serde_json::Value), String> {
+        use http_body_util::BodyExt;
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("https://{}{path}", self.server))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection: {e}"))?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        ))
+    }
+}

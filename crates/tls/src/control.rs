@@ -109,14 +109,15 @@ impl ControlServerTls {
         })
     }
 
-    /// Accepts a connection and returns it with the client's SPIFFE ID, if it presented one.
+    /// Accepts a connection and returns it with what the handshake negotiated, the client's
+    /// SPIFFE ID and certificate serial among it (when it presented a certificate).
     pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
         &self,
         io: IO,
-    ) -> io::Result<(tokio_rustls::server::TlsStream<IO>, Option<SpiffeId>)> {
+    ) -> io::Result<(tokio_rustls::server::TlsStream<IO>, crate::SessionInfo)> {
         let stream = self.acceptor.accept(io).await?;
-        let id = crate::session::server_session(&stream).peer_id;
-        Ok((stream, id))
+        let session = crate::session::server_session(&stream);
+        Ok((stream, session))
     }
 }
 

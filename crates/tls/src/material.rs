@@ -85,10 +85,16 @@ pub fn write_identity_file(path: &Path, contents: &[u8], mode: u32) -> std::io::
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
+    // A leftover temp file (a crash mid-write) may have any mode: start from a new file, so the
+    // mode is `mode` from the first byte, whatever was there.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&tmp)?;
     f.write_all(contents)?;

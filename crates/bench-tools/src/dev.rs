@@ -1,14 +1,14 @@
-//! Hidden helpers for tests and benchmarks that run inside network namespaces, where the test
-//! process itself cannot open sockets: a half-close-aware echo server and a one-shot client; and
-//! the load generators of bench/ (loadgen.rs).
+//! The helpers: a half-close-aware echo server, one-shot and holding clients for tests inside
+//! network namespaces (where the test process itself cannot open sockets), the plain relay, and
+//! the dispatch to the load generators (loadgen.rs).
 
-use crate::cli::{DevArgs, DevCommand};
+use crate::DevCommand;
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    match args.command {
+pub async fn run(command: DevCommand) -> anyhow::Result<()> {
+    match command {
         DevCommand::EchoServer { listen } => {
             let listener = TcpListener::bind(listen)
                 .await

@@ -2,7 +2,7 @@
 //! running server, and thousands of simulated agents on the server's state feed. They print one
 //! `key=value` result line each, which bench/run.py parses.
 
-use crate::cli::LoadNodeArgs;
+use crate::LoadNodeArgs;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use std::path::Path;
@@ -220,14 +220,7 @@ pub async fn feed_load(args: &LoadNodeArgs, agents: usize, then: &[String]) -> a
     let node = Arc::new(node(args)?);
     let connect_start = Instant::now();
     let mut sender = open(&node).await?;
-    let (status, body) = call(
-        &mut sender,
-        &node.server,
-        http::Method::GET,
-        "/v1/state?since=0",
-        None,
-    )
-    .await?;
+    let (status, body) = call(&mut sender, &node.server, http::Method::GET, "/v1/state", None).await?;
     if status != 200 {
         bail!("state feed: {status} {}", String::from_utf8_lossy(&body));
     }

@@ -1,0 +1,112 @@
+//! Following the state feed: revocations (open tunnels of revoked peers close, their handshakes
+//! are refused), the trust bundle (written and swapped in during a root rollover), the service
+//! directory that outbounds without `peers` dial from, and the control plane's policy. Our tunnel
+//! address is announced with each poll.
+
+use super::files::{data_err, identity_files, write_file};
+use super::{node_client, ControlError, RETRY_MAX, RETRY_MIN};
+use crate::config::ControlConfig;
+use crate::state::AgentState;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tapproof_api::RevocationKind;
+use tapproof_identity::{RevokedBy, SpiffeId};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Follows the control plane's state feed (long-poll) and applies revocations: revoked peers'
+/// tunnels are closed and their new handshakes refused.
+pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: CancellationToken) {
+    // None: the first call, answered at once whatever the server's version.
+    let mut since: Option<i64> = None;
+    let mut retry = RETRY_MIN;
+    loop {
+        let step = async {
+            let client = node_client(&cfg, &state.config.trust_domain)?.with_attempts(1);
+            Ok::<_, ControlError>(client.state(since, state.advertise.get().copied()).await?)
+        };
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return,
+            o = step => o,
+        };
+        match outcome {
+            Ok(feed) => {
+                retry = RETRY_MIN;
+                if since != Some(feed.version) {
+                    let mut revoked = tapproof_identity::RevocationSet::default();
+                    for r in feed.revocations {
+                        let by = match r.kind {
+                            RevocationKind::Node => RevokedBy::Node,
+                            RevocationKind::SpiffeId => RevokedBy::SpiffeId,
+                            RevocationKind::Serial => RevokedBy::Serial,
+                            RevocationKind::Unknown => {
+                                warn!(value = %r.value, "state feed: a revocation of a kind this agent does not know is ignored; upgrade the agent");
+                                continue;
+                            }
+                        };
+                        revoked.insert(by, &r.value);
+                    }
+                    let closed = state.apply_revocations(revoked);
+                    let mut directory: std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>> =
+                        Default::default();
+                    for e in feed.directory {
+                        match (e.tunnel.parse(), SpiffeId::parse(&e.id)) {
+                            (Ok(addr), Ok(id)) => directory.entry(e.service).or_default().push((addr, id)),
+                            _ => {
+                                warn!(service = %e.service, tunnel = %e.tunnel, "state feed: unusable directory entry")
+                            }
+                        }
+                    }
+                    state.set_directory(directory);
+                    let mut policy: std::collections::HashMap<String, Vec<crate::policy::AllowPattern>> =
+                        Default::default();
+                    for (service, patterns) in feed.policy {
+                        let parsed: Vec<_> = patterns.iter().filter_map(|p| p.parse().ok()).collect();
+                        if parsed.len() != patterns.len() {
+                            warn!(service = %service, "state feed: policy has patterns this agent cannot parse; they are ignored");
+                        }
+                        policy.insert(service, parsed);
+                    }
+                    state.set_policy(policy);
+                    if let Err(e) = install_bundle(&state, &cfg, &feed.bundle) {
+                        warn!(error = %e, "cannot install the new trust bundle");
+                    }
+                    info!(
+                        version = feed.version,
+                        closed_tunnels = closed,
+                        "state feed: revocations applied"
+                    );
+                    since = Some(feed.version);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, retry_in_s = retry.as_secs(), "state feed unavailable");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Writes a changed trust bundle (root rollover) and swaps it in for new handshakes.
+fn install_bundle(state: &AgentState, cfg: &ControlConfig, bundle: &[String]) -> Result<(), ControlError> {
+    let path = identity_files(&cfg.data_dir).bundle;
+    let new = bundle.concat();
+    if bundle.is_empty() || std::fs::read_to_string(&path).is_ok_and(|old| old == new) {
+        return Ok(());
+    }
+    state.renewing.store(true, Ordering::Release);
+    let result = write_file(&path, new.as_bytes(), 0o644)
+        .and_then(|()| state.material.reload().map(drop).map_err(|e| data_err(&path, e)));
+    state.renewing.store(false, Ordering::Release);
+    result?;
+    info!(
+        roots = bundle.len(),
+        "trust bundle changed (root rollover): new handshakes trust the new set"
+    );
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! Admin endpoints (admin identities `spiffe://<td>/admin/<name>` over mTLS): nodes,
+//! registrations, revocations, the audit log and the policy.
+
+use crate::feed::RevocationKind;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One node as `GET /v1/nodes` lists it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub spiffe_id: String,
+    /// Where its tunnel listener is reached, as the agent announced it.
+    pub tunnel_addr: Option<String>,
+    pub created_at: i64,
+    pub last_seen: Option<i64>,
+    /// Set once the node is revoked (by name).
+    pub revoked_at: Option<i64>,
+    pub services: Vec<String>,
+    /// The newest node certificate's expiry.
+    pub cert_not_after: Option<i64>,
+}
+
+/// A service registered to a node (`GET /v1/registrations`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub node: String,
+    pub service: String,
+}
+
+/// `POST /v1/registrations`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationChange {
+    pub node: String,
+    pub service: String,
+    /// true: add; false: remove.
+    pub add: bool,
+}
+
+/// Whether a change changed anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changed {
+    pub changed: bool,
+}
+
+/// `POST /v1/revocations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub kind: RevocationKind,
+    /// A node name, a SPIFFE ID, or a serial (hex, `:` separators allowed).
+    pub value: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl Default for RevokeRequest {
+    fn default() -> Self {
+        Self {
+            kind: RevocationKind::Node,
+            value: String::new(),
+            reason: String::new(),
+        }
+    }
+}
+
+/// The query of `GET /v1/audit-log`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Rows after this sequence number.
+    #[serde(default)]
+    pub after: i64,
+    /// At most this many rows (1 to 1000).
+    #[serde(default = "default_audit_limit")]
+    pub limit: i64,
+}
+
+impl Default for AuditQuery {
+    fn default() -> Self {
+        Self {
+            after: 0,
+            limit: default_audit_limit(),
+        }
+    }
+}
+
+fn default_audit_limit() -> i64 {
+    100
+}
+
+/// One row of the hash-chained audit log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at: i64,
+    /// A SPIFFE ID, `token:<id>`, `cli`, or `peer:<addr>`.
+    pub actor: String,
+    pub action: String,
+    /// JSON text.
+    pub details: String,
+    /// Hex.
+    pub prev_hash: String,
+    /// Hex.
+    pub hash: String,
+}
+
+/// The policy document: for each service, the SPIFFE ID patterns that may open it. Agents allow
+/// a stream when their own config or the policy does. `POST /v1/policy` takes it as JSON or as
+/// TOML (`[services.db] allow = ["spiffe://td/node/web-1"]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub services: BTreeMap<String, ServicePolicy>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePolicy {
+    pub allow: Vec<String>,
+}

@@ -1,0 +1,99 @@
+//! Who may call what. Every mTLS endpoint asks [`authorize`] first: node endpoints (sign, state
+//! feed and its address announcement, coverage) want a registered node identity, admin endpoints
+//! and the dashboard an admin identity; both must not be covered by a revocation (node, SPIFFE ID
+//! or serial: `RevocationSet::covers`, the one rule agents use too). The TLS listener asks
+//! [`revoked`] right after the handshake, so a certificate revoked by serial gets no HTTP at all.
+//! Refusals of identified callers are audited as `<what>.refused` with the stable code.
+
+use crate::app::{audit, ApiError, AppState, Peer};
+use tapproof_api::ErrorCode;
+use tapproof_identity::{node_name, Covered, RevokedBy, SpiffeId};
+
+/// What an endpoint needs from its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// A registered, unrevoked node identity (`spiffe://<td>/node/<name>`).
+    Node,
+    /// An unrevoked admin identity (`spiffe://<td>/admin/<name>`).
+    Admin,
+}
+
+/// An authorised caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The SPIFFE ID, as the audit log names the actor.
+    pub actor: String,
+    /// For `Need::Node`: the node's name. For admins: the admin's name.
+    pub name: String,
+}
+
+/// The stable code for a revocation of each kind.
+pub fn revoked_code(by: RevokedBy) -> ErrorCode {
+    match by {
+        RevokedBy::Node => ErrorCode::NodeRevoked,
+        RevokedBy::SpiffeId => ErrorCode::IdentityRevoked,
+        RevokedBy::Serial => ErrorCode::CertificateRevoked,
+    }
+}
+
+/// Whether the certificate (`id`, `serial`) is revoked now, by the server's current list.
+pub fn revoked(s: &AppState, id: &SpiffeId, serial: Option<&str>) -> Option<Covered> {
+    s.revocations().covers(id, serial)
+}
+
+/// Checks the caller of `what` (for example `sign`, `state`, `admin.nodes`) against `need`.
+pub async fn authorize(s: &AppState, peer: &Peer, need: Need, what: &str) -> Result<Caller, ApiError> {
+    let Some(id) = peer.id.as_ref() else {
+        let wanted = match need {
+            Need::Node => "your node certificate",
+            Need::Admin => "an admin certificate (tapproof server admin-cert)",
+        };
+        return Err(ApiError::new(
+            ErrorCode::IdentityRequired,
+            format!("present {wanted} (mTLS) to call {what}"),
+        ));
+    };
+    let actor = id.to_string();
+    let refuse = |code: ErrorCode, message: String| refused(s, what, &actor, code, message);
+    if let Some(why) = revoked(s, id, peer.serial.as_deref()) {
+        let code = revoked_code(why.by);
+        return Err(refuse(code, format!("{why}; ask an operator for a new identity")).await);
+    }
+    match need {
+        Need::Admin => {
+            let Some(name) = id.path().strip_prefix("/admin/") else {
+                return Err(refuse(
+                    ErrorCode::AdminRequired,
+                    format!("{id} is not an admin identity; use one from `tapproof server admin-cert`"),
+                )
+                .await);
+            };
+            Ok(Caller {
+                actor,
+                name: name.to_owned(),
+            })
+        }
+        Need::Node => {
+            let Some(node) = node_name(id) else {
+                return Err(refuse(ErrorCode::NotANode, format!("{id} is not a node identity")).await);
+            };
+            let node = node.to_owned();
+            if s.store.node_get(&node).await?.is_none() {
+                return Err(refuse(
+                    ErrorCode::UnknownNode,
+                    format!("node {node} is not registered; join with a token first"),
+                )
+                .await);
+            }
+            Ok(Caller { actor, name: node })
+        }
+    }
+}
+
+/// Audits a refusal of `what` (action `<what>.refused`, with the code as `reason`) and builds its
+/// error.
+pub async fn refused(s: &AppState, what: &str, actor: &str, code: ErrorCode, message: String) -> ApiError {
+    let details = serde_json::json!({ "reason": code, "message": message });
+    audit(&*s.store, actor.to_owned(), &format!("{what}.refused"), details).await;
+    ApiError::new(code, message)
+}

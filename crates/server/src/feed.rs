@@ -1,0 +1,135 @@
+//! The state feed (`GET /v1/state`, node identities): a long-poll that answers at once when the
+//! caller's version is old, else when something changes or `LONG_POLL_SECS` pass. The answer for
+//! a version is built once and shared by every waiting agent. The caller's tunnel address, when
+//! given, goes into the service directory; nodes revoked by any kind leave it.
+
+use crate::app::{load_revocations, query, ApiError, AppState, Peer};
+use crate::auth::{authorize, Need};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+use tapproof_api::{DirectoryEntry, ErrorCode, StateQuery, StateResponse};
+use tapproof_identity::SpiffeId;
+use tracing::info;
+
+const LONG_POLL: Duration = Duration::from_secs(tapproof_api::LONG_POLL_SECS);
+
+/// The state feed: answers at once when `since` is absent or older than the version, else holds
+/// the request until
+/// something changes or `LONG_POLL` passes. Registered, unrevoked nodes only (mTLS), checked
+/// again after the wait.
+pub(crate) async fn state_feed(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    q: Result<axum::extract::Query<StateQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let caller = authorize(&s, &peer, Need::Node, "state").await?;
+    let query = query(q)?;
+    let since = query.since;
+    if let Some(tunnel) = &query.tunnel {
+        let addr: std::net::SocketAddr = tunnel
+            .parse()
+            .map_err(|e| ApiError::new(ErrorCode::BadQuery, format!("tunnel {tunnel:?}: {e}")))?;
+        if s.store.node_set_tunnel(&caller.name, &addr.to_string()).await? {
+            s.store.notify_change().await?;
+            info!(node = %caller.name, tunnel = %addr, "directory: tunnel address announced");
+        }
+    }
+    let mut version = s.version.clone();
+    if let Some(since) = since.filter(|since| *version.borrow() <= *since) {
+        tokio::select! {
+            _ = tokio::time::timeout(LONG_POLL, version.wait_for(|v| *v > since)) => {}
+            // A draining server answers now, so agents move to another replica at once.
+            _ = s.draining.cancelled() => {}
+        }
+    }
+    // A revocation made while this request waited covers it too.
+    authorize(&s, &peer, Need::Node, "state").await?;
+    let current = *version.borrow();
+    // One request builds the answer for this version; the others wait for it and reuse it.
+    let mut cache = s.feed_cache.lock().await;
+    let bytes = match &*cache {
+        Some((v, bytes)) if *v == current => bytes.clone(),
+        _ => {
+            let document = build_state(&s, current).await?;
+            let built = Bytes::from(
+                serde_json::to_vec(&document)
+                    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?,
+            );
+            *cache = Some((current, built.clone()));
+            built
+        }
+    };
+    drop(cache);
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+/// The state feed's answer at `current`, from the store.
+async fn build_state(s: &AppState, current: i64) -> Result<StateResponse, ApiError> {
+    let revocations = s
+        .store
+        .revocations()
+        .await?
+        .into_iter()
+        .map(crate::admin::revocation)
+        .collect();
+    let revoked = load_revocations(&*s.store).await?;
+    let nodes = s.store.node_list().await?;
+    let mut directory = Vec::new();
+    let mut listed: std::collections::HashMap<String, bool> = Default::default();
+    for r in s.store.registrations().await? {
+        let Some(node) = nodes.iter().find(|n| n.name == r.node) else {
+            continue;
+        };
+        let Some(tunnel) = node.tunnel_addr.clone() else {
+            continue;
+        };
+        // A node revoked by any kind leaves the directory: by name or ID at once, by serial when
+        // its newest node certificate is the revoked one (it cannot renew past that).
+        let live = match listed.get(&node.name) {
+            Some(live) => *live,
+            None => {
+                let newest = s
+                    .store
+                    .cert_list(&node.name)
+                    .await?
+                    .into_iter()
+                    .filter(|c| c.spiffe_id == node.spiffe_id)
+                    .max_by_key(|c| c.issued_at);
+                let live = SpiffeId::parse(&node.spiffe_id).is_ok_and(|id| {
+                    revoked
+                        .covers(&id, newest.as_ref().map(|c| c.serial.as_str()))
+                        .is_none()
+                });
+                listed.insert(node.name.clone(), live);
+                live
+            }
+        };
+        if !live {
+            continue;
+        }
+        directory.push(DirectoryEntry {
+            service: r.service,
+            node: node.name.clone(),
+            id: node.spiffe_id.clone(),
+            tunnel,
+        });
+    }
+    let policy = crate::get_policy(&*s.store)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::PolicyUnavailable, e.to_string()))?
+        .services
+        .into_iter()
+        .map(|(service, rule)| (service, rule.allow))
+        .collect();
+    Ok(StateResponse {
+        version: current,
+        revocations,
+        bundle: s.ca().bundle.clone(),
+        directory,
+        policy,
+    })
+}

@@ -1,0 +1,703 @@
+//! The control plane's API contract, in process: a real server on 127.0.0.1:0 (real TLS, a real
+//! SQLite file), real node and admin identities, and typed requests of `tapproof_api`. Every auth
+//! rule (anonymous, node, admin, revoked by node, by SPIFFE ID and by serial), the error codes of
+//! bad input, the audit rows of refusals, the service directory and the drain on shutdown.
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tapproof_api::{paths, JoinRequest, RevocationKind, RevokeRequest, SignItem, SignRequest, StateResponse};
+use tapproof_identity::TrustDomain;
+use tapproof_store::Store;
+use tapproof_test_util::server::ApiConn;
+use tapproof_tls::ServerTrust;
+
+const TD: &str = "example.org";
+
+struct Server {
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    data: PathBuf,
+    store: Arc<dyn Store>,
+    td: TrustDomain,
+    pin: [u8; 32],
+    bundle: Vec<String>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tapproof_server::ServerError>>,
+}
+
+/// A node or admin identity: PEM chain and key, and the leaf's serial.
+struct Identity {
+    chain: String,
+    key: String,
+    serial: String,
+}
+
+async fn start() -> Server {
+    let dir = tempfile::Builder::new()
+        .prefix("tapproof-api-")
+        .tempdir()
+        .unwrap();
+    let data = dir.path().join("server");
+    let td = TrustDomain::new(TD).unwrap();
+    let report = tapproof_server::init(td.clone(), &data, None, None)
+        .await
+        .unwrap();
+    let ready = dir.path().join("ready.json");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = tapproof_server::RunOptions {
+        data_dir: data.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        store: None,
+        kek_file: None,
+        leaf_ttl: Duration::from_secs(3600),
+        ready_file: Some(ready.clone()),
+        rollover: None,
+    };
+    let task = tokio::spawn(tapproof_server::run(options, async move {
+        let _ = stopped.await;
+    }));
+    let addr = loop {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            break v["listen"].as_str().unwrap().parse().unwrap();
+        }
+        assert!(!task.is_finished(), "the server stopped before it was ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (_, store) = tapproof_server::open_store(&data, None).await.unwrap();
+    let mut anon = ApiConn::open(addr, TD, ServerTrust::Pin(report.root_pin), None)
+        .await
+        .unwrap();
+    let (status, bundle) = anon.call("GET", paths::BUNDLE, vec![]).await.unwrap();
+    assert_eq!(status, 200);
+    let bundle = serde_json::from_value::<tapproof_api::BundleResponse>(bundle)
+        .unwrap()
+        .roots;
+    Server {
+        addr,
+        dir: dir.path().to_owned(),
+        _dir: dir,
+        data,
+        store,
+        td,
+        pin: report.root_pin,
+        bundle,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl Server {
+    async fn conn(&self, who: Option<&Identity>) -> Result<ApiConn, String> {
+        ApiConn::open(
+            self.addr,
+            TD,
+            ServerTrust::Bundle(self.bundle.clone()),
+            who.map(|i| (i.chain.as_str(), i.key.as_str())),
+        )
+        .await
+    }
+
+    /// One request on a new connection.
+    async fn call(
+        &self,
+        who: Option<&Identity>,
+        method: &str,
+        path: &str,
+        body: Value,
+    ) -> Result<(u16, Value), String> {
+        let body = if body.is_null() {
+            vec![]
+        } else {
+            serde_json::to_vec(&body).unwrap()
+        };
+        self.conn(who).await?.call(method, path, body).await
+    }
+
+    /// Joins node `name` with a fresh token, registered for `services`.
+    async fn join(&self, name: &str, services: &[&str]) -> Identity {
+        let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
+        let token = tapproof_server::create_token(
+            &*self.store,
+            &self.td,
+            self.addr.to_string(),
+            name,
+            &services,
+            Duration::from_secs(300),
+        )
+        .await
+        .unwrap();
+        let (csr, key) = tapproof_identity::new_csr(None).unwrap();
+        let mut anon = ApiConn::open(self.addr, TD, ServerTrust::Pin(self.pin), None)
+            .await
+            .unwrap();
+        let body = serde_json::to_vec(&JoinRequest {
+            token: token.to_string(),
+            csr,
+        })
+        .unwrap();
+        let (status, v) = anon.call("POST", paths::JOIN, body).await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        let joined: tapproof_api::JoinResponse = serde_json::from_value(v).unwrap();
+        identity(joined.identity.chain_pem, key)
+    }
+
+    /// An admin identity `spiffe://example.org/admin/<name>`, as `server admin-cert` issues it.
+    async fn admin(&self, name: &str) -> Identity {
+        let kek = tapproof_server::kek::Kek::load(&tapproof_server::default_kek_file(&self.data)).unwrap();
+        let out = self.dir.join(format!("admin-{name}"));
+        tapproof_server::issue_admin(
+            &*self.store,
+            &kek,
+            &self.td,
+            name,
+            Duration::from_secs(3600),
+            &out,
+        )
+        .await
+        .unwrap();
+        identity(
+            std::fs::read_to_string(out.join("admin.pem")).unwrap(),
+            std::fs::read_to_string(out.join("admin.key")).unwrap(),
+        )
+    }
+
+    async fn revoke(&self, admin: &Identity, kind: RevocationKind, value: &str) {
+        let req = RevokeRequest {
+            kind,
+            value: value.into(),
+            reason: "test".into(),
+        };
+        let (status, v) = self
+            .call(
+                Some(admin),
+                "POST",
+                paths::REVOCATIONS,
+                serde_json::to_value(req).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{v}");
+    }
+
+    /// Audit rows of `action` (newest last).
+    async fn audit_rows(&self, action: &str) -> Vec<tapproof_store::AuditEntry> {
+        self.store
+            .audit_list(0, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.action == action)
+            .collect()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(15), &mut self.task)
+            .await
+            .expect("the server stops within its drain timeout")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn identity(chain: String, key: String) -> Identity {
+    let der = tapproof_identity::ca::first_der(&chain).unwrap();
+    let serial = tapproof_identity::inspect_svid(&der).unwrap().serial;
+    Identity { chain, key, serial }
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+fn sign_body(id: &str) -> Value {
+    let (csr, _) = tapproof_identity::new_csr(None).unwrap();
+    serde_json::to_value(SignRequest {
+        csrs: vec![SignItem { id: id.into(), csr }],
+    })
+    .unwrap()
+}
+
+fn coverage_body() -> Value {
+    let report = tapproof_audit::classify(
+        &tapproof_audit::scan::Scan::default(),
+        &tapproof_audit::Options::default(),
+        "h".into(),
+        0,
+    );
+    serde_json::to_value(tapproof_audit::CoverageUpload {
+        report,
+        denials: vec![],
+    })
+    .unwrap()
+}
+
+/// What the directory lists, as node `viewer` sees it.
+async fn directory(s: &Server, viewer: &Identity) -> Vec<(String, String)> {
+    let (status, v) = s
+        .call(Some(viewer), "GET", paths::STATE, Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    let state: StateResponse = serde_json::from_value(v).unwrap();
+    state.directory.into_iter().map(|e| (e.service, e.node)).collect()
+}
+
+/// Waits until the directory `viewer` sees satisfies `cond`. The directory is part of the feed's
+/// document, rebuilt at the next feed version: the server sees its store change within a second.
+async fn wait_directory(
+    s: &Server,
+    viewer: &Identity,
+    cond: impl Fn(&[(String, String)]) -> bool,
+    what: &str,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = directory(s, viewer).await;
+        if cond(&d) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} within 5 s: {d:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// For each kind of revocation: the revoked node's renewal, state-feed call, address
+/// announcement and coverage report are refused with a stable code and an audit row, nothing it
+/// sent is stored, and it leaves the service directory. A serial revocation refuses the TLS
+/// handshake itself; on a connection opened before it, each call is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_revocation_is_refused_on_every_node_endpoint() {
+    let s = start().await;
+    let admin = s.admin("ops").await;
+    let viewer = s.join("viewer", &[]).await;
+    for (i, kind) in [
+        RevocationKind::Node,
+        RevocationKind::SpiffeId,
+        RevocationKind::Serial,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("db-{i}");
+        let service = format!("db{i}");
+        let id = format!("spiffe://{TD}/node/{name}");
+        let node = s.join(&name, &[&service]).await;
+        // Announce a tunnel address; the directory lists the node.
+        let announce = format!("/v1/state?tunnel=10.9.0.{i}:15008");
+        let (status, _) = s.call(Some(&node), "GET", &announce, Value::Null).await.unwrap();
+        assert_eq!(status, 200);
+        let listed = (service.clone(), name.clone());
+        wait_directory(
+            &s,
+            &viewer,
+            |d| d.contains(&listed),
+            "the announced node is listed",
+        )
+        .await;
+        // A connection opened before the revocation, kept open (as an agent's would be).
+        let mut held = s.conn(Some(&node)).await.unwrap();
+        let (status, _) = held.call("GET", paths::BUNDLE, vec![]).await.unwrap();
+        assert_eq!(status, 200);
+
+        let (value, expected) = match kind {
+            RevocationKind::Node => (name.clone(), "node_revoked"),
+            RevocationKind::SpiffeId => (id.clone(), "identity_revoked"),
+            _ => (node.serial.clone(), "certificate_revoked"),
+        };
+        s.revoke(&admin, kind, &value).await;
+        wait_directory(
+            &s,
+            &viewer,
+            |d| !d.iter().any(|(_, n)| *n == name),
+            "a revoked node leaves the directory",
+        )
+        .await;
+
+        let calls: [(&str, String, Value); 4] = [
+            ("POST", paths::SIGN.to_owned(), sign_body(&id)),
+            ("GET", paths::STATE.to_owned(), Value::Null),
+            ("GET", format!("/v1/state?tunnel=10.8.8.{i}:15008"), Value::Null),
+            ("POST", paths::COVERAGE.to_owned(), coverage_body()),
+        ];
+        for (method, path, body) in &calls {
+            let bytes = if body.is_null() {
+                vec![]
+            } else {
+                serde_json::to_vec(body).unwrap()
+            };
+            let (status, v) = held.call(method, path, bytes).await.unwrap();
+            assert_eq!(
+                (status, code(&v)),
+                (403, expected),
+                "{kind:?} {method} {path} on a held connection: {v}"
+            );
+            let fresh = s.call(Some(&node), method, path, body.clone()).await;
+            match kind {
+                // The TLS listener closes the connection of a revoked serial before any HTTP.
+                RevocationKind::Serial => assert!(fresh.is_err(), "{method} {path}: {fresh:?}"),
+                _ => {
+                    let (status, v) = fresh.unwrap();
+                    assert_eq!(
+                        (status, code(&v)),
+                        (403, expected),
+                        "{kind:?} {method} {path}: {v}"
+                    );
+                }
+            }
+        }
+        for what in ["sign", "state", "coverage"] {
+            let rows = s.audit_rows(&format!("{what}.refused")).await;
+            assert!(
+                rows.iter().any(|r| r.actor == id && r.details.contains(expected)),
+                "{kind:?}: no {what}.refused row for {id} with {expected}"
+            );
+        }
+        if kind == RevocationKind::Serial {
+            let rows = s.audit_rows("handshake.refused").await;
+            assert!(
+                rows.iter()
+                    .any(|r| r.actor == id && r.details.contains(&node.serial)),
+                "handshake.refused"
+            );
+        }
+        // Nothing the revoked node sent was kept: its announced address is the first one, and
+        // no coverage report of it exists.
+        let stored = s.store.node_get(&name).await.unwrap().unwrap();
+        assert_eq!(
+            stored.tunnel_addr.as_deref(),
+            Some(format!("10.9.0.{i}:15008").as_str())
+        );
+        assert!(s
+            .store
+            .coverage_latest()
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| c.point.node != name));
+        assert!(
+            s.store.cert_list(&name).await.unwrap().len() == 1,
+            "{kind:?}: no certificate issued after the revocation"
+        );
+    }
+    s.stop().await;
+}
+
+/// The admin endpoints and the dashboard, as each caller sees them.
+fn admin_calls() -> Vec<(&'static str, &'static str, Value)> {
+    let change = json!({ "node": "web-1", "service": "api", "add": true });
+    let revoke = json!({ "kind": "node", "value": "nobody", "reason": "x" });
+    let policy = json!({ "services": {} });
+    vec![
+        ("GET", paths::NODES, Value::Null),
+        ("GET", paths::REGISTRATIONS, Value::Null),
+        ("POST", paths::REGISTRATIONS, change),
+        ("GET", paths::REVOCATIONS, Value::Null),
+        ("POST", paths::REVOCATIONS, revoke),
+        ("GET", "/v1/audit-log?after=0&limit=5", Value::Null),
+        ("GET", paths::POLICY, Value::Null),
+        ("POST", paths::POLICY, policy),
+        ("GET", paths::DASHBOARD_DATA, Value::Null),
+        ("GET", paths::DASHBOARD, Value::Null),
+        ("GET", "/dashboard/app.js", Value::Null),
+        ("GET", "/dashboard/style.css", Value::Null),
+    ]
+}
+
+/// A revoked admin (by SPIFFE ID, by serial) is refused on every admin endpoint and the
+/// dashboard and changes nothing; node identities are refused there too, audited; anonymous
+/// callers are told to present a certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_nodes_and_strangers_on_the_admin_endpoints() {
+    let s = start().await;
+    let (bob, alice, carol) = (
+        s.admin("bob").await,
+        s.admin("alice").await,
+        s.admin("carol").await,
+    );
+    let web = s.join("web-1", &[]).await;
+    // A live admin reaches every endpoint.
+    for (method, path, body) in admin_calls() {
+        let (status, v) = s.call(Some(&bob), method, path, body).await.unwrap();
+        assert_eq!(status, 200, "{method} {path}: {v}");
+    }
+    let mut alice_held = s.conn(Some(&alice)).await.unwrap();
+    let mut carol_held = s.conn(Some(&carol)).await.unwrap();
+    s.revoke(
+        &bob,
+        RevocationKind::SpiffeId,
+        &format!("spiffe://{TD}/admin/alice"),
+    )
+    .await;
+    s.revoke(&bob, RevocationKind::Serial, &carol.serial).await;
+    let revocations_before = s.store.revocations().await.unwrap().len();
+    let registrations_before = s.store.registrations().await.unwrap().len();
+    for (method, path, body) in admin_calls() {
+        let bytes = if body.is_null() {
+            vec![]
+        } else {
+            serde_json::to_vec(&body).unwrap()
+        };
+        let (status, v) = s.call(Some(&alice), method, path, body.clone()).await.unwrap();
+        assert_eq!(
+            (status, code(&v)),
+            (403, "identity_revoked"),
+            "alice {method} {path}: {v}"
+        );
+        let (status, v) = alice_held.call(method, path, bytes.clone()).await.unwrap();
+        assert_eq!(
+            (status, code(&v)),
+            (403, "identity_revoked"),
+            "alice held {method} {path}: {v}"
+        );
+        assert!(
+            s.call(Some(&carol), method, path, body.clone()).await.is_err(),
+            "carol's handshake is refused"
+        );
+        let (status, v) = carol_held.call(method, path, bytes).await.unwrap();
+        assert_eq!(
+            (status, code(&v)),
+            (403, "certificate_revoked"),
+            "carol held {method} {path}: {v}"
+        );
+        let (status, v) = s.call(Some(&web), method, path, body.clone()).await.unwrap();
+        assert_eq!(
+            (status, code(&v)),
+            (403, "admin_required"),
+            "node {method} {path}: {v}"
+        );
+        let (status, v) = s.call(None, method, path, body).await.unwrap();
+        assert_eq!(
+            (status, code(&v)),
+            (401, "identity_required"),
+            "anonymous {method} {path}: {v}"
+        );
+    }
+    assert_eq!(
+        s.store.revocations().await.unwrap().len(),
+        revocations_before,
+        "no revocation added"
+    );
+    assert_eq!(s.store.registrations().await.unwrap().len(), registrations_before);
+    for (who, reason) in [("alice", "identity_revoked"), ("carol", "certificate_revoked")] {
+        let id = format!("spiffe://{TD}/admin/{who}");
+        for action in ["admin.nodes.refused", "admin.revoke.refused", "dashboard.refused"] {
+            assert!(
+                s.audit_rows(action)
+                    .await
+                    .iter()
+                    .any(|r| r.actor == id && r.details.contains(reason)),
+                "{who}: no {action} row"
+            );
+        }
+    }
+    let node_id = format!("spiffe://{TD}/node/web-1");
+    assert!(
+        s.audit_rows("admin.set_policy.refused")
+            .await
+            .iter()
+            .any(|r| r.actor == node_id && r.details.contains("admin_required")),
+        "a node's attempt on an admin endpoint is audited"
+    );
+    s.stop().await;
+}
+
+/// Who sends what to which path, and the status and code expected.
+type BadCase<'a> = (Option<&'a Identity>, &'a str, &'a str, Vec<u8>, u16, &'a str);
+
+/// Bad input gets its stable code and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_code_and_changes_nothing() {
+    let s = start().await;
+    let admin = s.admin("ops").await;
+    let node = s.join("web-1", &["web"]).await;
+    let node_id = format!("spiffe://{TD}/node/web-1");
+    let cases: Vec<BadCase> = vec![
+        (None, "GET", "/v1/nothing-here", vec![], 404, "not_found"),
+        (None, "POST", paths::JOIN, b"{".to_vec(), 400, "bad_json"),
+        (
+            None,
+            "POST",
+            paths::JOIN,
+            br#"{"token":"x","csr":"y","extra":1}"#.to_vec(),
+            400,
+            "bad_json",
+        ),
+        (
+            None,
+            "POST",
+            paths::JOIN,
+            br#"{"token":"x","csr":"y"}"#.to_vec(),
+            400,
+            "token_malformed",
+        ),
+        (
+            None,
+            "POST",
+            paths::JOIN,
+            vec![b' '; tapproof_api::MAX_BODY + 1],
+            413,
+            "body_too_large",
+        ),
+        (Some(&node), "GET", "/v1/state?since=x", vec![], 400, "bad_query"),
+        (
+            Some(&node),
+            "GET",
+            "/v1/state?tunnel=nowhere",
+            vec![],
+            400,
+            "bad_query",
+        ),
+        (
+            Some(&node),
+            "POST",
+            paths::SIGN,
+            br#"{"csrs":[]}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            Some(&node),
+            "POST",
+            paths::SIGN,
+            serde_json::to_vec(&sign_body(&format!("spiffe://{TD}/svc/not-mine"))).unwrap(),
+            403,
+            "not_registered",
+        ),
+        (
+            Some(&node),
+            "POST",
+            paths::SIGN,
+            serde_json::to_vec(&json!({ "csrs": [{ "id": node_id, "csr": "not a CSR" }] })).unwrap(),
+            400,
+            "csr_invalid",
+        ),
+        (
+            Some(&admin),
+            "POST",
+            paths::REVOCATIONS,
+            br#"{"kind":"serial","value":"not hex"}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            Some(&admin),
+            "POST",
+            paths::REVOCATIONS,
+            br#"{"kind":"spiffe_id","value":"http://x"}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            Some(&admin),
+            "POST",
+            paths::REVOCATIONS,
+            br#"{"kind":"node","value":"a/b"}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            Some(&admin),
+            "POST",
+            paths::REVOCATIONS,
+            br#"{"kind":"everything","value":"x"}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            Some(&admin),
+            "POST",
+            paths::POLICY,
+            b"[services.db]\nallow = [\"spiffe://other.org/node/x\"]\n".to_vec(),
+            400,
+            "bad_policy",
+        ),
+        (
+            Some(&admin),
+            "POST",
+            paths::REGISTRATIONS,
+            br#"{"node":"../x","service":"s","add":true}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            Some(&admin),
+            "GET",
+            "/v1/audit-log?after=z",
+            vec![],
+            400,
+            "bad_query",
+        ),
+    ];
+    for (who, method, path, body, status, expected) in cases {
+        let (got, v) = s.conn(who).await.unwrap().call(method, path, body).await.unwrap();
+        assert_eq!((got, code(&v)), (status, expected), "{method} {path}: {v}");
+        assert!(
+            !v["error"]["message"].as_str().unwrap_or("").is_empty(),
+            "{method} {path}: a message"
+        );
+    }
+    assert!(
+        s.store.revocations().await.unwrap().is_empty(),
+        "no refused revocation was stored"
+    );
+    assert_eq!(
+        s.store.cert_list("web-1").await.unwrap().len(),
+        1,
+        "nothing was signed"
+    );
+    assert!(s
+        .store
+        .node_get("web-1")
+        .await
+        .unwrap()
+        .unwrap()
+        .tunnel_addr
+        .is_none());
+    assert!(s
+        .audit_rows("sign.refused")
+        .await
+        .iter()
+        .any(|r| r.details.contains("not_registered")));
+    s.stop().await;
+}
+
+/// On shutdown the server answers a waiting long-poll at once, finishes, and returns Ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_long_polls_and_returns() {
+    let s = start().await;
+    let node = s.join("web-1", &[]).await;
+    let (status, v) = s
+        .call(Some(&node), "GET", paths::STATE, Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let version = v["version"].as_i64().unwrap();
+    let mut conn = s.conn(Some(&node)).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let answer = conn
+            .call("GET", &format!("/v1/state?since={version}"), vec![])
+            .await;
+        (answer, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the long-poll waits while nothing changes"
+    );
+    s.stop().await;
+    let (answer, waited) = waiting.await.unwrap();
+    let (status, v) = answer.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["version"].as_i64(), Some(version));
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered at the drain, not after the hold: {waited:?}"
+    );
+}

@@ -4,7 +4,7 @@
 //! functions, the remote way the one control-plane client.
 
 use crate::cli::{RemoteArgs, ServerStoreArgs};
-use crate::run_agent::ConfigProblem;
+use crate::exit::ConfigProblem;
 use anyhow::Context;
 use std::sync::Arc;
 use tapproof_agent::control::{ClientError, ControlClient};
@@ -41,7 +41,7 @@ impl Admin {
         }
         let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
             .await
-            .map_err(crate::server_cmd::classify)?;
+            .map_err(crate::exit::classify)?;
         let td = TrustDomain::new(&meta.trust_domain).context("server.json holds a bad trust domain")?;
         Ok(Self::Local { store: db, td })
     }
@@ -95,8 +95,7 @@ impl Admin {
     async fn set_policy(&self, document: String) -> anyhow::Result<Policy> {
         match self {
             Self::Local { store, td } => {
-                let policy =
-                    tapproof_server::parse_policy(&document, td).map_err(crate::server_cmd::classify)?;
+                let policy = tapproof_server::parse_policy(&document, td).map_err(crate::exit::classify)?;
                 local(tapproof_server::set_policy(&**store, &policy, "cli").await)?;
                 Ok(policy)
             }
@@ -106,7 +105,7 @@ impl Admin {
 }
 
 fn local<T>(r: Result<T, tapproof_server::ServerError>) -> anyhow::Result<T> {
-    r.map_err(crate::server_cmd::classify)
+    r.map_err(crate::exit::classify)
 }
 
 fn now() -> i64 {

@@ -1,7 +1,7 @@
 //! `tapproof audit`: the host's coverage report, as a table or JSON, with an exit code for gates.
 
 use crate::cli::AuditArgs;
-use crate::run_agent::ConfigProblem;
+use crate::exit::ConfigProblem;
 use tapproof_agent::AgentConfig;
 
 /// Exit code 1 without an error message: the report already says what is plaintext.

@@ -5,7 +5,7 @@
 //! of another site whose name was rebound to 127.0.0.1 cannot read the dashboard through it.
 
 use crate::cli::RemoteArgs;
-use crate::run_agent::ConfigProblem;
+use crate::exit::ConfigProblem;
 use anyhow::Context;
 use axum::extract::State;
 use axum::http::{header, StatusCode, Uri};

@@ -6,6 +6,7 @@ mod admin_cmd;
 mod audit_cmd;
 mod cli;
 mod dashboard_cmd;
+mod exit;
 mod logging;
 mod pki;
 mod quickstart;
@@ -69,7 +70,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = if e.downcast_ref::<run_agent::ConfigProblem>().is_some() {
+            let code = if e.downcast_ref::<exit::ConfigProblem>().is_some() {
                 EXIT_CONFIG
             } else {
                 EXIT_FAILURE

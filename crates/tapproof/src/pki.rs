@@ -15,9 +15,8 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
             nodes,
             lifetime,
         } => {
-            let td = TrustDomain::new(&trust_domain).map_err(|e| {
-                crate::run_agent::ConfigProblem(format!("--trust-domain {trust_domain:?}: {e}"))
-            })?;
+            let td = TrustDomain::new(&trust_domain)
+                .map_err(|e| crate::exit::ConfigProblem(format!("--trust-domain {trust_domain:?}: {e}")))?;
             let lifetime = time::Duration::try_from(lifetime.0).context("--lifetime is too long")?;
             mint(&td, &out, &nodes, lifetime)?;
             println!(
@@ -42,7 +41,7 @@ pub fn mint(td: &TrustDomain, out: &Path, nodes: &[String], lifetime: time::Dura
     for node in nodes {
         let id = td
             .node_id(node)
-            .map_err(|e| crate::run_agent::ConfigProblem(format!("--node {node:?}: {e}")))?;
+            .map_err(|e| crate::exit::ConfigProblem(format!("--node {node:?}: {e}")))?;
         let issued = ca
             .issue_with_new_key(&id, lifetime)
             .with_context(|| format!("cannot issue {id}"))?;

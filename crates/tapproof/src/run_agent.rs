@@ -1,15 +1,11 @@
 //! `tapproof agent` and `tapproof check-config`.
 
 use crate::cli::{AgentArgs, ConfigArgs};
+use crate::exit::ConfigProblem;
 use anyhow::Context;
 use tapproof_agent::control::ControlError;
 use tapproof_agent::{AgentConfig, AgentError, RunOptions};
 use tapproof_tls::Material;
-
-/// A problem with what the operator gave us (config, identity files): exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigProblem(pub String);
 
 fn load(args: &ConfigArgs) -> anyhow::Result<AgentConfig> {
     AgentConfig::load(&args.config).map_err(|e| ConfigProblem(e.to_string()).into())

@@ -7,22 +7,10 @@ use crate::cli::{
     AuditCommand, CaCommand, NodeCommand, PolicyCommand, RegistrationCommand, RotateStepArg, ServerArgs,
     ServerCommand, TokenCommand,
 };
-use crate::run_agent::ConfigProblem;
+use crate::exit::{classify, ConfigProblem};
 use anyhow::{bail, Context};
 use tapproof_api::{AuditQuery, RegistrationChange, RevocationKind};
 use tapproof_identity::TrustDomain;
-use tapproof_server::ServerError;
-
-pub fn classify(e: ServerError) -> anyhow::Error {
-    match e {
-        ServerError::Invalid(_)
-        | ServerError::Kek(_)
-        | ServerError::DataDir { .. }
-        | ServerError::NotInitialised
-        | ServerError::AlreadyInitialised => ConfigProblem(e.to_string()).into(),
-        other => anyhow::Error::new(other),
-    }
-}
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     match args.command {
@@ -115,30 +103,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             command: PolicyCommand::Show { store, remote },
         } => admin_cmd::policy_show(&Admin::open(&store, &remote).await?).await,
         ServerCommand::Registration { command } => match command {
-            RegistrationCommand::Add(a) => {
-                let admin = Admin::open(&a.store, &a.remote).await?;
-                admin_cmd::registration_change(
-                    &admin,
-                    RegistrationChange {
-                        node: a.node,
-                        service: a.service,
-                        add: true,
-                    },
-                )
-                .await
-            }
-            RegistrationCommand::Remove(a) => {
-                let admin = Admin::open(&a.store, &a.remote).await?;
-                admin_cmd::registration_change(
-                    &admin,
-                    RegistrationChange {
-                        node: a.node,
-                        service: a.service,
-                        add: false,
-                    },
-                )
-                .await
-            }
+            RegistrationCommand::Add(a) => registration_change(a, true).await,
+            RegistrationCommand::Remove(a) => registration_change(a, false).await,
             RegistrationCommand::List { store, remote } => {
                 admin_cmd::registration_list(&Admin::open(&store, &remote).await?).await
             }
@@ -228,6 +194,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
 fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `registration add` (`add`) or `remove`.
+async fn registration_change(a: crate::cli::RegistrationArgs, add: bool) -> anyhow::Result<()> {
+    let admin = Admin::open(&a.store, &a.remote).await?;
+    let change = RegistrationChange {
+        node: a.node,
+        service: a.service,
+        add,
+    };
+    admin_cmd::registration_change(&admin, change).await
 }
 
 /// The store, its trust domain and the key-encryption key: what commands that sign need.

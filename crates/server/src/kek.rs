@@ -97,6 +97,7 @@ impl Kek {
                     detail: e.to_string(),
                 })?;
             f.write_all(hex::encode(raw).as_bytes())
+                .and_then(|()| f.sync_all())
                 .map_err(|e| KekError::Read {
                     path: file.display().to_string(),
                     detail: e.to_string(),

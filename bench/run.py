@@ -18,7 +18,7 @@ section and bench/plot.png (with --write). Every process and namespace started h
 import argparse, datetime, json, os, shutil, signal, subprocess, sys, tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import log, med, raise_fd_limit
-import control, longfat, loopback, veth
+import common, control, longfat, loopback, veth
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ALL = ["loopback", "clients", "memory", "handshakes", "veth", "longfat", "control"]

@@ -90,6 +90,21 @@ pub async fn authorize(s: &AppState, peer: &Peer, need: Need, what: &str) -> Res
     }
 }
 
+/// For a caller `authorize` passed earlier in the same request (a long-poll that waited): only
+/// the revocation, which may have come meanwhile, is asked again.
+pub async fn still_authorized(s: &AppState, peer: &Peer, what: &str) -> Result<(), ApiError> {
+    let Some(id) = peer.id.as_ref() else {
+        return Ok(());
+    };
+    match revoked(s, id, peer.serial.as_deref()) {
+        None => Ok(()),
+        Some(why) => {
+            let message = format!("{why}; ask an operator for a new identity");
+            Err(refused(s, what, &id.to_string(), revoked_code(why.by), message).await)
+        }
+    }
+}
+
 /// Audits a refusal of `what` (action `<what>.refused`, with the code as `reason`) and builds its
 /// error.
 pub async fn refused(s: &AppState, what: &str, actor: &str, code: ErrorCode, message: String) -> ApiError {

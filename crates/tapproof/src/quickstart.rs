@@ -165,8 +165,9 @@ async fn dashboard(data: &Path, server: SocketAddr, dir: &Path) -> anyhow::Resul
     Ok((child, url))
 }
 
-/// Step 8: the fleet's coverage as the server holds it, and this host's own audit.
-async fn coverage(dashboard_url: &str) -> anyhow::Result<()> {
+/// Step 8: the fleet's coverage as the server holds it, and this host's own audit, with db-1
+/// (whose admin API is `agent_admin`) vouching for its sockets as `tapproof audit` would ask it.
+async fn coverage(dashboard_url: &str, agent_admin: SocketAddr) -> anyhow::Result<()> {
     let addr: SocketAddr = dashboard_url
         .trim_start_matches("http://")
         .split('/')
@@ -205,10 +206,16 @@ async fn coverage(dashboard_url: &str) -> anyhow::Result<()> {
     }
     println!("   (The demo runs on loopback, so its tunnel is not a link between hosts; on real hosts every");
     println!("   link appears here, classed tapproof, TLS or PLAINTEXT.) This host, by `tapproof audit`:");
-    let report = tokio::task::spawn_blocking(|| {
-        tapproof_audit::audit(Path::new("/proc"), &tapproof_audit::Options::default())
-    })
-    .await?;
+    let scan = tokio::task::spawn_blocking(|| tapproof_audit::scan::scan(Path::new("/proc"))).await?;
+    let agent = match tapproof_agent::vouch::ask(agent_admin, Duration::from_secs(3)).await {
+        Ok(sockets) => tapproof_audit::AgentView::Vouched(sockets),
+        Err(e) => tapproof_audit::AgentView::Unavailable(format!("db-1's admin API at {agent_admin}: {e}")),
+    };
+    let options = tapproof_audit::Options {
+        agent,
+        ..Default::default()
+    };
+    let report = tapproof_audit::classify(&scan, &options, tapproof_audit::hostname(), tapproof_audit::now());
     for line in tapproof_audit::render(&report).lines() {
         println!("     {line}");
     }
@@ -400,7 +407,7 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         );
     }
 
-    coverage(&dashboard_url).await?;
+    coverage(&dashboard_url, db_admin).await?;
     if args.keep_running {
         println!("\n   Everything keeps running (dashboard {dashboard_url}); Ctrl-C stops it.");
         let _ = tokio::signal::ctrl_c().await;

@@ -26,16 +26,6 @@ impl RevokedBy {
             Self::Serial => "serial",
         }
     }
-
-    /// The wire and store spelling (`node`, `spiffe_id`, `serial`).
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "node" => Some(Self::Node),
-            "spiffe_id" => Some(Self::SpiffeId),
-            "serial" => Some(Self::Serial),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Display for RevokedBy {
@@ -192,13 +182,5 @@ mod tests {
         assert_eq!(normalize_serial("abc").as_deref(), Some("0ABC"));
         assert_eq!(normalize_serial(""), None);
         assert_eq!(normalize_serial("xyz"), None);
-    }
-
-    #[test]
-    fn kinds_round_trip() {
-        for k in [RevokedBy::Node, RevokedBy::SpiffeId, RevokedBy::Serial] {
-            assert_eq!(RevokedBy::parse(k.as_str()), Some(k));
-        }
-        assert_eq!(RevokedBy::parse("Node"), None);
     }
 }

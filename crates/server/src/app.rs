@@ -61,11 +61,16 @@ impl AppState {
 
 /// The store's revocations as the one rule's set.
 pub(crate) async fn load_revocations(store: &dyn Store) -> Result<RevocationSet, StoreError> {
+    Ok(revocation_set(&store.revocations().await?))
+}
+
+/// Revocation rows as the one rule's set.
+pub(crate) fn revocation_set(rows: &[tapproof_store::Revocation]) -> RevocationSet {
     let mut set = RevocationSet::default();
-    for r in store.revocations().await? {
+    for r in rows {
         set.insert(revoked_by(r.kind), &r.value);
     }
-    Ok(set)
+    set
 }
 
 fn revoked_by(kind: RevocationKind) -> RevokedBy {

@@ -53,12 +53,9 @@ pub async fn authorize(s: &AppState, peer: &Peer, need: Need, what: &str) -> Res
             format!("present {wanted} (mTLS) to call {what}"),
         ));
     };
+    refuse_revoked(s, peer, what).await?;
     let actor = id.to_string();
     let refuse = |code: ErrorCode, message: String| refused(s, what, &actor, code, message);
-    if let Some(why) = revoked(s, id, peer.serial.as_deref()) {
-        let code = revoked_code(why.by);
-        return Err(refuse(code, format!("{why}; ask an operator for a new identity")).await);
-    }
     match need {
         Need::Admin => {
             let Some(name) = id.path().strip_prefix("/admin/") else {
@@ -90,9 +87,9 @@ pub async fn authorize(s: &AppState, peer: &Peer, need: Need, what: &str) -> Res
     }
 }
 
-/// For a caller `authorize` passed earlier in the same request (a long-poll that waited): only
-/// the revocation, which may have come meanwhile, is asked again.
-pub async fn still_authorized(s: &AppState, peer: &Peer, what: &str) -> Result<(), ApiError> {
+/// Refuses (and audits) a caller whose certificate the revocation set covers. `authorize` starts
+/// with it; a long-poll asks it again after its wait, the rest of `authorize` having passed.
+pub async fn refuse_revoked(s: &AppState, peer: &Peer, what: &str) -> Result<(), ApiError> {
     let Some(id) = peer.id.as_ref() else {
         return Ok(());
     };

@@ -3,7 +3,7 @@
 //! a version is built once and shared by every waiting agent. The caller's tunnel address, when
 //! given, goes into the service directory; nodes revoked by any kind leave it.
 
-use crate::app::{load_revocations, query, ApiError, AppState, Peer};
+use crate::app::{query, revocation_set, ApiError, AppState, Peer};
 use crate::auth::{authorize, Need};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -48,7 +48,7 @@ pub(crate) async fn state_feed(
     }
     // A revocation made while this request waited covers it too (the registration was checked
     // above and is never removed, so the in-memory revocation set is all there is to ask).
-    crate::auth::still_authorized(&s, &peer, "state").await?;
+    crate::auth::refuse_revoked(&s, &peer, "state").await?;
     let current = *version.borrow();
     // One request builds the answer for this version; the others wait for it and reuse it.
     let mut cache = s.feed_cache.lock().await;
@@ -70,14 +70,9 @@ pub(crate) async fn state_feed(
 
 /// The state feed's answer at `current`, from the store.
 async fn build_state(s: &AppState, current: i64) -> Result<StateResponse, ApiError> {
-    let revocations = s
-        .store
-        .revocations()
-        .await?
-        .into_iter()
-        .map(crate::admin::revocation)
-        .collect();
-    let revoked = load_revocations(&*s.store).await?;
+    let rows = s.store.revocations().await?;
+    let revoked = revocation_set(&rows);
+    let revocations = rows.into_iter().map(crate::admin::revocation).collect();
     let nodes = s.store.node_list().await?;
     let mut directory = Vec::new();
     let mut listed: std::collections::HashMap<String, bool> = Default::default();

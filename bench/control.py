@@ -23,7 +23,14 @@ class ControlPlane:
         d = self.d
         self.cli("server", "init", "--trust-domain", TD, "--data-dir", f"{d}/server")
         self.server = self.procs.start("server", [self.tapproof, "--log-level", "warn", "server", "run",
-                                                  "--data-dir", f"{d}/server", "--listen", LISTEN],
+                                                  "--data-dir", f"{d}/server", "--listen", LISTEN,
+                                                  # One load generator stands in for thousands of
+                                                  # agents, all one node on one address: lift the
+                                                  # per-client limits that would otherwise bite.
+                                                  "--max-connections-per-source", "0",
+                                                  "--max-connections", "100000",
+                                                  "--requests-per-second", "0",
+                                                  "--long-polls-per-node", "0"],
                                        f"{d}/server.log")
         wait_port(int(LISTEN.rsplit(":", 1)[1]), "tapproof server")
         time.sleep(0.3)

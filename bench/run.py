@@ -226,7 +226,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--sections", default=",".join(ALL))
-    ap.add_argument("--idle-conns", type=int, default=10000)
+    ap.add_argument("--idle-conns", type=int, default=8000)
     ap.add_argument("--feed-agents", type=int, default=10000)
     ap.add_argument("--delay-ms", type=int, default=10)
     ap.add_argument("--write", action="store_true", help="write bench/results.json, bench/README.md, bench/plot.png")

@@ -16,7 +16,14 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_MAX_STREAMS: u32 = 65_536;
+pub const DEFAULT_MAX_STREAMS: u32 = 16_384;
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 32;
+pub const DEFAULT_MAX_TUNNELS_PER_PEER: usize = 8;
+pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 16_384;
+pub const DEFAULT_MAX_CONNECTS_PER_SERVICE: usize = 256;
+pub const DEFAULT_MAX_HEADER_LIST: u32 = 16 * 1024;
+pub const DEFAULT_MAX_PENDING_RESETS: usize = 20;
 /// HTTP/2 flow-control windows: large, so that one stream can fill a fast link with some delay.
 /// h2 re-opens a window once half of it is consumed, so a stream carries about 0.75 x window per
 /// round trip: 32 MiB keeps ~1 GB/s at 20 ms (bench `longfat`: 8 MiB reached 30% of direct TCP,
@@ -145,6 +152,31 @@ pub struct TunnelConfig {
     pub connection_window: u32,
     #[serde(default = "default_max_frame")]
     pub max_frame_size: u32,
+    /// Connections on the tunnel port whose handshake has not finished, in total; beyond it new
+    /// ones are closed at once.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes_in_progress: usize,
+    /// The same, from one source address.
+    #[serde(default = "default_max_handshakes_per_source")]
+    pub max_handshakes_per_source: usize,
+    /// Tunnels one peer identity may hold open to this agent.
+    #[serde(default = "default_max_tunnels_per_peer")]
+    pub max_tunnels_per_peer: usize,
+    /// Streams one peer identity may hold open (over all its tunnels), never more than half the
+    /// fd budget.
+    #[serde(default = "default_max_streams_per_peer")]
+    pub max_streams_per_peer: usize,
+    /// Connects to one service's `forward` address in progress at once.
+    #[serde(default = "default_max_connects_per_service")]
+    pub max_connects_per_service: usize,
+    /// The largest header block a peer may send (h2 SETTINGS_MAX_HEADER_LIST_SIZE); a CONNECT
+    /// request needs a few hundred bytes.
+    #[serde(default = "default_max_header_list")]
+    pub max_header_list_size: u32,
+    /// Streams a peer may open and reset before they are accepted (rapid reset), per tunnel;
+    /// beyond it the tunnel gets GOAWAY (a protocol abuse by that peer).
+    #[serde(default = "default_max_pending_resets")]
+    pub max_pending_accept_resets: usize,
 }
 
 impl Default for TunnelConfig {
@@ -160,6 +192,13 @@ impl Default for TunnelConfig {
             stream_window: DEFAULT_STREAM_WINDOW,
             connection_window: DEFAULT_CONNECTION_WINDOW,
             max_frame_size: DEFAULT_MAX_FRAME,
+            max_handshakes_in_progress: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            max_tunnels_per_peer: DEFAULT_MAX_TUNNELS_PER_PEER,
+            max_streams_per_peer: DEFAULT_MAX_STREAMS_PER_PEER,
+            max_connects_per_service: DEFAULT_MAX_CONNECTS_PER_SERVICE,
+            max_header_list_size: DEFAULT_MAX_HEADER_LIST,
+            max_pending_accept_resets: DEFAULT_MAX_PENDING_RESETS,
         }
     }
 }
@@ -229,6 +268,27 @@ fn default_connection_window() -> u32 {
 }
 fn default_max_frame() -> u32 {
     DEFAULT_MAX_FRAME
+}
+fn default_max_handshakes() -> usize {
+    DEFAULT_MAX_HANDSHAKES
+}
+fn default_max_handshakes_per_source() -> usize {
+    DEFAULT_MAX_HANDSHAKES_PER_SOURCE
+}
+fn default_max_tunnels_per_peer() -> usize {
+    DEFAULT_MAX_TUNNELS_PER_PEER
+}
+fn default_max_streams_per_peer() -> usize {
+    DEFAULT_MAX_STREAMS_PER_PEER
+}
+fn default_max_connects_per_service() -> usize {
+    DEFAULT_MAX_CONNECTS_PER_SERVICE
+}
+fn default_max_header_list() -> u32 {
+    DEFAULT_MAX_HEADER_LIST
+}
+fn default_max_pending_resets() -> usize {
+    DEFAULT_MAX_PENDING_RESETS
 }
 
 fn de_from_str<'de, D, T>(d: D) -> Result<T, D::Error>

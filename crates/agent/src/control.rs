@@ -16,9 +16,7 @@ pub use files::identity_files;
 
 use crate::config::ControlConfig;
 use crate::state::AgentState;
-use files::{
-    data_err, read_state, state_path, write_file, write_service_identities, write_state, ControlState,
-};
+use files::{data_err, read_state, state_path, ControlState, Staged};
 use rand::Rng;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -144,9 +142,10 @@ pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<Identity
             csr,
         })
         .await?;
-    write_file(&files.key, key.as_bytes(), 0o600)?;
-    write_file(&files.cert, joined.identity.chain_pem.as_bytes(), 0o644)?;
-    write_file(&files.bundle, joined.bundle.concat().as_bytes(), 0o644)?;
+    // Key, certificate, bundle, service identities and state become visible as one set.
+    let mut set = Staged::begin(&cfg.data_dir)?;
+    set.write_identity(&joined.identity.chain_pem, &key)?;
+    set.write_bundle(&joined.bundle)?;
     if !joined.services.is_empty() {
         // The identities of the services registered to this node, over mTLS with the new identity.
         let tls = ControlClientTls::new(
@@ -159,7 +158,7 @@ pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<Identity
         let signed = ControlClient::new(server.clone(), tls)
             .sign(&sign_request(&keys))
             .await?;
-        write_service_identities(&cfg.data_dir, &signed.identities, &keys)?;
+        set.write_service_identities(&signed.identities, &keys)?;
         info!(services = ?joined.services, "received the identities of the services registered to this node");
     }
     let state = ControlState {
@@ -170,7 +169,8 @@ pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<Identity
         not_after: joined.identity.not_after,
         services: joined.services,
     };
-    write_state(&cfg.data_dir, &state)?;
+    set.write_state(&state)?;
+    set.commit()?;
     info!(id = %state.id, server = %state.server, "joined the control plane");
     Ok(files)
 }
@@ -206,16 +206,38 @@ pub async fn renew_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
                 state.metrics.renewal_failures.inc();
                 state.metrics.control_plane_up.set(0);
                 let left = state.material.current().seconds_to_expiry();
-                warn!(error = %e, expires_in_s = left, retry_in_s = retry.as_secs(),
-                      "cannot renew; serving on the current certificate until the control plane answers");
+                let sleep = retry_delay(retry, left);
+                if left > 0 {
+                    warn!(error = %e, expires_in_s = left, retry_in_s = sleep.as_secs(),
+                          "cannot renew; serving on the current certificate until it expires (the outage budget) or the control plane answers");
+                } else {
+                    // Peers refuse an expired certificate; the control plane still renews it
+                    // (within its recovery window), so this node recovers when it answers.
+                    tracing::error!(error = %e, expired_s_ago = -left, retry_in_s = sleep.as_secs(),
+                          "certificate expired and cannot renew: peers refuse this node until the control plane answers");
+                }
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(retry) => {}
+                    _ = tokio::time::sleep(sleep) => {}
                 }
                 retry = (retry * 2).min(RETRY_MAX);
             }
         }
     }
+}
+
+/// How long to wait before the next renewal attempt: the backoff, never more than a quarter of
+/// the validity left (so retries get denser as expiry nears, instead of sleeping past it), with
+/// jitter (half to all of it) so agents cut off together do not return together.
+fn retry_delay(backoff: Duration, left_s: i64) -> Duration {
+    let cap = if left_s > 0 {
+        Duration::from_secs((left_s as u64 / 4).max(1))
+    } else {
+        RETRY_MAX
+    };
+    let d = backoff.min(cap).max(Duration::from_millis(500));
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
 }
 
 async fn renew(
@@ -237,15 +259,6 @@ async fn renew(
         })
         .await?;
     let services = signed.services.clone();
-    // Service identities in a second request, for exactly the services the server now lists: a
-    // registration removed meanwhile must not block the node's own renewal.
-    if !services.is_empty() {
-        let keys = service_csrs(td, &services)?;
-        match client.sign(&sign_request(&keys)).await {
-            Ok(svc) => write_service_identities(&cfg.data_dir, &svc.identities, &keys)?,
-            Err(e) => warn!(error = %e, "service identities not renewed"),
-        }
-    }
     let issued = signed
         .identities
         .into_iter()
@@ -254,14 +267,28 @@ async fn renew(
             server: current.server.clone(),
             detail: "the signing answer holds no certificate for the node".into(),
         })?;
-    // Keep the reload loop from reading the key and certificate between the two renames.
+    let mut set = Staged::begin(&cfg.data_dir)?;
+    // Service identities in a second request, for exactly the services the server now lists: a
+    // registration removed meanwhile must not block the node's own renewal.
+    if !services.is_empty() {
+        let keys = service_csrs(td, &services)?;
+        match client.sign(&sign_request(&keys)).await {
+            Ok(svc) => set.write_service_identities(&svc.identities, &keys)?,
+            Err(e) => warn!(error = %e, "service identities not renewed"),
+        }
+    }
+    let next = ControlState {
+        issued_at: now(),
+        not_after: issued.not_after,
+        services,
+        ..current
+    };
+    set.write_identity(&issued.chain_pem, &new_key)?;
+    set.write_bundle(&signed.bundle)?;
+    set.write_state(&next)?;
+    // Keep the reload loop from reading the certificate of one set and the key of the other.
     state.renewing.store(true, Ordering::Release);
-    let written = (|| {
-        write_file(&files.key, new_key.as_bytes(), 0o600)?;
-        write_file(&files.cert, issued.chain_pem.as_bytes(), 0o644)?;
-        write_file(&files.bundle, signed.bundle.concat().as_bytes(), 0o644)
-    })();
-    let swapped = written.and_then(|()| {
+    let swapped = set.commit().and_then(|()| {
         state
             .material
             .reload()
@@ -270,13 +297,6 @@ async fn renew(
     });
     state.renewing.store(false, Ordering::Release);
     swapped?;
-    let next = ControlState {
-        issued_at: now(),
-        not_after: issued.not_after,
-        services,
-        ..current
-    };
-    write_state(&cfg.data_dir, &next)?;
     Ok(next)
 }
 
@@ -300,4 +320,28 @@ pub(crate) async fn post_coverage(
     body: Vec<u8>,
 ) -> Result<(), ControlError> {
     Ok(node_client(cfg, td)?.coverage(body).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_never_sleep_past_the_validity_left() {
+        for left in [1i64, 4, 14, 60, 600, 100_000] {
+            for backoff in [RETRY_MIN, Duration::from_secs(16), RETRY_MAX] {
+                let d = retry_delay(backoff, left);
+                assert!(d <= backoff, "{d:?} > backoff {backoff:?}");
+                assert!(
+                    d.as_secs_f64() <= (left as f64 / 4.0).max(1.0),
+                    "left {left}: slept {d:?}"
+                );
+                assert!(d >= Duration::from_millis(250));
+            }
+        }
+        // The case of the report: 16 s of backoff with 14 s left.
+        assert!(retry_delay(Duration::from_secs(16), 14) <= Duration::from_secs(3));
+        // After expiry it keeps trying, at most every RETRY_MAX.
+        assert!(retry_delay(Duration::from_secs(600), -5) <= RETRY_MAX);
+    }
 }

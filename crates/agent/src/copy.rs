@@ -158,6 +158,12 @@ async fn splice(
     let result = tokio::try_join!(up, down).map(|_| ());
     if result.is_err() {
         send.send_reset(h2::Reason::CANCEL);
+        // A cut stream (the peer agent died, the tunnel broke, the far side reset) reaches the
+        // app as a reset, not a FIN: a close-delimited protocol must not take a truncated
+        // response for a complete one.
+        if let Err(e) = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO)) {
+            tracing::debug!(error = %e, "cannot set SO_LINGER 0 on a cut app connection");
+        }
     }
     result
 }

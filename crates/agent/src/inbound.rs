@@ -53,10 +53,22 @@ async fn connection(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let metrics = &state.metrics;
+    // Before any handshake work: in progress in total and from this source, and the fd budget.
+    let handshaking = match state.limits.handshake(peer.ip()) {
+        Ok(place) => place,
+        Err(limit) => {
+            metrics.limit_refused(limit);
+            debug!(%peer, limit = limit.as_str(), "tunnel: connection refused by a limit");
+            if let Some(more) = state.refused_log.tick() {
+                warn!(%peer, limit = limit.as_str(), suppressed = more, "tunnel: connection refused by a limit (one line per 10 s)");
+            }
+            return;
+        }
+    };
     crate::socket::tune_tunnel(&tcp);
     // Only TLS is read or written on this socket, from the first byte: the audit may count it.
     let _vouched = crate::vouch::sockets().register(&tcp, tapproof_audit::VouchedKind::TunnelIn);
-    let metrics = &state.metrics;
     let tls = match state.server_tls() {
         Ok(tls) => tls,
         Err(e) => {
@@ -73,13 +85,13 @@ async fn connection(
     {
         Err(_) => {
             metrics.handshake_failed(Side::Inbound, "timeout");
-            warn!(%peer, reason = "timeout", "tunnel: handshake refused");
+            refused(&state, peer, "timeout", None);
             return;
         }
         Ok(Err(e)) => {
             let reason = failure_reason(&e);
             metrics.handshake_failed(Side::Inbound, reason);
-            warn!(%peer, reason, error = %e, "tunnel: handshake refused");
+            refused(&state, peer, reason, Some(&e));
             return;
         }
         Ok(Ok(s)) => s,
@@ -96,6 +108,14 @@ async fn connection(
         warn!(%peer, peer_id = %peer_id, reason = "revoked", "tunnel: handshake refused");
         return;
     }
+    let _tunnel_place = match state.limits.tunnel(&peer_id.to_string()) {
+        Ok(place) => place,
+        Err(limit) => {
+            metrics.limit_refused(limit);
+            warn!(%peer, peer_id = %peer_id, limit = limit.as_str(), "tunnel: refused, this peer holds its limit of tunnels");
+            return;
+        }
+    };
     metrics
         .handshakes
         .get_or_create(&SideLabel { side: Side::Inbound })
@@ -109,6 +129,8 @@ async fn connection(
         .initial_connection_window_size(tunnel_cfg.connection_window)
         .max_frame_size(tunnel_cfg.max_frame_size)
         .max_concurrent_streams(tunnel_cfg.max_concurrent_streams)
+        .max_header_list_size(tunnel_cfg.max_header_list_size)
+        .max_pending_accept_reset_streams(tunnel_cfg.max_pending_accept_resets)
         .max_send_buffer_size(4 * tunnel_cfg.max_frame_size as usize);
     let mut conn = match timeout(
         tunnel_cfg.handshake_timeout,
@@ -140,6 +162,8 @@ async fn connection(
             return;
         }
     };
+    // The handshake's place (and its fd from the budget) goes back: the tunnel is established.
+    drop(handshaking);
     let guard = state.open_tunnel(Side::Inbound, peer, &session);
     let mut draining = false;
     loop {
@@ -182,6 +206,15 @@ async fn connection(
     debug!(%peer, peer_id = %peer_id, "tunnel: closed");
 }
 
+/// A refused handshake: anyone can cause one, so one WARN line per 10 s at most (the rest at
+/// debug; the counter has them all).
+fn refused(state: &AgentState, peer: SocketAddr, reason: &'static str, error: Option<&std::io::Error>) {
+    debug!(%peer, reason, error = ?error, "tunnel: handshake refused");
+    if let Some(more) = state.refused_log.tick() {
+        warn!(%peer, reason, error = ?error.map(ToString::to_string), suppressed = more, "tunnel: handshake refused (one line per 10 s; the rest at debug)");
+    }
+}
+
 fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let response = Response::builder()
         .status(status)
@@ -208,11 +241,17 @@ async fn serve_stream(
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
+    let known = state.config.inbound.iter().any(|i| i.service == service);
     let deny = |reason: &'static str| {
+        let label = if known {
+            service.clone()
+        } else {
+            crate::metrics::UNKNOWN_SERVICE.to_owned()
+        };
         metrics
             .policy_denials
             .get_or_create(&DenialLabels {
-                service: service.clone(),
+                service: label,
                 reason,
             })
             .inc();
@@ -228,13 +267,26 @@ async fn serve_stream(
         warn!(peer_id = %peer_id, service = %service, "stream refused: policy does not allow this peer");
         return refuse(&mut respond, StatusCode::FORBIDDEN);
     }
+    // This peer's streams, this service's connects in progress, and an fd from the budget.
+    let (_stream_place, connecting) = match state.limits.stream(&peer_id.to_string(), &service) {
+        Ok(places) => places,
+        Err(limit) => {
+            metrics.limit_refused(limit);
+            metrics.stream_failed(Side::Inbound, "limit");
+            debug!(peer_id = %peer_id, service = %service, limit = limit.as_str(), "stream refused by a limit");
+            return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
     let app = match timeout(
         state.config.tunnel.connect_timeout,
         TcpStream::connect(inbound.forward),
     )
     .await
     {
-        Ok(Ok(tcp)) => tcp,
+        Ok(Ok(tcp)) => {
+            drop(connecting);
+            tcp
+        }
         Ok(Err(e)) => {
             metrics.stream_failed(Side::Inbound, "forward_unreachable");
             warn!(peer_id = %peer_id, service = %service, forward = %inbound.forward, error = %e, "stream refused: cannot reach forward address");

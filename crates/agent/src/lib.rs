@@ -10,6 +10,7 @@ mod copy;
 mod coverage;
 mod drain;
 mod inbound;
+pub mod limits;
 pub mod metrics;
 mod outbound;
 /// Allow patterns live in `tapproof-identity` (the control plane checks them too).
@@ -70,6 +71,8 @@ pub fn identity_files(config: &AgentConfig) -> IdentityFiles {
 pub struct RunOptions {
     /// Written (atomically) with the bound addresses as JSON once every listener is up.
     pub ready_file: Option<PathBuf>,
+    /// The open-file limit in force (the binary raises it at start); sizes the fd budget.
+    pub fd_limit: Option<u64>,
 }
 
 async fn bind(key: String, addr: SocketAddr) -> Result<TcpListener, AgentError> {
@@ -127,7 +130,7 @@ pub async fn run(
     if let Some(addr) = bound.tunnel {
         vouch::sockets().listening(addr);
     }
-    let state = Arc::new(AgentState::new(config, material));
+    let state = Arc::new(AgentState::new(config, material, options.fd_limit));
     let advertise = state
         .config
         .tunnel

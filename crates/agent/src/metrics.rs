@@ -69,6 +69,15 @@ pub struct BytesLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
+/// The `service` label of a denial for a name this agent does not serve: peers choose those
+/// names, and each distinct label would be a series kept forever.
+pub const UNKNOWN_SERVICE: &str = "(unknown)";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DenialLabels {
     pub service: String,
     pub reason: &'static str,
@@ -92,6 +101,7 @@ pub struct Metrics {
     pub handshake_failures: Family<FailureLabels, Counter>,
     pub tunnel_errors: Family<FailureLabels, Counter>,
     pub policy_denials: Family<DenialLabels, Counter>,
+    pub limit_refusals: Family<LimitLabels, Counter>,
     pub cert_expiry_seconds: Gauge,
     pub cert_reloads: Counter,
     pub cert_reload_failures: Counter,
@@ -114,6 +124,7 @@ impl Default for Metrics {
             handshake_failures: Family::default(),
             tunnel_errors: Family::default(),
             policy_denials: Family::default(),
+            limit_refusals: Family::default(),
             cert_expiry_seconds: Gauge::default(),
             cert_reloads: Counter::default(),
             cert_reload_failures: Counter::default(),
@@ -155,6 +166,11 @@ impl Default for Metrics {
             "policy_denials",
             "Streams refused by policy or for an unknown service",
             m.policy_denials.clone(),
+        );
+        registry.register(
+            "limit_refusals",
+            "Connections, tunnels or streams refused by a limit (config [tunnel] max_*), by limit",
+            m.limit_refusals.clone(),
         );
         registry.register(
             "certificate_expiry_seconds",
@@ -201,6 +217,14 @@ impl Metrics {
     pub fn handshake_failed(&self, side: Side, reason: &'static str) {
         self.handshake_failures
             .get_or_create(&FailureLabels { side, reason })
+            .inc();
+    }
+
+    pub fn limit_refused(&self, limit: crate::limits::Limit) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels {
+                limit: limit.as_str(),
+            })
             .inc();
     }
 

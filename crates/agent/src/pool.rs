@@ -233,6 +233,7 @@ impl Pool {
             .initial_connection_window_size(cfg.connection_window)
             .max_frame_size(cfg.max_frame_size)
             .max_send_buffer_size(4 * cfg.max_frame_size as usize)
+            .max_header_list_size(cfg.max_header_list_size)
             .enable_push(false);
         let (sender, connection) =
             match timeout(cfg.handshake_timeout, builder.handshake::<_, Bytes>(stream)).await {

@@ -31,6 +31,10 @@ pub struct AgentState {
     policy: std::sync::RwLock<std::collections::HashMap<String, Vec<crate::policy::AllowPattern>>>,
     /// The most recent refused streams, for the coverage report's dashboard view.
     denials: Mutex<std::collections::VecDeque<tapproof_audit::Denial>>,
+    /// Connections, tunnels and streams counted against the `[tunnel]` limits and the fd budget.
+    pub limits: crate::limits::Limits,
+    /// Refused handshakes are logged at most once per 10 s (the rest at debug).
+    pub refused_log: tapproof_tls::admission::LogThrottle,
 }
 
 /// One TLS connection between two agents and what it has carried.
@@ -83,7 +87,8 @@ impl AgentState {
         d.push_back(tapproof_audit::Denial {
             at: tapproof_audit::now(),
             peer: peer.to_string(),
-            service: service.to_owned(),
+            // Peers choose names of unknown services: keep what an operator needs, not 16 KiB.
+            service: service.chars().take(128).collect(),
             reason: reason.to_owned(),
         });
     }
@@ -97,8 +102,10 @@ impl AgentState {
             .collect()
     }
 
-    pub fn new(config: AgentConfig, material: ReloadingMaterial) -> Self {
+    pub fn new(config: AgentConfig, material: ReloadingMaterial, fd_limit: Option<u64>) -> Self {
         Self {
+            limits: crate::limits::Limits::new(&config.tunnel, fd_limit),
+            refused_log: tapproof_tls::admission::LogThrottle::new(std::time::Duration::from_secs(10)),
             config,
             material,
             metrics: Metrics::default(),

@@ -54,6 +54,11 @@ pub enum ErrorCode {
     IdentityRevoked,
     /// The caller's certificate (serial) is revoked.
     CertificateRevoked,
+    /// The caller's certificate expired: only renewal accepts it (within the server's recovery
+    /// window, and only the node's newest certificate).
+    CertificateExpired,
+    /// Too many requests from this source or identity; retry after a while.
+    RateLimited,
     /// A coverage report exceeds the limits.
     ReportTooLarge,
     /// The stored policy cannot be read.
@@ -97,6 +102,8 @@ impl ErrorCode {
         Self::NodeRevoked,
         Self::IdentityRevoked,
         Self::CertificateRevoked,
+        Self::CertificateExpired,
+        Self::RateLimited,
         Self::ReportTooLarge,
         Self::PolicyUnavailable,
         Self::StoreUnavailable,
@@ -120,7 +127,12 @@ impl ErrorCode {
             | Self::TokenMalformed
             | Self::CsrInvalid
             | Self::ReportTooLarge => 400,
-            Self::TokenInvalid | Self::TokenExpired | Self::TokenUsed | Self::IdentityRequired => 401,
+            Self::TokenInvalid
+            | Self::TokenExpired
+            | Self::TokenUsed
+            | Self::IdentityRequired
+            | Self::CertificateExpired => 401,
+            Self::RateLimited => 429,
             Self::AdminRequired
             | Self::NotANode
             | Self::UnknownNode
@@ -161,6 +173,8 @@ impl ErrorCode {
             Self::NodeRevoked => "node_revoked",
             Self::IdentityRevoked => "identity_revoked",
             Self::CertificateRevoked => "certificate_revoked",
+            Self::CertificateExpired => "certificate_expired",
+            Self::RateLimited => "rate_limited",
             Self::ReportTooLarge => "report_too_large",
             Self::PolicyUnavailable => "policy_unavailable",
             Self::StoreUnavailable => "store_unavailable",

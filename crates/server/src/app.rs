@@ -23,6 +23,9 @@ pub struct Peer {
     pub id: Option<SpiffeId>,
     /// The client certificate's serial (hex), for revocation by serial.
     pub serial: Option<String>,
+    /// When the client certificate expires (Unix seconds). The TLS listener lets a certificate
+    /// through up to `Limits::expired_renewal_window` after it; `auth::authorize` decides.
+    pub not_after: Option<i64>,
     pub addr: std::net::SocketAddr,
 }
 
@@ -40,6 +43,8 @@ pub struct AppState {
     pub revoked: RwLock<Arc<RevocationSet>>,
     /// Cancelled when the server drains: waiting long-polls answer at once.
     pub draining: tokio_util::sync::CancellationToken,
+    pub limits: crate::limits::Limits,
+    pub rate: crate::limits::RateLimits,
 }
 
 impl AppState {
@@ -156,12 +161,30 @@ pub(crate) fn query<T>(
 
 /// Appends to the audit log; a failure is logged, the request's own outcome stands.
 pub(crate) async fn audit(store: &dyn Store, actor: String, action: &str, details: serde_json::Value) {
+    if let Err(e) = audit_required(store, actor, action, details).await {
+        tracing::error!(error = %e.message, action, "cannot append to the audit log");
+    }
+}
+
+/// Appends an audit row; the caller's operation fails with it (an issued certificate or a join
+/// whose row cannot be written is answered `store_failed`, and the client retries).
+pub(crate) async fn audit_required(
+    store: &dyn Store,
+    actor: String,
+    action: &str,
+    details: serde_json::Value,
+) -> Result<(), ApiError> {
     let entry = NewAudit {
         actor,
         action: action.into(),
         details,
     };
-    if let Err(e) = store.audit_append(entry, crate::now()).await {
-        warn!(error = %e, action, "cannot append to the audit log");
-    }
+    store
+        .audit_append(entry, crate::now())
+        .await
+        .map(drop)
+        .map_err(|e| {
+            warn!(error = %e, action, "cannot append to the audit log; the request fails");
+            ApiError::new(ErrorCode::StoreFailed, format!("cannot write the audit log: {e}"))
+        })
 }

@@ -4,6 +4,14 @@
 //! or serial: `RevocationSet::covers`, the one rule agents use too). The TLS listener asks
 //! [`revoked`] right after the handshake, so a certificate revoked by serial gets no HTTP at all.
 //! Refusals of identified callers are audited as `<what>.refused` with the stable code.
+//!
+//! Expired certificates: the TLS listener lets a client certificate through for
+//! `Limits::expired_renewal_window` after its expiry (so a node cut off during an outage renews
+//! by itself, with no new token); here such a caller gets renewal (`Need::Renewal`) only, and only
+//! with the newest certificate the server issued to that node, so an older key taken from a
+//! backup or a decommissioned disk recovers nothing. Everything else answers `certificate_expired`.
+//!
+//! Requests per client (its SPIFFE ID, or its address without one) are rate-limited here too.
 
 use crate::app::{audit, ApiError, AppState, Peer};
 use tapproof_api::ErrorCode;
@@ -16,6 +24,9 @@ pub enum Need {
     Node,
     /// An unrevoked admin identity (`spiffe://<td>/admin/<name>`).
     Admin,
+    /// `Node`, for renewal: the certificate may have expired (within the recovery window) if it
+    /// is the newest one issued to the node.
+    Renewal,
 }
 
 /// An authorised caller.
@@ -43,9 +54,10 @@ pub fn revoked(s: &AppState, id: &SpiffeId, serial: Option<&str>) -> Option<Cove
 
 /// Checks the caller of `what` (for example `sign`, `state`, `admin.nodes`) against `need`.
 pub async fn authorize(s: &AppState, peer: &Peer, need: Need, what: &str) -> Result<Caller, ApiError> {
+    rate_limit(s, peer)?;
     let Some(id) = peer.id.as_ref() else {
         let wanted = match need {
-            Need::Node => "your node certificate",
+            Need::Node | Need::Renewal => "your node certificate",
             Need::Admin => "an admin certificate (tapproof server admin-cert)",
         };
         return Err(ApiError::new(
@@ -56,6 +68,16 @@ pub async fn authorize(s: &AppState, peer: &Peer, need: Need, what: &str) -> Res
     refuse_revoked(s, peer, what).await?;
     let actor = id.to_string();
     let refuse = |code: ErrorCode, message: String| refused(s, what, &actor, code, message);
+    let expired = peer.not_after.is_some_and(|t| t < crate::now());
+    if expired && need != Need::Renewal {
+        return Err(refuse(
+            ErrorCode::CertificateExpired,
+            format!(
+                "the certificate of {id} expired; the agent renews it (POST /v1/sign) before anything else"
+            ),
+        )
+        .await);
+    }
     match need {
         Need::Admin => {
             let Some(name) = id.path().strip_prefix("/admin/") else {
@@ -70,7 +92,7 @@ pub async fn authorize(s: &AppState, peer: &Peer, need: Need, what: &str) -> Res
                 name: name.to_owned(),
             })
         }
-        Need::Node => {
+        Need::Node | Need::Renewal => {
             let Some(node) = node_name(id) else {
                 return Err(refuse(ErrorCode::NotANode, format!("{id} is not a node identity")).await);
             };
@@ -82,7 +104,62 @@ pub async fn authorize(s: &AppState, peer: &Peer, need: Need, what: &str) -> Res
                 )
                 .await);
             }
+            if expired {
+                let newest = s
+                    .store
+                    .cert_list(&node)
+                    .await?
+                    .into_iter()
+                    .filter(|c| c.spiffe_id == actor)
+                    .max_by_key(|c| (c.not_after, c.issued_at));
+                let ours = newest.is_some_and(|c| {
+                    let theirs = peer
+                        .serial
+                        .as_deref()
+                        .and_then(tapproof_identity::normalize_serial);
+                    theirs.is_some() && theirs == tapproof_identity::normalize_serial(&c.serial)
+                });
+                if !ours {
+                    return Err(refuse(
+                        ErrorCode::CertificateExpired,
+                        format!("the certificate of {id} expired and is not the newest one issued to node {node}; join again with a new token"),
+                    )
+                    .await);
+                }
+                tracing::info!(node = %node, serial = ?peer.serial, "renewal with an expired certificate (recovery after an outage)");
+            }
             Ok(Caller { actor, name: node })
+        }
+    }
+}
+
+/// Refuses a client over its request rate (its SPIFFE ID, or its address without a certificate).
+/// Not audited: a flood must not write a row per request. Logged once a minute per client.
+pub fn rate_limit(s: &AppState, peer: &Peer) -> Result<(), ApiError> {
+    let Some(buckets) = &s.rate.requests else {
+        return Ok(());
+    };
+    let key = match &peer.id {
+        Some(id) => id.to_string(),
+        None => peer.addr.ip().to_string(),
+    };
+    match buckets.take(&key) {
+        crate::limits::Take::Ok => Ok(()),
+        crate::limits::Take::Refused { log } => {
+            s.rate
+                .refusals
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if log {
+                tracing::warn!(client = %key, limit_per_s = s.limits.requests_per_second, "control plane: client over its request rate; refusing (logged once a minute)");
+            }
+            Err(ApiError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} requests per second; slow down",
+                    s.limits.requests_per_second
+                ),
+            ))
         }
     }
 }

@@ -3,7 +3,7 @@
 //! and signing over mTLS (renewal of the node identity and the identities of the services
 //! registered to it). Nothing is signed before every CSR of a request passed.
 
-use crate::app::{audit, parse, ApiError, AppState, Peer};
+use crate::app::{audit, audit_required, parse, ApiError, AppState, Peer};
 use crate::auth::{authorize, Need};
 use crate::{now, Ca};
 use axum::extract::rejection::BytesRejection;
@@ -81,6 +81,31 @@ pub(crate) async fn join(
     Extension(peer): Extension<Peer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<JoinResponse>, ApiError> {
+    // Before anything is parsed, checked or audited: a brute-force attempt costs the attacker.
+    if let crate::limits::Take::Refused { log } = s.rate.joins.take(&peer.addr.ip()) {
+        s.rate
+            .refusals
+            .joins
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if log {
+            warn!(peer = %peer.addr, limit_per_min = s.limits.joins_per_minute, "join attempts over the limit for this source; refusing (logged and audited once a minute)");
+            audit(
+                &*s.store,
+                format!("peer:{}", peer.addr.ip()),
+                "join.rate_limited",
+                serde_json::json!({ "limit_per_minute": s.limits.joins_per_minute }),
+            )
+            .await;
+        }
+        return Err(ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} join attempts a minute from {}; wait",
+                s.limits.joins_per_minute,
+                peer.addr.ip()
+            ),
+        ));
+    }
     let req: JoinRequest = parse(body)?;
     let actor = format!("peer:{}", peer.addr);
     let token = match JoinToken::parse(&req.token) {
@@ -129,13 +154,13 @@ pub(crate) async fn join(
     for service in &record.services {
         s.store.registration_add(&record.node, service).await?;
     }
-    audit(
+    audit_required(
         &*s.store,
         format!("token:{}", token.id),
         "node.join",
         serde_json::json!({ "node": record.node, "id": node_id.to_string(), "services": record.services, "not_after": identity.not_after }),
     )
-    .await;
+    .await?;
     info!(node = %record.node, peer = %peer.addr, "node joined");
     let services = s
         .store
@@ -164,7 +189,7 @@ pub(crate) async fn sign(
     Extension(peer): Extension<Peer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<SignResponse>, ApiError> {
-    let caller = authorize(&s, &peer, Need::Node, "sign").await?;
+    let caller = authorize(&s, &peer, Need::Renewal, "sign").await?;
     let (actor, node) = (caller.actor, caller.name);
     let req: SignRequest = parse(body)?;
     if req.csrs.is_empty() || req.csrs.len() > MAX_CSRS {
@@ -215,13 +240,13 @@ pub(crate) async fn sign(
         identities.push(issue(&s, &ca, id, &node, key).await?);
     }
     s.store.node_seen(&node, now()).await?;
-    audit(
+    audit_required(
         &*s.store,
         actor,
         "cert.issue",
         serde_json::json!({ "node": node, "ids": identities.iter().map(|i| i.id.clone()).collect::<Vec<_>>() }),
     )
-    .await;
+    .await?;
     Ok(Json(SignResponse {
         identities,
         bundle: ca.bundle.clone(),

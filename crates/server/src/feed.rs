@@ -40,6 +40,20 @@ pub(crate) async fn state_feed(
     }
     let mut version = s.version.clone();
     if let Some(since) = since.filter(|since| *version.borrow() <= *since) {
+        // A node holds a few long-polls at most (one per agent, plus a restart's overlap).
+        let Ok(_held) = s.rate.long_polls.admit(caller.name.clone()) else {
+            s.rate
+                .refusals
+                .long_polls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(ApiError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "node {} already holds {} state-feed long-polls",
+                    caller.name, s.limits.long_polls_per_node
+                ),
+            ));
+        };
         tokio::select! {
             _ = tokio::time::timeout(LONG_POLL, version.wait_for(|v| *v > since)) => {}
             // A draining server answers now, so agents move to another replica at once.

@@ -12,12 +12,14 @@ mod dashboard;
 mod enrol;
 mod feed;
 pub mod kek;
+pub mod limits;
 mod openapi;
 pub mod rollover;
 mod routes;
 mod serve;
 
 pub use ca::Ca;
+pub use limits::Limits;
 pub use serve::{run, RunOptions};
 
 use kek::{Kek, KekError};
@@ -165,7 +167,7 @@ pub async fn open_store(
 ) -> Result<(ServerMeta, Arc<dyn Store>), ServerError> {
     let meta = read_meta(data_dir)?;
     let url = store_url.map(str::to_owned).unwrap_or_else(|| meta.store.clone());
-    let store = tapproof_store::open(&url).await?;
+    let store = tapproof_store::open_existing(&url).await?;
     Ok((meta, store))
 }
 

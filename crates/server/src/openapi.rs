@@ -129,7 +129,7 @@ fn schemas() -> Value {
 
 pub fn document() -> Value {
     use ErrorCode as E;
-    let node = [E::IdentityRequired];
+    let node = [E::IdentityRequired, E::CertificateExpired];
     let node_refused = [
         E::NotANode,
         E::UnknownNode,
@@ -167,6 +167,7 @@ pub fn document() -> Value {
             "400": error_response(&[E::TokenMalformed, E::CsrInvalid, E::BadNode, E::BadJson, E::BadBody]),
             "401": error_response(&[E::TokenInvalid, E::TokenExpired, E::TokenUsed]),
             "413": error_response(&[E::BodyTooLarge]),
+            "429": error_response(&[E::RateLimited]),
             "503": error_response(&[E::StoreUnavailable, E::StoreFailed])
         }
     } }),
@@ -179,7 +180,7 @@ pub fn document() -> Value {
         "responses": {
             "200": ok("signed", "SignResponse"),
             "400": error_response(&[E::CsrInvalid, E::BadId, E::BadRequest, E::BadJson]),
-            "401": error_response(&node),
+            "401": error_response(&node), "429": error_response(&[E::RateLimited]),
             "403": error_response(&[&node_refused[..], &[E::NotRegistered]].concat()),
             "413": error_response(&[E::BodyTooLarge])
         }
@@ -196,7 +197,7 @@ pub fn document() -> Value {
         "responses": {
             "200": ok("state", "State"),
             "400": error_response(&[E::BadQuery]),
-            "401": error_response(&node),
+            "401": error_response(&node), "429": error_response(&[E::RateLimited]),
             "403": error_response(&node_refused)
         }
     } }),
@@ -204,36 +205,36 @@ pub fn document() -> Value {
     add(
         paths::NODES,
         json!({ "get": { "summary": "Admin: nodes with services and certificate expiry",
-        "responses": { "200": ok_list("nodes", "NodeView"), "401": error_response(&node), "403": error_response(&admin_refused) } } }),
+        "responses": { "200": ok_list("nodes", "NodeView"), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } } }),
     );
     add(
         paths::REGISTRATIONS,
         json!({
-            "get": { "summary": "Admin: which node fronts which service", "responses": { "200": ok_list("registrations", "Registration"), "401": error_response(&node), "403": error_response(&admin_refused) } },
+            "get": { "summary": "Admin: which node fronts which service", "responses": { "200": ok_list("registrations", "Registration"), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } },
             "post": { "summary": "Admin: add or remove a registration", "requestBody": body("RegistrationChange"),
-                "responses": { "200": ok("whether anything changed", "Changed"), "400": error_response(&[E::BadRequest, E::BadJson]), "401": error_response(&node), "403": error_response(&admin_refused) } }
+                "responses": { "200": ok("whether anything changed", "Changed"), "400": error_response(&[E::BadRequest, E::BadJson]), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } }
         }),
     );
     add(
         paths::REVOCATIONS,
         json!({
-            "get": { "summary": "Admin: every revocation", "responses": { "200": ok_list("revocations", "Revocation"), "401": error_response(&node), "403": error_response(&admin_refused) } },
+            "get": { "summary": "Admin: every revocation", "responses": { "200": ok_list("revocations", "Revocation"), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } },
             "post": { "summary": "Admin: revoke a node, a SPIFFE ID or a certificate serial; in force on this server at once, on agents within seconds", "requestBody": body("RevokeRequest"),
-                "responses": { "200": ok("the revocation", "Revocation"), "400": error_response(&[E::BadRequest, E::BadJson]), "401": error_response(&node), "403": error_response(&admin_refused) } }
+                "responses": { "200": ok("the revocation", "Revocation"), "400": error_response(&[E::BadRequest, E::BadJson]), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } }
         }),
     );
     add(
         paths::AUDIT_LOG,
         json!({ "get": { "summary": "Admin: audit-log rows after `after`, at most `limit`",
         "parameters": [{ "name": "after", "in": "query", "schema": { "type": "integer" } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000 } }],
-        "responses": { "200": ok_list("rows", "AuditEntry"), "400": error_response(&[E::BadQuery]), "401": error_response(&node), "403": error_response(&admin_refused) } } }),
+        "responses": { "200": ok_list("rows", "AuditEntry"), "400": error_response(&[E::BadQuery]), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } } }),
     );
     add(
         paths::POLICY,
         json!({
-            "get": { "summary": "Admin: the policy document (service -> allowed SPIFFE ID patterns)", "responses": { "200": ok("policy", "Policy"), "401": error_response(&node), "403": error_response(&admin_refused), "503": error_response(&[E::PolicyUnavailable]) } },
+            "get": { "summary": "Admin: the policy document (service -> allowed SPIFFE ID patterns)", "responses": { "200": ok("policy", "Policy"), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused), "503": error_response(&[E::PolicyUnavailable]) } },
             "post": { "summary": "Admin: replace the policy document (JSON, or TOML); agents apply it within seconds", "requestBody": body("Policy"),
-                "responses": { "200": ok("the stored policy", "Policy"), "400": error_response(&[E::BadPolicy, E::BadJson]), "401": error_response(&node), "403": error_response(&admin_refused) } }
+                "responses": { "200": ok("the stored policy", "Policy"), "400": error_response(&[E::BadPolicy, E::BadJson]), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } }
         }),
     );
     add(
@@ -244,7 +245,7 @@ pub fn document() -> Value {
         "responses": {
             "204": { "description": "kept" },
             "400": error_response(&[E::BadJson, E::BadBody, E::ReportTooLarge]),
-            "401": error_response(&node),
+            "401": error_response(&node), "429": error_response(&[E::RateLimited]),
             "403": error_response(&node_refused),
             "413": error_response(&[E::BodyTooLarge])
         }
@@ -253,12 +254,12 @@ pub fn document() -> Value {
     add(
         paths::DASHBOARD_DATA,
         json!({ "get": { "summary": "Admin: the fleet dashboard's data: nodes and certificate expiry, links with their class, coverage history, recent denials and audit-log rows",
-        "responses": { "200": { "description": "dashboard data (read by the dashboard's script)" }, "401": error_response(&node), "403": error_response(&admin_refused) } } }),
+        "responses": { "200": { "description": "dashboard data (read by the dashboard's script)" }, "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } } }),
     );
     add(
         paths::DASHBOARD,
         json!({ "get": { "summary": "Admin: the fleet dashboard page (HTML; its script and stylesheet are /dashboard/app.js and /dashboard/style.css). Browsers reach it through `tapproof server dashboard`",
-        "responses": { "200": { "description": "HTML" }, "401": error_response(&node), "403": error_response(&admin_refused) } } }),
+        "responses": { "200": { "description": "HTML" }, "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } } }),
     );
     json!({
         "openapi": "3.1.0",

@@ -39,9 +39,11 @@ pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
     /// Roll the root over automatically.
     pub rollover: Option<crate::rollover::Schedule>,
+    /// Connection caps, timeouts and rate limits.
+    pub limits: crate::limits::Limits,
 }
 
-fn server_tls(ca: &Ca) -> Result<ControlServerTls, ServerError> {
+fn server_tls(ca: &Ca, expired_grace: Duration) -> Result<ControlServerTls, ServerError> {
     let id = tapproof_identity::SpiffeId::new(ca.trust_domain.clone(), "/server")
         .map_err(|e| ServerError::Ca(e.to_string()))?;
     let issued = ca
@@ -50,8 +52,14 @@ fn server_tls(ca: &Ca) -> Result<ControlServerTls, ServerError> {
         .map_err(|e| ServerError::Ca(e.to_string()))?;
     // The root rides along so an agent holding only the token's pin can find and check it.
     let chain = format!("{}{}", issued.chain_pem, ca.signer_root_pem);
-    ControlServerTls::new(&chain, &issued.key_pem, &ca.bundle, &ca.trust_domain)
-        .map_err(|e| ServerError::Ca(e.to_string()))
+    ControlServerTls::new(
+        &chain,
+        &issued.key_pem,
+        &ca.bundle,
+        &ca.trust_domain,
+        expired_grace,
+    )
+    .map_err(|e| ServerError::Ca(e.to_string()))
 }
 
 pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
@@ -70,7 +78,9 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
         .unwrap_or_else(|| crate::default_kek_file(&options.data_dir));
     let kek = Arc::new(Kek::load(&kek_file)?);
     let ca = Arc::new(Ca::load(&*store, &kek, &td).await?);
-    let tls = Arc::new(RwLock::new(server_tls(&ca)?));
+    let limits = options.limits.clone();
+    let grace = limits.expired_renewal_window;
+    let tls = Arc::new(RwLock::new(server_tls(&ca, grace)?));
     let (version_tx, version_rx) = tokio::sync::watch::channel(crate::rollover::feed_version(&*store).await?);
     let state = Arc::new(AppState {
         version: version_rx,
@@ -80,7 +90,11 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
         store: store.clone(),
         ca: RwLock::new(ca),
         leaf_ttl: options.leaf_ttl,
+        rate: crate::limits::RateLimits::new(&limits),
+        limits: limits.clone(),
     });
+    let admission = crate::limits::Admission::new(limits.max_connections, limits.max_connections_per_source);
+    let refused_log = Arc::new(crate::limits::LogThrottle::new(Duration::from_secs(10)));
     let app = router(state.clone());
 
     let listener = TcpListener::bind(options.listen)
@@ -111,7 +125,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
             loop {
                 tokio::time::sleep(half).await;
                 let ca = state.ca.read().unwrap_or_else(|p| p.into_inner()).clone();
-                match server_tls(&ca) {
+                match server_tls(&ca, grace) {
                     Ok(new) => *tls.write().unwrap_or_else(|p| p.into_inner()) = new,
                     Err(e) => warn!(error = %e, "cannot refresh the server certificate"),
                 }
@@ -122,12 +136,20 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     // Changes made by other processes (the CLI, other replicas) reach the feed through this
     // watcher: PostgreSQL wakes it with NOTIFY; on SQLite it looks once a second.
     let mut changes = store.listen_changes().await?;
+    // The store going away under the server (the SQLite file removed or replaced) stops it: every
+    // later write would be lost, and a supervisor's restart then fails with the reason.
+    let (fatal_tx, mut fatal) = tokio::sync::mpsc::channel::<ServerError>(1);
     let watcher = {
         let (store, state, tls, kek) = (store.clone(), state.clone(), tls.clone(), kek.clone());
         let td = td.clone();
         tokio::spawn(async move {
             loop {
                 changes.next().await;
+                if let Err(e) = store.check_alive() {
+                    tracing::error!(error = %e, "control plane: the store is gone; stopping");
+                    let _ = fatal_tx.send(ServerError::from(e)).await;
+                    return;
+                }
                 let v = match crate::rollover::feed_version(&*store).await {
                     Ok(v) => v,
                     Err(e) => {
@@ -147,7 +169,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
                 match Ca::load(&*store, &kek, &td).await {
                     Ok(ca) => {
                         let ca = Arc::new(ca);
-                        match server_tls(&ca) {
+                        match server_tls(&ca, grace) {
                             Ok(new) => *tls.write().unwrap_or_else(|p| p.into_inner()) = new,
                             Err(e) => warn!(error = %e, "cannot re-issue the server certificate"),
                         }
@@ -180,10 +202,15 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     });
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stopped_by = None;
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
             _ = &mut shutdown => break,
+            Some(e) = fatal.recv() => {
+                stopped_by = Some(e);
+                break;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -193,25 +220,59 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
                 }
             },
         };
+        let admitted = match admission.admit(addr.ip()) {
+            Ok(a) => a,
+            Err(full) => {
+                let (counter, what) = match full {
+                    crate::limits::Full::Total => {
+                        (&state.rate.refusals.connections_total, "the connection cap")
+                    }
+                    crate::limits::Full::PerKey => (
+                        &state.rate.refusals.connections_per_source,
+                        "the per-source connection cap",
+                    ),
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(more) = refused_log.tick() {
+                    warn!(peer = %addr, open = admission.open(), suppressed = more, "control plane: connection refused: {what} is reached");
+                }
+                drop(tcp);
+                continue;
+            }
+        };
         let tls = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let (app, state) = (app.clone(), state.clone());
+        let (app, state, refused_log) = (app.clone(), state.clone(), refused_log.clone());
         let conn_watch = graceful.watcher();
         tokio::spawn(async move {
-            let accepted = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await;
+            let _admitted = admitted;
+            let accepted = tokio::time::timeout(state.limits.handshake_timeout, tls.accept(tcp)).await;
             let (stream, session) = match accepted {
                 Ok(Ok(pair)) => pair,
                 Ok(Err(e)) => {
-                    warn!(peer = %addr, reason = tapproof_tls::failure_reason(&e), error = %e, "control plane: handshake refused");
+                    let reason = tapproof_tls::failure_reason(&e);
+                    tracing::debug!(peer = %addr, reason, error = %e, "control plane: handshake refused");
+                    if let Some(more) = refused_log.tick() {
+                        warn!(peer = %addr, reason, error = %e, suppressed = more, "control plane: handshake refused (one line per 10 s; the rest at debug)");
+                    }
                     return;
                 }
                 Err(_) => {
-                    warn!(peer = %addr, reason = "timeout", "control plane: handshake refused");
+                    state
+                        .rate
+                        .refusals
+                        .handshake_timeouts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(peer = %addr, reason = "timeout", "control plane: handshake refused");
+                    if let Some(more) = refused_log.tick() {
+                        warn!(peer = %addr, reason = "timeout", suppressed = more, "control plane: handshake refused (one line per 10 s; the rest at debug)");
+                    }
                     return;
                 }
             };
             let peer = Peer {
                 id: session.peer_id,
                 serial: session.peer_serial,
+                not_after: session.peer_not_after,
                 addr,
             };
             // A certificate revoked by serial gets no HTTP at all (resumed sessions included).
@@ -231,11 +292,53 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
                     return;
                 }
             }
-            let service = TowerToHyperService::new(app.layer(axum::Extension(peer)));
-            let builder = Builder::new(TokioExecutor::new());
+            // A connection that sends no request within the header timeout is closed (one that
+            // never sends the HTTP/2 preface would otherwise hold its place for ever).
+            let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let seen = asked.clone();
+            let app = app
+                .layer(axum::Extension(peer))
+                .layer(axum::middleware::map_request(
+                    move |req: axum::extract::Request| {
+                        seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                        std::future::ready(req)
+                    },
+                ));
+            let service = TowerToHyperService::new(app);
+            let mut builder = Builder::new(TokioExecutor::new());
+            // Unfinished headers and idle new connections are closed; header lists are bounded
+            // (an agent's requests carry a few hundred bytes of headers).
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(state.limits.header_read_timeout)
+                .max_buf_size(64 * 1024);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_header_list_size(16 * 1024)
+                .max_concurrent_streams(64)
+                .max_pending_accept_reset_streams(Some(16))
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(10));
             let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn_watch.watch(conn).await {
-                tracing::debug!(peer = %addr, error = %e, "control plane: connection ended with error");
+            let served = conn_watch.watch(conn);
+            tokio::pin!(served);
+            let idle = async {
+                tokio::time::sleep(state.limits.header_read_timeout).await;
+                if asked.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                result = &mut served => {
+                    if let Err(e) = result {
+                        tracing::debug!(peer = %addr, error = %e, "control plane: connection ended with error");
+                    }
+                }
+                () = idle => {
+                    tracing::debug!(peer = %addr, "control plane: no request within the header timeout; closed");
+                }
             }
         });
     }
@@ -257,6 +360,9 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     watcher.abort();
     if let Some(s) = scheduler {
         s.abort();
+    }
+    if let Some(e) = stopped_by {
+        return Err(e);
     }
     info!("control plane stopped");
     Ok(())

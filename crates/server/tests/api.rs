@@ -37,6 +37,10 @@ struct Identity {
 }
 
 async fn start() -> Server {
+    start_with(Default::default(), Duration::from_secs(3600)).await
+}
+
+async fn start_with(limits: tapproof_server::Limits, leaf_ttl: Duration) -> Server {
     let dir = tempfile::Builder::new()
         .prefix("tapproof-api-")
         .tempdir()
@@ -53,9 +57,10 @@ async fn start() -> Server {
         listen: "127.0.0.1:0".parse().unwrap(),
         store: None,
         kek_file: None,
-        leaf_ttl: Duration::from_secs(3600),
+        leaf_ttl,
         ready_file: Some(ready.clone()),
         rollover: None,
+        limits,
     };
     let task = tokio::spawn(tapproof_server::run(options, async move {
         let _ = stopped.await;
@@ -700,4 +705,266 @@ async fn shutdown_answers_long_polls_and_returns() {
         waited < Duration::from_secs(10),
         "answered at the drain, not after the hold: {waited:?}"
     );
+}
+
+/// A TCP connection to the server from `source` (another loopback address: per-source limits).
+async fn tcp_from(source: &str, server: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{source}:0").parse().unwrap())?;
+    sock.connect(server).await
+}
+
+/// Whether the server closed `tcp` within `within` (a read returns EOF or an error).
+async fn closed_within(tcp: &mut (impl tokio::io::AsyncRead + Unpin), within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_cannot_take_the_control_plane() {
+    let limits = tapproof_server::Limits {
+        max_connections_per_source: 8,
+        handshake_timeout: Duration::from_secs(2),
+        header_read_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let s = start_with(limits, Duration::from_secs(3600)).await;
+    let node = s.join("web-1", &[]).await;
+    let td = TrustDomain::new(TD).unwrap();
+    let anon = tapproof_tls::ControlClientTls::new(
+        ServerTrust::Pin(s.pin),
+        tapproof_identity::SpiffeId::new(td, "/server").unwrap(),
+        None,
+    )
+    .unwrap();
+
+    // Attacker A (127.0.0.2): TLS connections that never send a request. Attacker B
+    // (127.0.0.3): TCP connections that never start TLS. 30 each.
+    let mut tls_held = Vec::new();
+    let mut tls_refused = 0;
+    for _ in 0..30 {
+        let tcp = tcp_from("127.0.0.2", s.addr).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), anon.connect(tcp, s.addr)).await {
+            Ok(Ok(tls)) => tls_held.push(tls),
+            _ => tls_refused += 1,
+        }
+    }
+    let mut raw_held = Vec::new();
+    for _ in 0..30 {
+        raw_held.push(tcp_from("127.0.0.3", s.addr).await.unwrap());
+    }
+    assert!(
+        tls_held.len() <= 8,
+        "{} TLS connections admitted from one source",
+        tls_held.len()
+    );
+    assert!(tls_refused >= 22, "only {tls_refused} of 30 refused");
+
+    // Meanwhile the legitimate node is served every time.
+    for i in 0..20 {
+        let (status, v) = s
+            .call(
+                Some(&node),
+                "POST",
+                paths::SIGN,
+                sign_body("spiffe://example.org/node/web-1"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            status, 200,
+            "legitimate signing {i} failed while under attack: {v}"
+        );
+    }
+
+    // The held ones are closed by the server: no request within the header timeout, no TLS
+    // within the handshake timeout.
+    let mut all_closed = true;
+    for tls in &mut tls_held {
+        all_closed &= closed_within(tls, Duration::from_secs(5)).await;
+    }
+    assert!(
+        all_closed,
+        "idle TLS connections were not closed after the header timeout"
+    );
+    let mut raw_closed = 0;
+    for tcp in &mut raw_held {
+        raw_closed += closed_within(tcp, Duration::from_secs(5)).await as usize;
+    }
+    assert_eq!(
+        raw_closed,
+        raw_held.len(),
+        "connections without TLS were not all closed"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_attempts_are_rate_limited_per_source_without_a_row_each() {
+    let limits = tapproof_server::Limits {
+        joins_per_minute: 10,
+        ..Default::default()
+    };
+    let s = start_with(limits, Duration::from_secs(3600)).await;
+    let rows_before = s.store.audit_list(0, 100_000).await.unwrap().len();
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..200 {
+        let body = json!({ "token": "tp1.bogus.bogus", "csr": "x" });
+        let (status, v) = s.call(None, "POST", paths::JOIN, body).await.unwrap();
+        *codes.entry(format!("{status} {}", code(&v))).or_default() += 1;
+    }
+    assert_eq!(codes.get("429 rate_limited"), Some(&190), "{codes:?}");
+    let rows = s.store.audit_list(0, 100_000).await.unwrap().len() - rows_before;
+    assert!(
+        rows <= 12,
+        "{rows} audit rows for 200 attempts (10 refusals + one rate-limit row expected)"
+    );
+    assert_eq!(s.audit_rows("join.rate_limited").await.len(), 1);
+    // A legitimate join from another address is not affected.
+    let tls = tapproof_tls::ControlClientTls::new(
+        ServerTrust::Pin(s.pin),
+        tapproof_identity::SpiffeId::new(TrustDomain::new(TD).unwrap(), "/server").unwrap(),
+        None,
+    )
+    .unwrap();
+    let token = tapproof_server::create_token(
+        &*s.store,
+        &s.td,
+        s.addr.to_string(),
+        "db-1",
+        &[],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let (csr, _) = tapproof_identity::new_csr(None).unwrap();
+    let tcp = tcp_from("127.0.0.2", s.addr).await.unwrap();
+    let stream = tls.connect(tcp, s.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://{}{}", s.addr, paths::JOIN))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            serde_json::to_vec(&JoinRequest {
+                token: token.to_string(),
+                csr,
+            })
+            .unwrap(),
+        )))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "a join from another source was refused");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_newest_certificate_renews_and_does_nothing_else() {
+    // 30 s certificates (the shortest allowed); expired ones renew for 6 s after expiry.
+    let limits = tapproof_server::Limits {
+        expired_renewal_window: Duration::from_secs(6),
+        ..Default::default()
+    };
+    let s = start_with(limits, Duration::from_secs(30)).await;
+    let a = s.join("a", &[]).await;
+    let late = s.join("late", &[]).await;
+    let b_old = s.join("b", &[]).await;
+    // b renews once: b_old is no longer the newest certificate of node b.
+    let (csr, key) = tapproof_identity::new_csr(None).unwrap();
+    let body = serde_json::to_value(SignRequest {
+        csrs: vec![SignItem {
+            id: "spiffe://example.org/node/b".into(),
+            csr,
+        }],
+    })
+    .unwrap();
+    let (status, v) = s.call(Some(&b_old), "POST", paths::SIGN, body).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let b_new = identity(v["identities"][0]["chain_pem"].as_str().unwrap().to_owned(), key);
+
+    // Wait until all of them expired (the newest one, b_new, last).
+    let expiry = |i: &Identity| {
+        let der = tapproof_identity::ca::first_der(&i.chain).unwrap();
+        tapproof_identity::inspect_svid(&der).unwrap().not_after
+    };
+    let last = expiry(&b_new);
+    while now_unix() <= last + 1 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Everything but renewal: certificate_expired.
+    let (status, v) = s.call(Some(&a), "GET", paths::STATE, Value::Null).await.unwrap();
+    assert_eq!((status, code(&v)), (401, "certificate_expired"), "{v}");
+    // Renewal with the newest certificate works, and the new one is fully usable.
+    let (csr, key) = tapproof_identity::new_csr(None).unwrap();
+    let body = serde_json::to_value(SignRequest {
+        csrs: vec![SignItem {
+            id: "spiffe://example.org/node/a".into(),
+            csr,
+        }],
+    })
+    .unwrap();
+    let (status, v) = s.call(Some(&a), "POST", paths::SIGN, body).await.unwrap();
+    assert_eq!(status, 200, "an expired newest certificate could not renew: {v}");
+    let a2 = identity(v["identities"][0]["chain_pem"].as_str().unwrap().to_owned(), key);
+    let (status, v) = s.call(Some(&a2), "GET", paths::STATE, Value::Null).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    // An older certificate of a node does not recover it.
+    let (status, v) = s
+        .call(
+            Some(&b_old),
+            "POST",
+            paths::SIGN,
+            sign_body("spiffe://example.org/node/b"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((status, code(&v)), (401, "certificate_expired"), "{v}");
+    assert!(!s.audit_rows("sign.refused").await.is_empty());
+    // A revoked node does not recover either (revocation is asked first).
+    let admin = s.admin("alice").await;
+    s.revoke(&admin, RevocationKind::Node, "b").await;
+    let (status, v) = s
+        .call(
+            Some(&b_new),
+            "POST",
+            paths::SIGN,
+            sign_body("spiffe://example.org/node/b"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((status, code(&v)), (403, "node_revoked"), "{v}");
+
+    // Past the window the handshake itself is refused.
+    while now_unix() <= expiry(&late) + 7 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let refused = s
+        .call(
+            Some(&late),
+            "POST",
+            paths::SIGN,
+            sign_body("spiffe://example.org/node/late"),
+        )
+        .await;
+    assert!(refused.is_err(), "renewed past the window: {refused:?}");
+    s.stop().await;
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }

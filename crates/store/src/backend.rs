@@ -109,6 +109,10 @@ macro_rules! impl_store {
                 $name
             }
 
+            fn check_alive(&self) -> Result<()> {
+                self.check_file()
+            }
+
             async fn listen_changes(&self) -> Result<Box<dyn crate::ChangeListener>> {
                 self.change_listener().await
             }

@@ -42,6 +42,12 @@ pub trait Store: Send + Sync {
     /// Which backend, for logs and `/v1/status`.
     fn backend(&self) -> &'static str;
 
+    /// Whether the store is still the one opened: a SQLite file removed or replaced under the
+    /// running server would take every later write into an unlinked file. `Err` names it.
+    fn check_alive(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// A listener for changes made by any process sharing this store.
     async fn listen_changes(&self) -> Result<Box<dyn ChangeListener>>;
     /// Records a change agents must learn of (bumping `change_version`) and tells every listener
@@ -115,4 +121,21 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         let path = url.strip_prefix("sqlite:").unwrap_or(url);
         Ok(Arc::new(SqliteStore::open(std::path::Path::new(path)).await?))
     }
+}
+
+/// Opens a store that must exist already: a missing SQLite file is an error, not a new empty
+/// store (a CLI command after the file was removed must not start a fresh CA registry).
+pub async fn open_existing(url: &str) -> Result<Arc<dyn Store>> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        let path = url.strip_prefix("sqlite:").unwrap_or(url);
+        if !std::path::Path::new(path).exists() {
+            return Err(StoreError::Open {
+                location: path.to_owned(),
+                detail: "the store file does not exist (removed?); restore it from a backup, or \
+                         create a new trust domain with `tapproof server init`"
+                    .into(),
+            });
+        }
+    }
+    open(url).await
 }

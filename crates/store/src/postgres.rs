@@ -70,6 +70,11 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// A server holds no file of its own: nothing to check.
+    pub(crate) fn check_file(&self) -> crate::Result<()> {
+        Ok(())
+    }
+
     async fn begin_write(&self) -> crate::Result<Transaction<'static, Postgres>> {
         self.pool.begin().await.map_err(crate::error::q)
     }

@@ -9,6 +9,15 @@ use std::time::Duration;
 
 pub struct SqliteStore {
     pool: Pool<Sqlite>,
+    path: std::path::PathBuf,
+    /// (device, inode) of the file opened, to notice it being removed or replaced.
+    identity: (u64, u64),
+}
+
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl SqliteStore {
@@ -30,6 +39,20 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
+            // A COMMIT that fails (SQLITE_FULL on a full disk) is rolled back by SQLite, but sqlx
+            // keeps the connection's transaction depth at 1, so every later BEGIN on it fails
+            // ("non-zero transaction depth") and audit appends were lost long after the disk had
+            // room again. Such a connection is closed instead of reused. The ping first lets the
+            // queued rollback of a dropped transaction finish before the depth is read.
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    use sqlx::{Connection, TransactionManager};
+                    if conn.ping().await.is_err() {
+                        return Ok(false);
+                    }
+                    Ok(<Sqlite as sqlx::Database>::TransactionManager::get_transaction_depth(conn) == 0)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|e| open_err(e.to_string()))?;
@@ -38,7 +61,24 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(crate::postgres::migrate_error)?;
-        Ok(Self { pool })
+        let identity = file_identity(path).map_err(|e| open_err(e.to_string()))?;
+        Ok(Self {
+            pool,
+            path: path.to_owned(),
+            identity,
+        })
+    }
+
+    pub(crate) fn check_file(&self) -> crate::Result<()> {
+        let gone = |detail: String| crate::StoreError::Open {
+            location: self.path.display().to_string(),
+            detail,
+        };
+        match file_identity(&self.path) {
+            Ok(id) if id == self.identity => Ok(()),
+            Ok(_) => Err(gone("the store file was replaced while the server ran; restart the server so it opens the file now there".into())),
+            Err(e) => Err(gone(format!("the store file is gone while the server ran ({e}); writes would be lost: restore it from a backup"))),
+        }
     }
 
     async fn begin_write(&self) -> crate::Result<Transaction<'static, Sqlite>> {

@@ -216,6 +216,8 @@ pub enum ServerCommand {
         /// With --root-max-age: how long a prepared root waits (in every bundle) before it signs.
         #[arg(long, env = "TAPPROOF_ROLLOVER_PROPAGATION", default_value = "1h")]
         rollover_propagation: humantime_arg::Duration,
+        #[command(flatten)]
+        limits: ServerLimitArgs,
     },
     /// Issue an admin identity (spiffe://<td>/admin/<name>) for the admin commands' --admin-dir.
     AdminCert {
@@ -425,6 +427,53 @@ pub struct StatusArgs {
     /// Print the raw JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What one client may cost the control plane (README "Limits").
+#[derive(Args, Debug, Clone)]
+pub struct ServerLimitArgs {
+    /// Connections open at once (capped further by the fd limit, less a reserve of 128).
+    #[arg(long, env = "TAPPROOF_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Connections open at once from one source address (0: no cap).
+    #[arg(long, env = "TAPPROOF_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64)]
+    pub max_connections_per_source: usize,
+    /// Time a new connection has for its TLS handshake.
+    #[arg(long, default_value = "10s")]
+    pub handshake_timeout: humantime_arg::Duration,
+    /// Time a client has to send a request's headers (HTTP/1.1).
+    #[arg(long, default_value = "10s")]
+    pub header_read_timeout: humantime_arg::Duration,
+    /// Join attempts per source address per minute.
+    #[arg(long, env = "TAPPROOF_JOINS_PER_MINUTE", default_value_t = 30)]
+    pub joins_per_minute: u32,
+    /// Requests per second per client identity (or address without one); 0: no cap.
+    #[arg(long, env = "TAPPROOF_REQUESTS_PER_SECOND", default_value_t = 50)]
+    pub requests_per_second: u32,
+    /// State-feed long-polls one node may hold at once (0: no cap).
+    #[arg(long, default_value_t = 4)]
+    pub long_polls_per_node: usize,
+    /// How long after expiry a node's newest certificate can still renew, so agents recover
+    /// from an outage with no new token (0s: never).
+    #[arg(long, env = "TAPPROOF_EXPIRED_RENEWAL_WINDOW", default_value = "7d")]
+    pub expired_renewal_window: humantime_arg::Duration,
+}
+
+impl ServerLimitArgs {
+    /// The limits, with the connection cap kept under the process's fd limit.
+    pub fn limits(&self, fd_limit: Option<u64>) -> tapproof_server::Limits {
+        let by_fds = fd_limit.map_or(usize::MAX, |n| n.saturating_sub(128).max(16) as usize);
+        tapproof_server::Limits {
+            max_connections: self.max_connections.min(by_fds),
+            max_connections_per_source: self.max_connections_per_source,
+            handshake_timeout: self.handshake_timeout.0,
+            header_read_timeout: self.header_read_timeout.0,
+            joins_per_minute: self.joins_per_minute,
+            requests_per_second: self.requests_per_second,
+            long_polls_per_node: self.long_polls_per_node,
+            expired_renewal_window: self.expired_renewal_window.0,
+        }
+    }
 }
 
 pub mod humantime_arg {

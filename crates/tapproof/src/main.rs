@@ -7,6 +7,7 @@ mod audit_cmd;
 mod cli;
 mod dashboard_cmd;
 mod exit;
+mod fd_limit;
 mod logging;
 mod pki;
 mod quickstart;

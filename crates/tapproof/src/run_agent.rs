@@ -24,6 +24,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     let options = RunOptions {
         ready_file: args.ready_file,
+        fd_limit: crate::fd_limit::raise(),
     };
     match tapproof_agent::run(config, options, shutdown_signal()).await {
         Ok(()) => Ok(()),

@@ -45,8 +45,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             ready_file,
             root_max_age,
             rollover_propagation,
+            limits,
         } => {
+            let fd_limit = crate::fd_limit::raise();
             let options = tapproof_server::RunOptions {
+                limits: limits.limits(fd_limit),
                 data_dir: store.data_dir,
                 listen,
                 store: store.store,

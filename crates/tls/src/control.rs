@@ -82,11 +82,15 @@ pub struct ControlServerTls {
 impl ControlServerTls {
     /// `chain_pem`: leaf first, then intermediates and the root (agents joining with only a pin
     /// find the root in the chain). `roots`: PEMs of every root clients may chain to.
+    ///
+    /// `expired_grace`: how long after its expiry a client certificate is still accepted, for
+    /// renewal after an outage (0: never). The server decides what such a caller may do.
     pub fn new(
         chain_pem: &str,
         key_pem: &str,
         roots: &[String],
         td: &TrustDomain,
+        expired_grace: std::time::Duration,
     ) -> Result<Self, ControlTlsError> {
         let provider = crypto_provider(KxPolicy::PreferPostQuantum);
         let chain = pem_certs("server certificate", chain_pem)?;
@@ -96,8 +100,9 @@ impl ControlServerTls {
         })?;
         let certified = CertifiedKey::from_der(chain, key, &provider)
             .map_err(|e| ControlTlsError::Config(e.to_string()))?;
-        let verifier = SpiffeClientVerifier::optional(roots_from(roots)?, td.clone(), provider.clone())
-            .map_err(|e| ControlTlsError::Config(e.to_string()))?;
+        let verifier =
+            SpiffeClientVerifier::optional(roots_from(roots)?, td.clone(), provider.clone(), expired_grace)
+                .map_err(|e| ControlTlsError::Config(e.to_string()))?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&TLS13])
             .map_err(|e| ControlTlsError::Config(e.to_string()))?

@@ -3,6 +3,7 @@
 //! and hot-swapped from disk, handshake failures sorted into stable reasons for metrics, and the
 //! audit's TLS probe (the one place that offers every version and trusts nothing).
 
+pub mod admission;
 mod classify;
 mod config;
 mod control;

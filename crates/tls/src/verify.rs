@@ -49,6 +49,10 @@ pub(crate) fn check_svid(
 pub(crate) struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: TrustDomain,
+    /// Seconds after its expiry a client certificate is still accepted (0: not at all). Only the
+    /// control plane sets it, so an agent whose certificate expired during an outage can renew;
+    /// what such a caller may do is the server's `authorize` (renewal only).
+    expired_grace_s: u64,
 }
 
 impl SpiffeClientVerifier {
@@ -58,20 +62,30 @@ impl SpiffeClientVerifier {
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, rustls::server::VerifierBuilderError> {
         let inner = WebPkiClientVerifier::builder_with_provider(roots, provider).build()?;
-        Ok(Self { inner, trust_domain })
+        Ok(Self {
+            inner,
+            trust_domain,
+            expired_grace_s: 0,
+        })
     }
 
     /// Client certificates are checked when presented but not required (the control plane's join
     /// endpoint is authenticated by the token; its handlers require an identity everywhere else).
+    /// `expired_grace`: how long after expiry a certificate still passes (see the field).
     pub(crate) fn optional(
         roots: Arc<RootCertStore>,
         trust_domain: TrustDomain,
         provider: Arc<CryptoProvider>,
+        expired_grace: std::time::Duration,
     ) -> Result<Self, rustls::server::VerifierBuilderError> {
         let inner = WebPkiClientVerifier::builder_with_provider(roots, provider)
             .allow_unauthenticated()
             .build()?;
-        Ok(Self { inner, trust_domain })
+        Ok(Self {
+            inner,
+            trust_domain,
+            expired_grace_s: expired_grace.as_secs(),
+        })
     }
 }
 
@@ -94,7 +108,25 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Ok(_) => {}
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            )) if self.expired_grace_s > 0 => {
+                // Within the grace window the chain is checked as of the leaf's last valid
+                // second: everything but the leaf's expiry must hold (signatures, the roots,
+                // the intermediates' own validity then).
+                let expired = rustls::Error::InvalidCertificate(CertificateError::Expired);
+                let info = inspect_svid(end_entity).map_err(|e| reject(SpiffeCheckError::NotSvid(e)))?;
+                let not_after = u64::try_from(info.not_after).map_err(|_| expired.clone())?;
+                if now.as_secs().saturating_sub(not_after) > self.expired_grace_s {
+                    return Err(expired);
+                }
+                let then = UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_after));
+                self.inner.verify_client_cert(end_entity, intermediates, then)?;
+            }
+            Err(e) => return Err(e),
+        }
         check_svid(end_entity, &self.trust_domain)?;
         Ok(ClientCertVerified::assertion())
     }

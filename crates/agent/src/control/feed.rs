@@ -3,7 +3,7 @@
 //! directory that outbounds without `peers` dial from, and the control plane's policy. Our tunnel
 //! address is announced with each poll.
 
-use super::files::{data_err, identity_files, write_file};
+use super::files::{data_err, identity_files, Staged};
 use super::{node_client, ControlError, RETRY_MAX, RETRY_MIN};
 use crate::config::ControlConfig;
 use crate::state::AgentState;
@@ -100,7 +100,8 @@ fn install_bundle(state: &AgentState, cfg: &ControlConfig, bundle: &[String]) ->
         return Ok(());
     }
     state.renewing.store(true, Ordering::Release);
-    let result = write_file(&path, new.as_bytes(), 0o644)
+    let result = Staged::begin(&cfg.data_dir)
+        .and_then(|mut set| set.write_bundle(bundle).and_then(|()| set.commit()))
         .and_then(|()| state.material.reload().map(drop).map_err(|e| data_err(&path, e)));
     state.renewing.store(false, Ordering::Release);
     result?;

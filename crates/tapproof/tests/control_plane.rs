@@ -201,6 +201,53 @@ fn restart_without_token_and_ride_out_a_server_outage() {
     assert_eq!(round_trip(s.web.outbound(0), b"four").unwrap(), b"four");
 }
 
+/// The lock-out of issue 11: a server that crashed (SIGKILL) and stayed down until the agents'
+/// certificates expired. The agents refuse to serve on an expired certificate, keep trying, and
+/// renew by themselves when the server returns (no new token), then carry traffic again.
+#[test]
+fn a_node_whose_certificate_expired_in_an_outage_recovers_without_a_token() {
+    let mut s = setup("30s");
+    assert_eq!(round_trip(s.web.outbound(0), b"one").unwrap(), b"one");
+    let data = s.server.data_dir.clone();
+    let addr = s.server.addr;
+    s.server.kill_ref();
+    for agent in [&s.web, &s.db] {
+        agent.wait_for("the certificate to expire", Duration::from_secs(45), |a| {
+            a.metric("tapproof_certificate_expiry_seconds", &[]) < 0.0
+        });
+    }
+    // Retries got denser as expiry neared (never a sleep past it), and expiry is said loudly.
+    assert!(
+        s.web.log().contains("certificate expired and cannot renew"),
+        "{}",
+        s.web.log()
+    );
+    let before = s.web.metric("tapproof_renewals_total", &[]);
+    s.server = ServerProcess::start(EXE, &data, &addr.to_string(), "30s");
+    let back = Instant::now();
+    for agent in [&s.web, &s.db] {
+        agent.wait_for(
+            "renewal with the expired certificate",
+            Duration::from_secs(45),
+            |a| a.metric("tapproof_certificate_expiry_seconds", &[]) > 0.0,
+        );
+    }
+    assert!(s.web.metric("tapproof_renewals_total", &[]) > before);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match round_trip(s.web.outbound(0), b"two") {
+            Ok(v) if v == b"two" => break,
+            other => assert!(Instant::now() < deadline, "no traffic after recovery: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(s.server.log().contains("renewal with an expired certificate"));
+    eprintln!(
+        "recovered {:.1} s after the server returned",
+        back.elapsed().as_secs_f64()
+    );
+}
+
 /// Bad tokens: refused with a clear error and code, an audit row, and the agent exits 2.
 #[test]
 fn bad_tokens_are_refused_and_audited() {

@@ -9,6 +9,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// The command prefix every test process starts under: a soft open-file limit of 1,024 (the
+/// hard limit stays), what a fresh install gets.
+pub const FRESH_FD_LIMIT: [&str; 2] = ["prlimit", "--nofile=1024:"];
+
+/// The soft and hard open-file limits of process `pid`.
+pub fn fd_limits(pid: i32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let v: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    (v[0], v[1])
+}
+
+/// Descriptors process `pid` has open.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 pub struct AgentProcess {
     pub name: String,
     child: Child,
@@ -41,14 +60,12 @@ impl AgentProcess {
         let _ = std::fs::remove_file(&ready_file);
         let log = dir.join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = match prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(exe);
-                c
-            }
-            None => Command::new(exe),
-        };
+        // Started with a soft limit of 1,024 open files, as a shell or a unit without
+        // LimitNOFILE gives a fresh install (the agent raises it itself).
+        let mut argv: Vec<&str> = prefix.to_vec();
+        argv.extend(FRESH_FD_LIMIT);
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]).arg(exe);
         cmd.arg("agent")
             .arg("--config")
             .arg(&config_path)

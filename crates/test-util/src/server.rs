@@ -69,7 +69,9 @@ impl ServerProcess {
                 .unwrap()
                 .as_millis()
         ));
-        let mut child = Command::new(exe)
+        let mut child = Command::new(crate::process::FRESH_FD_LIMIT[0])
+            .args(&crate::process::FRESH_FD_LIMIT[1..])
+            .arg(exe)
             .args([
                 "--log-level",
                 "debug,h2=info,hyper=info,rustls=info,sqlx=warn",
@@ -163,6 +165,32 @@ impl ServerProcess {
         while self.child.try_wait().unwrap().is_none() {
             assert!(Instant::now() < deadline, "server did not stop");
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl ServerProcess {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL (a crash: no drain), and waits for the exit.
+    pub fn kill_ref(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `within` for the process to exit by itself; its status if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what the tests need when it is missing and we are root
-# (iproute2 and tcpdump for the network-namespace tests; chromium and chromedriver for the
+# (iproute2, tcpdump and nftables for the network-namespace and fault tests; chromium and chromedriver for the
 # dashboard's browser test; a local PostgreSQL server for the store's conformance suite), then
 # runs every test in the workspace. Without root those tests say they were skipped; under CI=true
 # they must run.
@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then

@@ -11,7 +11,7 @@ mod feed;
 mod files;
 
 pub use client::{ClientError, ControlClient};
-pub use feed::state_loop;
+pub use feed::{read_feed, state_loop, FeedView};
 pub use files::identity_files;
 
 use crate::config::ControlConfig;
@@ -30,6 +30,8 @@ use tracing::{info, warn};
 
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// The longest the renewal loop sleeps before it looks at the wall clock again.
+const WALL_CLOCK_SLICE_S: i64 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -190,10 +192,16 @@ pub async fn renew_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
             warn!(data_dir = %cfg.data_dir.display(), "control state missing; cannot schedule renewal");
             return;
         };
-        let wait = Duration::from_secs((renew_at(&current) - now()).max(0) as u64);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        // Certificates expire by the wall clock, timers run on the monotonic one: sleep in slices
+        // and look at the wall clock again, so a clock that jumps (or a suspended VM that wakes)
+        // renews at once instead of sleeping past the expiry.
+        let due = renew_at(&current);
+        while now() < due {
+            let slice = Duration::from_secs((due - now()).clamp(1, WALL_CLOCK_SLICE_S) as u64);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(slice) => {}
+            }
         }
         match renew(&state, &cfg, current).await {
             Ok(next) => {

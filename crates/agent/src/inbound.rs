@@ -123,6 +123,27 @@ async fn connection(
     info!(%peer, peer_id = %peer_id, version = %session.version, cipher = %session.cipher,
           group = %session.group, resumed = session.resumed, "tunnel: accepted");
 
+    // The handshake's place (and its fd from the budget) goes back: the tunnel is established.
+    drop(handshaking);
+    serve_tunnel(stream, peer, peer_id, &session, &state, &shutdown, &tracker).await;
+}
+
+/// The tunnel after TLS: HTTP/2, one task per CONNECT stream, until the peer goes, the agent
+/// drains, or a revocation closes it. Generic over the stream so the fuzz target
+/// (`fuzz/fuzz_targets/tunnel.rs`) can drive it with bytes from memory.
+pub(crate) async fn serve_tunnel<IO>(
+    stream: IO,
+    peer: SocketAddr,
+    peer_id: SpiffeId,
+    session: &tapproof_tls::SessionInfo,
+    state: &Arc<AgentState>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let metrics = &state.metrics;
+    let tunnel_cfg = &state.config.tunnel;
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(tunnel_cfg.stream_window)
@@ -162,9 +183,7 @@ async fn connection(
             return;
         }
     };
-    // The handshake's place (and its fd from the budget) goes back: the tunnel is established.
-    drop(handshaking);
-    let guard = state.open_tunnel(Side::Inbound, peer, &session);
+    let guard = state.open_tunnel(Side::Inbound, peer, session);
     let mut draining = false;
     loop {
         let next = tokio::select! {

@@ -208,3 +208,49 @@ fn write_ready_file(path: &std::path::Path, bound: &BoundAddresses) -> std::io::
     )?;
     std::fs::rename(&tmp, path)
 }
+
+/// Entry points for the fuzz targets in `fuzz/`: not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::state::AgentState;
+    use std::sync::Arc;
+    use tapproof_identity::SpiffeId;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Drives the tunnel's HTTP/2 server and CONNECT handling with `input` as everything an
+    /// authenticated peer `peer_id` sends after the TLS handshake, over an in-memory pipe; returns
+    /// once the tunnel and its streams ended (or after two seconds).
+    pub async fn tunnel_bytes(state: &Arc<AgentState>, peer_id: SpiffeId, input: Vec<u8>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (mut from_agent, mut to_agent) = tokio::io::split(client);
+        let drain = tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while matches!(from_agent.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let feed = tokio::spawn(async move {
+            let _ = to_agent.write_all(&input).await;
+            let _ = to_agent.shutdown().await;
+        });
+        let session = tapproof_tls::SessionInfo {
+            version: "TLSv1_3".into(),
+            cipher: String::new(),
+            group: String::new(),
+            peer_id: Some(peer_id.clone()),
+            resumed: false,
+            peer_not_after: None,
+            peer_serial: None,
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            crate::inbound::serve_tunnel(server, peer, peer_id, &session, state, &shutdown, &tracker),
+        )
+        .await;
+        tracker.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tracker.wait()).await;
+        feed.abort();
+        drain.abort();
+    }
+}

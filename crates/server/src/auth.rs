@@ -105,20 +105,23 @@ pub async fn authorize(s: &AppState, peer: &Peer, need: Need, what: &str) -> Res
                 .await);
             }
             if expired {
-                let newest = s
+                // The newest: issued last (the store keeps seconds, so all of that second).
+                let certs: Vec<_> = s
                     .store
                     .cert_list(&node)
                     .await?
                     .into_iter()
                     .filter(|c| c.spiffe_id == actor)
-                    .max_by_key(|c| (c.not_after, c.issued_at));
-                let ours = newest.is_some_and(|c| {
-                    let theirs = peer
-                        .serial
-                        .as_deref()
-                        .and_then(tapproof_identity::normalize_serial);
-                    theirs.is_some() && theirs == tapproof_identity::normalize_serial(&c.serial)
-                });
+                    .collect();
+                let last = certs.iter().map(|c| c.issued_at).max();
+                let theirs = peer
+                    .serial
+                    .as_deref()
+                    .and_then(tapproof_identity::normalize_serial);
+                let ours = theirs.is_some()
+                    && certs.iter().any(|c| {
+                        Some(c.issued_at) == last && tapproof_identity::normalize_serial(&c.serial) == theirs
+                    });
                 if !ours {
                     return Err(refuse(
                         ErrorCode::CertificateExpired,

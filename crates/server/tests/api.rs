@@ -880,7 +880,9 @@ async fn an_expired_newest_certificate_renews_and_does_nothing_else() {
     let a = s.join("a", &[]).await;
     let late = s.join("late", &[]).await;
     let b_old = s.join("b", &[]).await;
-    // b renews once: b_old is no longer the newest certificate of node b.
+    // b renews once (a second later: the store keeps seconds): b_old is no longer the newest
+    // certificate of node b.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let (csr, key) = tapproof_identity::new_csr(None).unwrap();
     let body = serde_json::to_value(SignRequest {
         csrs: vec![SignItem {

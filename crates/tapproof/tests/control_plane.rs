@@ -248,6 +248,36 @@ fn a_node_whose_certificate_expired_in_an_outage_recovers_without_a_token() {
     );
 }
 
+/// A suspended VM: web-1 stopped (SIGSTOP) for longer than its certificate's lifetime, then
+/// continued. Its clock jumped past the expiry while it slept; it renews at once (the renewal
+/// loop looks at the wall clock, not only its timers) with the expired certificate, and carries
+/// traffic again.
+#[test]
+fn an_agent_suspended_past_its_certificate_recovers_when_continued() {
+    let s = setup("30s");
+    assert_eq!(round_trip(s.web.outbound(0), b"one").unwrap(), b"one");
+    s.web.signal(nix::sys::signal::Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(34));
+    s.web.signal(nix::sys::signal::Signal::SIGCONT);
+    let woke = Instant::now();
+    s.web
+        .wait_for("renewal after waking", Duration::from_secs(40), |a| {
+            a.metric("tapproof_certificate_expiry_seconds", &[]) > 0.0
+        });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match round_trip(s.web.outbound(0), b"two") {
+            Ok(v) if v == b"two" => break,
+            other => assert!(Instant::now() < deadline, "no traffic after waking: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "fault: agent suspended 34 s (certificate lifetime 30 s) -> serving again {:.1} s after SIGCONT",
+        woke.elapsed().as_secs_f64()
+    );
+}
+
 /// Bad tokens: refused with a clear error and code, an audit row, and the agent exits 2.
 #[test]
 fn bad_tokens_are_refused_and_audited() {

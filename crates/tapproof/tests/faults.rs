@@ -490,3 +490,189 @@ fn a_store_file_removed_under_the_server_stops_it() {
         "a CLI command created an empty store"
     );
 }
+
+/// Host B (a network namespace) joined to this test's namespace by a veth pair: db-1 and its
+/// echo service live in B, web-1 and the app here. Faults are applied inside B only (nftables
+/// `numgen` drops in B's own table, B's end of the link set down), so nothing outside the test's
+/// own namespace and interfaces is touched; all of it goes when B is deleted.
+struct HostB {
+    ns: tapproof_test_util::netns::Netns,
+    host_if: String,
+    b_ip: String,
+}
+
+impl HostB {
+    fn new() -> Self {
+        let pid = std::process::id();
+        let ns = tapproof_test_util::netns::Netns::create(format!("tp-fault-{pid}"));
+        let (host_if, b_if) = (
+            format!("tpfh{}", pid % 1_000_000),
+            format!("tpfb{}", pid % 1_000_000),
+        );
+        let subnet = 1 + pid % 250;
+        let (host_ip, b_ip) = (format!("10.251.{subnet}.1"), format!("10.251.{subnet}.2"));
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip").args(args).status().unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &b_if, "netns", &ns.name,
+        ]);
+        ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ns.exec_ok(&["ip", "addr", "add", &format!("{b_ip}/24"), "dev", &b_if]);
+        ns.exec_ok(&["ip", "link", "set", &b_if, "up"]);
+        Self { ns, host_if, b_ip }
+    }
+
+    /// Drops `percent`% of the tunnel's packets both ways (0: removes the rule).
+    fn loss(&self, percent: u32) {
+        let _ = self
+            .ns
+            .command(&["nft", "delete", "table", "inet", "tapproof_fault"])
+            .output();
+        if percent == 0 {
+            return;
+        }
+        let rules = format!(
+            "table inet tapproof_fault {{\n chain i {{ type filter hook input priority 0; tcp dport 15008 numgen random mod 100 < {percent} counter drop; }}\n \
+             chain o {{ type filter hook output priority 0; tcp sport 15008 numgen random mod 100 < {percent} counter drop; }}\n}}\n"
+        );
+        let mut child = self
+            .ns
+            .command(&["nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft rules in the test namespace");
+    }
+
+    /// Packets the loss rules dropped so far.
+    fn dropped(&self) -> u64 {
+        let out = self
+            .ns
+            .exec_ok(&["nft", "list", "table", "inet", "tapproof_fault"]);
+        out.split("counter packets ")
+            .skip(1)
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    fn link(&self, up: bool) {
+        let b_if = self.host_if.replace("tpfh", "tpfb");
+        self.ns
+            .exec_ok(&["ip", "link", "set", &b_if, if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for HostB {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+    }
+}
+
+/// Sends `payload` through `app` and checks every byte came back: the seconds it took.
+fn transfer(app: SocketAddr, payload: &[u8]) -> f64 {
+    let t = std::time::Instant::now();
+    let back = round_trip(app, payload).expect("the transfer failed");
+    assert!(
+        back == payload,
+        "{} of {} bytes came back, or different ones",
+        back.len(),
+        payload.len()
+    );
+    t.elapsed().as_secs_f64()
+}
+
+/// The link between two hosts under packet loss (5%, 30%), cut for 30 s, and a peer that takes
+/// TCP connections but never completes TLS. Each case says what the app saw, that no byte was
+/// lost or changed, and how long it took.
+#[test]
+fn link_faults_lose_no_byte() {
+    if !root_or_skip("the link fault cases (network namespaces, nftables)") {
+        return;
+    }
+    let b = HostB::new();
+    let pki = TestPki::new();
+    let (db_id, web_id) = (pki.node("db-1"), pki.node("web-1"));
+    let bench = tapproof_test_util::bench_exe(EXE);
+    let (_echo, _) = tapproof_test_util::netns::spawn_ready(
+        &b.ns,
+        &[&bench, "echo-server", "--listen", "127.0.0.1:7000"],
+        "listening",
+    );
+    // A peer that accepts TCP and never answers: first in web-1's list.
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let blackhole_addr = blackhole.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in blackhole.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let td = &pki.td;
+    let db_config = format!(
+        "trust_domain = \"{td}\"\n{}[admin]\nlisten = \"127.0.0.1:15000\"\n[tunnel]\nlisten = \"{}:15008\"\n\
+         [[inbound]]\nservice = \"db\"\nforward = \"127.0.0.1:7000\"\nallow = [\"spiffe://{td}/node/web-1\"]\n",
+        tapproof_test_util::process::identity_section(&db_id),
+        b.b_ip
+    );
+    let _db = AgentProcess::start_with(EXE, pki.path(), "db-1", &db_config, &b.ns.prefix());
+    let web_config = format!(
+        "trust_domain = \"{td}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n[tunnel]\nhandshake_timeout = \"2s\"\n\
+         [[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"db\"\npeers = [\"{blackhole_addr}\", \"{}:15008\"]\nserver_id = \"spiffe://{td}/node/db-1\"\n",
+        tapproof_test_util::process::identity_section(&web_id),
+        b.b_ip
+    );
+    let web = AgentProcess::start(EXE, pki.path(), "web-1", &web_config);
+    let app = web.outbound(0);
+
+    // A peer that answers TCP and never completes TLS: web-1 gives up on it after the handshake
+    // timeout and dials the next peer; the app only waits.
+    let took = transfer(app, b"first");
+    eprintln!("fault: first peer never completes TLS -> the app waited {took:.1} s (handshake_timeout 2 s), 0 bytes lost");
+    assert!(took < 10.0);
+    assert!(web.metric("tapproof_handshake_failures_total", &["reason=\"timeout\""]) >= 1.0);
+
+    let mb = tapproof_test_util::traffic::random_bytes(2 << 20);
+    let clean = transfer(app, &mb);
+    eprintln!("fault: none -> 2 MiB round trip in {clean:.2} s");
+    for (percent, payload) in [
+        (5, mb.clone()),
+        (30, tapproof_test_util::traffic::random_bytes(1 << 20)),
+    ] {
+        b.loss(percent);
+        let took = transfer(app, &payload);
+        let dropped = b.dropped();
+        assert!(dropped > 0, "{percent}% loss dropped nothing");
+        eprintln!(
+            "fault: {percent}% packet loss both ways ({dropped} packets dropped) -> {} KiB intact in {took:.2} s (the app saw only delay)",
+            payload.len() >> 10
+        );
+    }
+    b.loss(0);
+
+    // The link down for 30 s in the middle of a connection, then up: the connection survives.
+    let mut tcp = TcpStream::connect(app).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    tcp.write_all(b"before the cut;").unwrap();
+    let mut buf = [0u8; 15];
+    tcp.read_exact(&mut buf).unwrap();
+    b.link(false);
+    tcp.write_all(b"during the cut;").unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+    b.link(true);
+    let up = std::time::Instant::now();
+    let mut buf = [0u8; 15];
+    tcp.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"during the cut;");
+    eprintln!(
+        "fault: link down 30 s -> the open connection stalled, then carried on {:.1} s after the link came back, 0 bytes lost",
+        up.elapsed().as_secs_f64()
+    );
+    let after = transfer(app, &mb);
+    eprintln!("fault: after the cut -> 2 MiB intact in {after:.2} s");
+}

@@ -120,7 +120,7 @@ fn every_bad_client_is_refused_and_the_agent_keeps_serving() {
     assert_eq!(
         pair.db.metric(
             "tapproof_policy_denials_total",
-            &["service=\"nope\"", "reason=\"unknown_service\""]
+            &["service=\"(unknown)\"", "reason=\"unknown_service\""]
         ),
         1.0
     );

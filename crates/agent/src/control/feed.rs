@@ -15,6 +15,57 @@ use tapproof_identity::{RevokedBy, SpiffeId};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// What a state-feed document means to this agent. Entries it cannot use (a revocation of a
+/// kind it does not know, a directory entry with a bad address or ID, a pattern it cannot parse)
+/// are left out and logged; nothing in the document can make it panic (fuzzed: `state_feed`).
+#[derive(Debug, Default)]
+pub struct FeedView {
+    pub version: i64,
+    pub revoked: tapproof_identity::RevocationSet,
+    pub directory: std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>>,
+    pub policy: std::collections::HashMap<String, Vec<crate::policy::AllowPattern>>,
+    pub bundle: Vec<String>,
+}
+
+/// Reads a state-feed document.
+pub fn read_feed(feed: tapproof_api::StateResponse) -> FeedView {
+    let mut revoked = tapproof_identity::RevocationSet::default();
+    for r in feed.revocations {
+        let by = match r.kind {
+            RevocationKind::Node => RevokedBy::Node,
+            RevocationKind::SpiffeId => RevokedBy::SpiffeId,
+            RevocationKind::Serial => RevokedBy::Serial,
+            RevocationKind::Unknown => {
+                warn!(value = %r.value, "state feed: a revocation of a kind this agent does not know is ignored; upgrade the agent");
+                continue;
+            }
+        };
+        revoked.insert(by, &r.value);
+    }
+    let mut directory: std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>> = Default::default();
+    for e in feed.directory {
+        match (e.tunnel.parse(), SpiffeId::parse(&e.id)) {
+            (Ok(addr), Ok(id)) => directory.entry(e.service).or_default().push((addr, id)),
+            _ => warn!(service = %e.service, tunnel = %e.tunnel, "state feed: unusable directory entry"),
+        }
+    }
+    let mut policy: std::collections::HashMap<String, Vec<crate::policy::AllowPattern>> = Default::default();
+    for (service, patterns) in feed.policy {
+        let parsed: Vec<_> = patterns.iter().filter_map(|p| p.parse().ok()).collect();
+        if parsed.len() != patterns.len() {
+            warn!(service = %service, "state feed: policy has patterns this agent cannot parse; they are ignored");
+        }
+        policy.insert(service, parsed);
+    }
+    FeedView {
+        version: feed.version,
+        revoked,
+        directory,
+        policy,
+        bundle: feed.bundle,
+    }
+}
+
 /// Follows the control plane's state feed (long-poll) and applies revocations: revoked peers'
 /// tunnels are closed and their new handshakes refused.
 pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: CancellationToken) {
@@ -34,50 +85,25 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
             Ok(feed) => {
                 retry = RETRY_MIN;
                 if since != Some(feed.version) {
-                    let mut revoked = tapproof_identity::RevocationSet::default();
-                    for r in feed.revocations {
-                        let by = match r.kind {
-                            RevocationKind::Node => RevokedBy::Node,
-                            RevocationKind::SpiffeId => RevokedBy::SpiffeId,
-                            RevocationKind::Serial => RevokedBy::Serial,
-                            RevocationKind::Unknown => {
-                                warn!(value = %r.value, "state feed: a revocation of a kind this agent does not know is ignored; upgrade the agent");
-                                continue;
-                            }
-                        };
-                        revoked.insert(by, &r.value);
-                    }
+                    let FeedView {
+                        version,
+                        revoked,
+                        directory,
+                        policy,
+                        bundle,
+                    } = read_feed(feed);
                     let closed = state.apply_revocations(revoked);
-                    let mut directory: std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>> =
-                        Default::default();
-                    for e in feed.directory {
-                        match (e.tunnel.parse(), SpiffeId::parse(&e.id)) {
-                            (Ok(addr), Ok(id)) => directory.entry(e.service).or_default().push((addr, id)),
-                            _ => {
-                                warn!(service = %e.service, tunnel = %e.tunnel, "state feed: unusable directory entry")
-                            }
-                        }
-                    }
                     state.set_directory(directory);
-                    let mut policy: std::collections::HashMap<String, Vec<crate::policy::AllowPattern>> =
-                        Default::default();
-                    for (service, patterns) in feed.policy {
-                        let parsed: Vec<_> = patterns.iter().filter_map(|p| p.parse().ok()).collect();
-                        if parsed.len() != patterns.len() {
-                            warn!(service = %service, "state feed: policy has patterns this agent cannot parse; they are ignored");
-                        }
-                        policy.insert(service, parsed);
-                    }
                     state.set_policy(policy);
-                    if let Err(e) = install_bundle(&state, &cfg, &feed.bundle) {
+                    if let Err(e) = install_bundle(&state, &cfg, &bundle) {
                         warn!(error = %e, "cannot install the new trust bundle");
                     }
                     info!(
-                        version = feed.version,
+                        version,
                         closed_tunnels = closed,
                         "state feed: revocations applied"
                     );
-                    since = Some(feed.version);
+                    since = Some(version);
                 }
             }
             Err(e) => {

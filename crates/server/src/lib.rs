@@ -448,25 +448,3 @@ pub async fn get_policy(store: &dyn Store) -> Result<Policy, ServerError> {
         None => Ok(Policy::default()),
     }
 }
-
-/// Entry points for the fuzz targets in `fuzz/`: not an API.
-#[doc(hidden)]
-pub mod fuzzing {
-    use crate::app::parse;
-    use bytes::Bytes;
-
-    /// Every request document of the API through the handlers' own parser, and a policy that
-    /// parses through the server's policy check.
-    pub fn parse_documents(data: &[u8]) {
-        let body = || Ok(Bytes::copy_from_slice(data));
-        let _ = parse::<tapproof_api::JoinRequest>(body());
-        let _ = parse::<tapproof_api::SignRequest>(body());
-        let _ = parse::<tapproof_api::RevokeRequest>(body());
-        let _ = parse::<tapproof_api::RegistrationChange>(body());
-        let _ = parse::<tapproof_audit::CoverageUpload>(body());
-        if let Ok(text) = std::str::from_utf8(data) {
-            let td = tapproof_identity::TrustDomain::new("example.org").expect("a valid trust domain");
-            let _ = crate::parse_policy(text, &td);
-        }
-    }
-}

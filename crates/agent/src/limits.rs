@@ -137,11 +137,6 @@ impl Limits {
             },
         ))
     }
-
-    /// Open places, for `/v1/status`: handshakes in progress, fds drawn from the budget.
-    pub fn in_use(&self) -> (usize, usize) {
-        (self.handshakes.open(), self.fds.open())
-    }
 }
 
 #[cfg(test)]

@@ -63,12 +63,6 @@ impl<K: Hash + Eq + Clone> Admission<K> {
     pub fn open(&self) -> usize {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).0
     }
-
-    /// Places held now by `key`.
-    pub fn open_for(&self, key: &K) -> usize {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.1.get(key).copied().unwrap_or(0)
-    }
 }
 
 impl<K: Hash + Eq + Clone> Drop for Admitted<K> {
@@ -140,10 +134,10 @@ mod tests {
         let _three = a.admit("y").unwrap();
         assert_eq!(a.admit("y").unwrap_err(), Full::Total);
         drop(one);
-        assert_eq!((a.open(), a.open_for(&"x")), (2, 1));
+        assert_eq!(a.open(), 2);
         a.admit("x").unwrap();
         let unlimited = Admission::new(0, 0);
         let held: Vec<_> = (0..1000).map(|_| unlimited.admit(1).unwrap()).collect();
-        assert_eq!(unlimited.open_for(&1), held.len());
+        assert_eq!(unlimited.open(), held.len());
     }
 }

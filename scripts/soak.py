@@ -31,6 +31,9 @@ def log(msg):
 class Soak:
     def __init__(self, a):
         self.a, self.d = a, tempfile.mkdtemp(prefix="tapproof-soak-")
+        # nginx's worker runs as nobody when started as root: it must be able to read www/.
+        # The data directories inside are tapproof's own (0700, keys 0600).
+        os.chmod(self.d, 0o755)
         self.procs = Procs()
         self.windows = []  # (start, end or None, what)
         self.lock = threading.Lock()
@@ -114,7 +117,9 @@ class Soak:
         if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
             errors += sum(int(x) for x in m.groups())
         if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+            # Counted in "requests" too: those are not successes.
             errors += int(m.group(1))
+            reqs -= int(m.group(1))
         return reqs, errors
 
     def pgbench_slice(self):
@@ -320,6 +325,8 @@ def main():
     ap.add_argument("--seed", type=int, default=None)
     a = ap.parse_args()
     random.seed(a.seed)
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the finally below stops every process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     s = Soak(a)
     try:
         code = s.run()

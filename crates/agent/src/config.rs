@@ -24,11 +24,15 @@ pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 16_384;
 pub const DEFAULT_MAX_CONNECTS_PER_SERVICE: usize = 256;
 pub const DEFAULT_MAX_HEADER_LIST: u32 = 16 * 1024;
 pub const DEFAULT_MAX_PENDING_RESETS: usize = 20;
-/// HTTP/2 flow-control windows: large, so that one stream can fill a fast link with some delay.
-/// h2 re-opens a window once half of it is consumed, so a stream carries about 0.75 x window per
-/// round trip: 32 MiB keeps ~1 GB/s at 20 ms (bench `longfat`: 8 MiB reached 30% of direct TCP,
-/// 32 MiB 81%). The connection window is also the most a tunnel buffers for slow readers.
-pub const DEFAULT_STREAM_WINDOW: u32 = 32 * 1024 * 1024;
+/// HTTP/2 flow-control windows. Data a stream's backend has not taken yet holds its stream's
+/// window and the same bytes of the tunnel's, so the tunnel stalls for every stream once
+/// connection_window / stream_window streams have backends that stopped reading (issue 11: at
+/// 32 MiB / 64 MiB two such streams froze a tunnel; at 8 MiB / 64 MiB it takes eight). h2
+/// re-opens a window once half of it is consumed, so one stream carries about 0.75 x window per
+/// round trip: 8 MiB is ~6 GB/s at 1 ms (a data centre) and reached 30% of direct TCP at 20 ms
+/// (bench `longfat`; raise it for long links). The connection window is also the most one
+/// tunnel buffers for backends that read slower than the peer sends.
+pub const DEFAULT_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 pub const DEFAULT_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// HTTP/2 frame size: large frames mean fewer frame headers and fewer TLS records per byte.
 pub const DEFAULT_MAX_FRAME: u32 = 256 * 1024;

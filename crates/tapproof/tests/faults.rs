@@ -4,72 +4,15 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 use tapproof_test_util::fixture::{db_config, web_config};
 use tapproof_test_util::pki::{IdentityPaths, TestPki};
-use tapproof_test_util::process::{fd_limits, open_fds, run_tapproof, AgentProcess};
+use tapproof_test_util::process::{fd_limits, open_fds, rss_kib, run_tapproof, AgentProcess};
 use tapproof_test_util::server::ServerProcess;
-use tapproof_test_util::traffic::{round_trip, EchoServer};
+use tapproof_test_util::traffic::{round_trip, EchoServer, Legit};
 use tapproof_test_util::{in_ci, is_root};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
-
-/// A legitimate client looping through the tunnel until stopped: (ok, failed).
-struct Legit {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Legit {
-    fn start(app: SocketAddr) -> Self {
-        let (stop, ok, failed) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicU64::new(0)),
-        );
-        let thread = {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match round_trip(app, b"legitimate request") {
-                        Ok(v) if v == b"legitimate request" => ok.fetch_add(1, Ordering::Relaxed),
-                        _ => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        };
-        Self {
-            stop,
-            ok,
-            failed,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

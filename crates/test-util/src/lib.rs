@@ -4,6 +4,7 @@
 //! a small pcap reader for tap tests, and a WebDriver client for the dashboard test.
 
 pub mod fixture;
+pub mod h2_raw;
 pub mod netns;
 pub mod pcap;
 pub mod pki;

@@ -21,6 +21,17 @@ pub fn fd_limits(pid: i32) -> (u64, u64) {
     (v[0], v[1])
 }
 
+/// Resident memory of a process, in KiB (VmRSS).
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Descriptors process `pid` has open.
 pub fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

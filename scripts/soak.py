@@ -161,6 +161,16 @@ class Soak:
         except OSError:
             return False
 
+    def pg_carries(self):
+        """One PostgreSQL query through the tunnel."""
+        env = dict(os.environ, PGPASSWORD=self.a.pg_password)
+        try:
+            return subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(PG_APP), "-U", self.a.pg_user, "-d",
+                                   "tapproof_soak", "-qtAc", "select 1"], env=env, capture_output=True,
+                                  timeout=5).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
     def fault(self, what, act, recovered, limit=120):
         with self.lock:
             self.windows.append([time.time(), None, what])
@@ -207,7 +217,7 @@ class Soak:
 
         def act():
             subprocess.run(["pg_ctlcluster", version, "main", "restart"], check=True, capture_output=True)
-        self.fault("PostgreSQL restart", act, self.carries)
+        self.fault("PostgreSQL restart", act, self.pg_carries)
 
     def faults_loop(self):
         kinds = [self.kill_server, self.kill_agent, self.stop_agent]

@@ -970,3 +970,70 @@ fn now_unix() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// One client's request rate and one node's held long-polls are capped, and only that client's:
+/// over the cap it gets 429 `rate_limited` at once, another node is served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_rate_and_long_polls_are_capped_per_client() {
+    let limits = tapproof_server::Limits {
+        requests_per_second: 5,
+        long_polls_per_node: 2,
+        ..Default::default()
+    };
+    let s = start_with(limits, Duration::from_secs(3600)).await;
+    let greedy = s.join("web-1", &[]).await;
+    let other = s.join("web-2", &[]).await;
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..60 {
+        let (status, v) = s
+            .call(Some(&greedy), "GET", paths::STATE, Value::Null)
+            .await
+            .unwrap();
+        *codes.entry(format!("{status} {}", code(&v))).or_default() += 1;
+    }
+    // A burst of 4 x 5 = 20, then 5 a second.
+    let limited = codes.get("429 rate_limited").copied().unwrap_or(0);
+    assert!(
+        (30..=40).contains(&limited),
+        "60 requests at once with 5/s allowed: {codes:?}"
+    );
+    let (status, _) = s
+        .call(Some(&other), "GET", paths::STATE, Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "another node paid for the greedy one");
+
+    // Long-polls: wait for the bucket to refill, then hold two; the third is refused at once.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, v) = s
+        .call(Some(&other), "GET", paths::STATE, Value::Null)
+        .await
+        .unwrap();
+    let version = v["version"].as_i64().unwrap();
+    let path = format!("/v1/state?since={version}");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut conn = s.conn(Some(&other)).await.unwrap();
+        let path = path.clone();
+        held.push(tokio::spawn(async move { conn.call("GET", &path, vec![]).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(held.iter().all(|h| !h.is_finished()), "the long-polls wait");
+    let started = std::time::Instant::now();
+    let (status, v) = s.call(Some(&other), "GET", &path, Value::Null).await.unwrap();
+    assert_eq!((status, code(&v)), (429, "rate_limited"), "{v}");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused, not held");
+    // The greedy node's own long-polls are its own.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut conn = s.conn(Some(&greedy)).await.unwrap();
+    let own = tokio::spawn(async move { conn.call("GET", &path, vec![]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !own.is_finished(),
+        "another node's long-polls counted against this one"
+    );
+    s.stop().await;
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().0, 200);
+    }
+}

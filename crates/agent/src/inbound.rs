@@ -32,9 +32,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    warn!(error = %e, "tunnel listener: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    crate::limits::accept_failed(&state, "tunnel", &e).await;
                     continue;
                 }
             },

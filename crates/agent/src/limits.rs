@@ -24,6 +24,8 @@ pub enum Limit {
     StreamsPerPeer,
     ConnectsPerService,
     FdBudget,
+    /// accept() failed (EMFILE, ENFILE, ENOBUFS): the listener backs off.
+    AcceptFailed,
 }
 
 impl Limit {
@@ -35,8 +37,20 @@ impl Limit {
             Self::StreamsPerPeer => "streams_per_peer",
             Self::ConnectsPerService => "connects_per_service",
             Self::FdBudget => "fd_budget",
+            Self::AcceptFailed => "accept_failed",
         }
     }
+}
+
+/// Every listener's answer to a failed accept(): count, throttled WARN, back off
+/// (`tapproof_tls::admission::ACCEPT_BACKOFF`).
+pub async fn accept_failed(state: &crate::state::AgentState, listener: &str, error: &std::io::Error) {
+    state.metrics.limit_refused(Limit::AcceptFailed);
+    tracing::debug!(listener, %error, "accept failed; backing off");
+    if let Some(suppressed) = state.refused_log.tick() {
+        tracing::warn!(listener, %error, suppressed, "accept failed, backing off {} ms (one line per 10 s)", tapproof_tls::admission::ACCEPT_BACKOFF.as_millis());
+    }
+    tokio::time::sleep(tapproof_tls::admission::ACCEPT_BACKOFF).await;
 }
 
 /// Every counted place, built once from the config and the fd limit.

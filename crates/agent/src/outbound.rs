@@ -31,8 +31,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    warn!(service = %outbound.service, error = %e, "outbound listener: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    crate::limits::accept_failed(&state, &format!("outbound {}", outbound.service), &e).await;
                     continue;
                 }
             },

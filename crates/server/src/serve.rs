@@ -214,8 +214,10 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Some(more) = refused_log.tick() {
+                        warn!(error = %e, suppressed = more, "control plane: accept failed, backing off (one line per 10 s)");
+                    }
+                    tokio::time::sleep(tapproof_tls::admission::ACCEPT_BACKOFF).await;
                     continue;
                 }
             },

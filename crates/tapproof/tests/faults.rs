@@ -619,3 +619,188 @@ fn link_faults_lose_no_byte() {
     let after = transfer(app, &mb);
     eprintln!("fault: after the cut -> 2 MiB intact in {after:.2} s");
 }
+
+/// CPU time (user + system) process `pid` has used, in clock ticks (1/100 s).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The tunnel limits not hit elsewhere, each once and each counted under its own name:
+/// handshakes in progress in total, tunnels per peer identity, backend connects in progress per
+/// service, and a listener out of descriptors (EMFILE), which backs off instead of spinning and
+/// serves again once descriptors are back.
+#[test]
+fn every_tunnel_limit_bites_once_and_is_counted() {
+    let pki = TestPki::new();
+    let echo = EchoServer::start();
+    let db_id = pki.node("db-1");
+    let web_id = pki.node("web-1");
+    let issued = pki
+        .ca
+        .issue_with_new_key(&pki.td.service_id("evil").unwrap(), time::Duration::hours(1))
+        .unwrap();
+    let evil = pki.write_identity("evil", &issued.chain_pem, &issued.key_pem);
+    // A backend whose accept queue is full: connects to it stay in progress (SYNs dropped).
+    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    blackhole
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    blackhole.listen(0).unwrap();
+    let hole = blackhole.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        // Fill the queue (backlog 0 takes one or two) before the agent tries.
+        if let Ok(s) = TcpStream::connect_timeout(&hole, Duration::from_millis(300)) {
+            fillers.push(s);
+        }
+    }
+    let extra = format!(
+        "max_handshakes_in_progress = 4\nmax_tunnels_per_peer = 2\nmax_connects_per_service = 2\n\
+         connect_timeout = \"20s\"\n\
+         [[inbound]]\nservice = \"hole\"\nforward = \"{hole}\"\nallow = [\"spiffe://{}/svc/*\"]\n",
+        pki.td
+    );
+    let db = AgentProcess::start(
+        EXE,
+        pki.path(),
+        "db-1",
+        &db_config(&pki, &db_id, echo.addr, &extra),
+    );
+    let web = AgentProcess::start(
+        EXE,
+        pki.path(),
+        "web-1",
+        &web_config(&pki, &web_id, &[db.tunnel()], "db-1", ""),
+    );
+    assert_eq!(round_trip(web.outbound(0), b"warm").unwrap(), b"warm");
+    let refusals = |limit: &str| db.metric("tapproof_limit_refusals_total", &[&format!("limit=\"{limit}\"")]);
+    let fds_base = open_fds(db.pid());
+    let legit = Legit::start(web.outbound(0));
+
+    let rt = runtime();
+    let (third_tunnel, hole_answers) = rt.block_on(async {
+        // Tunnels per peer: two are served, a third is closed before it carries anything.
+        let mut first = tunnel(db.tunnel(), &evil, &pki, "db-1").await;
+        let _second = tunnel(db.tunnel(), &evil, &pki, "db-1").await;
+        let third = async {
+            let mut t = tunnel(db.tunnel(), &evil, &pki, "db-1").await;
+            t = t.ready().await.map_err(|e| e.to_string())?;
+            let (r, _) = t
+                .send_request(connect_request("db"), false)
+                .map_err(|e| e.to_string())?;
+            r.await.map(|r| r.status().to_string()).map_err(|e| e.to_string())
+        };
+        let third_tunnel = tokio::time::timeout(Duration::from_secs(10), third)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+        // Connects per service: two connects to the full backend hang; the rest get 503 at once.
+        let mut held = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            first = first.ready().await.unwrap();
+            let (r, s) = first.send_request(connect_request("hole"), false).unwrap();
+            held.push(s);
+            match tokio::time::timeout(Duration::from_secs(2), r).await {
+                Ok(Ok(r)) => answers.push(r.status().as_u16()),
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => answers.push(0),
+            }
+        }
+        (third_tunnel, answers)
+    });
+    let (ok, failed) = legit.finish();
+    assert_eq!(failed, 0, "legitimate requests failed ({ok} ok)");
+    assert!(
+        refusals("tunnels_per_peer") >= 1.0,
+        "a third tunnel of one peer was not refused: {third_tunnel:?}"
+    );
+    assert!(
+        third_tunnel.as_deref() != Ok("200"),
+        "a third tunnel of one peer carried a stream"
+    );
+    assert_eq!(
+        hole_answers.iter().filter(|&&a| a == 0).count(),
+        2,
+        "connects in progress to one service: {hole_answers:?} (0: still waiting)"
+    );
+    assert_eq!(
+        hole_answers.iter().filter(|&&a| a == 503).count(),
+        3,
+        "{hole_answers:?}"
+    );
+    assert!(refusals("connects_per_service") >= 3.0);
+    // Handshakes in progress: 8 idle connections from four sources (2 each, under the
+    // per-source cap); 4 are let in, 4 refused by the total.
+    let mut idle = Vec::new();
+    for i in 0..8 {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let source: SocketAddr = format!("127.0.0.{}:0", 2 + i / 2).parse().unwrap();
+        sock.bind(&source.into()).unwrap();
+        sock.connect(&db.tunnel().into()).unwrap();
+        idle.push(TcpStream::from(sock));
+    }
+    db.wait_for("handshakes_in_progress refusals", Duration::from_secs(10), |_| {
+        refusals("handshakes_in_progress") >= 4.0
+    });
+    drop(idle);
+    drop(rt);
+    drop(fillers);
+    // Everything the attacks held is returned (the hanging connects end with their streams).
+    db.wait_for("descriptors to come back", Duration::from_secs(25), |a| {
+        open_fds(a.pid()) <= fds_base + 1
+    });
+
+    // Out of descriptors: the agent's limit is lowered under it (prlimit on the running
+    // process), connections wait in the backlog; accept() fails with EMFILE and backs off.
+    let fds = open_fds(db.pid()) as u64;
+    let set_limit = |n: u64| {
+        let out = std::process::Command::new("prlimit")
+            .args(["--pid", &db.pid().to_string(), &format!("--nofile={n}:20000")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "prlimit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let before = refusals("accept_failed");
+    let started = std::time::Instant::now();
+    set_limit(fds);
+    let waiting: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(db.tunnel()).unwrap()).collect();
+    let cpu0 = cpu_ticks(db.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu = cpu_ticks(db.pid()) - cpu0;
+    set_limit(20000);
+    let low_for = started.elapsed().as_secs_f64();
+    // (The admin listener fails its accepts too while the limit is low: read metrics after.)
+    let failed_accepts = refusals("accept_failed") - before;
+    assert!(failed_accepts >= 5.0, "accept() did not fail: {failed_accepts}");
+    // One try per ACCEPT_BACKOFF (100 ms), and some slack for this machine's scheduling.
+    assert!(
+        failed_accepts <= low_for * 15.0,
+        "{failed_accepts} failed accepts in {low_for:.1} s: the listener does not back off"
+    );
+    assert!(
+        cpu < 60,
+        "{cpu} ticks of CPU in 3 s while out of descriptors: it spins"
+    );
+    drop(waiting);
+    assert!(
+        db.log().contains("accept failed, backing off"),
+        "the failed accepts were not logged"
+    );
+    assert_eq!(round_trip(web.outbound(0), b"after").unwrap(), b"after");
+    // A new tunnel is accepted again once there are descriptors.
+    let web2 = AgentProcess::start(
+        EXE,
+        pki.path(),
+        "web-2",
+        &web_config(&pki, &web_id, &[db.tunnel()], "db-1", ""),
+    );
+    assert_eq!(round_trip(web2.outbound(0), b"again").unwrap(), b"again");
+}

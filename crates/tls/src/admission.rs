@@ -9,6 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Places in total and per key; 0 means no cap.
+/// How long a listener waits after accept() failed (EMFILE, ENFILE, ENOBUFS): retrying at once
+/// would spin a core while nothing frees up (nginx and HAProxy pause their accepts too). Agent
+/// and server listeners both use it.
+pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 #[derive(Debug)]
 pub struct Admission<K: Hash + Eq + Clone> {
     max_total: usize,

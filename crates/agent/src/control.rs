@@ -169,6 +169,7 @@ pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<Identity
         id: joined.identity.id,
         issued_at: now(),
         not_after: joined.identity.not_after,
+        lifetime_s: lifetime_checking_clock(&joined.identity.chain_pem),
         services: joined.services,
     };
     set.write_state(&state)?;
@@ -177,21 +178,76 @@ pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<Identity
     Ok(files)
 }
 
-/// When to renew: half-way through the certificate's life, give or take 10% of that half.
+/// A clock this far from the control plane's is said loudly at every certificate received.
+const CLOCK_SKEW_WARN_S: i64 = 30;
+
+/// The lifetime the server gave a certificate, from the server's own clock: its not_before is
+/// the server's time of issue less `BACKDATE`. Logs when this host's clock is off from the
+/// server's: renewals are scheduled by the certificate's expiry read on this host's clock, and
+/// peers' certificates are checked with it too.
+fn lifetime_checking_clock(chain_pem: &str) -> i64 {
+    let Some(info) = tapproof_identity::ca::first_der(chain_pem)
+        .ok()
+        .and_then(|der| tapproof_identity::inspect_svid(&der).ok())
+    else {
+        return 0;
+    };
+    let issued_by_server = info.not_before + tapproof_identity::ca::BACKDATE.whole_seconds();
+    let skew = now() - issued_by_server;
+    if skew.abs() > CLOCK_SKEW_WARN_S {
+        warn!(
+            skew_s = skew,
+            "this host's clock is {} s {} the control plane's: certificates look {} here (fix NTP; \
+               renewals are spaced by the monotonic clock meanwhile)",
+            skew.abs(),
+            if skew > 0 { "ahead of" } else { "behind" },
+            if skew > 0 { "older" } else { "newer" }
+        );
+    }
+    info.not_after - issued_by_server
+}
+
+/// When to renew (this host's wall clock): half-way through the certificate's life, counted back
+/// from its expiry, give or take 10% of that half. A state without the lifetime uses the time it
+/// was received as the start.
 fn renew_at(state: &ControlState) -> i64 {
-    let half = (state.not_after - state.issued_at).max(2) / 2;
+    let lifetime = if state.lifetime_s > 0 {
+        state.lifetime_s
+    } else {
+        state.not_after - state.issued_at
+    };
+    let half = lifetime.max(2) / 2;
     let jitter = (half / 10).max(1);
-    state.issued_at + half + rand::rng().random_range(-jitter..=jitter)
+    state.not_after - half + rand::rng().random_range(-jitter..=jitter)
+}
+
+/// The least time between two renewals, on the monotonic clock: a tenth of the lifetime (at
+/// least 1 s). A clock ahead by more than half a lifetime puts every renewal point in the past;
+/// this keeps such a host at ten renewals a lifetime instead of one a second.
+fn renewal_spacing(state: &ControlState) -> Duration {
+    let lifetime = if state.lifetime_s > 0 {
+        state.lifetime_s
+    } else {
+        state.not_after - state.issued_at
+    };
+    Duration::from_secs((lifetime / 10).max(1) as u64)
 }
 
 /// Renews the node identity for as long as the agent runs.
 pub async fn renew_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: CancellationToken) {
     let mut retry = RETRY_MIN;
+    let mut last_renewal: Option<tokio::time::Instant> = None;
     loop {
         let Some(current) = read_state(&cfg.data_dir) else {
             warn!(data_dir = %cfg.data_dir.display(), "control state missing; cannot schedule renewal");
             return;
         };
+        if let Some(last) = last_renewal {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(last + renewal_spacing(&current)) => {}
+            }
+        }
         // Certificates expire by the wall clock, timers run on the monotonic one: sleep in slices
         // and look at the wall clock again, so a clock that jumps (or a suspended VM that wakes)
         // renews at once instead of sleeping past the expiry.
@@ -206,6 +262,7 @@ pub async fn renew_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
         match renew(&state, &cfg, current).await {
             Ok(next) => {
                 retry = RETRY_MIN;
+                last_renewal = Some(tokio::time::Instant::now());
                 state.metrics.renewals.inc();
                 state.metrics.control_plane_up.set(1);
                 info!(id = %next.id, not_after = next.not_after, "renewed the node certificate; new handshakes use it, open tunnels stay up");
@@ -288,6 +345,7 @@ async fn renew(
     let next = ControlState {
         issued_at: now(),
         not_after: issued.not_after,
+        lifetime_s: lifetime_checking_clock(&issued.chain_pem),
         services,
         ..current
     };
@@ -333,6 +391,38 @@ pub(crate) async fn post_coverage(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state(issued_at: i64, not_after: i64, lifetime_s: i64) -> ControlState {
+        ControlState {
+            server: "s:1".into(),
+            node: "n".into(),
+            id: "spiffe://example.org/node/n".into(),
+            issued_at,
+            not_after,
+            lifetime_s,
+            services: vec![],
+        }
+    }
+
+    #[test]
+    fn renewal_is_at_half_life_counted_back_from_expiry() {
+        for _ in 0..100 {
+            // In step with the server: half-way, +-10% of the half.
+            let t = renew_at(&state(1_000, 4_600, 3_600));
+            assert!((1_000 + 1_620..=1_000 + 1_980).contains(&t), "{t}");
+            // A state file from before lifetime_s was kept: from the time it was received.
+            let t = renew_at(&state(1_000, 4_600, 0));
+            assert!((2_620..=2_980).contains(&t), "{t}");
+            // Received while this host's clock was 10 min ahead: the renewal point is by the
+            // expiry, so a clock set back later renews in time, not 10 min late.
+            let t = renew_at(&state(1_000 + 600, 4_600, 3_600));
+            assert!(t <= 2_980, "{t}");
+        }
+        // Ahead by more than a lifetime: renewal points are all past; spacing bounds the rate.
+        assert_eq!(renewal_spacing(&state(10_000, 1_060, 60)), Duration::from_secs(6));
+        assert_eq!(renewal_spacing(&state(0, 3_600, 3_600)), Duration::from_secs(360));
+        assert_eq!(renewal_spacing(&state(0, 5, 5)), Duration::from_secs(1));
+    }
 
     #[test]
     fn retries_never_sleep_past_the_validity_left() {

@@ -1255,3 +1255,121 @@ fn scheduled_root_rollover_under_load() {
     assert!(ok.load(Ordering::Relaxed) > 100);
     assert!(server.log().contains("scheduled root rollover"));
 }
+
+/// Fault case: web-1's wall clock jumps (libfaketime on its process only; its monotonic clock
+/// runs on, as when NTP steps a clock). 40 s ahead (past half-life of its 60 s certificate):
+/// it renews at once and no request fails. 10 min ahead (past every certificate): it says its
+/// clock is off, and renews at most every tenth of a lifetime instead of in a loop. Set right
+/// again: it renews and carries traffic with no new token.
+#[test]
+fn a_clock_that_jumps_is_survived() {
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    if !std::path::Path::new(lib).exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must run the clock test (apt-get install faketime)"
+        );
+        eprintln!("skipped: needs libfaketime (apt-get install faketime)");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("tapproof-clock-")
+        .tempdir()
+        .unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", "60s");
+    let echo = EchoServer::start();
+    let db = AgentProcess::start(
+        EXE,
+        dir.path(),
+        "db-1",
+        &db_config(
+            &dir.path().join("db-1"),
+            &server.token(EXE, "db-1", &["db"], "5m"),
+            echo.addr,
+            "127.0.0.1:0",
+        ),
+    );
+    let clock = dir.path().join("web-1.faketime");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let preload = format!("LD_PRELOAD={lib}");
+    let clock_file = format!("FAKETIME_TIMESTAMP_FILE={}", clock.display());
+    let web = AgentProcess::start_with(
+        EXE,
+        dir.path(),
+        "web-1",
+        &web_config(
+            &dir.path().join("web-1"),
+            &server.token(EXE, "web-1", &[], "5m"),
+            db.tunnel(),
+        ),
+        &[
+            "env",
+            &preload,
+            &clock_file,
+            "FAKETIME_NO_CACHE=1",
+            "FAKETIME_DONT_FAKE_MONOTONIC=1",
+        ],
+    );
+    assert_eq!(round_trip(web.outbound(0), b"before").unwrap(), b"before");
+    let renewals = |a: &AgentProcess| a.metric("tapproof_renewals_total", &[]);
+
+    // 1. 40 s ahead.
+    let legit = tapproof_test_util::traffic::Legit::start(web.outbound(0));
+    let r0 = renewals(&web);
+    std::fs::write(&clock, "+40\n").unwrap();
+    let jumped = Instant::now();
+    web.wait_for("a renewal after the jump", Duration::from_secs(20), |a| {
+        renewals(a) > r0
+    });
+    let renewed_in = jumped.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, failed) = legit.finish();
+    assert_eq!(failed, 0, "requests failed after a 40 s clock jump ({ok} ok)");
+
+    // 2. 10 min ahead: every certificate looks expired on web-1.
+    std::fs::write(&clock, "+600\n").unwrap();
+    web.wait_for("the clock warning", Duration::from_secs(30), |a| {
+        a.log().contains("s ahead of the control plane's")
+    });
+    let r1 = renewals(&web);
+    std::thread::sleep(Duration::from_secs(12));
+    let in_12s = renewals(&web) - r1;
+    assert!(
+        in_12s <= 3.0,
+        "{in_12s} renewals in 12 s with the clock 10 min ahead: a loop"
+    );
+    assert!(
+        web.status()["certificate"]["seconds_to_expiry"]
+            .as_i64()
+            .unwrap_or(0)
+            < 0,
+        "status does not show the certificate expired by this host's clock: {}",
+        web.status()
+    );
+
+    // 3. Set right: renews and carries traffic.
+    std::fs::write(&clock, "+0\n").unwrap();
+    let back = Instant::now();
+    let r2 = renewals(&web);
+    web.wait_for("a renewal with the clock right", Duration::from_secs(45), |a| {
+        renewals(a) > r2
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match round_trip(web.outbound(0), b"after") {
+            Ok(v) if v == b"after" => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "no traffic with the clock set right: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "fault: clock +40 s -> renewed in {:.1} s, {ok} requests, 0 failed; +10 min -> {in_12s} renewals in 12 s; \
+         set right -> serving {:.1} s later",
+        renewed_in.as_secs_f64(),
+        back.elapsed().as_secs_f64()
+    );
+}

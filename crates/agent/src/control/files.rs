@@ -31,6 +31,10 @@ pub(crate) struct ControlState {
     pub id: String,
     pub issued_at: i64,
     pub not_after: i64,
+    /// The certificate's lifetime as the server gave it (not_after less the server's time of
+    /// issue, both by the server's clock); 0 in a state file written before it was kept.
+    #[serde(default)]
+    pub lifetime_s: i64,
     /// Services registered to this node; their identities live in `svc-<name>.pem` / `.key`.
     #[serde(default)]
     pub services: Vec<String>,

@@ -549,6 +549,22 @@ async fn bad_input_gets_a_code_and_changes_nothing() {
             413,
             "body_too_large",
         ),
+        // 20,000 levels of nesting in 40 KB: serde_json's recursion limit (128) refuses it
+        // before any of it is built.
+        (
+            Some(&node),
+            "POST",
+            paths::SIGN,
+            [
+                br#"{"csrs":"#.repeat(1),
+                b"[".repeat(20_000),
+                b"]".repeat(20_000),
+                b"}".to_vec(),
+            ]
+            .concat(),
+            400,
+            "bad_json",
+        ),
         (Some(&node), "GET", "/v1/state?since=x", vec![], 400, "bad_query"),
         (
             Some(&node),

@@ -556,7 +556,7 @@ async fn bad_input_gets_a_code_and_changes_nothing() {
             "POST",
             paths::SIGN,
             [
-                br#"{"csrs":"#.repeat(1),
+                br#"{"csrs":"#.to_vec(),
                 b"[".repeat(20_000),
                 b"]".repeat(20_000),
                 b"}".to_vec(),

@@ -233,14 +233,12 @@ fn a_node_whose_certificate_expired_in_an_outage_recovers_without_a_token() {
         );
     }
     assert!(s.web.metric("tapproof_renewals_total", &[]) > before);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match round_trip(s.web.outbound(0), b"two") {
-            Ok(v) if v == b"two" => break,
-            other => assert!(Instant::now() < deadline, "no traffic after recovery: {other:?}"),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tapproof_test_util::traffic::wait_for_round_trip(
+        s.web.outbound(0),
+        b"two",
+        Duration::from_secs(10),
+        "no traffic after recovery",
+    );
     assert!(s.server.log().contains("renewal with an expired certificate"));
     eprintln!(
         "recovered {:.1} s after the server returned",
@@ -264,14 +262,12 @@ fn an_agent_suspended_past_its_certificate_recovers_when_continued() {
         .wait_for("renewal after waking", Duration::from_secs(40), |a| {
             a.metric("tapproof_certificate_expiry_seconds", &[]) > 0.0
         });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match round_trip(s.web.outbound(0), b"two") {
-            Ok(v) if v == b"two" => break,
-            other => assert!(Instant::now() < deadline, "no traffic after waking: {other:?}"),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tapproof_test_util::traffic::wait_for_round_trip(
+        s.web.outbound(0),
+        b"two",
+        Duration::from_secs(20),
+        "no traffic after waking",
+    );
     eprintln!(
         "fault: agent suspended 34 s (certificate lifetime 30 s) -> serving again {:.1} s after SIGCONT",
         woke.elapsed().as_secs_f64()
@@ -528,33 +524,14 @@ fn two_replicas_on_postgresql_issue_concurrently() {
         .prefix("tapproof-replicas-")
         .tempdir()
         .unwrap();
-    let a_dir = dir.path().join("a");
-    let (code, out, err) = run_tapproof(
-        EXE,
-        &[
-            "server",
-            "init",
-            "--trust-domain",
-            TD,
-            "--data-dir",
-            a_dir.to_str().unwrap(),
-            "--store",
-            &url,
-        ],
-    );
-    assert_eq!(code, 0, "{out}{err}");
+    // Two replicas: the same store and key-encryption key, each its own data dir.
+    let (a_dir, b_dir) = tapproof_test_util::server::init_replicas(EXE, dir.path(), TD, &url);
     assert!(
         !std::fs::read_to_string(a_dir.join("server.json"))
             .unwrap()
             .contains("tapproof_test@"),
         "no password in server.json"
     );
-    // Replica B: the same store and key-encryption key, its own data dir.
-    let b_dir = dir.path().join("b");
-    std::fs::create_dir_all(&b_dir).unwrap();
-    for f in ["server.json", "kek.key"] {
-        std::fs::copy(a_dir.join(f), b_dir.join(f)).unwrap();
-    }
     let start =
         |data: &std::path::Path| ServerProcess::start_with_store(EXE, data, "127.0.0.1:0", "1h", Some(&url));
     let a = start(&a_dir);
@@ -1355,17 +1332,12 @@ fn a_clock_that_jumps_is_survived() {
     web.wait_for("a renewal with the clock right", Duration::from_secs(45), |a| {
         renewals(a) > r2
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match round_trip(web.outbound(0), b"after") {
-            Ok(v) if v == b"after" => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "no traffic with the clock set right: {other:?}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tapproof_test_util::traffic::wait_for_round_trip(
+        web.outbound(0),
+        b"after",
+        Duration::from_secs(20),
+        "no traffic with the clock set right",
+    );
     eprintln!(
         "fault: clock +40 s -> renewed in {:.1} s, {ok} requests, 0 failed; +10 min -> {in_12s} renewals in 12 s; \
          set right -> serving {:.1} s later",

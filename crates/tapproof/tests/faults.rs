@@ -73,11 +73,7 @@ fn one_peer_or_one_source_costs_only_itself() {
     let db_id = pki.node("db-1");
     let web_id = pki.node("web-1");
     // spiffe://example.org/svc/* is allowed by db_config: an allowed, misbehaving peer.
-    let issued = pki
-        .ca
-        .issue_with_new_key(&pki.td.service_id("evil").unwrap(), time::Duration::hours(1))
-        .unwrap();
-    let evil = pki.write_identity("evil", &issued.chain_pem, &issued.key_pem);
+    let evil = pki.service("evil");
     let db = AgentProcess::start_with(
         EXE,
         pki.path(),
@@ -639,11 +635,7 @@ fn every_tunnel_limit_bites_once_and_is_counted() {
     let echo = EchoServer::start();
     let db_id = pki.node("db-1");
     let web_id = pki.node("web-1");
-    let issued = pki
-        .ca
-        .issue_with_new_key(&pki.td.service_id("evil").unwrap(), time::Duration::hours(1))
-        .unwrap();
-    let evil = pki.write_identity("evil", &issued.chain_pem, &issued.key_pem);
+    let evil = pki.service("evil");
     // A backend whose accept queue is full: connects to it stay in progress (SYNs dropped).
     let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     blackhole

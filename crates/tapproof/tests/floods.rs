@@ -34,11 +34,7 @@ fn bed() -> Bed {
     let sink = TcpListener::bind("127.0.0.1:0").unwrap();
     let db_id = pki.node("db-1");
     let web_id = pki.node("web-1");
-    let issued = pki
-        .ca
-        .issue_with_new_key(&pki.td.service_id("evil").unwrap(), time::Duration::hours(1))
-        .unwrap();
-    let evil = pki.write_identity("evil", &issued.chain_pem, &issued.key_pem);
+    let evil = pki.service("evil");
     let extra = format!(
         "[[inbound]]\nservice = \"sink\"\nforward = \"{}\"\nallow = [\"spiffe://{}/svc/*\"]\n",
         sink.local_addr().unwrap(),

@@ -146,26 +146,7 @@ fn postgresql_restart_under_two_replicas() {
         .prefix("tapproof-pgr-")
         .tempdir()
         .unwrap();
-    let a_dir = dir.path().join("a");
-    let (code, out, err) = run_tapproof(
-        EXE,
-        &[
-            "server",
-            "init",
-            "--trust-domain",
-            TD,
-            "--data-dir",
-            a_dir.to_str().unwrap(),
-            "--store",
-            &url,
-        ],
-    );
-    assert_eq!(code, 0, "{out}{err}");
-    let b_dir = dir.path().join("b");
-    std::fs::create_dir_all(&b_dir).unwrap();
-    for f in ["server.json", "kek.key"] {
-        std::fs::copy(a_dir.join(f), b_dir.join(f)).unwrap();
-    }
+    let (a_dir, b_dir) = tapproof_test_util::server::init_replicas(EXE, dir.path(), TD, &url);
     let start = |data: &Path| ServerProcess::start_with_store(EXE, data, "127.0.0.1:0", "30s", Some(&url));
     let mut a = start(&a_dir);
     let mut b = start(&b_dir);

@@ -71,6 +71,16 @@ impl TestPki {
         self.write_identity(file, &issued.chain_pem, &issued.key_pem)
     }
 
+    /// A service identity (`spiffe://<td>/svc/<name>`) valid for an hour, as `<name>.pem` /
+    /// `<name>.key`.
+    pub fn service(&self, name: &str) -> IdentityPaths {
+        let issued = self
+            .ca
+            .issue_with_new_key(&self.td.service_id(name).unwrap(), Duration::hours(1))
+            .unwrap();
+        self.write_identity(name, &issued.chain_pem, &issued.key_pem)
+    }
+
     pub fn write_identity(&self, file: &str, chain_pem: &str, key_pem: &str) -> IdentityPaths {
         let cert = self.path().join(format!("{file}.pem"));
         let key = self.path().join(format!("{file}.key"));

@@ -34,6 +34,32 @@ pub fn init(exe: &str, dir: &Path, trust_domain: &str) -> PathBuf {
     data_dir
 }
 
+/// Two replicas' data dirs on one PostgreSQL store: `server init --store url` into `<dir>/a`,
+/// and `<dir>/b` with the same `server.json` and key-encryption key (as an operator copies them).
+pub fn init_replicas(exe: &str, dir: &Path, trust_domain: &str, url: &str) -> (PathBuf, PathBuf) {
+    let a = dir.join("a");
+    let (code, out, err) = run_tapproof(
+        exe,
+        &[
+            "server",
+            "init",
+            "--trust-domain",
+            trust_domain,
+            "--data-dir",
+            a.to_str().unwrap(),
+            "--store",
+            url,
+        ],
+    );
+    assert_eq!(code, 0, "server init --store: {out}{err}");
+    let b = dir.join("b");
+    std::fs::create_dir_all(&b).unwrap();
+    for f in ["server.json", "kek.key"] {
+        std::fs::copy(a.join(f), b.join(f)).unwrap();
+    }
+    (a, b)
+}
+
 impl ServerProcess {
     /// Starts `tapproof server run` on `listen` (e.g. `127.0.0.1:0`).
     pub fn start(exe: &str, data_dir: &Path, listen: &str, leaf_ttl: &str) -> Self {

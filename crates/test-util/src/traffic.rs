@@ -138,3 +138,16 @@ impl Legit {
         )
     }
 }
+
+/// Round trips through `app` until one comes back whole, for at most `within`; panics with
+/// `what` and the last error otherwise. Returns how long it took.
+pub fn wait_for_round_trip(app: SocketAddr, payload: &[u8], within: Duration, what: &str) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        match round_trip(app, payload) {
+            Ok(v) if v == payload => return started.elapsed(),
+            other => assert!(started.elapsed() < within, "{what}: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

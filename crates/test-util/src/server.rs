@@ -249,6 +249,19 @@ pub fn control_request(
     path: &str,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
+    try_control_request(server, trust, identity, method, path, body).unwrap()
+}
+
+/// `control_request`, with a failed connection or request (a reset stream, say) as an error
+/// instead of a panic: for faults where the request may fail.
+pub fn try_control_request(
+    server: SocketAddr,
+    trust: tapproof_tls::ServerTrust,
+    identity: Option<(&str, &str)>,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, serde_json::Value), String> {
     use http_body_util::{BodyExt, Full};
     let td = tapproof_identity::TrustDomain::new("example.org").unwrap();
     let server_id = tapproof_identity::SpiffeId::new(td, "/server").unwrap();
@@ -258,14 +271,16 @@ pub fn control_request(
         .build()
         .unwrap();
     rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(server).await.unwrap();
-        let stream = tls.connect(tcp, server).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(server)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let stream = tls.connect(tcp, server).await.map_err(|e| format!("TLS: {e}"))?;
         let (mut sender, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(stream),
         )
         .await
-        .unwrap();
+        .map_err(|e| format!("HTTP/2: {e}"))?;
         tokio::spawn(conn);
         let req = http::Request::builder()
             .method(method)
@@ -273,13 +288,21 @@ pub fn control_request(
             .header("content-type", "application/json")
             .body(Full::new(bytes::Bytes::from(body)))
             .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
         let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok((
             status,
             serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-        )
+        ))
     })
 }
 

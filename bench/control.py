@@ -24,6 +24,7 @@ class ControlPlane:
         self.cli("server", "init", "--trust-domain", TD, "--data-dir", f"{d}/server")
         self.server = self.procs.start("server", [self.tapproof, "--log-level", "warn", "server", "run",
                                                   "--data-dir", f"{d}/server", "--listen", LISTEN,
+                                                  "--admin-listen", "127.0.0.1:0",
                                                   # One load generator stands in for thousands of
                                                   # agents, all one node on one address: lift the
                                                   # per-client limits that would otherwise bite.

@@ -48,7 +48,7 @@ class Soak:
     def start_server(self):
         minutes = self.a.minutes
         args = [self.a.tapproof, "--log-level", "info", "server", "run", "--data-dir", f"{self.d}/server",
-                "--listen", SERVER, "--leaf-ttl", "60s",
+                "--listen", SERVER, "--leaf-ttl", "60s", "--admin-listen", "127.0.0.1:0",
                 # The root is rolled over once, half-way (prepare, then activate a propagation later).
                 "--root-max-age", f"{max(60, minutes * 30)}s", "--rollover-propagation", "30s"]
         p = subprocess.Popen(args, stdout=open(f"{self.d}/server.log", "a"), stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-//! The admin endpoint: `/metrics` (Prometheus text), `/healthz` (the process serves),
+//! The admin endpoint: `/metrics` (Prometheus text, or OpenMetrics when asked for), `/healthz` (the process serves),
 //! `/readyz` (listeners bound, identity loaded, not draining) and `/v1/status` (JSON: identity,
 //! listeners, open tunnels with what their handshakes negotiated), which `tapproof status` and the
 //! quickstart read, and `/v1/sockets` (the TLS sockets this agent vouches for, which the coverage
@@ -34,13 +34,14 @@ pub struct BoundOutbound {
 #[derive(Clone)]
 struct AdminState {
     agent: Arc<AgentState>,
-    bound: Arc<BoundAddresses>,
+    /// Updated by a reload (outbound listeners added or removed).
+    bound: Arc<std::sync::RwLock<BoundAddresses>>,
 }
 
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<AgentState>,
-    bound: BoundAddresses,
+    bound: Arc<std::sync::RwLock<BoundAddresses>>,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
@@ -52,10 +53,7 @@ pub async fn serve(
             "/v1/sockets",
             get(|| async { Json(crate::vouch::sockets().snapshot()) }),
         )
-        .with_state(AdminState {
-            agent,
-            bound: Arc::new(bound),
-        });
+        .with_state(AdminState { agent, bound });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
@@ -64,18 +62,16 @@ pub async fn serve(
     }
 }
 
-async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+/// Prometheus text for a plain scrape, OpenMetrics when `Accept` asks for it
+/// (`tapproof_metrics::render`).
+async fn metrics(State(s): State<AdminState>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     s.agent
         .metrics
         .cert_expiry_seconds
         .set(s.agent.material.current().seconds_to_expiry());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.agent.metrics.encode(),
-    )
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = s.agent.metrics.render(accept);
+    ([(header::CONTENT_TYPE, content_type)], body)
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
@@ -92,7 +88,7 @@ struct Status {
     trust_domain: String,
     ready: bool,
     certificate: CertificateStatus,
-    listeners: Arc<BoundAddresses>,
+    listeners: BoundAddresses,
     tunnels: Vec<Arc<crate::state::TunnelStats>>,
 }
 
@@ -121,7 +117,7 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
             bundle_roots: material.root_count(),
             reloads: s.agent.material.generation(),
         },
-        listeners: s.bound.clone(),
+        listeners: s.bound.read().unwrap_or_else(|p| p.into_inner()).clone(),
         tunnels: s.agent.tunnels(),
     })
 }

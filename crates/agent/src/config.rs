@@ -74,6 +74,9 @@ pub struct AgentConfig {
     /// The coverage audit: accepted exceptions, and how often a control-plane agent reports.
     #[serde(default)]
     pub audit: tapproof_audit::AuditConfig,
+    /// The file's TOML as parsed: a reload compares its sections to find what changed.
+    #[serde(skip)]
+    pub source: toml::Table,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -391,10 +394,12 @@ impl AgentConfig {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
-        })?;
+        };
+        let mut config: Self = toml::from_str(text).map_err(parse_error)?;
+        config.source = toml::from_str(text).map_err(parse_error)?;
         config.check(path)?;
         Ok(config)
     }

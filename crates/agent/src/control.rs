@@ -109,6 +109,46 @@ fn now() -> i64 {
 }
 
 /// Returns the identity files, joining first if the data dir holds no identity yet.
+/// The first join's retry delays: from `JOIN_RETRY_MIN`, doubling, at most `JOIN_RETRY_MAX`
+/// (with jitter, so a fleet started together does not retry in lockstep).
+const JOIN_RETRY_MIN: Duration = Duration::from_secs(1);
+const JOIN_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Whether a failed join may succeed later without anyone changing anything: the server was
+/// unreachable, or answered that it cannot serve now (store down, rate limit). A refused token
+/// never becomes good: that ends the agent at once, with the code.
+fn join_may_succeed_later(e: &ControlError) -> bool {
+    match e {
+        ControlError::Unreachable { .. } => true,
+        ControlError::Refused { code, .. } => code.status() >= 500 || *code == ErrorCode::RateLimited,
+        _ => false,
+    }
+}
+
+/// Joins, retrying with backoff for as long as the server is unreachable or busy (a host booted
+/// before its control plane, a control plane restarting). The agent serves nothing meanwhile.
+async fn join_with_retry(
+    client: &ControlClient,
+    request: &JoinRequest,
+) -> Result<tapproof_api::JoinResponse, ControlError> {
+    let mut delay = JOIN_RETRY_MIN;
+    let mut attempt = 1u32;
+    loop {
+        match client.join(request).await.map_err(ControlError::from) {
+            Ok(joined) => return Ok(joined),
+            Err(e) if join_may_succeed_later(&e) => {
+                let wait = delay.mul_f64(rand::rng().random_range(0.5..1.0));
+                warn!(error = %e, attempt, retry_in_s = wait.as_secs_f64().ceil() as u64,
+                      "cannot join yet; retrying (the token is not used until a join succeeds)");
+                tokio::time::sleep(wait).await;
+                delay = (delay * 2).min(JOIN_RETRY_MAX);
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<IdentityFiles, ControlError> {
     let files = identity_files(&cfg.data_dir);
     if read_state(&cfg.data_dir).is_some() && files.cert.exists() && files.key.exists() {
@@ -138,12 +178,11 @@ pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<Identity
     let tls = ControlClientTls::new(ServerTrust::Pin(token.root_pin), server_id(td), None)
         .map_err(|e| ControlError::Token(e.to_string()))?;
     let (csr, key) = new_csr(None).map_err(|e| data_err(&cfg.data_dir, e))?;
-    let joined = ControlClient::new(server.clone(), tls)
-        .join(&JoinRequest {
-            token: text.trim().to_owned(),
-            csr,
-        })
-        .await?;
+    let request = JoinRequest {
+        token: text.trim().to_owned(),
+        csr,
+    };
+    let joined = join_with_retry(&ControlClient::new(server.clone(), tls), &request).await?;
     // Key, certificate, bundle, service identities and state become visible as one set.
     let mut set = Staged::begin(&cfg.data_dir)?;
     set.write_identity(&joined.identity.chain_pem, &key)?;
@@ -264,12 +303,10 @@ pub async fn renew_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
                 retry = RETRY_MIN;
                 last_renewal = Some(tokio::time::Instant::now());
                 state.metrics.renewals.inc();
-                state.metrics.control_plane_up.set(1);
                 info!(id = %next.id, not_after = next.not_after, "renewed the node certificate; new handshakes use it, open tunnels stay up");
             }
             Err(e) => {
                 state.metrics.renewal_failures.inc();
-                state.metrics.control_plane_up.set(0);
                 let left = state.material.current().seconds_to_expiry();
                 let sleep = retry_delay(retry, left);
                 if left > 0 {
@@ -312,7 +349,8 @@ async fn renew(
 ) -> Result<ControlState, ControlError> {
     let files = identity_files(&cfg.data_dir);
     let td = &state.config.trust_domain;
-    let client = ControlClient::new(current.server.clone(), node_tls(&cfg.data_dir, td)?);
+    let client = ControlClient::new(current.server.clone(), node_tls(&cfg.data_dir, td)?)
+        .observed(state.metrics.control_plane_observer());
     let id = SpiffeId::parse(&current.id).map_err(|e| data_err(&state_path(&cfg.data_dir), e))?;
     let (csr, new_key) = new_csr(Some(&id)).map_err(|e| data_err(&cfg.data_dir, e))?;
     let signed = client
@@ -366,10 +404,13 @@ async fn renew(
     Ok(next)
 }
 
-/// A client of the control plane presenting this node's current identity.
-pub(crate) fn node_client(cfg: &ControlConfig, td: &TrustDomain) -> Result<ControlClient, ControlError> {
+/// A client of the control plane presenting this node's current identity, whose every exchange
+/// sets `tapproof_control_plane_up`.
+pub(crate) fn node_client(state: &AgentState, cfg: &ControlConfig) -> Result<ControlClient, ControlError> {
     let current = read_state(&cfg.data_dir).ok_or_else(|| data_err(&state_path(&cfg.data_dir), "missing"))?;
-    Ok(ControlClient::new(current.server, node_tls(&cfg.data_dir, td)?))
+    let td = &state.config.trust_domain;
+    Ok(ControlClient::new(current.server, node_tls(&cfg.data_dir, td)?)
+        .observed(state.metrics.control_plane_observer()))
 }
 
 /// A client config presenting the identity in `data_dir`, which must be of trust domain `td`.
@@ -381,11 +422,11 @@ fn node_tls(data_dir: &Path, td: &TrustDomain) -> Result<ControlClientTls, Contr
 
 /// Sends a coverage report.
 pub(crate) async fn post_coverage(
+    state: &AgentState,
     cfg: &ControlConfig,
-    td: &TrustDomain,
     body: Vec<u8>,
 ) -> Result<(), ControlError> {
-    Ok(node_client(cfg, td)?.coverage(body).await?)
+    Ok(node_client(state, cfg)?.coverage(body).await?)
 }
 
 #[cfg(test)]

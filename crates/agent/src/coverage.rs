@@ -26,9 +26,10 @@ pub async fn report_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cance
         }
         // Jitter, so a fleet restarted together does not report in lockstep.
         wait = Duration::from_secs(every).mul_f64(rand::rng().random_range(0.8..1.2));
+        let applied = state.applied();
         let mut options = Options {
-            allow: state.config.audit.allow.clone(),
-            known: state.config.audit_known(),
+            allow: applied.audit.allow.clone(),
+            known: applied.audit_known(),
             ..Options::default()
         };
         let report = match tokio::task::spawn_blocking(move || {
@@ -58,7 +59,7 @@ pub async fn report_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cance
                 continue;
             }
         };
-        match crate::control::post_coverage(&cfg, &state.config.trust_domain, body).await {
+        match crate::control::post_coverage(&state, &cfg, body).await {
             Ok(()) => debug!(
                 links = upload.report.summary.links,
                 plaintext = upload.report.summary.plaintext,

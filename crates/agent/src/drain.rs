@@ -21,28 +21,34 @@ pub(crate) async fn reload_loop(state: Arc<AgentState>, stop: CancellationToken)
         if state.renewing.load(Ordering::Acquire) {
             continue;
         }
-        match state.material.reload() {
-            Ok(true) => {
-                let m = state.material.current();
-                state.metrics.cert_reloads.inc();
-                last_error.clear();
-                info!(id = %m.id(), serial = %m.svid().serial, expires_in_s = m.seconds_to_expiry(),
-                      "identity files changed: new handshakes use the new certificate; open tunnels stay up");
-            }
-            Ok(false) => last_error.clear(),
-            Err(e) => {
-                state.metrics.cert_reload_failures.inc();
-                let msg = e.to_string();
-                // Once per distinct problem, not every tick: an operator mid-rotation sees it once.
-                if msg != last_error {
-                    warn!(error = %msg, "identity files changed but cannot be used; keeping the current identity");
-                    last_error = msg;
-                }
+        reload_identity(&state, &mut last_error);
+    }
+}
+
+/// Re-reads the identity files; a change is applied to new handshakes (open tunnels stay up). A
+/// problem is logged once per distinct message (`last_error`), not on every tick.
+pub(crate) fn reload_identity(state: &AgentState, last_error: &mut String) {
+    match state.material.reload() {
+        Ok(true) => {
+            let m = state.material.current();
+            state.metrics.cert_reloads.inc();
+            last_error.clear();
+            info!(id = %m.id(), serial = %m.svid().serial, expires_in_s = m.seconds_to_expiry(),
+                  "identity files changed: new handshakes use the new certificate; open tunnels stay up");
+        }
+        Ok(false) => last_error.clear(),
+        Err(e) => {
+            state.metrics.cert_reload_failures.inc();
+            let msg = e.to_string();
+            // Once per distinct problem, not every tick: an operator mid-rotation sees it once.
+            if msg != *last_error {
+                warn!(error = %msg, "identity files changed but cannot be used; keeping the current identity");
+                *last_error = msg;
             }
         }
-        let left = state.material.current().seconds_to_expiry();
-        state.metrics.cert_expiry_seconds.set(left);
     }
+    let left = state.material.current().seconds_to_expiry();
+    state.metrics.cert_expiry_seconds.set(left);
 }
 
 pub(crate) async fn drain(

@@ -4,7 +4,7 @@
 //! listener keeps serving everyone else.
 
 use crate::copy::carry;
-use crate::metrics::{DenialLabels, Side, SideLabel};
+use crate::metrics::{DenialLabels, Side};
 use crate::policy::allowed;
 use crate::state::{AgentState, TunnelStats};
 use bytes::Bytes;
@@ -75,6 +75,7 @@ async fn connection(
         }
     };
     let tunnel_cfg = &state.config.tunnel;
+    let started = std::time::Instant::now();
     let stream = match timeout(
         tunnel_cfg.handshake_timeout,
         accept(&tls, crate::socket::buffered(tcp)),
@@ -114,10 +115,7 @@ async fn connection(
             return;
         }
     };
-    metrics
-        .handshakes
-        .get_or_create(&SideLabel { side: Side::Inbound })
-        .inc();
+    metrics.handshake_done(Side::Inbound, started.elapsed());
     info!(%peer, peer_id = %peer_id, version = %session.version, cipher = %session.cipher,
           group = %session.group, resumed = session.resumed, "tunnel: accepted");
 
@@ -258,7 +256,9 @@ async fn serve_stream(
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
-    let known = state.config.inbound.iter().any(|i| i.service == service);
+    let applied = state.applied();
+    let services = &applied.inbound;
+    let known = services.iter().any(|i| i.service == service);
     let deny = |reason: &'static str| {
         let label = if known {
             service.clone()
@@ -274,7 +274,7 @@ async fn serve_stream(
             .inc();
         state.record_denial(&peer_id, &service, reason);
     };
-    let Some(inbound) = state.config.inbound.iter().find(|i| i.service == service) else {
+    let Some(inbound) = services.iter().find(|i| i.service == service) else {
         deny("unknown_service");
         warn!(peer_id = %peer_id, service = %service, "stream refused: no such service here");
         return refuse(&mut respond, StatusCode::NOT_FOUND);

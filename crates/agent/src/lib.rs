@@ -18,6 +18,7 @@ pub mod policy {
     pub use tapproof_identity::pattern::*;
 }
 mod pool;
+mod reload;
 mod socket;
 mod state;
 pub mod vouch;
@@ -73,6 +74,9 @@ pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
     /// The open-file limit in force (the binary raises it at start); sizes the fd budget.
     pub fd_limit: Option<u64>,
+    /// The config file, re-read on SIGHUP (`reload.rs`); without it SIGHUP re-reads only the
+    /// identity files.
+    pub config_path: Option<PathBuf>,
 }
 
 async fn bind(key: String, addr: SocketAddr) -> Result<TcpListener, AgentError> {
@@ -109,22 +113,12 @@ pub async fn run(
     };
     let mut outbound_listeners = Vec::new();
     for (i, o) in config.outbound.iter().enumerate() {
-        let listener = bind(format!("outbound[{i}].listen"), o.listen).await?;
-        socket::nodelay_inherited(&listener);
-        outbound_listeners.push(listener);
+        outbound_listeners.push(bind(format!("outbound[{i}].listen"), o.listen).await?);
     }
-    let bound = BoundAddresses {
+    let mut bound = BoundAddresses {
         admin: local(&admin_listener, config.admin.listen),
         tunnel: tunnel_listener.as_ref().map(|l| local(l, config.tunnel.listen)),
-        outbound: config
-            .outbound
-            .iter()
-            .zip(&outbound_listeners)
-            .map(|(o, l)| BoundOutbound {
-                service: o.service.clone(),
-                listen: local(l, o.listen),
-            })
-            .collect(),
+        outbound: Vec::new(),
     };
 
     if let Some(addr) = bound.tunnel {
@@ -149,15 +143,23 @@ pub async fn run(
         .cert_expiry_seconds
         .set(material.seconds_to_expiry());
 
+    let mut outbounds = reload::Outbounds::new(state.clone(), stop.clone(), streams.clone());
+    for (listener, outbound) in outbound_listeners.into_iter().zip(state.config.outbound.clone()) {
+        outbounds.start(listener, outbound);
+    }
+    bound.outbound = outbounds.bound();
+    let outbounds = Arc::new(tokio::sync::Mutex::new(outbounds));
+    let shared_bound = Arc::new(std::sync::RwLock::new(bound.clone()));
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         state.clone(),
-        bound.clone(),
+        shared_bound.clone(),
         admin_stop.clone(),
     ));
     tokio::spawn(drain::reload_loop(state.clone(), stop.clone()));
     if let Some(control) = state.config.control.clone() {
+        // Up until an exchange says otherwise (it joined or holds an identity from it).
         state.metrics.control_plane_up.set(1);
         tokio::spawn(control::renew_loop(state.clone(), control.clone(), stop.clone()));
         tokio::spawn(coverage::report_loop(
@@ -176,15 +178,16 @@ pub async fn run(
             streams.clone(),
         )));
     }
-    for (listener, outbound) in outbound_listeners.into_iter().zip(state.config.outbound.clone()) {
-        serving.push(tokio::spawn(outbound::serve(
-            listener,
-            outbound,
-            state.clone(),
-            stop.clone(),
-            streams.clone(),
-        )));
-    }
+    tokio::spawn(
+        reload::Reloader {
+            state: state.clone(),
+            path: options.config_path.clone(),
+            outbounds: outbounds.clone(),
+            bound: shared_bound,
+            tunnel_listener: !serving.is_empty(),
+        }
+        .on_hangup(stop.clone()),
+    );
     state.ready.store(true, Ordering::Release);
     if let Some(path) = &options.ready_file {
         write_ready_file(path, &bound).map_err(|error| AgentError::ReadyFile {
@@ -194,6 +197,7 @@ pub async fn run(
     }
 
     shutdown.await;
+    serving.extend(outbounds.lock().await.take_tasks());
     drain::drain(&state, stop, streams, serving).await;
     admin_stop.cancel();
     let _ = admin.await;

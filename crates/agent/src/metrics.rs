@@ -4,7 +4,16 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use std::time::Duration;
+
+/// A latency histogram with the buckets both roles use.
+fn latency() -> Histogram {
+    Histogram::new(tapproof_metrics::LATENCY_BUCKETS)
+}
+
+type LatencyFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Which side of a tunnel: we accepted it (`inbound`) or opened it (`outbound`).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
@@ -84,6 +93,19 @@ pub struct DenialLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The API path called (a fixed set: the server's routes), without the query.
+    pub route: String,
+    /// `answered` (any answer, refusals too) or `unreachable`.
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub side: Side,
     pub service: String,
@@ -108,12 +130,31 @@ pub struct Metrics {
     pub control_plane_up: Gauge,
     pub renewals: Counter,
     pub renewal_failures: Counter,
+    pub handshake_duration: LatencyFamily<SideLabel>,
+    pub stream_open_duration: Histogram,
+    pub control_requests: LatencyFamily<RouteLabels>,
+    pub config_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
+    /// The metrics of an agent without a control plane (no `control_plane_*` series).
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("tapproof");
+        Self::new(false)
+    }
+}
+
+impl Metrics {
+    /// `control_plane`: whether this agent uses one; only then are `tapproof_control_plane_up`
+    /// and the control-plane request histogram exported (an agent on its own PKI has no control
+    /// plane to be down).
+    pub fn new(control_plane: bool) -> Self {
+        let mut root = tapproof_metrics::root_registry();
+        let registry = root.sub_registry_with_prefix("tapproof");
         let m = Self {
+            handshake_duration: Family::new_with_constructor(latency),
+            stream_open_duration: latency(),
+            control_requests: Family::new_with_constructor(latency),
+            config_reloads: Family::default(),
             tunnels: Family::default(),
             tunnels_open: Family::default(),
             streams: Family::default(),
@@ -187,31 +228,82 @@ impl Default for Metrics {
             "Changed identity files that failed checks (old identity kept)",
             m.cert_reload_failures.clone(),
         );
-        registry.register(
-            "control_plane_up",
-            "1 when the last exchange with the control plane succeeded, 0 when it failed",
-            m.control_plane_up.clone(),
+        if control_plane {
+            registry.register(
+                "control_plane_up",
+                "1 when the control plane answered the last exchange (any call: state feed, renewal, coverage report), 0 when it could not be reached",
+                m.control_plane_up.clone(),
+            );
+            registry.register(
+                "renewals",
+                "Node certificates renewed from the control plane",
+                m.renewals.clone(),
+            );
+            registry.register(
+                "renewal_failures",
+                "Failed renewal attempts (the current certificate stays in use)",
+                m.renewal_failures.clone(),
+            );
+            registry.register_with_unit(
+                "control_plane_request_duration",
+                "Control-plane calls by route and outcome (the state feed is a long-poll: its calls last up to the server's hold time)",
+                Unit::Seconds,
+                m.control_requests.clone(),
+            );
+        }
+        registry.register_with_unit(
+            "handshake_duration",
+            "Completed tunnel TLS handshakes: time of the TLS handshake (after TCP connect or accept)",
+            Unit::Seconds,
+            m.handshake_duration.clone(),
+        );
+        registry.register_with_unit(
+            "stream_open_duration",
+            "Outbound streams: time from the app's connection to the peer's answer to CONNECT (a tunnel dial included when one was needed)",
+            Unit::Seconds,
+            m.stream_open_duration.clone(),
         );
         registry.register(
-            "renewals",
-            "Node certificates renewed from the control plane",
-            m.renewals.clone(),
+            "config_reloads",
+            "Reloads (SIGHUP) by result: applied, partial (some changes need a restart; see the log) or refused (the file did not load; the running config stays)",
+            m.config_reloads.clone(),
         );
-        registry.register(
-            "renewal_failures",
-            "Failed renewal attempts (the current certificate stays in use)",
-            m.renewal_failures.clone(),
-        );
-        Self { registry, ..m }
+        tapproof_metrics::register_build_info(registry, "agent");
+        Self { registry: root, ..m }
     }
-}
 
-impl Metrics {
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+    /// A reload ended with `result` (`applied`, `partial`, `refused`).
+    pub fn config_reloaded(&self, result: &'static str) {
+        self.config_reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// A completed handshake: counted and its time observed.
+    pub fn handshake_done(&self, side: Side, took: Duration) {
+        self.handshakes.get_or_create(&SideLabel { side }).inc();
+        self.handshake_duration
+            .get_or_create(&SideLabel { side })
+            .observe(took.as_secs_f64());
+    }
+
+    /// What a control-plane client reports of each attempt: `control_plane_up` follows every
+    /// exchange, not only renewals.
+    pub fn control_plane_observer(&self) -> crate::control::client::Observer {
+        let up = self.control_plane_up.clone();
+        let requests = self.control_requests.clone();
+        std::sync::Arc::new(move |route: &str, took: Duration, answered: bool| {
+            up.set(i64::from(answered));
+            requests
+                .get_or_create(&RouteLabels {
+                    route: route.to_owned(),
+                    outcome: if answered { "answered" } else { "unreachable" },
+                })
+                .observe(took.as_secs_f64());
+        })
+    }
+
+    /// The exposition for a scrape with this `Accept` header: content type and body.
+    pub fn render(&self, accept: Option<&str>) -> (&'static str, String) {
+        tapproof_metrics::render(&self.registry, accept)
     }
 
     pub fn handshake_failed(&self, side: Side, reason: &'static str) {

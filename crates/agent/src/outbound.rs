@@ -16,27 +16,28 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+/// Serves one outbound listener until `shutdown` (the agent's, or a reload's that removed it).
+/// Each app connection uses the pool's config as it is when the connection arrives.
 pub async fn serve(
     listener: TcpListener,
-    outbound: OutboundConfig,
+    pool: Arc<Pool>,
     state: Arc<AgentState>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let pool = Arc::new(Pool::new(outbound.clone(), state.clone()));
-    let outbound = Arc::new(outbound);
     loop {
         let (tcp, app) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    crate::limits::accept_failed(&state, &format!("outbound {}", outbound.service), &e).await;
+                    crate::limits::accept_failed(&state, &format!("outbound {}", pool.outbound().service), &e).await;
                     continue;
                 }
             },
         };
-        let (pool, state, outbound) = (pool.clone(), state.clone(), outbound.clone());
+        let (pool, state) = (pool.clone(), state.clone());
+        let outbound = pool.outbound();
         tracker.spawn(async move { connection(tcp, app, pool, outbound, state).await });
     }
 }
@@ -94,6 +95,7 @@ async fn connection(
     let metrics = &state.metrics;
     let service = outbound.service.as_str();
     let wait = state.config.tunnel.connect_timeout + state.config.tunnel.handshake_timeout;
+    let started = std::time::Instant::now();
     let (tunnel, response, send) = match timeout(wait, open_stream(&pool, service)).await {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
@@ -138,6 +140,9 @@ async fn connection(
                 "peer refused the stream",
             ));
         }
+        metrics
+            .stream_open_duration
+            .observe(started.elapsed().as_secs_f64());
         Ok(response.into_body())
     };
     let result = carry(

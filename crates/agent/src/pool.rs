@@ -4,7 +4,7 @@
 //! out an exponential backoff so a dead peer is not hammered.
 
 use crate::config::OutboundConfig;
-use crate::metrics::{Side, SideLabel};
+use crate::metrics::Side;
 use crate::state::{AgentState, TunnelStats};
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -92,7 +92,8 @@ struct Inner {
 }
 
 pub struct Pool {
-    outbound: OutboundConfig,
+    /// Replaced by a reload (`update`); read once per use.
+    outbound: std::sync::RwLock<Arc<OutboundConfig>>,
     state: Arc<AgentState>,
     /// The live tunnel, read by every app connection without waiting on `inner` (which is held
     /// across a dial). A std mutex: held only to clone or replace it, never across an await.
@@ -103,7 +104,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(outbound: OutboundConfig, state: Arc<AgentState>) -> Self {
         Self {
-            outbound,
+            outbound: std::sync::RwLock::new(Arc::new(outbound)),
             state,
             current: std::sync::Mutex::new(None),
             inner: Mutex::new(Inner {
@@ -112,6 +113,23 @@ impl Pool {
                 retry_at: None,
                 tls: Default::default(),
             }),
+        }
+    }
+
+    /// The outbound's config in force.
+    pub fn outbound(&self) -> Arc<OutboundConfig> {
+        self.outbound.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A reload changed this outbound: new streams use `new`. When its peers or expected
+    /// identity changed, the pooled tunnel takes no new streams (the next one dials the new
+    /// peers); streams open on it finish there.
+    pub fn update(&self, new: OutboundConfig) {
+        let old = self.outbound();
+        let retarget = old.peers != new.peers || old.server_id != new.server_id || old.service != new.service;
+        *self.outbound.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        if retarget {
+            self.current.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
     }
 
@@ -132,7 +150,7 @@ impl Pool {
         let peers = self.targets();
         if peers.is_empty() {
             return Err(PoolError::NoPeer {
-                service: self.outbound.service.clone(),
+                service: self.outbound().service.clone(),
             });
         }
         let generation = self.state.material.generation();
@@ -160,7 +178,7 @@ impl Pool {
                     return Ok(t);
                 }
                 Err(e) => {
-                    warn!(service = %self.outbound.service, peer = %addr, expected = %id, error = %e, "outbound: peer unreachable");
+                    warn!(service = %self.outbound().service, peer = %addr, expected = %id, error = %e, "outbound: peer unreachable");
                     last = e;
                 }
             }
@@ -172,7 +190,7 @@ impl Pool {
         let jitter = rand::rng().random_range(0.5..1.0);
         inner.retry_at = Some(Instant::now() + backoff.mul_f64(jitter));
         Err(PoolError::AllPeersFailed {
-            service: self.outbound.service.clone(),
+            service: self.outbound().service.clone(),
             last,
         })
     }
@@ -185,9 +203,10 @@ impl Pool {
     /// Where to dial and whom to expect there: the configured peers, or the directory's nodes
     /// fronting the service.
     fn targets(&self) -> Vec<(SocketAddr, SpiffeId)> {
-        match &self.outbound.server_id {
-            Some(id) => self.outbound.peers.iter().map(|p| (*p, id.clone())).collect(),
-            None => self.state.directory_for(&self.outbound.service),
+        let outbound = self.outbound();
+        match &outbound.server_id {
+            Some(id) => outbound.peers.iter().map(|p| (*p, id.clone())).collect(),
+            None => self.state.directory_for(&outbound.service),
         }
     }
 
@@ -201,6 +220,7 @@ impl Pool {
         };
         crate::socket::tune_tunnel(&tcp);
         let vouched = crate::vouch::sockets().register(&tcp, tapproof_audit::VouchedKind::TunnelOut);
+        let started = std::time::Instant::now();
         let stream = match timeout(
             cfg.handshake_timeout,
             connect(tls, crate::socket::buffered(tcp), peer),
@@ -223,10 +243,7 @@ impl Pool {
             metrics.handshake_failed(Side::Outbound, "revoked");
             return Err(DialError::Revoked);
         }
-        metrics
-            .handshakes
-            .get_or_create(&SideLabel { side: Side::Outbound })
-            .inc();
+        metrics.handshake_done(Side::Outbound, started.elapsed());
         let mut builder = h2::client::Builder::new();
         builder
             .initial_window_size(cfg.stream_window)
@@ -241,7 +258,7 @@ impl Pool {
                 Ok(Err(e)) => return Err(DialError::Http2(e)),
                 Err(_) => return Err(DialError::Http2Timeout),
             };
-        info!(service = %self.outbound.service, %peer, peer_id = ?session.peer_id.as_ref().map(|p| p.to_string()),
+        info!(service = %self.outbound().service, %peer, peer_id = ?session.peer_id.as_ref().map(|p| p.to_string()),
               version = %session.version, cipher = %session.cipher, group = %session.group,
               resumed = session.resumed, "outbound: tunnel established");
         let guard = self.state.open_tunnel(Side::Outbound, peer, &session);
@@ -254,7 +271,7 @@ impl Pool {
             alive: alive.clone(),
             expires_at,
         };
-        let service = self.outbound.service.clone();
+        let service = self.outbound().service.clone();
         let close = tunnel.stats.close.clone();
         tokio::spawn(async move {
             let result = tokio::select! {

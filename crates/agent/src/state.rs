@@ -13,7 +13,12 @@ use tapproof_identity::{RevocationSet, SpiffeId};
 use tapproof_tls::{ClientTls, KxPolicy, MaterialError, ReloadingMaterial, ServerTls, SessionInfo};
 
 pub struct AgentState {
+    /// The config the agent started with. `[[inbound]]`, `[[outbound]]` and `[audit]` may change
+    /// on reload: read them through `applied()` (and the outbound pools), never from here.
     pub config: AgentConfig,
+    /// The config in force: the start config with a reload's `[[inbound]]`, `[[outbound]]` and
+    /// `[audit]` (`reload.rs`).
+    applied: std::sync::RwLock<Arc<AgentConfig>>,
     pub material: ReloadingMaterial,
     pub metrics: Metrics,
     pub ready: AtomicBool,
@@ -103,12 +108,14 @@ impl AgentState {
     }
 
     pub fn new(config: AgentConfig, material: ReloadingMaterial, fd_limit: Option<u64>) -> Self {
+        let metrics = Metrics::new(config.control.is_some());
         Self {
             limits: crate::limits::Limits::new(&config.tunnel, fd_limit),
+            applied: std::sync::RwLock::new(Arc::new(config.clone())),
             refused_log: tapproof_tls::admission::LogThrottle::new(std::time::Duration::from_secs(10)),
             config,
             material,
-            metrics: Metrics::default(),
+            metrics,
             ready: AtomicBool::new(false),
             renewing: AtomicBool::new(false),
             server_tls: Mutex::new(None),
@@ -120,6 +127,16 @@ impl AgentState {
             policy: Default::default(),
             denials: Default::default(),
         }
+    }
+
+    /// The config in force now (see `applied`).
+    pub fn applied(&self) -> Arc<AgentConfig> {
+        self.applied.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A reload's config takes over: new streams and reports see it.
+    pub(crate) fn set_applied(&self, config: AgentConfig) {
+        *self.applied.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }
 
     pub fn kx_policy(&self) -> KxPolicy {

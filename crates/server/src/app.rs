@@ -45,6 +45,7 @@ pub struct AppState {
     pub draining: tokio_util::sync::CancellationToken,
     pub limits: crate::limits::Limits,
     pub rate: crate::limits::RateLimits,
+    pub metrics: crate::metrics::ServerMetrics,
 }
 
 impl AppState {
@@ -128,7 +129,10 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (status, Json(body)).into_response()
+        // The metrics middleware reads the code from here (`metrics::track`).
+        let mut response = (status, Json(body)).into_response();
+        response.extensions_mut().insert(self.code);
+        response
     }
 }
 

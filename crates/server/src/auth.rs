@@ -149,10 +149,7 @@ pub fn rate_limit(s: &AppState, peer: &Peer) -> Result<(), ApiError> {
     match buckets.take(&key) {
         crate::limits::Take::Ok => Ok(()),
         crate::limits::Take::Refused { log } => {
-            s.rate
-                .refusals
-                .requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            s.rate.refusals.requests.inc();
             if log {
                 tracing::warn!(client = %key, limit_per_s = s.limits.requests_per_second, "control plane: client over its request rate; refusing (logged once a minute)");
             }

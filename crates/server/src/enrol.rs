@@ -83,10 +83,7 @@ pub(crate) async fn join(
 ) -> Result<Json<JoinResponse>, ApiError> {
     // Before anything is parsed, checked or audited: a brute-force attempt costs the attacker.
     if let crate::limits::Take::Refused { log } = s.rate.joins.take(&peer.addr.ip()) {
-        s.rate
-            .refusals
-            .joins
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        s.rate.refusals.joins.inc();
         if log {
             warn!(peer = %peer.addr, limit_per_min = s.limits.joins_per_minute, "join attempts over the limit for this source; refusing (logged and audited once a minute)");
             audit(

@@ -39,13 +39,11 @@ pub(crate) async fn state_feed(
         }
     }
     let mut version = s.version.clone();
+    let mut waited_since = None;
     if let Some(since) = since.filter(|since| *version.borrow() <= *since) {
         // A node holds a few long-polls at most (one per agent, plus a restart's overlap).
         let Ok(_held) = s.rate.long_polls.admit(caller.name.clone()) else {
-            s.rate
-                .refusals
-                .long_polls
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            s.rate.refusals.long_polls.inc();
             return Err(ApiError::new(
                 ErrorCode::RateLimited,
                 format!(
@@ -54,6 +52,8 @@ pub(crate) async fn state_feed(
                 ),
             ));
         };
+        let _watching = s.metrics.watching();
+        waited_since = Some(since);
         tokio::select! {
             _ = tokio::time::timeout(LONG_POLL, version.wait_for(|v| *v > since)) => {}
             // A draining server answers now, so agents move to another replica at once.
@@ -79,6 +79,9 @@ pub(crate) async fn state_feed(
         }
     };
     drop(cache);
+    if waited_since.is_some_and(|since| current > since) {
+        s.metrics.change_delivered(current);
+    }
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 

@@ -4,9 +4,11 @@
 //! client, long-polls held per node). Every refusal is counted and logged once per window, not
 //! once per attempt: a flood costs the attacker, not the server's disk or logs.
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,15 +49,45 @@ impl Default for Limits {
     }
 }
 
-/// Counts of refusals, by limit (logged and, later, exported).
-#[derive(Debug, Default)]
+/// Counts of refusals, by limit: logged once per window, exported as
+/// `tapproof_server_limit_refusals_total{limit}` (each field is that family's member).
+#[derive(Debug)]
 pub struct Refusals {
-    pub connections_total: AtomicU64,
-    pub connections_per_source: AtomicU64,
-    pub handshake_timeouts: AtomicU64,
-    pub joins: AtomicU64,
-    pub requests: AtomicU64,
-    pub long_polls: AtomicU64,
+    pub connections_total: Counter,
+    pub connections_per_source: Counter,
+    pub handshake_timeouts: Counter,
+    pub joins: Counter,
+    pub requests: Counter,
+    pub long_polls: Counter,
+    family: Family<LimitLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    limit: &'static str,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        let family = Family::<LimitLabels, Counter>::default();
+        let member = |limit| family.get_or_create(&LimitLabels { limit }).clone();
+        Self {
+            connections_total: member("connections_total"),
+            connections_per_source: member("connections_per_source"),
+            handshake_timeouts: member("handshake_timeout"),
+            joins: member("joins_per_source"),
+            requests: member("requests_per_client"),
+            long_polls: member("long_polls_per_node"),
+            family,
+        }
+    }
+}
+
+impl Refusals {
+    /// The family to register (its members are this struct's counters).
+    pub(crate) fn family(&self) -> Family<LimitLabels, Counter> {
+        self.family.clone()
+    }
 }
 
 pub use tapproof_tls::admission::{Admission, Admitted, Full, LogThrottle};

@@ -35,5 +35,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/dashboard/style.css", get(dashboard::style))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
         .with_state(state)
 }

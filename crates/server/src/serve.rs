@@ -35,7 +35,9 @@ pub struct RunOptions {
     pub store: Option<String>,
     pub kek_file: Option<PathBuf>,
     pub leaf_ttl: Duration,
-    /// Written with `{"listen": "<addr>"}` once the listener is bound.
+    /// The admin listener (plain HTTP: `/metrics`, `/healthz`, `/readyz`); none when `None`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Written with `{"listen": "<addr>", "admin": "<addr>"}` once the listeners are bound.
     pub ready_file: Option<PathBuf>,
     /// Roll the root over automatically.
     pub rollover: Option<crate::rollover::Schedule>,
@@ -82,6 +84,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     let grace = limits.expired_renewal_window;
     let tls = Arc::new(RwLock::new(server_tls(&ca, grace)?));
     let (version_tx, version_rx) = tokio::sync::watch::channel(crate::rollover::feed_version(&*store).await?);
+    let rate = crate::limits::RateLimits::new(&limits);
     let state = Arc::new(AppState {
         version: version_rx,
         feed_cache: tokio::sync::Mutex::new(None),
@@ -90,7 +93,8 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
         store: store.clone(),
         ca: RwLock::new(ca),
         leaf_ttl: options.leaf_ttl,
-        rate: crate::limits::RateLimits::new(&limits),
+        metrics: crate::metrics::ServerMetrics::new(&rate.refusals),
+        rate,
         limits: limits.clone(),
     });
     let admission = crate::limits::Admission::new(limits.max_connections, limits.max_connections_per_source);
@@ -104,12 +108,34 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
             detail: e.to_string(),
         })?;
     let bound = listener.local_addr().unwrap_or(options.listen);
-    info!(listen = %bound, trust_domain = %td, store = store.backend(), leaf_ttl_s = options.leaf_ttl.as_secs(), "control plane serving");
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let mut admin_bound = None;
+    let admin = match options.admin_listen {
+        Some(addr) => {
+            let admin = TcpListener::bind(addr).await.map_err(|e| ServerError::Bind {
+                addr,
+                detail: e.to_string(),
+            })?;
+            admin_bound = Some(admin.local_addr().unwrap_or(addr));
+            Some(tokio::spawn(crate::ops::serve(
+                admin,
+                state.clone(),
+                admin_stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    let prober = tokio::spawn(crate::metrics::probe_loop(state.clone()));
+    info!(listen = %bound, admin = %admin_bound.map_or_else(|| "off".to_owned(), |a| a.to_string()), trust_domain = %td, store = store.backend(), leaf_ttl_s = options.leaf_ttl.as_secs(), "control plane serving");
     if let Some(path) = &options.ready_file {
         let tmp = path.with_extension("tmp");
         std::fs::write(
             &tmp,
-            serde_json::json!({ "listen": bound.to_string() }).to_string(),
+            serde_json::json!({
+                "listen": bound.to_string(),
+                "admin": admin_bound.map(|a| a.to_string()),
+            })
+            .to_string(),
         )
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| ServerError::DataDir {
@@ -181,6 +207,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
                     }
                     Err(e) => warn!(error = %e, "cannot reload the CA"),
                 }
+                state.metrics.change_noticed(v);
                 version_tx.send_replace(v);
             }
         })
@@ -234,7 +261,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
                         "the per-source connection cap",
                     ),
                 };
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                counter.inc();
                 if let Some(more) = refused_log.tick() {
                     warn!(peer = %addr, open = admission.open(), suppressed = more, "control plane: connection refused: {what} is reached");
                 }
@@ -259,11 +286,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
                     return;
                 }
                 Err(_) => {
-                    state
-                        .rate
-                        .refusals
-                        .handshake_timeouts
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    state.rate.refusals.handshake_timeouts.inc();
                     tracing::debug!(peer = %addr, reason = "timeout", "control plane: handshake refused");
                     if let Some(more) = refused_log.tick() {
                         warn!(peer = %addr, reason = "timeout", suppressed = more, "control plane: handshake refused (one line per 10 s; the rest at debug)");
@@ -360,6 +383,11 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     }
     refresher.abort();
     watcher.abort();
+    prober.abort();
+    admin_stop.cancel();
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     if let Some(s) = scheduler {
         s.abort();
     }

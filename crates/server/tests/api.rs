@@ -11,6 +11,7 @@ use std::time::Duration;
 use tapproof_api::{paths, JoinRequest, RevocationKind, RevokeRequest, SignItem, SignRequest, StateResponse};
 use tapproof_identity::TrustDomain;
 use tapproof_store::Store;
+use tapproof_test_util::process::metric_value;
 use tapproof_test_util::server::ApiConn;
 use tapproof_tls::ServerTrust;
 
@@ -18,6 +19,8 @@ const TD: &str = "example.org";
 
 struct Server {
     addr: SocketAddr,
+    /// The admin listener (plain HTTP: /metrics, /healthz, /readyz).
+    admin: SocketAddr,
     _dir: tempfile::TempDir,
     dir: PathBuf,
     data: PathBuf,
@@ -58,6 +61,7 @@ async fn start_with(limits: tapproof_server::Limits, leaf_ttl: Duration) -> Serv
         store: None,
         kek_file: None,
         leaf_ttl,
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         ready_file: Some(ready.clone()),
         rollover: None,
         limits,
@@ -65,10 +69,12 @@ async fn start_with(limits: tapproof_server::Limits, leaf_ttl: Duration) -> Serv
     let task = tokio::spawn(tapproof_server::run(options, async move {
         let _ = stopped.await;
     }));
-    let addr = loop {
+    let (addr, admin) = loop {
         if let Ok(text) = std::fs::read_to_string(&ready) {
             let v: Value = serde_json::from_str(&text).unwrap();
-            break v["listen"].as_str().unwrap().parse().unwrap();
+            let addr: SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+            let admin: SocketAddr = v["admin"].as_str().unwrap().parse().unwrap();
+            break (addr, admin);
         }
         assert!(!task.is_finished(), "the server stopped before it was ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -84,6 +90,7 @@ async fn start_with(limits: tapproof_server::Limits, leaf_ttl: Duration) -> Serv
         .roots;
     Server {
         addr,
+        admin,
         dir: dir.path().to_owned(),
         _dir: dir,
         data,
@@ -1052,4 +1059,144 @@ async fn request_rate_and_long_polls_are_capped_per_client() {
     for h in held {
         assert_eq!(h.await.unwrap().unwrap().0, 200);
     }
+}
+
+/// One plain HTTP/1.0 GET on the admin listener: status, content type, body.
+async fn admin_get(s: &Server, path: &str, accept: Option<&str>) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(s.admin).await.unwrap();
+    let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{accept}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    (status, content_type, body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_metrics_health_and_readiness() {
+    let s = start().await;
+    let (status, _, body) = admin_get(&s, "/healthz", None).await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, _, body) = admin_get(&s, "/readyz", None).await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+
+    // A join, a renewal, a bad join, a coverage report.
+    let node = s.join("web-1", &[]).await;
+    let id = format!("spiffe://{TD}/node/web-1");
+    let (status, v) = s
+        .call(Some(&node), "POST", paths::SIGN, sign_body(&id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    let bad = json!({ "token": "tp1.nope.nope", "csr": "x" });
+    let (status, v) = s.call(None, "POST", paths::JOIN, bad).await.unwrap();
+    assert!(status >= 400, "{v}");
+    let bad_code = code(&v).to_owned();
+    let (status, v) = s
+        .call(Some(&node), "POST", paths::COVERAGE, coverage_body())
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{v}");
+
+    // A long-poll waits; a revocation (of another serial) wakes it, and the fan-out is timed.
+    let (_, v) = s
+        .call(Some(&node), "GET", paths::STATE, Value::Null)
+        .await
+        .unwrap();
+    let version = v["version"].as_i64().unwrap();
+    let mut conn = s.conn(Some(&node)).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        conn.call("GET", &format!("/v1/state?since={version}"), vec![])
+            .await
+    });
+    let mut watchers = 0.0;
+    for _ in 0..100 {
+        let (_, _, body) = admin_get(&s, "/metrics", None).await;
+        watchers = metric_value(&body, "tapproof_server_feed_watchers", &[]);
+        if watchers == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(watchers, 1.0, "the waiting long-poll is counted");
+    let admin = s.admin("ops").await;
+    s.revoke(&admin, RevocationKind::Serial, "0badc0ffee").await;
+    let (status, v) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the revocation wakes the long-poll")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+
+    // A plain scrape gets the Prometheus text format; an OpenMetrics scraper gets OpenMetrics.
+    let (status, ctype, body) = admin_get(&s, "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(ctype, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!body.contains("# EOF"), "{body}");
+    let bad_result = format!("result=\"{bad_code}\"");
+    let bad_refusal = format!("code=\"{bad_code}\"");
+    for (name, labels, want) in [
+        ("tapproof_server_joins_total", &["result=\"ok\""][..], 1.0),
+        ("tapproof_server_joins_total", &[bad_result.as_str()][..], 1.0),
+        ("tapproof_server_signings_total", &["result=\"ok\""][..], 1.0),
+        (
+            "tapproof_server_coverage_reports_total",
+            &["result=\"ok\""][..],
+            1.0,
+        ),
+        ("tapproof_server_refusals_total", &[bad_refusal.as_str()][..], 1.0),
+        (
+            "tapproof_server_requests_total",
+            &["route=\"/v1/join\"", "result=\"ok\""][..],
+            1.0,
+        ),
+        ("tapproof_server_feed_watchers", &[][..], 0.0),
+        ("tapproof_server_feed_fanout_duration_seconds_count", &[][..], 1.0),
+        ("tapproof_server_store_up", &[][..], 1.0),
+        ("tapproof_build_info", &["role=\"server\""][..], 1.0),
+    ] {
+        assert_eq!(
+            metric_value(&body, name, labels),
+            want,
+            "{name}{labels:?} in\n{body}"
+        );
+    }
+    assert!(metric_value(&body, "tapproof_server_store_probe_duration_seconds_count", &[]) >= 1.0);
+    assert!(metric_value(&body, "process_resident_memory_bytes", &[]) > 0.0);
+    let root_expiry = body
+        .lines()
+        .find(|l| {
+            l.starts_with("tapproof_server_ca_not_after_timestamp_seconds{kind=\"root\",state=\"active\"")
+        })
+        .unwrap_or_else(|| panic!("no root expiry in\n{body}"));
+    let expiry: f64 = root_expiry.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(
+        expiry > now_unix() as f64 + 9.0 * 365.0 * 86400.0,
+        "{root_expiry}"
+    );
+    tapproof_test_util::promtool::check_metrics(&body);
+
+    let (_, ctype, open) = admin_get(
+        &s,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+    )
+    .await;
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    assert!(open.ends_with("# EOF\n"), "{open}");
+
+    // Draining: not ready (the listener stops with the server).
+    s.stop().await;
 }

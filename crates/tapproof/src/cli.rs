@@ -199,14 +199,21 @@ pub enum ServerCommand {
     Run {
         #[command(flatten)]
         store: ServerStoreArgs,
+        /// Where the HTTPS API (mTLS) listens.
         #[arg(long, env = "TAPPROOF_SERVER_LISTEN", default_value = "0.0.0.0:15443")]
         listen: SocketAddr,
+        /// Where the admin endpoint listens: plain HTTP with /metrics, /healthz and /readyz
+        /// (keep it on loopback or a management network; port 0 picks a free port).
+        #[arg(long, env = "TAPPROOF_SERVER_ADMIN_LISTEN", default_value = "127.0.0.1:15001")]
+        admin_listen: SocketAddr,
+        /// Key-encryption key file (32 bytes or 64 hex chars, 0600). TAPPROOF_KEK (hex) takes
+        /// precedence. Default: <data-dir>/kek.key.
         #[arg(long, env = "TAPPROOF_KEK_FILE")]
         kek_file: Option<PathBuf>,
         /// Lifetime of issued leaf certificates (at least 30s); agents renew at half-life.
         #[arg(long, env = "TAPPROOF_LEAF_TTL", default_value = "1h")]
         leaf_ttl: humantime_arg::Duration,
-        /// Write `{"listen": ...}` here once bound.
+        /// Write `{"listen": ADDR, "admin": ADDR}` here once both are bound.
         #[arg(long)]
         ready_file: Option<PathBuf>,
         /// Roll the root over automatically once the signing root is this old (e.g. 180d);

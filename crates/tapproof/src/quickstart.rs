@@ -274,6 +274,8 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
             "127.0.0.1:0".as_ref(),
             "--leaf-ttl".as_ref(),
             LEAF_TTL.as_ref(),
+            "--admin-listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
         ],
         &dir,
     )

@@ -12,6 +12,12 @@ fn load(args: &ConfigArgs) -> anyhow::Result<AgentConfig> {
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // SIGHUP never stops the agent: from here on the default action (exit) is replaced (tokio
+    // keeps its handler installed for the life of the process). Before the agent serves, a
+    // SIGHUP is ignored; then the agent's reload handles it.
+    if let Err(e) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tracing::warn!(error = %e, "cannot install the SIGHUP handler");
+    }
     let mut config = load(&args.config)?;
     if let Some(a) = args.admin_listen {
         config.admin.listen = a;
@@ -25,6 +31,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let options = RunOptions {
         ready_file: args.ready_file,
         fd_limit: crate::fd_limit::raise(),
+        config_path: Some(args.config.config.clone()),
     };
     match tapproof_agent::run(config, options, shutdown_signal()).await {
         Ok(()) => Ok(()),

@@ -40,6 +40,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         ServerCommand::Run {
             store,
             listen,
+            admin_listen,
             kek_file,
             leaf_ttl,
             ready_file,
@@ -55,6 +56,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 store: store.store,
                 kek_file,
                 leaf_ttl: leaf_ttl.0,
+                admin_listen: Some(admin_listen),
                 ready_file,
                 rollover: root_max_age.map(|age| tapproof_server::rollover::Schedule {
                     root_max_age: age.0,

@@ -183,6 +183,12 @@ fn restart_without_token_and_ride_out_a_server_outage() {
     let data = s.server.data_dir.clone();
     let addr = s.server.addr;
     s.server.stop_ref();
+    // Any exchange tells: the state feed's next call finds the server gone within seconds,
+    // long before the next renewal.
+    s.web
+        .wait_for("control_plane_up 0", Duration::from_secs(10), |a| {
+            a.metric("tapproof_control_plane_up", &[]) == 0.0
+        });
     s.web.wait_for("a failed renewal", Duration::from_secs(60), |a| {
         a.metric("tapproof_renewal_failures_total", &[]) >= 1.0
     });
@@ -216,12 +222,12 @@ fn a_node_whose_certificate_expired_in_an_outage_recovers_without_a_token() {
             a.metric("tapproof_certificate_expiry_seconds", &[]) < 0.0
         });
     }
-    // Retries got denser as expiry neared (never a sleep past it), and expiry is said loudly.
-    assert!(
-        s.web.log().contains("certificate expired and cannot renew"),
-        "{}",
-        s.web.log()
-    );
+    // Retries got denser as expiry neared (never a sleep past it), and expiry is said loudly
+    // (by the first renewal attempt after it: within about a second of the metric going below 0).
+    s.web
+        .wait_for("the expiry said in the log", Duration::from_secs(10), |a| {
+            a.log().contains("certificate expired and cannot renew")
+        });
     let before = s.web.metric("tapproof_renewals_total", &[]);
     s.server = ServerProcess::start(EXE, &data, &addr.to_string(), "30s");
     let back = Instant::now();
@@ -1344,4 +1350,37 @@ fn a_clock_that_jumps_is_survived() {
         renewed_in.as_secs_f64(),
         back.elapsed().as_secs_f64()
     );
+}
+
+/// A host that boots before its control plane: the first join retries with backoff while the
+/// server is unreachable (the token stays unused), and succeeds once the server is up, with no
+/// restart of the agent.
+#[test]
+fn a_first_join_waits_for_a_control_plane_that_is_not_up_yet() {
+    let dir = tempfile::Builder::new().prefix("tapproof-cp-").tempdir().unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let mut server = ServerProcess::start(EXE, &data, "127.0.0.1:0", "1h");
+    let addr = server.addr;
+    let token = server.token(EXE, "web-1", &[], "5m");
+    server.stop_ref();
+    let config = web_config(&dir.path().join("web-1"), &token, "127.0.0.1:9".parse().unwrap());
+    let path = dir.path().to_owned();
+    let agent = std::thread::spawn(move || AgentProcess::start(EXE, &path, "web-1", &config));
+    let log = dir.path().join("web-1.log");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("cannot join yet; retrying")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no retry logged:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _server = ServerProcess::start(EXE, &data, &addr.to_string(), "1h");
+    let web = agent.join().expect("the agent joins once the server is up");
+    assert_eq!(web.metric("tapproof_control_plane_up", &[]), 1.0);
+    assert!(dir.path().join("web-1").join("node.key").exists());
 }

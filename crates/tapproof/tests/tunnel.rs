@@ -16,6 +16,38 @@ fn one_byte_round_trips() {
     assert_eq!(round_trip(pair.app_addr(), b"x").unwrap(), b"x");
 }
 
+/// Both agents' `/metrics` as a plain scrape sees them: Prometheus text that promtool accepts,
+/// the latency histograms filled, build_info, process metrics, and no `control_plane_*` series
+/// on agents that use their own PKI (they have no control plane to be down).
+#[test]
+fn metrics_pass_promtool_and_have_histograms_but_no_control_plane() {
+    let pair = Pair::start(EXE);
+    assert_eq!(round_trip(pair.app_addr(), b"x").unwrap(), b"x");
+    for (agent, side) in [(&pair.web, "outbound"), (&pair.db, "inbound")] {
+        let (status, body) = agent.admin_get("/metrics");
+        assert_eq!(status, 200);
+        tapproof_test_util::promtool::check_metrics(&body);
+        assert!(!body.contains("control_plane"), "{body}");
+        assert!(
+            !body.contains("# EOF"),
+            "a plain scrape gets Prometheus text: {body}"
+        );
+        let label = format!("side=\"{side}\"");
+        assert_eq!(
+            agent.metric("tapproof_handshake_duration_seconds_count", &[&label]),
+            1.0,
+            "{body}"
+        );
+        assert_eq!(agent.metric("tapproof_build_info", &["role=\"agent\""]), 1.0);
+        assert!(agent.metric("process_resident_memory_bytes", &[]) > 0.0);
+    }
+    assert_eq!(
+        pair.web
+            .metric("tapproof_stream_open_duration_seconds_count", &[]),
+        1.0
+    );
+}
+
 #[test]
 fn hundred_mib_both_ways_with_checksum() {
     let pair = Pair::start(EXE);
@@ -337,4 +369,123 @@ fn status_command_and_json_logs() {
         }
     }
     assert!(accepted, "{log}");
+}
+
+/// SIGHUP re-reads the config: an outbound listener added and removed, a broken file refused
+/// (the running config stays), an allow list narrowed, a `[tunnel]` change named and left for the
+/// next restart. Through all of it the agents keep running, no tunnel is redialled and a stream
+/// held open keeps working.
+#[test]
+fn sighup_applies_what_it_can_without_dropping_the_tunnel() {
+    use nix::sys::signal::Signal;
+    let pair = Pair::start(EXE);
+    let td = pair.pki.td.clone();
+    let mut held = TcpStream::connect(pair.app_addr()).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut echo = |msg: &[u8]| {
+        held.write_all(msg).unwrap();
+        let mut buf = vec![0; msg.len()];
+        held.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg);
+    };
+    echo(b"before");
+    let reloads = |agent: &AgentProcess, result: &str| {
+        agent.metric(
+            "tapproof_config_reloads_total",
+            &[&format!("result=\"{result}\"")],
+        )
+    };
+    let reload = |agent: &AgentProcess, config: &str, result: &str| {
+        let before = reloads(agent, result);
+        std::fs::write(&agent.config_path, config).unwrap();
+        agent.signal(Signal::SIGHUP);
+        agent.wait_for(&format!("a reload {result}"), Duration::from_secs(10), |a| {
+            reloads(a, result) > before
+        });
+    };
+
+    // A second outbound listener, to the same peer.
+    let web_config = std::fs::read_to_string(&pair.web.config_path).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let second = format!(
+        "{web_config}[[outbound]]\nlisten = \"127.0.0.1:{port}\"\nservice = \"db\"\npeers = [\"{}\"]\nserver_id = \"spiffe://{td}/node/db-1\"\n",
+        pair.db.tunnel()
+    );
+    reload(&pair.web, &second, "applied");
+    let added: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(round_trip(added, b"added").unwrap(), b"added");
+    let listeners = &pair.web.status()["listeners"]["outbound"];
+    assert_eq!(listeners.as_array().unwrap().len(), 2, "{listeners}");
+    echo(b"after an added listener");
+
+    // A broken file: refused, nothing changes, the agent lives on.
+    reload(&pair.web, "trust_domain = ", "refused");
+    assert!(pair
+        .web
+        .log()
+        .contains("config not reloaded, the running config stays"));
+    assert_eq!(round_trip(added, b"still").unwrap(), b"still");
+
+    // Back to one listener: the added one stops accepting.
+    reload(&pair.web, &web_config, "applied");
+    let closed = (0..100).any(|_| {
+        let gone = TcpStream::connect(added).is_err();
+        if !gone {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        gone
+    });
+    assert!(closed, "the removed listener is closed");
+    echo(b"after a removed listener");
+
+    // db-1 no longer allows web-1: new streams are refused, the open one carries on.
+    let db_config = std::fs::read_to_string(&pair.db.config_path).unwrap();
+    let narrowed = db_config.replace(
+        &format!("\"spiffe://{td}/node/web-1\", "),
+        &format!("\"spiffe://{td}/node/someone-else\", "),
+    );
+    assert_ne!(narrowed, db_config);
+    reload(&pair.db, &narrowed, "applied");
+    assert_ne!(
+        round_trip(pair.app_addr(), b"x").ok(),
+        Some(b"x".to_vec()),
+        "refused by the new allow list"
+    );
+    echo(b"after the allow list changed");
+
+    // A [tunnel] change needs a restart: the rest applies, the change is named.
+    let moved = db_config.replacen(
+        "[tunnel]\nlisten = \"127.0.0.1:0\"",
+        "[tunnel]\nlisten = \"127.0.0.1:1\"",
+        1,
+    );
+    assert_ne!(moved, db_config);
+    reload(&pair.db, &moved, "partial");
+    assert!(
+        pair.db
+            .log()
+            .contains("[tunnel] changed: takes effect at the next restart"),
+        "{}",
+        pair.db.log()
+    );
+    assert_eq!(
+        round_trip(pair.app_addr(), b"allowed again").unwrap(),
+        b"allowed again"
+    );
+    echo(b"at the end");
+    // One tunnel per outbound pool: the first one's, and the added listener's.
+    assert_eq!(
+        pair.web.metric("tapproof_handshakes_total", &[]),
+        2.0,
+        "no tunnel redialled"
+    );
+    assert_eq!(
+        pair.db.metric("tapproof_handshakes_total", &[]),
+        2.0,
+        "no tunnel redialled"
+    );
 }

@@ -9,6 +9,7 @@ pub mod netns;
 pub mod pcap;
 pub mod pki;
 pub mod process;
+pub mod promtool;
 pub mod server;
 pub mod tls_client;
 pub mod traffic;

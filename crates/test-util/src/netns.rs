@@ -85,14 +85,20 @@ pub struct TwoHosts {
 
 impl TwoHosts {
     pub fn new(tag: &str) -> Self {
+        let subnet = 1 + std::process::id() % 250;
+        Self::with_addresses(tag, &format!("10.250.{subnet}.1"), &format!("10.250.{subnet}.2"))
+    }
+
+    /// Two namespaces at `a_ip/24` and `b_ip/24` (addresses that exist only inside them, so a
+    /// test can use the README's 10.0.0.1 and 10.0.0.2).
+    pub fn with_addresses(tag: &str, a_ip: &str, b_ip: &str) -> Self {
         let pid = std::process::id();
         let a = Netns::create(format!("tp-{tag}-{pid}-a"));
         let b = Netns::create(format!("tp-{tag}-{pid}-b"));
         // Interface names are limited to 15 bytes.
         let a_if = format!("tpa{}", pid % 1_000_000);
         let b_if = format!("tpb{}", pid % 1_000_000);
-        let subnet = 1 + pid % 250;
-        let (a_ip, b_ip) = (format!("10.250.{subnet}.1"), format!("10.250.{subnet}.2"));
+        let (a_ip, b_ip) = (a_ip.to_owned(), b_ip.to_owned());
         ip(&[
             "link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns", &b.name,
         ]);

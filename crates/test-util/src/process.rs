@@ -41,6 +41,8 @@ pub fn open_fds(pid: i32) -> usize {
 
 pub struct AgentProcess {
     pub name: String,
+    /// The config file it was started with (a reload test rewrites it).
+    pub config_path: PathBuf,
     child: Child,
     log: PathBuf,
     ready: Value,
@@ -93,6 +95,7 @@ impl AgentProcess {
             if let Ok(text) = std::fs::read_to_string(&ready_file) {
                 if let Ok(ready) = serde_json::from_str(&text) {
                     return Self {
+                        config_path,
                         name: name.into(),
                         child,
                         log,

@@ -13,6 +13,8 @@ pub struct ServerProcess {
     store: Option<String>,
     pub data_dir: PathBuf,
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`), on a free loopback port.
+    pub admin: SocketAddr,
     log: PathBuf,
 }
 
@@ -111,6 +113,8 @@ impl ServerProcess {
                 listen,
                 "--leaf-ttl",
                 leaf_ttl,
+                "--admin-listen",
+                "127.0.0.1:0",
             ])
             .args(store.map(|s| vec!["--store", s]).unwrap_or_default())
             .args(extra)
@@ -126,7 +130,9 @@ impl ServerProcess {
             if let Ok(text) = std::fs::read_to_string(&ready) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                     let addr = v["listen"].as_str().unwrap().parse().unwrap();
+                    let admin = v["admin"].as_str().unwrap().parse().unwrap();
                     return Self {
+                        admin,
                         child,
                         store: store.map(str::to_owned),
                         data_dir: data_dir.to_owned(),

@@ -61,6 +61,11 @@ struct Failure {
     sent: bool,
 }
 
+/// Told of every attempt: the request path (no query), how long it took, and whether the server
+/// answered (any answer, a refusal too) or could not be reached. The agent sets
+/// `tapproof_control_plane_up` and the request-duration histogram from it.
+pub type Observer = std::sync::Arc<dyn Fn(&str, Duration, bool) + Send + Sync>;
+
 /// A client for one server address, presenting one identity (or none, for the join).
 #[derive(Clone)]
 pub struct ControlClient {
@@ -68,6 +73,7 @@ pub struct ControlClient {
     tls: ControlClientTls,
     timeout: Duration,
     attempts: u32,
+    observer: Option<Observer>,
 }
 
 impl ControlClient {
@@ -79,12 +85,19 @@ impl ControlClient {
             tls,
             timeout: DEFAULT_TIMEOUT,
             attempts: 3,
+            observer: None,
         }
     }
 
     /// Each attempt's deadline.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Tells `observer` of every attempt (see [`Observer`]).
+    pub fn observed(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -227,7 +240,13 @@ impl ControlClient {
         let mut backoff = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
-            match self.attempt(method.clone(), path, body.clone()).await {
+            let started = std::time::Instant::now();
+            let result = self.attempt(method.clone(), path, body.clone()).await;
+            if let Some(observe) = &self.observer {
+                let route = path.split('?').next().unwrap_or(path);
+                observe(route, started.elapsed(), result.is_ok());
+            }
+            match result {
                 Ok(answer) => return Ok(answer),
                 Err(f) => {
                     let retry = !f.sent || method == http::Method::GET;

@@ -74,7 +74,7 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
     let mut retry = RETRY_MIN;
     loop {
         let step = async {
-            let client = node_client(&cfg, &state.config.trust_domain)?.with_attempts(1);
+            let client = node_client(&state, &cfg)?.with_attempts(1);
             Ok::<_, ControlError>(client.state(since, state.advertise.get().copied()).await?)
         };
         let outcome = tokio::select! {

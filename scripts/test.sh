@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what the tests need when it is missing and we are root
 # (iproute2, tcpdump and nftables for the network-namespace and fault tests; chromium and chromedriver for the
-# dashboard's browser test; a local PostgreSQL server for the store's conformance suite), then
+# dashboard's browser test; promtool for the metrics format; a local PostgreSQL server for the store's conformance suite), then
 # runs every test in the workspace. Without root those tests say they were skipped; under CI=true
 # they must run.
 set -euo pipefail
@@ -15,6 +15,12 @@ command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+# promtool (package prometheus, without the recommended exporters) checks both roles' /metrics.
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "installing prometheus (promtool) for the metrics format tests"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing ${need[*]} for the network-namespace and browser tests"
@@ -33,6 +39,20 @@ if [ -z "${TAPPROOF_TEST_POSTGRES:-}" ]; then
   else
     echo "note: not root and TAPPROOF_TEST_POSTGRES unset: the PostgreSQL store tests will be skipped"
   fi
+fi
+
+# The walkthrough test runs the README's two-host install with the package: as root, build this
+# checkout's .deb (dev profile, the binary the tests build anyway; `cargo deb -p tapproof` alone
+# builds a release one) and install it over any older one.
+if [ "$(id -u)" = 0 ]; then
+  echo "building and installing this checkout's .deb for the walkthrough test (cargo-deb)"
+  command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --quiet
+  cargo build --locked -p tapproof
+  rm -f target/debian/tapproof_*.deb
+  cargo deb -p tapproof --profile dev --no-build --quiet
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall ./target/debian/tapproof_*.deb >/dev/null
+else
+  echo "note: not root: the walkthrough test (README install with the package) will be skipped"
 fi
 
 # cargo prints one "test result" line per test binary (the last is often an empty doc-test run),

@@ -200,7 +200,7 @@ pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<Identity
             .sign(&sign_request(&keys))
             .await?;
         set.write_service_identities(&signed.identities, &keys)?;
-        info!(services = ?joined.services, "received the identities of the services registered to this node");
+        info!(services = %joined.services.join(", "), "received the identities of the services registered to this node");
     }
     let state = ControlState {
         server,

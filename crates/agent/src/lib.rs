@@ -137,7 +137,10 @@ pub async fn run(
     let streams = TaskTracker::new();
     let material = state.material.current();
     info!(id = %material.id(), serial = %material.svid().serial, expires_in_s = material.seconds_to_expiry(),
-          admin = %bound.admin, tunnel = ?bound.tunnel, outbound = ?bound.outbound, "agent listening");
+          admin = %bound.admin,
+          tunnel = %bound.tunnel.map_or_else(|| "none (no [[inbound]])".to_owned(), |t| t.to_string()),
+          outbound = %bound.outbound.iter().map(|o| format!("{}={}", o.service, o.listen)).collect::<Vec<_>>().join(", "),
+          "agent listening");
     state
         .metrics
         .cert_expiry_seconds
@@ -236,7 +239,7 @@ pub mod fuzzing {
             let _ = to_agent.shutdown().await;
         });
         let session = tapproof_tls::SessionInfo {
-            version: "TLSv1_3".into(),
+            version: "TLSv1.3".into(),
             cipher: String::new(),
             group: String::new(),
             peer_id: Some(peer_id.clone()),

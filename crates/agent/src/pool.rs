@@ -258,7 +258,7 @@ impl Pool {
                 Ok(Err(e)) => return Err(DialError::Http2(e)),
                 Err(_) => return Err(DialError::Http2Timeout),
             };
-        info!(service = %self.outbound().service, %peer, peer_id = ?session.peer_id.as_ref().map(|p| p.to_string()),
+        info!(service = %self.outbound().service, %peer, peer_id = %session.peer_id.as_ref().map_or_else(String::new, ToString::to_string),
               version = %session.version, cipher = %session.cipher, group = %session.group,
               resumed = session.resumed, "outbound: tunnel established");
         let guard = self.state.open_tunnel(Side::Outbound, peer, &session);

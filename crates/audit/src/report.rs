@@ -345,11 +345,16 @@ fn describe(target: SocketAddr, outcome: &ProbeOutcome) -> (Class, String) {
 pub fn render(report: &Report) -> String {
     let mut out = String::new();
     let s = &report.summary;
-    let _ = writeln!(
-        out,
-        "Coverage on {}: {:.1}% of {} network links encrypted ({} through tapproof, {} other TLS, {} plaintext, {} accepted exceptions)",
-        report.host, s.coverage_percent, s.links, s.tapproof, s.other_tls, s.plaintext, s.allowed
-    );
+    if s.links == 0 {
+        // 100% of nothing is not coverage.
+        let _ = writeln!(out, "Coverage on {}: no network links seen", report.host);
+    } else {
+        let _ = writeln!(
+            out,
+            "Coverage on {}: {:.1}% of {} network links encrypted ({} through tapproof, {} other TLS, {} plaintext, {} accepted exceptions)",
+            report.host, s.coverage_percent, s.links, s.tapproof, s.other_tls, s.plaintext, s.allowed
+        );
+    }
     if !report.links.is_empty() {
         let _ = writeln!(
             out,

@@ -35,7 +35,20 @@ pub fn check_csr(csr: &[u8], expected: &SpiffeId) -> Result<PublicKey, CsrError>
         CertificateSigningRequestParams::from_der(&der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     let alg = parsed.public_key.algorithm();
     if alg != &PKCS_ECDSA_P256_SHA256 && alg != &PKCS_ED25519 {
-        return Err(CsrError::KeyType(format!("{alg:?}")));
+        let name = if alg == &rcgen::PKCS_ECDSA_P384_SHA384 {
+            "ECDSA P-384"
+        } else if [
+            &rcgen::PKCS_RSA_SHA256,
+            &rcgen::PKCS_RSA_SHA384,
+            &rcgen::PKCS_RSA_SHA512,
+        ]
+        .contains(&alg)
+        {
+            "RSA"
+        } else {
+            "(an algorithm tapproof does not know)"
+        };
+        return Err(CsrError::KeyType(name.into()));
     }
     let sans = &parsed.params.subject_alt_names;
     if sans.len() > 1 {
@@ -43,7 +56,12 @@ pub fn check_csr(csr: &[u8], expected: &SpiffeId) -> Result<PublicKey, CsrError>
     }
     if let Some(san) = sans.first() {
         let SanType::URI(uri) = san else {
-            return Err(CsrError::ExtraSan(format!("{san:?}")));
+            return Err(CsrError::ExtraSan(match san {
+                SanType::DnsName(name) => format!("DNS name {}", name.as_str()),
+                SanType::IpAddress(ip) => format!("IP address {ip}"),
+                SanType::Rfc822Name(mail) => format!("e-mail address {}", mail.as_str()),
+                _ => "a subject alternative name of another kind".into(),
+            }));
         };
         let uri = uri.as_str();
         match SpiffeId::parse(uri) {

@@ -9,6 +9,7 @@ pub mod revocation;
 pub mod spiffe;
 pub mod svid;
 pub mod token;
+pub mod when;
 
 pub use ca::{Authority, CaError, IssuedIdentity};
 pub use csr::{check_csr, new_csr, CsrError};

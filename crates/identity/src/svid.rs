@@ -35,6 +35,11 @@ pub struct SvidInfo {
     pub not_after: i64,
     /// Hex, as `openssl x509 -serial` prints it (no separators).
     pub serial: String,
+    /// Whether the certificate may authenticate a TLS server and a TLS client (`true` for both
+    /// when it has no extendedKeyUsage extension: any purpose). rustls refuses a peer whose
+    /// certificate lacks the purpose of its side.
+    pub server_auth: bool,
+    pub client_auth: bool,
 }
 
 /// Applies the leaf X509-SVID rules to `der` and returns the identity it carries.
@@ -81,7 +86,16 @@ pub fn inspect_svid(der: &[u8]) -> Result<SvidInfo, SvidError> {
     }
 
     let serial = cert.raw_serial().iter().map(|b| format!("{b:02X}")).collect();
+    let (server_auth, client_auth) = match cert.extended_key_usage().map_err(malformed)? {
+        Some(eku) => (
+            eku.value.any || eku.value.server_auth,
+            eku.value.any || eku.value.client_auth,
+        ),
+        None => (true, true),
+    };
     Ok(SvidInfo {
+        server_auth,
+        client_auth,
         id,
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),

@@ -129,7 +129,7 @@ pub async fn authorize(s: &AppState, peer: &Peer, need: Need, what: &str) -> Res
                     )
                     .await);
                 }
-                tracing::info!(node = %node, serial = ?peer.serial, "renewal with an expired certificate (recovery after an outage)");
+                tracing::info!(node = %node, serial = %peer.serial.as_deref().unwrap_or(""), "renewal with an expired certificate (recovery after an outage)");
             }
             Ok(Caller { actor, name: node })
         }

@@ -110,7 +110,11 @@ pub async fn rotate(
                 serde_json::json!({ "root_ids": ids, "forced": force, "live_certificates": live }),
             )
             .await?;
-            Ok(format!("retired root(s) {ids:?}; they leave every bundle"))
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            Ok(format!(
+                "retired root(s) {}; they leave every bundle",
+                ids.join(", ")
+            ))
         }
     }
 }

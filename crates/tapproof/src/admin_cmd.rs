@@ -135,7 +135,7 @@ pub async fn node_list(admin: &Admin, json: bool) -> anyhow::Result<()> {
         };
         let seen = node
             .last_seen
-            .map(|t| format!("seen {}s ago", (now - t).max(0)))
+            .map(|t| format!("seen {} ago", tapproof_identity::when::duration((now - t).max(0))))
             .unwrap_or_default();
         println!(
             "{:<20} {:<8} {:<22} {:<18} services [{}]  {}",

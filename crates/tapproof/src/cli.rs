@@ -41,21 +41,29 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the agent: outbound and inbound mTLS tunnels, as the config file says.
+    #[command(
+        after_help = "Example:\n  tapproof agent --config /etc/tapproof/agent.toml\n  kill -HUP $(pidof tapproof)    # re-read the config; SIGTERM drains and stops"
+    )]
     Agent(AgentArgs),
     /// Run or administer the control plane: CA, join tokens, signing, audit log.
     Server(ServerArgs),
     /// Check a config file and the identity files it names, then exit (0 when usable).
+    #[command(after_help = "Example:\n  tapproof check-config --config /etc/tapproof/agent.toml")]
     CheckConfig(ConfigArgs),
     /// A complete local demo: throw-away CA, two agents, traffic through the encrypted tunnel.
+    #[command(after_help = "Example:\n  tapproof quickstart --keep-running")]
     Quickstart(QuickstartArgs),
     /// Mint a throw-away CA and node identities into a directory (demos, benchmarks, tests).
     Pki(PkiArgs),
     /// Show a running agent's identity, listeners and tunnels (reads its admin endpoint).
+    #[command(after_help = "Example:\n  tapproof status --admin 127.0.0.1:15000")]
     Status(StatusArgs),
     /// Which TCP links of this host are encrypted, and which are plaintext. Exit code 1 when a
     /// link is plaintext (and not an accepted exception): a deploy gate.
+    #[command(after_help = "Example:\n  tapproof audit --config /etc/tapproof/agent.toml --probe")]
     Audit(AuditArgs),
     /// Print shell completions.
+    #[command(after_help = "Example:\n  tapproof completions bash > /etc/bash_completion.d/tapproof")]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
@@ -85,7 +93,7 @@ pub struct AuditArgs {
     pub strict: bool,
     /// The running agent's admin address, asked which sockets it vouches for (only those count
     /// as through tapproof) [default: the config's admin.listen, else 127.0.0.1:15000].
-    #[arg(long, env = "TAPPROOF_AUDIT_AGENT", value_name = "ADDR")]
+    #[arg(long, env = "TAPPROOF_AGENT", value_name = "ADDR")]
     pub agent: Option<std::net::SocketAddr>,
     /// Where procfs is mounted.
     #[arg(long, default_value = "/proc", hide = true)]
@@ -139,8 +147,12 @@ pub struct PkiArgs {
 
 #[derive(Subcommand)]
 pub enum PkiCommand {
-    /// Mint a root CA and one identity per `--node` (and per `--service`).
+    /// Mint a root CA and one node identity per `--node`, with the bundle (throw-away PKI).
+    #[command(
+        after_help = "Example:\n  tapproof pki mint --out /tmp/pki --node web-1 --node db-1\n  # then [identity] cert = \"/tmp/pki/web-1.pem\", key = \"/tmp/pki/web-1.key\", bundle = \"/tmp/pki/bundle.pem\""
+    )]
     Mint {
+        /// The SPIFFE trust domain of the CA and every identity.
         #[arg(long, default_value = "example.org")]
         trust_domain: String,
         /// Directory to write into (created; files are 0600 for keys).
@@ -185,7 +197,11 @@ pub struct RemoteArgs {
 #[derive(Subcommand)]
 pub enum ServerCommand {
     /// Create the root and intermediate CA of a trust domain (once).
+    #[command(
+        after_help = "Example:\n  runuser -u tapproof -- tapproof server init --trust-domain example.org --data-dir /var/lib/tapproof/server"
+    )]
     Init {
+        /// The SPIFFE trust domain (e.g. example.org): every identity is spiffe://<it>/...
         #[arg(long, env = "TAPPROOF_TRUST_DOMAIN")]
         trust_domain: String,
         #[command(flatten)]
@@ -195,7 +211,10 @@ pub enum ServerCommand {
         #[arg(long, env = "TAPPROOF_KEK_FILE")]
         kek_file: Option<PathBuf>,
     },
-    /// Serve the HTTPS API.
+    /// Serve the HTTPS API (mTLS) and the admin endpoint (metrics, health, readiness).
+    #[command(
+        after_help = "Example:\n  tapproof server run --data-dir /var/lib/tapproof/server --listen 0.0.0.0:15443 --admin-listen 127.0.0.1:15001"
+    )]
     Run {
         #[command(flatten)]
         store: ServerStoreArgs,
@@ -227,20 +246,29 @@ pub enum ServerCommand {
         limits: ServerLimitArgs,
     },
     /// Issue an admin identity (spiffe://<td>/admin/<name>) for the admin commands' --admin-dir.
+    #[command(
+        after_help = "Example:\n  runuser -u tapproof -- tapproof server admin-cert --name alice --out /tmp/alice --ttl 8h"
+    )]
     AdminCert {
         #[command(flatten)]
         store: ServerStoreArgs,
+        /// Key-encryption key file; TAPPROOF_KEK (hex) takes precedence. Default: <data-dir>/kek.key.
         #[arg(long, env = "TAPPROOF_KEK_FILE")]
         kek_file: Option<PathBuf>,
+        /// The admin's name: the identity is spiffe://<td>/admin/<name>.
         #[arg(long)]
         name: String,
         /// Where to write admin.pem, admin.key (0600) and bundle.pem.
         #[arg(long)]
         out: PathBuf,
+        /// How long the identity is valid.
         #[arg(long, default_value = "24h")]
         ttl: humantime_arg::Duration,
     },
     /// Revoke a node, a SPIFFE ID or a certificate serial: agents close its tunnels within seconds.
+    #[command(
+        after_help = "Example:\n  tapproof server revoke --node db-1 --reason \"host decommissioned\"\n  tapproof server revoke --serial 36AF8058... --server 10.0.0.1:15443 --admin-dir ~/alice"
+    )]
     Revoke {
         #[command(flatten)]
         store: ServerStoreArgs,
@@ -286,6 +314,9 @@ pub enum ServerCommand {
     },
     /// Serve the fleet dashboard on this machine's loopback, fetched from the server as the admin
     /// in --admin-dir (mTLS): open the printed URL in a browser.
+    #[command(
+        after_help = "Example:\n  tapproof server dashboard --server 10.0.0.1:15443 --admin-dir ~/alice"
+    )]
     Dashboard {
         #[command(flatten)]
         remote: RemoteArgs,
@@ -303,11 +334,15 @@ pub enum ServerCommand {
 #[derive(Subcommand)]
 pub enum NodeCommand {
     /// Every node, when it was last seen, its newest certificate's expiry, and revocation.
+    #[command(
+        after_help = "Example:\n  tapproof server node list --server 10.0.0.1:15443 --admin-dir ~/alice"
+    )]
     List {
         #[command(flatten)]
         store: ServerStoreArgs,
         #[command(flatten)]
         remote: RemoteArgs,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -315,8 +350,14 @@ pub enum NodeCommand {
 
 #[derive(Subcommand)]
 pub enum RegistrationCommand {
+    /// Let a node front a service: it gets spiffe://<td>/svc/<service> and the directory lists it.
+    #[command(after_help = "Example:\n  tapproof server registration add --node db-2 --service db")]
     Add(RegistrationArgs),
+    /// Stop a node fronting a service (it leaves the directory; its service identity is not renewed).
+    #[command(after_help = "Example:\n  tapproof server registration remove --node db-2 --service db")]
     Remove(RegistrationArgs),
+    /// Every node and the services it fronts.
+    #[command(after_help = "Example:\n  tapproof server registration list")]
     List {
         #[command(flatten)]
         store: ServerStoreArgs,
@@ -331,8 +372,10 @@ pub struct RegistrationArgs {
     pub store: ServerStoreArgs,
     #[command(flatten)]
     pub remote: RemoteArgs,
+    /// The node's name (as on its join token).
     #[arg(long)]
     pub node: String,
+    /// The service's name.
     #[arg(long)]
     pub service: String,
 }
@@ -340,15 +383,20 @@ pub struct RegistrationArgs {
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Replace the policy with a TOML file: `[services.db] allow = ["spiffe://td/node/web-1"]`.
+    #[command(after_help = "Example:\n  tapproof server policy set --file policy.toml")]
     Set {
         #[command(flatten)]
         store: ServerStoreArgs,
         #[command(flatten)]
         remote: RemoteArgs,
+        /// The policy document (TOML).
         #[arg(long)]
         file: PathBuf,
     },
     /// Print the policy (JSON).
+    #[command(
+        after_help = "Example:\n  tapproof server policy show --server 10.0.0.1:15443 --admin-dir ~/alice"
+    )]
     Show {
         #[command(flatten)]
         store: ServerStoreArgs,
@@ -361,11 +409,16 @@ pub enum PolicyCommand {
 pub enum CaCommand {
     /// Root rollover, one step at a time: prepare (new root in every bundle), activate (it signs),
     /// retire (the old root leaves the bundle once what it signed has expired).
+    #[command(
+        after_help = "Example:\n  runuser -u tapproof -- tapproof server ca rotate prepare\n  # wait until every agent has the new bundle, then:\n  runuser -u tapproof -- tapproof server ca rotate activate"
+    )]
     Rotate {
+        /// Which step.
         #[arg(value_enum)]
         step: RotateStepArg,
         #[command(flatten)]
         store: ServerStoreArgs,
+        /// Key-encryption key file; TAPPROOF_KEK (hex) takes precedence. Default: <data-dir>/kek.key.
         #[arg(long, env = "TAPPROOF_KEK_FILE")]
         kek_file: Option<PathBuf>,
         /// retire: even though certificates from before the activation are still valid.
@@ -384,6 +437,9 @@ pub enum RotateStepArg {
 #[derive(Subcommand)]
 pub enum TokenCommand {
     /// Print a single-use join token for a node.
+    #[command(
+        after_help = "Example:\n  runuser -u tapproof -- tapproof server token create --node db-1 --service db --server 10.0.0.1:15443 > db-1.token"
+    )]
     Create {
         #[command(flatten)]
         store: ServerStoreArgs,
@@ -397,7 +453,7 @@ pub enum TokenCommand {
         #[arg(long, default_value = "15m")]
         ttl: humantime_arg::Duration,
         /// The address agents reach this server at (host:port).
-        #[arg(long, env = "TAPPROOF_SERVER_ADDRESS")]
+        #[arg(long, env = "TAPPROOF_SERVER")]
         server: String,
     },
 }
@@ -405,11 +461,15 @@ pub enum TokenCommand {
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Check the hash chain: exit 0 when intact, 1 naming every edited, removed or reordered row.
+    #[command(
+        after_help = "Example:\n  tapproof server audit-log verify --data-dir /var/lib/tapproof/server"
+    )]
     Verify {
         #[command(flatten)]
         store: ServerStoreArgs,
     },
-    /// Print rows.
+    /// Print rows, oldest first.
+    #[command(after_help = "Example:\n  tapproof server audit-log show --after 1200 --json")]
     Show {
         #[command(flatten)]
         store: ServerStoreArgs,
@@ -418,6 +478,7 @@ pub enum AuditCommand {
         /// Only rows after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: i64,
+        /// At most this many rows.
         #[arg(long, default_value_t = 100)]
         limit: i64,
         /// One JSON object per line.

@@ -185,13 +185,19 @@ async fn coverage(dashboard_url: &str, agent_admin: SocketAddr) -> anyhow::Resul
     };
     let f = &fleet["fleet"];
     println!("\n8. Coverage, as the agents reported it to the server (fleet dashboard {dashboard_url}):");
+    let coverage = if f["links"].as_i64().unwrap_or(0) == 0 {
+        "no links between hosts seen yet".to_owned()
+    } else {
+        format!(
+            "{:.1}% of {} links between hosts encrypted ({} plaintext)",
+            f["coverage_percent"].as_f64().unwrap_or(0.0),
+            f["links"],
+            f["plaintext"]
+        )
+    };
     println!(
-        "     fleet: {:.1}% of {} links between hosts encrypted ({} plaintext); {} of {} nodes reporting",
-        f["coverage_percent"].as_f64().unwrap_or(0.0),
-        f["links"],
-        f["plaintext"],
-        f["nodes_reporting"],
-        f["nodes"]
+        "     fleet: {coverage}; {} of {} nodes reporting",
+        f["nodes_reporting"], f["nodes"]
     );
     for n in fleet["nodes"].as_array().into_iter().flatten() {
         println!(
@@ -401,7 +407,7 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     println!("     bytes app -> tunnel   {}", t["bytes_app_to_tunnel"]);
     println!("     bytes tunnel -> app   {}", t["bytes_tunnel_to_app"]);
     if t["key_exchange"].as_str() != Some(tapproof_tls::POST_QUANTUM_GROUP)
-        || t["tls_version"].as_str() != Some("TLSv1_3")
+        || t["tls_version"].as_str() != Some("TLSv1.3")
     {
         bail!(
             "the tunnel did not negotiate TLS 1.3 with {}",
@@ -420,7 +426,14 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     server.stop().await?;
     let rows = match tapproof_server::verify_audit(&*store).await? {
         Ok(rows) => rows,
-        Err(problems) => bail!("the audit log does not verify: {problems:?}"),
+        Err(problems) => bail!(
+            "the audit log does not verify: {}",
+            problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
     };
     println!("\n9. Stopped the agents and the server with SIGTERM (they drained and exited 0).");
     println!("   Audit log: {rows} rows (CA init, tokens, joins, renewals), hash chain verified.");

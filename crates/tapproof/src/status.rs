@@ -33,10 +33,13 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let s: serde_json::Value = serde_json::from_str(&body).context("admin endpoint sent invalid JSON")?;
     println!("identity   {}", s["id"].as_str().unwrap_or("?"));
     println!("ready      {}", s["ready"]);
+    let not_after = s["certificate"]["not_after_unix"].as_i64().unwrap_or(0);
+    let now = tapproof_identity::when::now();
     println!(
-        "cert       serial {} expires in {} s ({} bundle roots)",
+        "cert       serial {} {} {} ({} bundle roots)",
         s["certificate"]["serial"].as_str().unwrap_or("?"),
-        s["certificate"]["seconds_to_expiry"],
+        if not_after >= now { "expires" } else { "EXPIRED" },
+        tapproof_identity::when::at(not_after, now),
         s["certificate"]["bundle_roots"]
     );
     let tunnels = s["tunnels"].as_array().cloned().unwrap_or_default();

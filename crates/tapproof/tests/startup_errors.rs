@@ -86,6 +86,14 @@ fn bad_config_and_identity_files_are_named() {
         &swap(&pki.expired("db-1")),
         &["expired", "db-1-expired.pem"],
     );
+    // What every handshake would refuse, check-config refuses first (the one check in
+    // tapproof-tls's Material).
+    refuses(
+        &pki,
+        "server-auth-only",
+        &swap(&pki.server_auth_only("db-1")),
+        &["lacks clientAuth", "db-1-serverauth.pem"],
+    );
     refuses(
         &pki,
         "no-spiffe-id",
@@ -140,7 +148,7 @@ fn quickstart_runs_end_to_end() {
     let (code, stdout, stderr) = run_tapproof(EXE, &["quickstart", "--connections", "20"]);
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("X25519MLKEM768"), "{stdout}");
-    assert!(stdout.contains("TLSv1_3"), "{stdout}");
+    assert!(stdout.contains("TLSv1.3"), "{stdout}");
     assert!(stdout.contains("Agents joined"), "{stdout}");
     assert!(
         stdout.contains("Both renewed") && stdout.contains(", 0 failed."),

@@ -114,6 +114,19 @@ impl TestPki {
         self.custom(&format!("{node}-expired"), p)
     }
 
+    /// A node certificate whose extendedKeyUsage is serverAuth only (it could accept tunnels but
+    /// never open one).
+    pub fn server_auth_only(&self, node: &str) -> IdentityPaths {
+        let mut p = leaf_params(
+            &self.id(node),
+            Duration::hours(1),
+            OffsetDateTime::now_utc() + Duration::days(1),
+        )
+        .unwrap();
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        self.custom(&format!("{node}-serverauth"), p)
+    }
+
     pub fn foreign_domain(&self, node: &str) -> IdentityPaths {
         let id = TrustDomain::new("evil.example").unwrap().node_id(node).unwrap();
         let p = leaf_params(

@@ -29,6 +29,9 @@ pub fn failure_reason(err: &io::Error) -> &'static str {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "cert_not_yet_valid"
             }
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "wrong_purpose"
+            }
             CertificateError::UnknownIssuer
             | CertificateError::BadSignature
             | CertificateError::UnknownRevocationStatus => "unknown_ca",

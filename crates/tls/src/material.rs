@@ -54,16 +54,22 @@ pub enum MaterialError {
     KeyMismatch { key: PathBuf, cert: PathBuf },
     #[error("certificate {path} is not a valid X509-SVID: {source}")]
     NotSvid { path: PathBuf, source: SvidError },
+    #[error("certificate {path}: its extendedKeyUsage lacks {missing}; a node identity opens tunnels (TLS client) and accepts them (TLS server), so it needs both serverAuth and clientAuth, or no extendedKeyUsage at all")]
+    Purpose { path: PathBuf, missing: &'static str },
     #[error("certificate {path} carries {id}, which is not in trust domain {trust_domain}")]
     ForeignTrustDomain {
         path: PathBuf,
         id: SpiffeId,
         trust_domain: TrustDomain,
     },
-    #[error("certificate {path} expired {ago_secs} s ago; rotate it")]
-    Expired { path: PathBuf, ago_secs: i64 },
-    #[error("certificate {path} is not valid for another {in_secs} s (check the clock)")]
-    NotYetValid { path: PathBuf, in_secs: i64 },
+    #[error("certificate {path} expired at {}; rotate it", tapproof_identity::when::at(*not_after, *now))]
+    Expired { path: PathBuf, not_after: i64, now: i64 },
+    #[error("certificate {path} is not valid before {} (check the clock)", tapproof_identity::when::at(*not_before, *now))]
+    NotYetValid {
+        path: PathBuf,
+        not_before: i64,
+        now: i64,
+    },
     #[error("bundle {path}: certificate {index} is not a usable trust anchor: {detail}")]
     BadAnchor {
         path: PathBuf,
@@ -196,6 +202,18 @@ impl Material {
             path: files.cert.clone(),
             source,
         })?;
+        let missing = match (svid.server_auth, svid.client_auth) {
+            (true, true) => None,
+            (false, true) => Some("serverAuth"),
+            (true, false) => Some("clientAuth"),
+            (false, false) => Some("serverAuth and clientAuth"),
+        };
+        if let Some(missing) = missing {
+            return Err(MaterialError::Purpose {
+                path: files.cert.clone(),
+                missing,
+            });
+        }
         if svid.id.trust_domain() != trust_domain {
             return Err(MaterialError::ForeignTrustDomain {
                 path: files.cert.clone(),
@@ -207,13 +225,15 @@ impl Material {
         if svid.not_after < now {
             return Err(MaterialError::Expired {
                 path: files.cert.clone(),
-                ago_secs: now - svid.not_after,
+                not_after: svid.not_after,
+                now,
             });
         }
         if svid.not_before > now {
             return Err(MaterialError::NotYetValid {
                 path: files.cert.clone(),
-                in_secs: svid.not_before - now,
+                not_before: svid.not_before,
+                now,
             });
         }
 

@@ -5,9 +5,9 @@ use tapproof_identity::{inspect_svid, SpiffeId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
-    /// `TLSv1_3`.
+    /// `TLSv1.3` (as OpenSSL writes it).
     pub version: String,
-    /// For example `TLS13_AES_256_GCM_SHA384`.
+    /// The IANA name, for example `TLS_AES_256_GCM_SHA384`.
     pub cipher: String,
     /// For example `X25519MLKEM768`.
     pub group: String,
@@ -21,6 +21,27 @@ pub struct SessionInfo {
     pub peer_serial: Option<String>,
 }
 
+/// `TLSv1.3`, as OpenSSL and Wireshark write it (rustls spells it `TLSv1_3`).
+fn version_name(v: rustls::ProtocolVersion) -> String {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".into(),
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".into(),
+        other => other
+            .as_str()
+            .map_or_else(|| format!("0x{:04x}", u16::from(other)), str::to_owned),
+    }
+}
+
+/// The IANA name of a suite (`TLS_AES_256_GCM_SHA384`; rustls writes TLS 1.3 suites `TLS13_...`).
+fn cipher_name(suite: rustls::CipherSuite) -> String {
+    match suite.as_str() {
+        Some(name) => name
+            .strip_prefix("TLS13_")
+            .map_or_else(|| name.to_owned(), |rest| format!("TLS_{rest}")),
+        None => format!("0x{:04x}", u16::from(suite)),
+    }
+}
+
 fn info(state: &CommonState) -> SessionInfo {
     let svid = state
         .peer_certificates()
@@ -30,17 +51,18 @@ fn info(state: &CommonState) -> SessionInfo {
     let peer_serial = svid.as_ref().map(|s| s.serial.clone());
     let peer_id = svid.map(|s| s.id);
     SessionInfo {
-        version: state
-            .protocol_version()
-            .map(|v| format!("{v:?}"))
-            .unwrap_or_default(),
+        version: state.protocol_version().map(version_name).unwrap_or_default(),
         cipher: state
             .negotiated_cipher_suite()
-            .map(|s| format!("{:?}", s.suite()))
+            .map(|s| cipher_name(s.suite()))
             .unwrap_or_default(),
         group: state
             .negotiated_key_exchange_group()
-            .map(|g| format!("{:?}", g.name()))
+            .map(|g| {
+                let name = g.name();
+                name.as_str()
+                    .map_or_else(|| format!("0x{:04x}", u16::from(name)), str::to_owned)
+            })
             .unwrap_or_default(),
         peer_id,
         resumed: matches!(state.handshake_kind(), Some(rustls::HandshakeKind::Resumed)),

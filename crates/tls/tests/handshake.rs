@@ -93,9 +93,9 @@ async fn mutual_handshake_negotiates_tls13_and_post_quantum() {
         seen_by_client.peer_id.unwrap().to_string(),
         "spiffe://example.org/node/db-1"
     );
-    assert_eq!(seen_by_client.version, "TLSv1_3");
+    assert_eq!(seen_by_client.version, "TLSv1.3");
     assert_eq!(seen_by_client.group, "X25519MLKEM768");
-    assert_eq!(seen_by_client.cipher, "TLS13_AES_256_GCM_SHA384");
+    assert_eq!(seen_by_client.cipher, "TLS_AES_256_GCM_SHA384");
     c.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).await.unwrap();

@@ -106,8 +106,10 @@ function expiryChart(nodes, now) {
 function render(data) {
   const now = data.generated_at;
   const f = data.fleet;
-  document.getElementById("coverage").textContent = pct(f.coverage_percent);
-  document.getElementById("coverage").className = "big " + (f.plaintext > 0 ? "plain" : "enc");
+  // 100% of nothing is not coverage: with no link reported yet, say so.
+  const seen = f.links || 0;
+  document.getElementById("coverage").textContent = seen === 0 ? "no links seen yet" : pct(f.coverage_percent);
+  document.getElementById("coverage").className = seen === 0 ? "big" : "big " + (f.plaintext > 0 ? "plain" : "enc");
   document.getElementById("links").textContent = `${f.encrypted} / ${f.plaintext}`;
   document.getElementById("nodes-reporting").textContent = `${f.nodes_reporting} of ${f.nodes}`;
   document.getElementById("status").textContent = "updated " + when(now);

@@ -2,6 +2,7 @@
 //! not a silent default), then checked for the rules a type cannot express. Every error names the
 //! key it is about.
 
+use crate::endpoint::Endpoint;
 use crate::policy::AllowPattern;
 use serde::{Deserialize, Deserializer};
 use std::collections::HashSet;
@@ -215,8 +216,9 @@ impl Default for TunnelConfig {
 pub struct InboundConfig {
     /// The name peers ask for (the CONNECT authority).
     pub service: String,
-    /// The local plaintext address streams are joined to.
-    pub forward: SocketAddr,
+    /// The plaintext address streams are joined to: IP:PORT or HOST:PORT (resolved at most every
+    /// 30 s).
+    pub forward: Endpoint,
     /// SPIFFE IDs that may open this service: exact IDs, or a prefix ending in `/*`.
     #[serde(default)]
     pub allow: Vec<AllowPattern>,
@@ -232,10 +234,11 @@ pub struct OutboundConfig {
     pub listen: SocketAddr,
     /// The service asked for at the peer.
     pub service: String,
-    /// Peer agents' tunnel addresses, tried in turn. Leave out (with `server_id`) to take them from
-    /// the control plane's service directory.
+    /// Peer agents' tunnel addresses (IP:PORT or HOST:PORT, a name resolved at every dial), tried
+    /// in turn. Leave out (with `server_id`) to take them from the control plane's service
+    /// directory.
     #[serde(default)]
-    pub peers: Vec<SocketAddr>,
+    pub peers: Vec<Endpoint>,
     /// The identity the peer agent must prove (with `peers`).
     #[serde(default, deserialize_with = "de_opt_from_str")]
     pub server_id: Option<SpiffeId>,
@@ -356,11 +359,12 @@ impl AgentConfig {
                 .filter(|o| !o.listen.ip().is_loopback())
                 .map(|o| o.listen)
                 .collect(),
+            // A forward given as a host name is not known here (it is resolved when used).
             forwards: self
                 .inbound
                 .iter()
-                .filter(|i| !i.forward.ip().is_loopback())
-                .map(|i| i.forward)
+                .filter_map(|i| i.forward.addr())
+                .filter(|a| !a.ip().is_loopback())
                 .collect(),
         }
     }
@@ -488,8 +492,14 @@ impl AgentConfig {
                     format!("service {:?} is configured twice", inbound.service),
                 ));
             }
-            if !inbound.forward.ip().is_loopback() && !inbound.allow_non_loopback {
-                return Err(invalid(key("forward"), format!("{} is not a loopback address: the plaintext leg would cross a network; set allow_non_loopback = true to accept that", inbound.forward)));
+            if !inbound.forward.is_loopback() && !inbound.allow_non_loopback {
+                let what = match inbound.forward {
+                    Endpoint::Addr(_) => "is not a loopback address",
+                    Endpoint::Name { .. } => {
+                        "names a host that may not be this one (only `localhost` surely is)"
+                    }
+                };
+                return Err(invalid(key("forward"), format!("{} {what}: the plaintext leg would cross a network; set allow_non_loopback = true to accept that", inbound.forward)));
             }
             if inbound.allow.is_empty() && self.control.is_none() {
                 return Err(invalid(

@@ -296,7 +296,7 @@ async fn serve_stream(
     };
     let app = match timeout(
         state.config.tunnel.connect_timeout,
-        TcpStream::connect(inbound.forward),
+        state.forwards.connect(&inbound.forward),
     )
     .await
     {

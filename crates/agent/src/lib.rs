@@ -9,6 +9,7 @@ pub mod control;
 mod copy;
 mod coverage;
 mod drain;
+pub mod endpoint;
 mod inbound;
 pub mod limits;
 pub mod metrics;

@@ -38,6 +38,8 @@ pub enum PoolError {
 pub enum DialError {
     #[error("connect: {0}")]
     Connect(std::io::Error),
+    #[error("cannot resolve {name}: {error}")]
+    Resolve { name: String, error: std::io::Error },
     #[error("connect: timed out")]
     ConnectTimeout,
     #[error("TLS handshake failed ({reason}): {source}")]
@@ -157,7 +159,7 @@ impl Pool {
         let mut last = DialError::ConnectTimeout;
         for i in 0..peers.len() {
             let index = (inner.next_peer + i) % peers.len();
-            let (addr, id) = &peers[index];
+            let (endpoint, id) = &peers[index];
             let tls = match inner.tls.get(id) {
                 Some((g, tls)) if *g == generation => tls.clone(),
                 _ => {
@@ -169,17 +171,32 @@ impl Pool {
                     tls
                 }
             };
-            match self.dial(*addr, &tls).await {
-                Ok(t) => {
-                    inner.next_peer = index;
-                    inner.failures = 0;
-                    inner.retry_at = None;
-                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
-                    return Ok(t);
-                }
-                Err(e) => {
-                    warn!(service = %self.outbound().service, peer = %addr, expected = %id, error = %e, "outbound: peer unreachable");
+            // A name is resolved at every dial: a reconnect follows a changed record.
+            let addrs = match endpoint.resolve().await {
+                Ok(addrs) => addrs,
+                Err(error) => {
+                    let e = DialError::Resolve {
+                        name: endpoint.to_string(),
+                        error,
+                    };
+                    warn!(service = %self.outbound().service, peer = %endpoint, expected = %id, error = %e, "outbound: peer unreachable");
                     last = e;
+                    continue;
+                }
+            };
+            for addr in addrs {
+                match self.dial(addr, &tls).await {
+                    Ok(t) => {
+                        inner.next_peer = index;
+                        inner.failures = 0;
+                        inner.retry_at = None;
+                        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
+                        return Ok(t);
+                    }
+                    Err(e) => {
+                        warn!(service = %self.outbound().service, peer = %endpoint, address = %addr, expected = %id, error = %e, "outbound: peer unreachable");
+                        last = e;
+                    }
                 }
             }
         }
@@ -202,11 +219,16 @@ impl Pool {
 
     /// Where to dial and whom to expect there: the configured peers, or the directory's nodes
     /// fronting the service.
-    fn targets(&self) -> Vec<(SocketAddr, SpiffeId)> {
+    fn targets(&self) -> Vec<(crate::endpoint::Endpoint, SpiffeId)> {
         let outbound = self.outbound();
         match &outbound.server_id {
-            Some(id) => outbound.peers.iter().map(|p| (*p, id.clone())).collect(),
-            None => self.state.directory_for(&outbound.service),
+            Some(id) => outbound.peers.iter().map(|p| (p.clone(), id.clone())).collect(),
+            None => self
+                .state
+                .directory_for(&outbound.service)
+                .into_iter()
+                .map(|(addr, id)| (addr.into(), id))
+                .collect(),
         }
     }
 

@@ -40,6 +40,8 @@ pub struct AgentState {
     pub limits: crate::limits::Limits,
     /// Refused handshakes are logged at most once per 10 s (the rest at debug).
     pub refused_log: tapproof_tls::admission::LogThrottle,
+    /// Forward addresses given as host names, resolved at most every 30 s.
+    pub forwards: crate::endpoint::ForwardCache,
 }
 
 /// One TLS connection between two agents and what it has carried.
@@ -113,6 +115,7 @@ impl AgentState {
             limits: crate::limits::Limits::new(&config.tunnel, fd_limit),
             applied: std::sync::RwLock::new(Arc::new(config.clone())),
             refused_log: tapproof_tls::admission::LogThrottle::new(std::time::Duration::from_secs(10)),
+            forwards: Default::default(),
             config,
             material,
             metrics,

@@ -489,3 +489,27 @@ fn sighup_applies_what_it_can_without_dropping_the_tunnel() {
         "no tunnel redialled"
     );
 }
+
+/// Peers and forwards may be host names: `localhost` here (which may resolve to ::1 first, where
+/// nothing listens: every address is tried in turn).
+#[test]
+fn peers_and_forwards_by_host_name() {
+    use tapproof_test_util::fixture::web_config;
+    use tapproof_test_util::pki::TestPki;
+    use tapproof_test_util::traffic::EchoServer;
+    let pki = TestPki::new();
+    let echo = EchoServer::start();
+    let (db_id, web_id) = (pki.node("db-1"), pki.node("web-1"));
+    let db_text = db_config(&pki, &db_id, echo.addr, "")
+        .replace(&echo.addr.to_string(), &format!("localhost:{}", echo.addr.port()));
+    assert!(db_text.contains("forward = \"localhost:"), "{db_text}");
+    let db = AgentProcess::start(EXE, pki.path(), "db-1", &db_text);
+    let web_text = web_config(&pki, &web_id, &[db.tunnel()], "db-1", "").replace(
+        &db.tunnel().to_string(),
+        &format!("localhost:{}", db.tunnel().port()),
+    );
+    assert!(web_text.contains("peers = [\"localhost:"), "{web_text}");
+    let web = AgentProcess::start(EXE, pki.path(), "web-1", &web_text);
+    assert_eq!(round_trip(web.outbound(0), b"by name").unwrap(), b"by name");
+    assert_eq!(round_trip(web.outbound(0), b"again").unwrap(), b"again");
+}

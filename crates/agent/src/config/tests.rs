@@ -76,7 +76,9 @@ fn unknown_keys_are_errors_that_name_the_key() {
 #[test]
 fn bad_values_are_errors_that_name_the_key() {
     let cases = [
-        (EXAMPLE.replace("127.0.0.1:5432", "localhost:5432"), "forward"),
+        (EXAMPLE.replace("127.0.0.1:5432", "db.internal:5432"), "forward"),
+        (EXAMPLE.replace("127.0.0.1:5432", "db.internal"), "forward"),
+        (EXAMPLE.replace("10.0.0.2:15008", "db 1:15008"), "peers"),
         (
             EXAMPLE.replace("\"example.org\"", "\"Example.org\""),
             "trust_domain",

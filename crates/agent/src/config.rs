@@ -109,6 +109,10 @@ pub struct ControlConfig {
     /// The server's address (`host:port`), overriding the one in the token.
     #[serde(default)]
     pub server: Option<String>,
+    /// The name this node gives itself when it joins with a reusable token (one with a node
+    /// pattern); default: the host name, lowercased. A single-use token names the node itself.
+    #[serde(default)]
+    pub node: Option<String>,
     /// How often the identity files are checked for changes (they change at renewal).
     #[serde(default = "default_reload_interval", deserialize_with = "de_duration")]
     pub reload_interval: Duration,

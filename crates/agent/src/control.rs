@@ -181,6 +181,11 @@ pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<Identity
     let request = JoinRequest {
         token: text.trim().to_owned(),
         csr,
+        node: Some(
+            cfg.node
+                .clone()
+                .unwrap_or_else(|| tapproof_audit::hostname().to_ascii_lowercase()),
+        ),
     };
     let joined = join_with_retry(&ControlClient::new(server.clone(), tls), &request).await?;
     // Key, certificate, bundle, service identities and state become visible as one set.

@@ -19,6 +19,11 @@ pub struct JoinRequest {
     pub token: String,
     /// PEM CSR for the node identity; only its public key is used.
     pub csr: String,
+    /// The name this node gives itself: required by a reusable token (it must match the token's
+    /// pattern and not be a node that already joined); ignored by a single-use token, which
+    /// names the node itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// One identity the CA issued.

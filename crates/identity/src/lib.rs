@@ -17,4 +17,4 @@ pub use pattern::{allowed, AllowPattern, PatternError};
 pub use revocation::{node_name, normalize_serial, Covered, RevocationSet, RevokedBy};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{inspect_svid, SvidError, SvidInfo};
-pub use token::{JoinToken, TokenFormatError};
+pub use token::{valid_chosen_name, JoinToken, NodePattern, TokenFormatError};

@@ -124,3 +124,79 @@ mod tests {
         assert!(JoinToken::parse(&parts.join(".")).is_err());
     }
 }
+
+/// The node-name pattern of a reusable join token (`web-*`, `*.dc1`): `*` stands for any run of
+/// name characters, everything else is literal. Names an agent may choose with such a token are
+/// one SPIFFE path segment: 1 to 63 of `a-z 0-9 . - _`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePattern(String);
+
+impl NodePattern {
+    pub fn parse(pattern: &str) -> Result<Self, String> {
+        if pattern.is_empty() || pattern.len() > 63 {
+            return Err(format!("node pattern {pattern:?} must be 1 to 63 characters"));
+        }
+        if let Some(c) = pattern.chars().find(|c| !(is_name_char(*c) || *c == '*')) {
+            return Err(format!(
+                "node pattern {pattern:?}: {c:?} is not allowed (a-z, 0-9, '.', '-', '_' and '*')"
+            ));
+        }
+        if !pattern.contains('*') {
+            return Err(format!(
+                "node pattern {pattern:?} has no '*': give one node's name with --node instead"
+            ));
+        }
+        Ok(Self(pattern.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `name` is a valid chosen node name within the pattern.
+    pub fn matches(&self, name: &str) -> bool {
+        valid_chosen_name(name).is_ok() && glob(self.0.as_bytes(), name.as_bytes())
+    }
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
+}
+
+/// A node name an agent chose (with a reusable token): one path segment, 1 to 63 of
+/// `a-z 0-9 . - _`, not `.` or `..`.
+pub fn valid_chosen_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 || !name.chars().all(is_name_char) || name == "." || name == ".." {
+        return Err(format!(
+            "node name {name:?} must be 1 to 63 of a-z, 0-9, '.', '-', '_' (set [control] node in the agent's config)"
+        ));
+    }
+    Ok(())
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+        Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
+    }
+}
+
+#[cfg(test)]
+mod pattern_tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_names_in_them_only() {
+        let p = NodePattern::parse("web-*").unwrap();
+        assert!(p.matches("web-1") && p.matches("web-eu-12"));
+        assert!(!p.matches("db-1"));
+        assert!(p.matches("web-"), "'*' may stand for nothing");
+        assert!(!p.matches("web-1/x") && !p.matches("WEB-1") && !p.matches("xweb-1"));
+        assert!(NodePattern::parse("*.dc1").unwrap().matches("k8s-node-3.dc1"));
+        for bad in ["", "web", "web/*", "Web-*", &"x*".repeat(40)] {
+            assert!(NodePattern::parse(bad).is_err(), "{bad}");
+        }
+        assert!(valid_chosen_name("..").is_err() && valid_chosen_name("a b").is_err());
+    }
+}

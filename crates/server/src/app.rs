@@ -110,7 +110,9 @@ impl From<StoreError> for ApiError {
                 ErrorCode::TokenInvalid
             }
             StoreError::Token(TokenRejection::Expired { .. }) => ErrorCode::TokenExpired,
-            StoreError::Token(TokenRejection::AlreadyUsed { .. }) => ErrorCode::TokenUsed,
+            StoreError::Token(TokenRejection::AlreadyUsed { .. } | TokenRejection::UsesSpent { .. }) => {
+                ErrorCode::TokenUsed
+            }
             StoreError::Duplicate { .. } => ErrorCode::Duplicate,
             StoreError::NotFound { .. } => ErrorCode::NotFound,
             StoreError::Unavailable(_) => ErrorCode::StoreUnavailable,

@@ -124,55 +124,97 @@ pub(crate) async fn join(
         Ok(r) => r,
         Err(e) => return Err(join_refused(&s, &peer, &token, actor, e).await),
     };
+    // A single-use token names the node; a reusable one lets the agent name itself within its
+    // pattern, once per name.
+    let name = if record.pattern {
+        match chosen_name(&s, &record, req.node.as_deref()).await {
+            Ok(name) => name,
+            Err(message) => {
+                warn!(peer = %peer.addr, token_id = %token.id, node = %req.node.as_deref().unwrap_or(""), "join refused: {message}");
+                let details = serde_json::json!({ "token_id": token.id, "reason": "bad_node", "node": req.node, "detail": message });
+                audit(&*s.store, actor, "join.refused", details).await;
+                return Err(ApiError::new(ErrorCode::BadNode, message));
+            }
+        }
+    } else {
+        record.node.clone()
+    };
     let node_id = ca
         .trust_domain
-        .node_id(&record.node)
+        .node_id(&name)
         .map_err(|e| ApiError::new(ErrorCode::BadNode, e.to_string()))?;
     let public_key = match check_csr(req.csr.as_bytes(), &node_id) {
         Ok(k) => k,
         Err(e) => {
-            let details = serde_json::json!({ "node": record.node, "reason": e.to_string() });
+            let details = serde_json::json!({ "node": name, "reason": e.to_string() });
             audit(&*s.store, format!("token:{}", token.id), "csr.refused", details).await;
             return Err(ApiError::new(ErrorCode::CsrInvalid, e.to_string()));
         }
     };
     // Consuming is the atomic step: of two concurrent joins with one token, one wins.
-    if let Err(e) = s
+    let used = match s
         .store
         .token_consume(&token.id, &token.secret_hash(), now())
         .await
     {
-        return Err(join_refused(&s, &peer, &token, actor, e).await);
-    }
-    let identity = issue(&s, &ca, &node_id, &record.node, &public_key).await?;
-    s.store
-        .node_upsert(&record.node, &node_id.to_string(), now())
-        .await?;
+        Ok(used) => used,
+        Err(e) => return Err(join_refused(&s, &peer, &token, actor, e).await),
+    };
+    let identity = issue(&s, &ca, &node_id, &name, &public_key).await?;
+    s.store.node_upsert(&name, &node_id.to_string(), now()).await?;
     for service in &record.services {
-        s.store.registration_add(&record.node, service).await?;
+        s.store.registration_add(&name, service).await?;
     }
-    audit_required(
-        &*s.store,
-        format!("token:{}", token.id),
-        "node.join",
-        serde_json::json!({ "node": record.node, "id": node_id.to_string(), "services": record.services, "not_after": identity.not_after }),
-    )
-    .await?;
-    info!(node = %record.node, peer = %peer.addr, "node joined");
+    let mut details = serde_json::json!({ "node": name, "id": node_id.to_string(), "services": record.services, "not_after": identity.not_after });
+    if record.pattern {
+        details["node_pattern"] = record.node.clone().into();
+        details["token_use"] = used.uses.into();
+        details["token_uses"] = used.max_uses.into();
+    }
+    audit_required(&*s.store, format!("token:{}", token.id), "node.join", details).await?;
+    info!(node = %name, peer = %peer.addr, "node joined");
     let services = s
         .store
         .registrations()
         .await?
         .into_iter()
-        .filter(|r| r.node == record.node)
+        .filter(|r| r.node == name)
         .map(|r| r.service)
         .collect();
     Ok(Json(JoinResponse {
-        node: record.node,
+        node: name,
         identity,
         bundle: ca.bundle.clone(),
         services,
     }))
+}
+
+/// The name a node joining with a reusable token gave itself, if the token allows it: a valid
+/// name, within the pattern, and not a node that joined before (a reusable token must not hand
+/// out an existing node's identity).
+async fn chosen_name(
+    s: &AppState,
+    record: &tapproof_store::JoinToken,
+    name: Option<&str>,
+) -> Result<String, String> {
+    let name = name
+        .ok_or("this token is reusable: the agent must name itself (`[control] node`, or its host name)")?;
+    tapproof_identity::valid_chosen_name(name)?;
+    let pattern =
+        tapproof_identity::NodePattern::parse(&record.node).map_err(|e| format!("the token's {e}"))?;
+    if !pattern.matches(name) {
+        return Err(format!(
+            "node name {name:?} is outside the token's pattern {:?}",
+            record.node
+        ));
+    }
+    match s.store.node_get(name).await {
+        Ok(None) => Ok(name.to_owned()),
+        Ok(Some(_)) => Err(format!(
+            "node {name:?} has already joined; a reusable token cannot take over an existing node (it keeps its identity in its data dir; revoke it first if it must join anew)"
+        )),
+        Err(e) => Err(format!("cannot check node {name:?}: {e}")),
+    }
 }
 
 /// A refused signing request, audited as `sign.refused`.

@@ -173,7 +173,18 @@ pub async fn open_store(
     Ok((meta, store))
 }
 
-/// Issues a single-use join token for `node`, registering `services` to it on use.
+/// Which nodes a join token is for.
+#[derive(Debug, Clone)]
+pub enum TokenFor {
+    /// One node, named here; single-use.
+    Node(String),
+    /// Up to `uses` nodes, each naming itself within the pattern (kubeadm-style, for a DaemonSet
+    /// or an autoscaling group). Anyone holding it can make that many node identities until it
+    /// expires: keep the TTL and the count small, the pattern narrow (README).
+    Pattern { pattern: String, uses: u32 },
+}
+
+/// Issues a single-use join token for `node`.
 pub async fn create_token(
     store: &dyn Store,
     trust_domain: &TrustDomain,
@@ -182,9 +193,43 @@ pub async fn create_token(
     services: &[String],
     ttl: std::time::Duration,
 ) -> Result<JoinToken, ServerError> {
-    trust_domain
-        .node_id(node)
-        .map_err(|e| ServerError::Invalid(format!("--node {node:?}: {e}")))?;
+    create_token_for(
+        store,
+        trust_domain,
+        server,
+        &TokenFor::Node(node.to_owned()),
+        services,
+        ttl,
+    )
+    .await
+}
+
+/// Issues a join token for one node or (reusable) for nodes matching a pattern; audited as
+/// `token.create`.
+pub async fn create_token_for(
+    store: &dyn Store,
+    trust_domain: &TrustDomain,
+    server: String,
+    nodes: &TokenFor,
+    services: &[String],
+    ttl: std::time::Duration,
+) -> Result<JoinToken, ServerError> {
+    let (node, pattern, max_uses) = match nodes {
+        TokenFor::Node(node) => {
+            trust_domain
+                .node_id(node)
+                .map_err(|e| ServerError::Invalid(format!("--node {node:?}: {e}")))?;
+            (node.clone(), false, 1)
+        }
+        TokenFor::Pattern { pattern, uses } => {
+            tapproof_identity::NodePattern::parse(pattern)
+                .map_err(|e| ServerError::Invalid(format!("--node-pattern: {e}")))?;
+            if *uses == 0 {
+                return Err(ServerError::Invalid("--uses must be at least 1".into()));
+            }
+            (pattern.clone(), true, i64::from(*uses))
+        }
+    };
     for s in services {
         trust_domain
             .service_id(s)
@@ -204,18 +249,28 @@ pub async fn create_token(
         .token_insert(NewToken {
             id: token.id.clone(),
             secret_hash: token.secret_hash(),
-            node: node.to_owned(),
+            node: node.clone(),
+            pattern,
             services: services.to_vec(),
             expires_at: t + ttl.as_secs() as i64,
             created_at: t,
+            max_uses,
         })
         .await?;
+    let mut details =
+        serde_json::json!({ "token_id": token.id, "services": services, "ttl_s": ttl.as_secs() });
+    if pattern {
+        details["node_pattern"] = node.into();
+        details["uses"] = max_uses.into();
+    } else {
+        details["node"] = node.into();
+    }
     store
         .audit_append(
             NewAudit {
                 actor: "cli".into(),
                 action: "token.create".into(),
-                details: serde_json::json!({ "token_id": token.id, "node": node, "services": services, "ttl_s": ttl.as_secs() }),
+                details,
             },
             t,
         )

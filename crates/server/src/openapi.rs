@@ -73,6 +73,7 @@ fn schemas() -> Value {
         "JoinRequest": object(&["token", "csr"], json!({
             "token": string(),
             "csr": { "type": "string", "description": "PEM CSR, ECDSA P-256 or Ed25519; only its public key is used" },
+            "node": { "type": "string", "description": "the name the node gives itself: required by a reusable token (within its pattern, not a node that joined before), ignored by a single-use token" },
         }), true),
         "Identity": object(&["id", "chain_pem", "not_after"], json!({
             "id": string(), "chain_pem": { "type": "string", "description": "leaf first, then intermediates" }, "not_after": int(),
@@ -318,7 +319,13 @@ mod tests {
             },
         );
         same_fields("Bundle", BundleResponse::default());
-        same_fields("JoinRequest", JoinRequest::default());
+        same_fields(
+            "JoinRequest",
+            JoinRequest {
+                node: Some(String::new()),
+                ..Default::default()
+            },
+        );
         same_fields("Identity", IssuedIdentity::default());
         same_fields("JoinResponse", JoinResponse::default());
         same_fields("SignItem", SignItem::default());

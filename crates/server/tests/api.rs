@@ -150,6 +150,7 @@ impl Server {
         let body = serde_json::to_vec(&JoinRequest {
             token: token.to_string(),
             csr,
+            node: None,
         })
         .unwrap();
         let (status, v) = anon.call("POST", paths::JOIN, body).await.unwrap();
@@ -883,6 +884,7 @@ async fn join_attempts_are_rate_limited_per_source_without_a_row_each() {
             serde_json::to_vec(&JoinRequest {
                 token: token.to_string(),
                 csr,
+                node: None,
             })
             .unwrap(),
         )))
@@ -1199,4 +1201,120 @@ async fn the_admin_listener_serves_metrics_health_and_readiness() {
 
     // Draining: not ready (the listener stops with the server).
     s.stop().await;
+}
+
+/// A reusable (kubeadm-style) token: each agent names itself within the pattern; exactly `uses`
+/// joins succeed; a name outside the pattern, a name that already joined and a missing name are
+/// refused with `bad_node`, a spent token with `token_used`, an expired one with
+/// `token_expired`; every use and every refusal has its audit row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reusable_token_joins_its_uses_within_its_pattern() {
+    let s = start().await;
+    let nodes = tapproof_server::TokenFor::Pattern {
+        pattern: "k8s-*".into(),
+        uses: 2,
+    };
+    let token = tapproof_server::create_token_for(
+        &*s.store,
+        &s.td,
+        s.addr.to_string(),
+        &nodes,
+        &["web".to_owned()],
+        Duration::from_secs(300),
+    )
+    .await
+    .unwrap();
+    let join = |name: Option<&str>| {
+        let (token, name) = (token.to_string(), name.map(str::to_owned));
+        async move {
+            let (csr, _) = tapproof_identity::new_csr(None).unwrap();
+            let body = serde_json::to_vec(&JoinRequest {
+                token,
+                csr,
+                node: name,
+            })
+            .unwrap();
+            let mut anon = ApiConn::open(s.addr, TD, ServerTrust::Pin(s.pin), None)
+                .await
+                .unwrap();
+            anon.call("POST", paths::JOIN, body).await.unwrap()
+        }
+    };
+    let (status, v) = join(Some("k8s-a")).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["node"], "k8s-a");
+    assert_eq!(v["identity"]["id"], format!("spiffe://{TD}/node/k8s-a"));
+    assert_eq!(v["services"], json!(["web"]));
+    for (name, why) in [
+        (Some("k8s-a"), "already joined"),
+        (Some("db-1"), "outside the token's pattern"),
+        (Some("k8s-A/x"), "must be 1 to 63"),
+        (None, "must name itself"),
+    ] {
+        let (status, v) = join(name).await;
+        assert_eq!((status, code(&v)), (400, "bad_node"), "{name:?}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(why),
+            "{name:?}: {v}"
+        );
+    }
+    let (status, v) = join(Some("k8s-b")).await;
+    assert_eq!(status, 200, "refusals use nothing up: {v}");
+    let (status, v) = join(Some("k8s-c")).await;
+    assert_eq!(code(&v), "token_used", "{status} {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("all of its 2 uses"),
+        "{v}"
+    );
+
+    let joins = s.audit_rows("node.join").await;
+    let uses: Vec<(String, i64)> = joins
+        .iter()
+        .map(|r| {
+            (
+                details(r)["node"].as_str().unwrap().to_owned(),
+                details(r)["token_use"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(uses, vec![("k8s-a".to_owned(), 1), ("k8s-b".to_owned(), 2)]);
+    assert!(joins.iter().all(|r| details(r)["node_pattern"] == "k8s-*"));
+    let refused = s.audit_rows("join.refused").await;
+    let reasons: Vec<String> = refused
+        .iter()
+        .map(|r| details(r)["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        reasons,
+        vec!["bad_node", "bad_node", "bad_node", "bad_node", "token_used"],
+        "{refused:?}"
+    );
+    let created = s.audit_rows("token.create").await;
+    assert_eq!(details(created.last().unwrap())["uses"], 2);
+
+    // Past its TTL.
+    let expired =
+        tapproof_server::create_token_for(&*s.store, &s.td, s.addr.to_string(), &nodes, &[], Duration::ZERO)
+            .await
+            .unwrap();
+    let (csr, _) = tapproof_identity::new_csr(None).unwrap();
+    let body = serde_json::to_vec(&JoinRequest {
+        token: expired.to_string(),
+        csr,
+        node: Some("k8s-z".into()),
+    })
+    .unwrap();
+    let mut anon = ApiConn::open(s.addr, TD, ServerTrust::Pin(s.pin), None)
+        .await
+        .unwrap();
+    let (_, v) = anon.call("POST", paths::JOIN, body).await.unwrap();
+    assert_eq!(code(&v), "token_expired", "{v}");
+    s.stop().await;
+}
+
+fn details(row: &tapproof_store::AuditEntry) -> Value {
+    serde_json::from_str(&row.details).unwrap()
 }

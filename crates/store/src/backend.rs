@@ -41,10 +41,13 @@ macro_rules! impl_store {
             Ok(JoinToken {
                 id: row.try_get("id").map_err(q)?,
                 node: row.try_get("node").map_err(q)?,
+                pattern: row.try_get("pattern").map_err(q)?,
                 services: serde_json::from_str(&services).map_err(|e| corrupt("token services", e))?,
                 expires_at: row.try_get("expires_at").map_err(q)?,
                 used_at: row.try_get("used_at").map_err(q)?,
                 created_at: row.try_get("created_at").map_err(q)?,
+                max_uses: row.try_get("max_uses").map_err(q)?,
+                uses: row.try_get("uses").map_err(q)?,
             })
         }
 
@@ -192,8 +195,8 @@ macro_rules! impl_store {
                 let services =
                     serde_json::to_string(&t.services).map_err(|e| StoreError::Query(e.to_string()))?;
                 sqlx::query(
-                    "INSERT INTO join_tokens (id, secret_hash, node, services, expires_at, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO join_tokens (id, secret_hash, node, services, expires_at, created_at, pattern, max_uses) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .bind(&t.id)
                 .bind(&t.secret_hash[..])
@@ -201,6 +204,8 @@ macro_rules! impl_store {
                 .bind(services)
                 .bind(t.expires_at)
                 .bind(t.created_at)
+                .bind(t.pattern)
+                .bind(t.max_uses.max(1))
                 .execute(&self.pool)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "join token", &t.id))?;
@@ -220,8 +225,13 @@ macro_rules! impl_store {
                     return Err(StoreError::Token(TokenRejection::WrongSecret));
                 }
                 let token = token_from(&row)?;
-                if let Some(at) = token.used_at {
-                    return Err(StoreError::Token(TokenRejection::AlreadyUsed { at }));
+                if token.uses >= token.max_uses {
+                    let at = token.used_at.unwrap_or(token.created_at);
+                    return Err(StoreError::Token(if token.max_uses == 1 {
+                        TokenRejection::AlreadyUsed { at }
+                    } else {
+                        TokenRejection::UsesSpent { max: token.max_uses, at }
+                    }));
                 }
                 if token.expires_at <= now {
                     return Err(StoreError::Token(TokenRejection::Expired {
@@ -233,19 +243,29 @@ macro_rules! impl_store {
 
             async fn token_consume(&self, id: &str, secret_hash: &[u8; 32], now: i64) -> Result<JoinToken> {
                 let token = self.token_check(id, secret_hash, now).await?;
-                let claimed =
-                    sqlx::query("UPDATE join_tokens SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
-                        .bind(now)
-                        .bind(id)
-                        .execute(&self.pool)
-                        .await
-                        .map_err(q)?;
-                if claimed.rows_affected() == 0 {
-                    // Another request (perhaps on another replica) used it between our read and write.
-                    return Err(StoreError::Token(TokenRejection::AlreadyUsed { at: now }));
-                }
+                // One statement takes one use, or none when they are spent: of concurrent joins
+                // (on any replica) at most `max_uses` win.
+                let claimed = sqlx::query(
+                    "UPDATE join_tokens SET uses = uses + 1, used_at = $1 WHERE id = $2 AND uses < max_uses \
+                     RETURNING uses",
+                )
+                .bind(now)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q)?;
+                let Some(claimed) = claimed else {
+                    // Other requests (perhaps on another replica) took the last use between our
+                    // read and write.
+                    return Err(StoreError::Token(if token.max_uses == 1 {
+                        TokenRejection::AlreadyUsed { at: now }
+                    } else {
+                        TokenRejection::UsesSpent { max: token.max_uses, at: now }
+                    }));
+                };
                 Ok(JoinToken {
                     used_at: Some(now),
+                    uses: claimed.try_get("uses").map_err(q)?,
                     ..token
                 })
             }

@@ -11,6 +11,8 @@ pub enum TokenRejection {
     Expired { at: i64 },
     #[error("was already used at {at} (unix seconds); tokens are single-use")]
     AlreadyUsed { at: i64 },
+    #[error("has had all of its {max} uses (the last at {at}, unix seconds); create a new one")]
+    UsesSpent { max: i64, at: i64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +53,9 @@ impl StoreError {
                 "token_invalid"
             }
             Self::Token(TokenRejection::Expired { .. }) => "token_expired",
-            Self::Token(TokenRejection::AlreadyUsed { .. }) => "token_used",
+            Self::Token(TokenRejection::AlreadyUsed { .. } | TokenRejection::UsesSpent { .. }) => {
+                "token_used"
+            }
             Self::NotFound { .. } => "not_found",
             Self::Corrupt { .. } => "store_corrupt",
             Self::Query(_) => "store_query_failed",

@@ -64,11 +64,17 @@ pub struct NewCa {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JoinToken {
     pub id: String,
+    /// The node's name, or (with `pattern`) the pattern joining nodes' names must match.
     pub node: String,
+    pub pattern: bool,
     pub services: Vec<String>,
     pub expires_at: i64,
+    /// When the last use was taken (single-use tokens: when it was used).
     pub used_at: Option<i64>,
     pub created_at: i64,
+    /// How many joins it allows (1: single-use), and how many it has had.
+    pub max_uses: i64,
+    pub uses: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -77,9 +83,13 @@ pub struct NewToken {
     /// SHA-256 of the secret; the secret itself is never stored.
     pub secret_hash: [u8; 32],
     pub node: String,
+    /// `node` is a pattern (`web-*`): the joining agent names itself within it.
+    pub pattern: bool,
     pub services: Vec<String>,
     pub expires_at: i64,
     pub created_at: i64,
+    /// Joins allowed (1: single-use).
+    pub max_uses: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

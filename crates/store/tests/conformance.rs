@@ -99,9 +99,11 @@ fn token(id: &str, secret: &[u8; 32], expires_at: i64) -> NewToken {
         id: id.into(),
         secret_hash: *secret,
         node: "web-1".into(),
+        pattern: false,
         services: vec!["web".into(), "api".into()],
         expires_at,
         created_at: 100,
+        max_uses: 1,
     }
 }
 
@@ -206,6 +208,47 @@ async fn a_token_is_used_once_across_replicas(db: &Db) {
         }
     }
     assert_eq!(ok, 1, "exactly one replica may consume the token");
+}
+
+/// A reusable token (a pattern, a bounded number of uses): of 16 concurrent joins on two
+/// replicas exactly `max_uses` win, each counted; then it is spent.
+async fn a_reusable_token_has_exactly_its_uses(db: &Db) {
+    let (a, b) = (db.open().await, db.open().await);
+    let secret = [5u8; 32];
+    a.token_insert(NewToken {
+        node: "web-*".into(),
+        pattern: true,
+        max_uses: 3,
+        ..token("many", &secret, 10_000)
+    })
+    .await
+    .unwrap();
+    let checked = b.token_check("many", &secret, 5).await.unwrap();
+    assert!(
+        checked.pattern && checked.max_uses == 3 && checked.uses == 0,
+        "{checked:?}"
+    );
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(
+            async move { s.token_consume("many", &secret, 5).await },
+        ));
+    }
+    let mut uses = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(t) => uses.push(t.uses),
+            Err(StoreError::Token(TokenRejection::UsesSpent { max: 3, .. })) => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    uses.sort();
+    assert_eq!(uses, vec![1, 2, 3], "each use counted once");
+    assert!(matches!(
+        a.token_check("many", &secret, 6).await,
+        Err(StoreError::Token(TokenRejection::UsesSpent { max: 3, .. }))
+    ));
 }
 
 async fn serials_are_unique_across_replicas(db: &Db) {
@@ -468,10 +511,10 @@ macro_rules! suite {
 }
 
 suite!(sqlite: migrations_are_idempotent, cas_round_trip, tokens_are_single_use, a_token_is_used_once_across_replicas,
-    serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
+    a_reusable_token_has_exactly_its_uses, serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
     refuses_a_newer_schema, change_notices_wake_listeners, coverage_history_and_latest);
 suite!(postgres: migrations_are_idempotent, cas_round_trip, tokens_are_single_use, a_token_is_used_once_across_replicas,
-    serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
+    a_reusable_token_has_exactly_its_uses, serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
     refuses_a_newer_schema, change_notices_wake_listeners, coverage_history_and_latest);
 
 #[tokio::test]

@@ -438,15 +438,28 @@ pub enum RotateStepArg {
 pub enum TokenCommand {
     /// Print a single-use join token for a node.
     #[command(
-        after_help = "Example:\n  runuser -u tapproof -- tapproof server token create --node db-1 --service db --server 10.0.0.1:15443 > db-1.token"
+        after_help = "Example:\n  runuser -u tapproof -- tapproof server token create --node db-1 --service db --server 10.0.0.1:15443 > db-1.token\n  runuser -u tapproof -- tapproof server token create --node-pattern 'k8s-*' --uses 20 --ttl 1h --server 10.0.0.1:15443"
     )]
     Create {
         #[command(flatten)]
         store: ServerStoreArgs,
-        /// Node name: the agent becomes spiffe://<td>/node/<name>.
+        /// Node name: the agent becomes spiffe://<td>/node/<name> (a single-use token).
+        #[arg(
+            long,
+            required_unless_present = "node_pattern",
+            conflicts_with = "node_pattern"
+        )]
+        node: Option<String>,
+        /// A reusable token instead (kubeadm-style, for a DaemonSet or an autoscaling group):
+        /// each joining agent names itself (`[control] node`, default its host name) within this
+        /// pattern, e.g. `web-*`; a name that already joined is refused. Needs --uses.
         #[arg(long)]
-        node: String,
-        /// Services this node may front (repeat): it also gets spiffe://<td>/svc/<service>.
+        node_pattern: Option<String>,
+        /// With --node-pattern: how many nodes may join with it. Anyone holding the token can
+        /// make that many identities until it expires: keep it, the --ttl and the pattern small.
+        #[arg(long)]
+        uses: Option<u32>,
+        /// Services the node(s) may front (repeat): each also gets spiffe://<td>/svc/<service>.
         #[arg(long = "service")]
         services: Vec<String>,
         /// How long the token may be used.

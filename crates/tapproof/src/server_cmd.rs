@@ -139,23 +139,54 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 TokenCommand::Create {
                     store,
                     node,
+                    node_pattern,
+                    uses,
                     services,
                     ttl,
                     server,
                 },
         } => {
+            // (clap's `requires` did not hold these together; checked here.)
+            match (&node_pattern, uses) {
+                (None, Some(_)) => {
+                    return Err(ConfigProblem(
+                        "--uses needs --node-pattern (a token for one --node is single-use)".into(),
+                    )
+                    .into())
+                }
+                (Some(_), None) => {
+                    return Err(ConfigProblem(
+                        "--node-pattern needs --uses N: how many nodes may join with the token".into(),
+                    )
+                    .into())
+                }
+                _ => {}
+            }
             let (meta, db) = tapproof_server::open_store(&store.data_dir, store.store.as_deref())
                 .await
                 .map_err(classify)?;
             let td = TrustDomain::new(&meta.trust_domain).context("server.json holds a bad trust domain")?;
-            let token = tapproof_server::create_token(&*db, &td, server, &node, &services, ttl.0)
+            let nodes = match (node, node_pattern) {
+                (_, Some(pattern)) => tapproof_server::TokenFor::Pattern {
+                    pattern,
+                    uses: uses.unwrap_or_default(),
+                },
+                (Some(node), None) => tapproof_server::TokenFor::Node(node),
+                (None, None) => unreachable!("clap requires --node or --node-pattern"),
+            };
+            let token = tapproof_server::create_token_for(&*db, &td, server, &nodes, &services, ttl.0)
                 .await
                 .map_err(classify)?;
             println!("{token}");
-            eprintln!(
-                "single-use join token for spiffe://{td}/node/{node}, valid for {}",
-                humantime::format_duration(ttl.0)
-            );
+            let valid = humantime::format_duration(ttl.0);
+            match &nodes {
+                tapproof_server::TokenFor::Node(node) => {
+                    eprintln!("single-use join token for spiffe://{td}/node/{node}, valid for {valid}")
+                }
+                tapproof_server::TokenFor::Pattern { pattern, uses } => eprintln!(
+                    "REUSABLE join token: up to {uses} nodes named {pattern} (spiffe://{td}/node/<name>), valid for {valid}; anyone holding it can join that many nodes"
+                ),
+            }
             Ok(())
         }
         ServerCommand::AuditLog {

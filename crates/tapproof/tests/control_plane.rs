@@ -1384,3 +1384,53 @@ fn a_first_join_waits_for_a_control_plane_that_is_not_up_yet() {
     assert_eq!(web.metric("tapproof_control_plane_up", &[]), 1.0);
     assert!(dir.path().join("web-1").join("node.key").exists());
 }
+
+/// A DaemonSet's way in: one reusable token (`--node-pattern k8s-* --uses 2`) joins two agents,
+/// each under the name in its `[control] node`; a third agent is refused at once (exit 2, the
+/// token's uses are spent) and the CLI refuses `--uses` without a pattern.
+#[test]
+fn one_reusable_token_joins_a_bounded_number_of_named_agents() {
+    let dir = tempfile::Builder::new().prefix("tapproof-cp-").tempdir().unwrap();
+    let data = init(EXE, dir.path(), TD);
+    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", "1h");
+    let addr = server.addr.to_string();
+    let base = [
+        "server",
+        "token",
+        "create",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--server",
+        &addr,
+    ];
+    let (code, _, err) = run_tapproof(EXE, &[&base[..], &["--node", "k8s-a", "--uses", "3"]].concat());
+    assert_eq!(code, 2, "--uses needs --node-pattern: {err}");
+    let (code, token, err) = run_tapproof(
+        EXE,
+        &[&base[..], &["--node-pattern", "k8s-*", "--uses", "2"]].concat(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("REUSABLE join token: up to 2 nodes named k8s-*"),
+        "{err}"
+    );
+    let token = token.trim();
+    let config = |name: &str| {
+        format!(
+            "trust_domain = \"{TD}\"\n{}node = \"{name}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            control_section(&dir.path().join(name), token)
+        )
+    };
+    let a = AgentProcess::start(EXE, dir.path(), "k8s-a", &config("k8s-a"));
+    let b = AgentProcess::start(EXE, dir.path(), "k8s-b", &config("k8s-b"));
+    assert_eq!(a.status()["id"], format!("spiffe://{TD}/node/k8s-a"));
+    assert_eq!(b.status()["id"], format!("spiffe://{TD}/node/k8s-b"));
+    let path = dir.path().join("k8s-c.toml");
+    std::fs::write(&path, config("k8s-c")).unwrap();
+    let (code, _, err) = run_tapproof(EXE, &["agent", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "a spent token is a configuration problem: {err}");
+    assert!(
+        err.contains("token_used") && err.contains("all of its 2 uses"),
+        "{err}"
+    );
+}

@@ -48,6 +48,10 @@ pub struct Link {
     pub pid: Option<u32>,
     /// Why it got its class (probe answer, allow-list reason, ...).
     pub detail: String,
+    /// For a link through tapproof: what it is (a tunnel either way, or the agent's connection
+    /// to the control plane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<crate::VouchedKind>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,8 +151,13 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
     };
     let agent_pid = vouched.map(|a| a.pid);
     let owned_by_agent = |s: &Socket| agent_pid.is_some() && owner(s).map(|p| p.pid) == agent_pid;
-    let tunnels: HashSet<(SocketAddr, SocketAddr)> = vouched
-        .map(|a| a.connections.iter().map(|c| (c.local, c.remote)).collect())
+    let tunnels: std::collections::HashMap<(SocketAddr, SocketAddr), crate::VouchedKind> = vouched
+        .map(|a| {
+            a.connections
+                .iter()
+                .map(|c| ((c.local, c.remote), c.kind))
+                .collect()
+        })
         .unwrap_or_default();
     let tls_listeners: HashSet<SocketAddr> = vouched
         .map(|a| a.listeners.iter().copied().collect())
@@ -157,7 +166,7 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
         owned_by_agent(s)
             && match s.state {
                 TcpState::Listen => tls_listeners.contains(&s.local),
-                _ => tunnels.contains(&(s.local, s.remote)),
+                _ => tunnels.contains_key(&(s.local, s.remote)),
             }
     };
     let mut probes: BTreeMap<SocketAddr, ProbeOutcome> = BTreeMap::new();
@@ -176,11 +185,16 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
         if process.is_none() {
             unowned += 1;
         }
-        let (mut class, mut detail) = if is_tapproof(s) {
-            (
-                Class::Tapproof,
-                "mTLS 1.3 tunnel or control-plane connection (vouched for by the agent)".to_owned(),
-            )
+        let via = is_tapproof(s)
+            .then(|| tunnels.get(&(s.local, s.remote)).copied())
+            .flatten();
+        let (mut class, mut detail) = if let Some(kind) = via {
+            let what = match kind {
+                crate::VouchedKind::TunnelIn => "mTLS 1.3 tunnel from a peer agent",
+                crate::VouchedKind::TunnelOut => "mTLS 1.3 tunnel to a peer agent",
+                crate::VouchedKind::Control => "TLS 1.3 connection to the control plane",
+            };
+            (Class::Tapproof, format!("{what} (vouched for by the agent)"))
         } else if owned_by_agent(s)
             && role == Role::Server
             && options
@@ -237,6 +251,7 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
             process: process.map(|p| p.name.clone()),
             pid: process.map(|p| p.pid),
             detail,
+            via,
         });
     }
     links.sort_by_key(|l| (l.class, l.remote, l.local));
@@ -507,6 +522,22 @@ mod tests {
         };
         assert_eq!(class_of("10.0.0.2:40000"), Some((Class::Plaintext, Role::Server)));
         assert_eq!(class_of("10.0.0.3:15008"), Some((Class::Tapproof, Role::Client)));
+        let tunnel = r
+            .links
+            .iter()
+            .find(|l| l.remote.to_string() == "10.0.0.3:15008")
+            .unwrap();
+        assert_eq!(tunnel.via, Some(crate::VouchedKind::TunnelOut));
+        assert!(
+            tunnel.detail.starts_with("mTLS 1.3 tunnel to a peer agent"),
+            "{}",
+            tunnel.detail
+        );
+        assert!(r
+            .links
+            .iter()
+            .filter(|l| l.class != Class::Tapproof)
+            .all(|l| l.via.is_none()));
         assert_eq!(class_of("10.0.0.4:6379"), Some((Class::Plaintext, Role::Client)));
         assert_eq!(
             class_of("127.0.0.1:15008"),

@@ -61,6 +61,9 @@ pub struct LinkRow {
     pub remote: String,
     pub local: String,
     pub class: Class,
+    /// A tapproof link's kind: `tunnel_in`, `tunnel_out` or `control` (a node's connection to the
+    /// control plane, which is not a link to another node).
+    pub via: Option<tapproof_audit::VouchedKind>,
     pub process: Option<String>,
     pub detail: String,
 }
@@ -145,7 +148,12 @@ pub async fn dashboard_data(
     for (node, upload) in &uploads {
         links.extend(upload.report.links.iter().map(|l| LinkRow {
             from: node.clone(),
-            to: owner.get(&l.remote.ip()).filter(|o| *o != node).cloned(),
+            to: if l.via == Some(tapproof_audit::VouchedKind::Control) {
+                Some("control plane".to_owned())
+            } else {
+                owner.get(&l.remote.ip()).filter(|o| *o != node).cloned()
+            },
+            via: l.via,
             remote: l.remote.to_string(),
             local: l.local.to_string(),
             class: l.class,

@@ -122,7 +122,10 @@ function render(data) {
     el("td", {}, n.plaintext === null ? "–" : String(n.plaintext)),
   ]);
   fill("link-table", data.links, (l) => {
-    const [label, cls] = CLASS[l.class] || [l.class, ""];
+    let [label, cls] = CLASS[l.class] || [l.class, ""];
+    // A node's connection to the control plane is not a link between nodes: say which it is.
+    if (l.via === "control") label = "tapproof (control plane)";
+    else if (l.via === "tunnel_in" || l.via === "tunnel_out") label = "tapproof tunnel";
     return [
       el("td", {}, l.from), el("td", {}, l.to || "–"), el("td", { class: cls }, label),
       el("td", { class: "mono" }, l.local), el("td", { class: "mono" }, l.remote),

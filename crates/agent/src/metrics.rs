@@ -8,12 +8,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use std::time::Duration;
 
-/// A latency histogram with the buckets both roles use.
-fn latency() -> Histogram {
-    Histogram::new(tapproof_metrics::LATENCY_BUCKETS)
-}
-
-type LatencyFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+use tapproof_metrics::{latency, LatencyFamily};
 
 /// Which side of a tunnel: we accepted it (`inbound`) or opened it (`outbound`).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]

@@ -24,6 +24,18 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// A latency histogram with [`LATENCY_BUCKETS`].
+pub fn latency() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS)
+}
+
+/// A family of latency histograms by label set `L`.
+pub type LatencyFamily<L> = prometheus_client::metrics::family::Family<
+    L,
+    prometheus_client::metrics::histogram::Histogram,
+    fn() -> prometheus_client::metrics::histogram::Histogram,
+>;
+
 /// `Content-Type` of the Prometheus text format.
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// `Content-Type` of OpenMetrics.

@@ -21,11 +21,7 @@ use std::time::{Duration, Instant};
 use tapproof_api::{paths, ErrorCode};
 use tapproof_store::{CaState, Store};
 
-fn latency() -> Histogram {
-    Histogram::new(tapproof_metrics::LATENCY_BUCKETS)
-}
-
-type LatencyFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+use tapproof_metrics::{latency, LatencyFamily};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what the tests need when it is missing and we are root
 # (iproute2, tcpdump and nftables for the network-namespace and fault tests; chromium and chromedriver for the
-# dashboard's browser test; promtool for the metrics format; a local PostgreSQL server for the store's conformance suite), then
+# dashboard's browser test; promtool for the metrics format; a local PostgreSQL server for the store's conformance suite;
+# a Python venv with py-spiffe and schemathesis), then
 # runs every test in the workspace. Without root those tests say they were skipped; under CI=true
 # they must run.
 set -euo pipefail
@@ -38,6 +39,25 @@ if [ -z "${TAPPROOF_TEST_POSTGRES:-}" ]; then
     export TAPPROOF_TEST_POSTGRES
   else
     echo "note: not root and TAPPROOF_TEST_POSTGRES unset: the PostgreSQL store tests will be skipped"
+  fi
+fi
+
+# The tests that drive real third-party clients (py-spiffe against the Workload API, schemathesis
+# against the OpenAPI document) use a Python with both, in target/test-venv (test-util/python.rs).
+venv=target/test-venv
+if ! "$venv/bin/python" -c 'import spiffe, schemathesis' >/dev/null 2>&1; then
+  echo "making $venv (PyPI spiffe, schemathesis) for the Workload API and OpenAPI tests"
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv "$venv"
+    else
+      echo "note: python3 -m venv failed and not root: the Workload API and OpenAPI tests will be skipped"
+    fi
+  fi
+  if [ -x "$venv/bin/pip" ]; then
+    "$venv/bin/pip" install -q 'spiffe==0.3.2' 'schemathesis==4.32.5'
   fi
 fi
 

@@ -75,6 +75,9 @@ pub struct AgentConfig {
     /// The coverage audit: accepted exceptions, and how often a control-plane agent reports.
     #[serde(default)]
     pub audit: tapproof_audit::AuditConfig,
+    /// The SPIFFE Workload API for local workloads, on a Unix socket.
+    #[serde(default)]
+    pub workload_api: Option<WorkloadApiConfig>,
     /// The file's TOML as parsed: a reload compares its sections to find what changed.
     #[serde(skip)]
     pub source: toml::Table,
@@ -249,6 +252,36 @@ pub struct OutboundConfig {
     /// Permit a `listen` address reachable from the network (plaintext accepted from off-host).
     #[serde(default)]
     pub allow_non_loopback: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadApiConfig {
+    /// The Unix socket the Workload API is served on (mode 0666: who gets what is decided by the
+    /// caller's user, from the kernel). A stale socket file there is replaced.
+    pub socket: PathBuf,
+    /// Which local users get which identities. Without any, root and the agent's own user get
+    /// the node's identity (both can read its key file anyway) and nobody else gets anything.
+    #[serde(default)]
+    pub caller: Vec<WorkloadCaller>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadCaller {
+    /// The caller's user ID (as the kernel reports it for the socket: SO_PEERCRED).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// The caller's user name (looked up in the user database at each call); instead of `uid`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Give this caller the node's own identity (its key is the node's key).
+    #[serde(default)]
+    pub node: bool,
+    /// Services registered to this node (control plane) whose identities
+    /// `spiffe://<td>/svc/<name>` this caller gets.
+    #[serde(default)]
+    pub services: Vec<String>,
 }
 
 pub fn default_admin_listen() -> SocketAddr {
@@ -520,6 +553,49 @@ impl AgentConfig {
                             self.trust_domain
                         ),
                     ));
+                }
+            }
+        }
+        if let Some(w) = &self.workload_api {
+            if !w.socket.is_absolute() {
+                return Err(invalid(
+                    "workload_api.socket".into(),
+                    format!("{} is not an absolute path", w.socket.display()),
+                ));
+            }
+            for (i, c) in w.caller.iter().enumerate() {
+                let key = |k: &str| format!("workload_api.caller[{i}].{k}");
+                match (&c.uid, &c.user) {
+                    (Some(_), Some(_)) => {
+                        return Err(invalid(key("uid"), "give uid or user, not both".into()))
+                    }
+                    (None, None) => {
+                        return Err(invalid(
+                            key("uid"),
+                            "missing: name the caller by uid or user".into(),
+                        ))
+                    }
+                    (None, Some(u)) if u.is_empty() => return Err(invalid(key("user"), "is empty".into())),
+                    _ => {}
+                }
+                if !c.node && c.services.is_empty() {
+                    return Err(invalid(
+                        key("services"),
+                        "is empty and node is false: this caller would get nothing".into(),
+                    ));
+                }
+                for (j, service) in c.services.iter().enumerate() {
+                    if !valid_service_name(service) {
+                        return Err(invalid(
+                            format!("workload_api.caller[{i}].services[{j}]"),
+                            format!(
+                                "{service:?} is not a valid service name (letters, digits, '.', '-', '_')"
+                            ),
+                        ));
+                    }
+                    if self.control.is_none() {
+                        return Err(invalid(format!("workload_api.caller[{i}].services[{j}]"), "service identities come from the control plane, and this agent has no [control]; give node = true instead".into()));
+                    }
                 }
             }
         }

@@ -13,6 +13,7 @@ mod files;
 pub use client::{ClientError, ControlClient};
 pub use feed::{read_feed, state_loop, FeedView};
 pub use files::identity_files;
+pub(crate) use files::service_identity_files;
 
 use crate::config::ControlConfig;
 use crate::state::AgentState;

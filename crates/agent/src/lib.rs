@@ -23,6 +23,7 @@ mod reload;
 mod socket;
 mod state;
 pub mod vouch;
+pub mod workload;
 
 pub use admin::{BoundAddresses, BoundOutbound};
 pub use config::{AgentConfig, ConfigError};
@@ -51,6 +52,8 @@ pub enum AgentError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error("{0}")]
+    Workload(#[from] workload::WorkloadError),
     #[error("cannot write ready file {path}: {error}")]
     ReadyFile { path: PathBuf, error: std::io::Error },
 }
@@ -192,6 +195,10 @@ pub async fn run(
         }
         .on_hangup(stop.clone()),
     );
+    let workload = match state.config.workload_api.clone() {
+        Some(w) => Some(workload::serve(w, state.clone(), stop.clone())?),
+        None => None,
+    };
     state.ready.store(true, Ordering::Release);
     if let Some(path) = &options.ready_file {
         write_ready_file(path, &bound).map_err(|error| AgentError::ReadyFile {
@@ -205,6 +212,9 @@ pub async fn run(
     drain::drain(&state, stop, streams, serving).await;
     admin_stop.cancel();
     let _ = admin.await;
+    if let Some(w) = workload {
+        let _ = w.await;
+    }
     Ok(())
 }
 

@@ -129,6 +129,15 @@ pub struct Metrics {
     pub stream_open_duration: Histogram,
     pub control_requests: LatencyFamily<RouteLabels>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    pub workload_api: Family<WorkloadLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadLabels {
+    /// `fetch_x509_svid` or `fetch_x509_bundles`.
+    pub method: &'static str,
+    /// `ok`, `no_identity` (the caller is given none), `no_security_header`, `no_peer_credentials`.
+    pub result: &'static str,
 }
 
 impl Default for Metrics {
@@ -150,6 +159,7 @@ impl Metrics {
             stream_open_duration: latency(),
             control_requests: Family::new_with_constructor(latency),
             config_reloads: Family::default(),
+            workload_api: Family::default(),
             tunnels: Family::default(),
             tunnels_open: Family::default(),
             streams: Family::default(),
@@ -262,6 +272,11 @@ impl Metrics {
             "config_reloads",
             "Reloads (SIGHUP) by result: applied, partial (some changes need a restart; see the log) or refused (the file did not load; the running config stays)",
             m.config_reloads.clone(),
+        );
+        registry.register(
+            "workload_api_requests",
+            "SPIFFE Workload API calls by method and result (a stream counts once, when it starts)",
+            m.workload_api.clone(),
         );
         tapproof_metrics::register_build_info(registry, "agent");
         Self { registry: root, ..m }

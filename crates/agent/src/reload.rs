@@ -7,7 +7,7 @@
 //! - `[[inbound]]`: services, forwards and allow lists apply to new streams. The tunnel listener
 //!   itself exists only if the agent started with an inbound service.
 //! - `[audit]`: the next coverage report uses it.
-//! - `trust_domain`, `[identity]`, `[control]`, `[admin]` and `[tunnel]` need a restart: a change
+//! - `trust_domain`, `[identity]`, `[control]`, `[admin]`, `[tunnel]` and `[workload_api]` need a restart: a change
 //!   there is named in the log and left unapplied.
 //!
 //! A config file that does not load is refused as a whole: the running config stays, and the log
@@ -33,6 +33,7 @@ const FIXED: &[(&str, &str)] = &[
     ("control", "[control]"),
     ("admin", "[admin]"),
     ("tunnel", "[tunnel]"),
+    ("workload_api", "[workload_api]"),
 ];
 
 /// One outbound listener being served.

@@ -10,6 +10,7 @@ pub mod pcap;
 pub mod pki;
 pub mod process;
 pub mod promtool;
+pub mod python;
 pub mod server;
 pub mod tls_client;
 pub mod traffic;

@@ -16,7 +16,9 @@ mod verify;
 pub use classify::failure_reason;
 pub use config::{accept, connect, ClientStream, ClientTls, ServerStream, ServerTls};
 pub use control::{cert_pin, ControlClientTls, ControlServerTls, ControlTlsError, ServerTrust};
-pub use material::{write_identity_file, IdentityFiles, Material, MaterialError, ReloadingMaterial};
+pub use material::{
+    write_identity_file, ExportError, ExportedSvid, IdentityFiles, Material, MaterialError, ReloadingMaterial,
+};
 pub use provider::{crypto_provider, KxPolicy, POST_QUANTUM_GROUP};
 pub use session::{client_session, server_session, SessionInfo};
 pub use verify::SpiffeCheckError;

@@ -309,6 +309,58 @@ impl Material {
     pub fn root_count(&self) -> usize {
         self.roots.len()
     }
+
+    /// This identity as the SPIFFE Workload API hands it to a local workload: the chain (leaf
+    /// first) and the bundle's roots as concatenated DER, the key as PKCS#8 DER.
+    pub fn exported(&self) -> Result<ExportedSvid, ExportError> {
+        let key = match PrivateKeyDer::from_pem_slice(&self.raw.key) {
+            Ok(PrivateKeyDer::Pkcs8(k)) => k.secret_pkcs8_der().to_vec(),
+            Ok(PrivateKeyDer::Sec1(_)) => return Err(ExportError::NotPkcs8("SEC1 (EC PRIVATE KEY)")),
+            Ok(PrivateKeyDer::Pkcs1(_)) => return Err(ExportError::NotPkcs8("PKCS#1 (RSA PRIVATE KEY)")),
+            Ok(_) => return Err(ExportError::NotPkcs8("an unknown format")),
+            // It parsed when the material was loaded.
+            Err(e) => return Err(ExportError::Unreadable(e.to_string())),
+        };
+        let der = |pem: &[u8]| -> Result<Vec<u8>, ExportError> {
+            let mut out = Vec::new();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                out.extend_from_slice(&cert.map_err(|e| ExportError::Unreadable(e.to_string()))?);
+            }
+            Ok(out)
+        };
+        Ok(ExportedSvid {
+            id: self.svid.id.clone(),
+            chain_der: der(&self.raw.cert)?,
+            key_pkcs8_der: key,
+            bundle_der: der(&self.raw.bundle)?,
+        })
+    }
+}
+
+/// An X509-SVID in the Workload API's encoding (see [`Material::exported`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExportedSvid {
+    pub id: SpiffeId,
+    pub chain_der: Vec<u8>,
+    pub key_pkcs8_der: Vec<u8>,
+    pub bundle_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for ExportedSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("ExportedSvid")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("the key is {0}; the Workload API hands out PKCS#8 keys only (convert it with `openssl pkcs8 -topk8 -nocrypt`)")]
+    NotPkcs8(&'static str),
+    #[error("identity files no longer parse: {0}")]
+    Unreadable(String),
 }
 
 /// The current material plus the files it came from; `reload` swaps in new material when the

@@ -191,3 +191,51 @@ fn outbound_peers_come_from_config_or_the_directory() {
     let no_id = EXAMPLE.replace("server_id = \"spiffe://example.org/node/db-1\"\n", "");
     assert!(err(&no_id).contains("outbound[0].server_id"));
 }
+
+#[test]
+fn workload_api_callers_are_checked_and_errors_name_the_key() {
+    let with =
+        |extra: &str| format!("{EXAMPLE}[workload_api]\nsocket = \"/run/tapproof/workload.sock\"\n{extra}");
+    let c = parse(&with(
+        "[[workload_api.caller]]\nuser = \"postgres\"\nnode = true\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.workload_api.unwrap().caller[0].user.as_deref(),
+        Some("postgres")
+    );
+    for (extra, expect) in [
+        (
+            "[[workload_api.caller]]\nnode = true\n",
+            "workload_api.caller[0].uid: missing",
+        ),
+        (
+            "[[workload_api.caller]]\nuid = 1\nuser = \"a\"\nnode = true\n",
+            "workload_api.caller[0].uid: give uid or user",
+        ),
+        (
+            "[[workload_api.caller]]\nuid = 1\n",
+            "workload_api.caller[0].services: is empty and node is false",
+        ),
+        (
+            "[[workload_api.caller]]\nuid = 1\nservices = [\"db\"]\n",
+            "workload_api.caller[0].services[0]: service identities come from the control plane",
+        ),
+        (
+            "[[workload_api.caller]]\nuid = 1\nservices = [\"a/b\"]\n",
+            "workload_api.caller[0].services[0]: \"a/b\" is not a valid service name",
+        ),
+        (
+            "[[workload_api.caller]]\nuid = 1\nnode = true\ngid = 3\n",
+            "unknown field `gid`",
+        ),
+    ] {
+        let e = err(&with(extra));
+        assert!(e.contains(expect), "{extra}: {e}");
+    }
+    let e = err(&format!("{EXAMPLE}[workload_api]\nsocket = \"workload.sock\"\n"));
+    assert!(
+        e.contains("workload_api.socket: workload.sock is not an absolute path"),
+        "{e}"
+    );
+}

@@ -48,6 +48,17 @@ pub fn identity_files(data_dir: &Path) -> IdentityFiles {
     }
 }
 
+/// The identity files of `service` (registered to this node) in the current generation, so that
+/// a renewal cannot pair a new certificate with an old key; `None` before the first join.
+pub(crate) fn service_identity_files(data_dir: &Path, service: &str) -> Option<IdentityFiles> {
+    let generation = data_dir.join(std::fs::read_link(data_dir.join(CURRENT)).ok()?);
+    Some(IdentityFiles {
+        cert: generation.join(format!("svc-{service}.pem")),
+        key: generation.join(format!("svc-{service}.key")),
+        bundle: generation.join(BUNDLE),
+    })
+}
+
 pub(crate) fn state_path(data_dir: &Path) -> PathBuf {
     data_dir.join(STATE)
 }

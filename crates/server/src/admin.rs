@@ -175,7 +175,17 @@ pub(crate) async fn audit_log(
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<Vec<AuditEntry>>, ApiError> {
     authorize(&s, &peer, Need::Admin, "admin.audit_log").await?;
-    audit_rows(&*s.store, &query(q)?).await.map(Json).map_err(refused)
+    let q: AuditQuery = query(q)?;
+    if !(1..=1000).contains(&q.limit) || q.after < 0 {
+        return Err(ApiError::new(
+            ErrorCode::BadQuery,
+            format!(
+                "limit must be 1 to 1000 and after at least 0 (got limit={}, after={})",
+                q.limit, q.after
+            ),
+        ));
+    }
+    audit_rows(&*s.store, &q).await.map(Json).map_err(refused)
 }
 
 /// A store audit row as the API shows it (hashes in hex).

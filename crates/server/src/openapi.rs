@@ -34,6 +34,10 @@ fn int() -> Value {
     json!({ "type": "integer" })
 }
 
+fn number() -> Value {
+    json!({ "type": "number" })
+}
+
 fn nullable_int() -> Value {
     json!({ "type": ["integer", "null"] })
 }
@@ -121,6 +125,27 @@ fn schemas() -> Value {
         }), false),
         "ServicePolicy": object(&["allow"], json!({ "allow": strings() }), true),
         "Policy": object(&[], json!({ "services": { "type": "object", "additionalProperties": reference("ServicePolicy") } }), true),
+        "Dashboard": object(&["generated_at", "fleet", "nodes", "links", "history", "denials", "audit"], json!({
+            "generated_at": int(), "fleet": reference("Fleet"), "nodes": list_of("DashboardNode"), "links": list_of("DashboardLink"),
+            "history": list_of("HistoryPoint"), "denials": list_of("DashboardDenial"), "audit": list_of("AuditEntry"),
+        }), false),
+        "Fleet": object(&["coverage_percent", "links", "encrypted", "plaintext", "nodes", "nodes_reporting"], json!({
+            "coverage_percent": number(), "links": int(), "encrypted": int(), "plaintext": int(), "nodes": int(), "nodes_reporting": int(),
+        }), false),
+        "DashboardNode": object(&["name", "spiffe_id", "cert_not_after", "last_seen", "revoked", "last_report", "coverage_percent", "plaintext"], json!({
+            "name": string(), "spiffe_id": string(), "cert_not_after": nullable_int(), "last_seen": nullable_int(), "revoked": { "type": "boolean" },
+            "last_report": nullable_int(), "coverage_percent": { "type": ["number", "null"] }, "plaintext": nullable_int(),
+        }), false),
+        "DashboardLink": object(&["from", "to", "remote", "local", "class", "via", "process", "detail"], json!({
+            "from": string(), "to": { "type": ["string", "null"] }, "remote": string(), "local": string(),
+            "class": { "type": "string", "enum": ["tapproof", "other_tls", "plaintext", "allowed"] },
+            "via": { "type": ["string", "null"], "enum": ["tunnel_in", "tunnel_out", "control", null] },
+            "process": { "type": ["string", "null"] }, "detail": string(),
+        }), false),
+        "HistoryPoint": object(&["at", "coverage_percent"], json!({ "at": int(), "coverage_percent": number() }), false),
+        "DashboardDenial": object(&["node", "at", "peer", "service", "reason"], json!({
+            "node": string(), "at": int(), "peer": string(), "service": string(), "reason": string(),
+        }), false),
         "CoverageUpload": object(&["report"], json!({
             "report": { "type": "object", "description": "the report as `tapproof audit --json` prints it" },
             "denials": { "type": "array", "maxItems": tapproof_audit::MAX_UPLOAD_DENIALS, "items": { "type": "object" } },
@@ -145,16 +170,19 @@ pub fn document() -> Value {
     };
     add(
         paths::HEALTHZ,
-        json!({ "get": { "summary": "Liveness", "responses": { "200": { "description": "serving" } } } }),
+        json!({ "get": { "summary": "Liveness", "security": [],
+            "responses": { "200": { "description": "serving", "content": { "text/plain": { "schema": { "type": "string", "const": "ok\n" } } } } } } }),
     );
     add(
         paths::OPENAPI,
-        json!({ "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI document" } } } }),
+        json!({ "get": { "summary": "This document", "security": [],
+            "responses": { "200": { "description": "OpenAPI document", "content": { "application/json": { "schema": { "type": "object", "required": ["openapi", "info", "paths"] } } } } } } }),
     );
     add(
         paths::BUNDLE,
         json!({ "get": {
-        "summary": "Trust bundle: every root agents must trust",
+        "summary": "Trust bundle: every root agents must trust (no client certificate needed)",
+        "security": [],
         "responses": { "200": ok("bundle", "Bundle") }
     } }),
     );
@@ -162,6 +190,7 @@ pub fn document() -> Value {
         paths::JOIN,
         json!({ "post": {
         "summary": "Exchange a join token and a CSR for the node identity (no client certificate needed). The token and CSR are checked before the token is consumed",
+        "security": [],
         "requestBody": body("JoinRequest"),
         "responses": {
             "200": ok("joined", "JoinResponse"),
@@ -227,7 +256,7 @@ pub fn document() -> Value {
     add(
         paths::AUDIT_LOG,
         json!({ "get": { "summary": "Admin: audit-log rows after `after`, at most `limit`",
-        "parameters": [{ "name": "after", "in": "query", "schema": { "type": "integer" } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000 } }],
+        "parameters": [{ "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000 } }],
         "responses": { "200": ok_list("rows", "AuditEntry"), "400": error_response(&[E::BadQuery]), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } } }),
     );
     add(
@@ -255,12 +284,12 @@ pub fn document() -> Value {
     add(
         paths::DASHBOARD_DATA,
         json!({ "get": { "summary": "Admin: the fleet dashboard's data: nodes and certificate expiry, links with their class, coverage history, recent denials and audit-log rows",
-        "responses": { "200": { "description": "dashboard data (read by the dashboard's script)" }, "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } } }),
+        "responses": { "200": ok("dashboard data (read by the dashboard's script)", "Dashboard"), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } } }),
     );
     add(
         paths::DASHBOARD,
         json!({ "get": { "summary": "Admin: the fleet dashboard page (HTML; its script and stylesheet are /dashboard/app.js and /dashboard/style.css). Browsers reach it through `tapproof server dashboard`",
-        "responses": { "200": { "description": "HTML" }, "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } } }),
+        "responses": { "200": { "description": "HTML", "content": { "text/html": { "schema": { "type": "string" } } } }, "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } } }),
     );
     json!({
         "openapi": "3.1.0",
@@ -270,7 +299,17 @@ pub fn document() -> Value {
             "description": "Join with a single-use token, then sign (renew) and follow the state feed over mTLS with the node identity; admins use admin identities. Every error carries a stable code; revoked identities (by node, SPIFFE ID or serial) are refused everywhere."
         },
         "paths": paths,
-        "components": { "schemas": schemas() }
+        // Every operation needs a client certificate unless it says `"security": []`: a node
+        // identity (spiffe://<td>/node/<name>) for the agent endpoints, an admin identity
+        // (spiffe://<td>/admin/<name>) for the admin ones.
+        "security": [{ "mtls": [] }],
+        "components": {
+            "schemas": schemas(),
+            "securitySchemes": { "mtls": {
+                "type": "mutualTLS",
+                "description": "TLS 1.3 with a client certificate issued by this control plane: a node identity (spiffe://<td>/node/<name>, from /v1/join) for /v1/sign, /v1/state and /v1/coverage; an admin identity (spiffe://<td>/admin/<name>, from `tapproof server admin-cert`) for the admin endpoints. Revoked identities are refused everywhere."
+            } }
+        }
     })
 }
 
@@ -355,6 +394,76 @@ mod tests {
                 denials: vec![],
             },
         );
+        use crate::dashboard::*;
+        same_fields(
+            "Fleet",
+            Fleet {
+                coverage_percent: 0.0,
+                links: 0,
+                encrypted: 0,
+                plaintext: 0,
+                nodes: 0,
+                nodes_reporting: 0,
+            },
+        );
+        let node = NodeRow {
+            name: String::new(),
+            spiffe_id: String::new(),
+            cert_not_after: None,
+            last_seen: None,
+            revoked: false,
+            last_report: None,
+            coverage_percent: None,
+            plaintext: None,
+        };
+        let link = LinkRow {
+            from: String::new(),
+            to: None,
+            remote: String::new(),
+            local: String::new(),
+            class: tapproof_audit::Class::Tapproof,
+            via: None,
+            process: None,
+            detail: String::new(),
+        };
+        let denial = DenialRow {
+            node: String::new(),
+            denial: tapproof_audit::Denial {
+                at: 0,
+                peer: String::new(),
+                service: String::new(),
+                reason: String::new(),
+            },
+        };
+        same_fields("DashboardNode", &node);
+        same_fields("DashboardLink", &link);
+        same_fields("DashboardDenial", &denial);
+        same_fields(
+            "HistoryPoint",
+            HistoryPoint {
+                at: 0,
+                coverage_percent: 0.0,
+            },
+        );
+        same_fields(
+            "Dashboard",
+            Dashboard {
+                generated_at: 0,
+                fleet: Fleet {
+                    coverage_percent: 0.0,
+                    links: 0,
+                    encrypted: 0,
+                    plaintext: 0,
+                    nodes: 0,
+                    nodes_reporting: 0,
+                },
+                nodes: vec![node],
+                links: vec![link],
+                history: vec![],
+                denials: vec![denial],
+                audit: vec![],
+            },
+        );
         let q = StateQuery {
             since: Some(1),
             tunnel: Some("10.0.0.1:15008".into()),
@@ -375,6 +484,41 @@ mod tests {
         assert_eq!(
             params,
             keys(&serde_json::to_value(AuditQuery::default()).unwrap())
+        );
+    }
+
+    /// Every operation says what its success looks like (a schema for every body), and only the
+    /// four that need no client certificate say so.
+    #[test]
+    fn every_operation_has_a_response_schema_and_security() {
+        let doc = document();
+        assert_eq!(doc["components"]["securitySchemes"]["mtls"]["type"], "mutualTLS");
+        assert_eq!(doc["security"], json!([{ "mtls": [] }]));
+        let mut open = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                if op.get("security") == Some(&json!([])) {
+                    open.insert(path.as_str());
+                }
+                for (status, response) in op["responses"].as_object().unwrap() {
+                    if status == "204" {
+                        continue;
+                    }
+                    let content = response["content"]
+                        .as_object()
+                        .unwrap_or_else(|| panic!("{method} {path} {status}: no content"));
+                    for (kind, media) in content {
+                        assert!(
+                            media.get("schema").is_some(),
+                            "{method} {path} {status} {kind}: no schema"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            open,
+            BTreeSet::from([paths::HEALTHZ, paths::OPENAPI, paths::BUNDLE, paths::JOIN])
         );
     }
 

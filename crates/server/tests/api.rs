@@ -662,6 +662,22 @@ async fn bad_input_gets_a_code_and_changes_nothing() {
             400,
             "bad_query",
         ),
+        (
+            Some(&admin),
+            "GET",
+            "/v1/audit-log?limit=0",
+            vec![],
+            400,
+            "bad_query",
+        ),
+        (
+            Some(&admin),
+            "GET",
+            "/v1/audit-log?limit=1001",
+            vec![],
+            400,
+            "bad_query",
+        ),
     ];
     for (who, method, path, body, status, expected) in cases {
         let (got, v) = s.conn(who).await.unwrap().call(method, path, body).await.unwrap();

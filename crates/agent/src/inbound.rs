@@ -66,7 +66,7 @@ async fn connection(
     };
     crate::socket::tune_tunnel(&tcp);
     // Only TLS is read or written on this socket, from the first byte: the audit may count it.
-    let _vouched = crate::vouch::sockets().register(&tcp, tapproof_audit::VouchedKind::TunnelIn);
+    let vouched = crate::vouch::sockets().register(&tcp, tapproof_audit::VouchedKind::TunnelIn);
     let tls = match state.server_tls() {
         Ok(tls) => tls,
         Err(e) => {
@@ -116,6 +116,9 @@ async fn connection(
         }
     };
     metrics.handshake_done(Side::Inbound, started.elapsed());
+    if let Some(v) = &vouched {
+        v.describe(&session, None);
+    }
     info!(%peer, peer_id = %peer_id, version = %session.version, cipher = %session.cipher,
           group = %session.group, resumed = session.resumed, "tunnel: accepted");
 

@@ -266,6 +266,9 @@ impl Pool {
             return Err(DialError::Revoked);
         }
         metrics.handshake_done(Side::Outbound, started.elapsed());
+        if let Some(v) = &vouched {
+            v.describe(&session, Some(&self.outbound().service));
+        }
         let mut builder = h2::client::Builder::new();
         builder
             .initial_window_size(cfg.stream_window)

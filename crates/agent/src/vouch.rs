@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tapproof_audit::{AgentSockets, VouchedConnection, VouchedKind};
+use tapproof_audit::{AgentSockets, VouchedConnection, VouchedKind, VouchedSession};
 
 /// This process's registry: one process is one agent, and the audit binds the list to its PID.
 pub fn sockets() -> &'static Arc<Sockets> {
@@ -27,6 +27,25 @@ pub struct Sockets {
 pub struct SocketGuard {
     sockets: Arc<Sockets>,
     key: u64,
+}
+
+impl SocketGuard {
+    /// Adds what the handshake settled to the listed connection.
+    pub fn describe(&self, session: &tapproof_tls::SessionInfo, service: Option<&str>) {
+        if let Some(c) = self.sockets.table().get_mut(&self.key) {
+            c.session = Some(VouchedSession {
+                peer_id: session
+                    .peer_id
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                tls_version: session.version.clone(),
+                cipher: session.cipher.clone(),
+                group: session.group.clone(),
+                service: service.map(str::to_owned),
+            });
+        }
+    }
 }
 
 impl Drop for SocketGuard {
@@ -51,6 +70,7 @@ impl Sockets {
                 local: tapproof_audit::canonical(local),
                 remote: tapproof_audit::canonical(remote),
                 kind,
+                session: None,
             },
         );
         Some(SocketGuard {

@@ -96,6 +96,25 @@ pub struct VouchedConnection {
     pub local: std::net::SocketAddr,
     pub remote: std::net::SocketAddr,
     pub kind: VouchedKind,
+    /// What the handshake settled, once it has (a tunnel only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<VouchedSession>,
+}
+
+/// A tunnel's negotiated TLS and the peer it authenticated, as the agent saw them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VouchedSession {
+    /// The peer agent's SPIFFE ID (verified).
+    pub peer_id: String,
+    /// `TLSv1.3`.
+    pub tls_version: String,
+    pub cipher: String,
+    /// The key-exchange group (`X25519MLKEM768` when post-quantum).
+    pub group: String,
+    /// The service an outbound tunnel carries (an inbound one may carry several).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// What a running agent vouches for (its admin API's `GET /v1/sockets`): the audit classes a

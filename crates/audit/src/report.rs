@@ -52,6 +52,9 @@ pub struct Link {
     /// to the control plane).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<crate::VouchedKind>,
+    /// For a tunnel: the peer's identity and the TLS it negotiated, as the agent reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<crate::VouchedSession>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,13 +154,8 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
     };
     let agent_pid = vouched.map(|a| a.pid);
     let owned_by_agent = |s: &Socket| agent_pid.is_some() && owner(s).map(|p| p.pid) == agent_pid;
-    let tunnels: std::collections::HashMap<(SocketAddr, SocketAddr), crate::VouchedKind> = vouched
-        .map(|a| {
-            a.connections
-                .iter()
-                .map(|c| ((c.local, c.remote), c.kind))
-                .collect()
-        })
+    let tunnels: std::collections::HashMap<(SocketAddr, SocketAddr), &crate::VouchedConnection> = vouched
+        .map(|a| a.connections.iter().map(|c| ((c.local, c.remote), c)).collect())
         .unwrap_or_default();
     let tls_listeners: HashSet<SocketAddr> = vouched
         .map(|a| a.listeners.iter().copied().collect())
@@ -185,9 +183,10 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
         if process.is_none() {
             unowned += 1;
         }
-        let via = is_tapproof(s)
+        let vouched_as = is_tapproof(s)
             .then(|| tunnels.get(&(s.local, s.remote)).copied())
             .flatten();
+        let via = vouched_as.map(|c| c.kind);
         let (mut class, mut detail) = if let Some(kind) = via {
             let what = match kind {
                 crate::VouchedKind::TunnelIn => "mTLS 1.3 tunnel from a peer agent",
@@ -252,6 +251,7 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
             pid: process.map(|p| p.pid),
             detail,
             via,
+            session: vouched_as.and_then(|c| c.session.clone()),
         });
     }
     links.sort_by_key(|l| (l.class, l.remote, l.local));
@@ -498,6 +498,11 @@ mod tests {
                 local: "10.0.0.1:50000".parse().unwrap(),
                 remote: "10.0.0.3:15008".parse().unwrap(),
                 kind: crate::VouchedKind::TunnelOut,
+                session: Some(crate::VouchedSession {
+                    peer_id: "spiffe://example.org/node/c".into(),
+                    group: "X25519MLKEM768".into(),
+                    ..Default::default()
+                }),
             }],
             listeners: vec!["0.0.0.0:15008".parse().unwrap()],
         })
@@ -528,6 +533,11 @@ mod tests {
             .find(|l| l.remote.to_string() == "10.0.0.3:15008")
             .unwrap();
         assert_eq!(tunnel.via, Some(crate::VouchedKind::TunnelOut));
+        assert_eq!(
+            tunnel.session.as_ref().map(|t| t.peer_id.as_str()),
+            Some("spiffe://example.org/node/c"),
+            "the agent's account of the tunnel goes into the report"
+        );
         assert!(
             tunnel.detail.starts_with("mTLS 1.3 tunnel to a peer agent"),
             "{}",

@@ -28,6 +28,21 @@ pub struct Dashboard {
     pub history: Vec<HistoryPoint>,
     pub denials: Vec<DenialRow>,
     pub audit: Vec<tapproof_api::AuditEntry>,
+    /// The most recent revocations, newest first.
+    pub revocations: Vec<tapproof_api::Revocation>,
+    /// The CA: roots and intermediates not retired, with their rollover state.
+    pub ca: Vec<CaRow>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct CaRow {
+    pub id: i64,
+    /// `root` or `intermediate`.
+    pub kind: String,
+    /// `prepared` (in every bundle, signs nothing yet), `active` (signs) or `retired`.
+    pub state: String,
+    pub not_after: i64,
+    pub created_at: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -66,6 +81,15 @@ pub struct LinkRow {
     pub via: Option<tapproof_audit::VouchedKind>,
     pub process: Option<String>,
     pub detail: String,
+    /// The reporting node's own identity (`from`'s).
+    pub from_id: Option<String>,
+    /// For a tunnel: the peer agent's identity, the service (outbound tunnels), and the TLS
+    /// version, cipher and key-exchange group it negotiated.
+    pub peer_id: Option<String>,
+    pub service: Option<String>,
+    pub tls_version: Option<String>,
+    pub cipher: Option<String>,
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -146,19 +170,30 @@ pub async fn dashboard_data(
     let mut links = Vec::new();
     let mut denials = Vec::new();
     for (node, upload) in &uploads {
-        links.extend(upload.report.links.iter().map(|l| LinkRow {
-            from: node.clone(),
-            to: if l.via == Some(tapproof_audit::VouchedKind::Control) {
-                Some("control plane".to_owned())
-            } else {
-                owner.get(&l.remote.ip()).filter(|o| *o != node).cloned()
-            },
-            via: l.via,
-            remote: l.remote.to_string(),
-            local: l.local.to_string(),
-            class: l.class,
-            process: l.process.clone(),
-            detail: l.detail.clone(),
+        links.extend(upload.report.links.iter().map(|l| {
+            LinkRow {
+                from: node.clone(),
+                to: if l.via == Some(tapproof_audit::VouchedKind::Control) {
+                    Some("control plane".to_owned())
+                } else {
+                    owner.get(&l.remote.ip()).filter(|o| *o != node).cloned()
+                },
+                via: l.via,
+                remote: l.remote.to_string(),
+                local: l.local.to_string(),
+                class: l.class,
+                process: l.process.clone(),
+                detail: l.detail.clone(),
+                from_id: nodes
+                    .iter()
+                    .find(|n| &n.name == node)
+                    .map(|n| n.spiffe_id.clone()),
+                peer_id: l.session.as_ref().map(|t| t.peer_id.clone()),
+                service: l.session.as_ref().and_then(|t| t.service.clone()),
+                tls_version: l.session.as_ref().map(|t| t.tls_version.clone()),
+                cipher: l.session.as_ref().map(|t| t.cipher.clone()),
+                group: l.session.as_ref().map(|t| t.group.clone()),
+            }
         }));
         denials.extend(upload.denials.iter().map(|d| DenialRow {
             node: node.clone(),
@@ -178,6 +213,29 @@ pub async fn dashboard_data(
         (t + r.links, e + r.encrypted, p + r.plaintext)
     });
     let history = history(&s.store.coverage_history(now - HISTORY).await?);
+    let mut revocations: Vec<_> = s
+        .store
+        .revocations()
+        .await?
+        .into_iter()
+        .map(crate::admin::revocation)
+        .collect();
+    revocations.sort_by_key(|r| std::cmp::Reverse((r.revoked_at, r.id)));
+    revocations.truncate(20);
+    let ca = s
+        .store
+        .ca_list()
+        .await?
+        .into_iter()
+        .filter(|c| c.state != tapproof_store::CaState::Retired)
+        .map(|c| CaRow {
+            id: c.id,
+            kind: c.kind.as_str().to_owned(),
+            state: c.state.as_str().to_owned(),
+            not_after: c.not_after,
+            created_at: c.created_at,
+        })
+        .collect();
     Ok(Json(Dashboard {
         generated_at: now,
         fleet: Fleet {
@@ -199,6 +257,8 @@ pub async fn dashboard_data(
             .into_iter()
             .map(crate::admin::audit_entry)
             .collect(),
+        revocations,
+        ca,
     }))
 }
 

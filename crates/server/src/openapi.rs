@@ -34,6 +34,10 @@ fn int() -> Value {
     json!({ "type": "integer" })
 }
 
+fn nullable_string() -> Value {
+    json!({ "type": ["string", "null"] })
+}
+
 fn number() -> Value {
     json!({ "type": "number" })
 }
@@ -125,9 +129,14 @@ fn schemas() -> Value {
         }), false),
         "ServicePolicy": object(&["allow"], json!({ "allow": strings() }), true),
         "Policy": object(&[], json!({ "services": { "type": "object", "additionalProperties": reference("ServicePolicy") } }), true),
-        "Dashboard": object(&["generated_at", "fleet", "nodes", "links", "history", "denials", "audit"], json!({
+        "Dashboard": object(&["generated_at", "fleet", "nodes", "links", "history", "denials", "audit", "revocations", "ca"], json!({
             "generated_at": int(), "fleet": reference("Fleet"), "nodes": list_of("DashboardNode"), "links": list_of("DashboardLink"),
             "history": list_of("HistoryPoint"), "denials": list_of("DashboardDenial"), "audit": list_of("AuditEntry"),
+            "revocations": list_of("Revocation"), "ca": list_of("DashboardCa"),
+        }), false),
+        "DashboardCa": object(&["id", "kind", "state", "not_after", "created_at"], json!({
+            "id": int(), "kind": { "type": "string", "enum": ["root", "intermediate"] },
+            "state": { "type": "string", "enum": ["prepared", "active", "retired"] }, "not_after": int(), "created_at": int(),
         }), false),
         "Fleet": object(&["coverage_percent", "links", "encrypted", "plaintext", "nodes", "nodes_reporting"], json!({
             "coverage_percent": number(), "links": int(), "encrypted": int(), "plaintext": int(), "nodes": int(), "nodes_reporting": int(),
@@ -136,11 +145,13 @@ fn schemas() -> Value {
             "name": string(), "spiffe_id": string(), "cert_not_after": nullable_int(), "last_seen": nullable_int(), "revoked": { "type": "boolean" },
             "last_report": nullable_int(), "coverage_percent": { "type": ["number", "null"] }, "plaintext": nullable_int(),
         }), false),
-        "DashboardLink": object(&["from", "to", "remote", "local", "class", "via", "process", "detail"], json!({
+        "DashboardLink": object(&["from", "to", "remote", "local", "class", "via", "process", "detail", "from_id", "peer_id", "service", "tls_version", "cipher", "group"], json!({
             "from": string(), "to": { "type": ["string", "null"] }, "remote": string(), "local": string(),
             "class": { "type": "string", "enum": ["tapproof", "other_tls", "plaintext", "allowed"] },
             "via": { "type": ["string", "null"], "enum": ["tunnel_in", "tunnel_out", "control", null] },
             "process": { "type": ["string", "null"] }, "detail": string(),
+            "from_id": nullable_string(), "peer_id": nullable_string(), "service": nullable_string(),
+            "tls_version": nullable_string(), "cipher": nullable_string(), "group": nullable_string(),
         }), false),
         "HistoryPoint": object(&["at", "coverage_percent"], json!({ "at": int(), "coverage_percent": number() }), false),
         "DashboardDenial": object(&["node", "at", "peer", "service", "reason"], json!({
@@ -425,6 +436,12 @@ mod tests {
             via: None,
             process: None,
             detail: String::new(),
+            from_id: None,
+            peer_id: None,
+            service: None,
+            tls_version: None,
+            cipher: None,
+            group: None,
         };
         let denial = DenialRow {
             node: String::new(),
@@ -462,6 +479,18 @@ mod tests {
                 history: vec![],
                 denials: vec![denial],
                 audit: vec![],
+                revocations: vec![],
+                ca: vec![],
+            },
+        );
+        same_fields(
+            "DashboardCa",
+            CaRow {
+                id: 0,
+                kind: String::new(),
+                state: String::new(),
+                not_after: 0,
+                created_at: 0,
             },
         );
         let q = StateQuery {

@@ -1334,3 +1334,81 @@ async fn a_reusable_token_joins_its_uses_within_its_pattern() {
 fn details(row: &tapproof_store::AuditEntry) -> Value {
     serde_json::from_str(&row.details).unwrap()
 }
+
+/// The dashboard shows per tunnel the service, both identities and the TLS the agent reported,
+/// labels a control-plane connection as such, and lists the CA and the revocations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_each_tunnels_identities_and_tls_the_ca_and_revocations() {
+    let s = start().await;
+    let admin = s.admin("ops").await;
+    let web = s.join("web-1", &[]).await;
+    let mut report = tapproof_audit::classify(
+        &tapproof_audit::scan::Scan::default(),
+        &tapproof_audit::Options::default(),
+        "web-1".into(),
+        0,
+    );
+    let link = |remote: &str, via, session| tapproof_audit::Link {
+        class: tapproof_audit::Class::Tapproof,
+        role: tapproof_audit::Role::Client,
+        local: "10.0.0.1:40000".parse().unwrap(),
+        remote: remote.parse().unwrap(),
+        process: Some("tapproof".into()),
+        pid: Some(1),
+        detail: "vouched".into(),
+        via: Some(via),
+        session,
+    };
+    report.links.push(link(
+        "10.0.0.2:15008",
+        tapproof_audit::VouchedKind::TunnelOut,
+        Some(tapproof_audit::VouchedSession {
+            peer_id: format!("spiffe://{TD}/node/db-1"),
+            tls_version: "TLSv1.3".into(),
+            cipher: "TLS_AES_256_GCM_SHA384".into(),
+            group: "X25519MLKEM768".into(),
+            service: Some("db".into()),
+        }),
+    ));
+    report
+        .links
+        .push(link("10.0.0.9:15443", tapproof_audit::VouchedKind::Control, None));
+    let upload = serde_json::to_value(tapproof_audit::CoverageUpload {
+        report,
+        denials: vec![],
+    })
+    .unwrap();
+    let (status, v) = s.call(Some(&web), "POST", paths::COVERAGE, upload).await.unwrap();
+    assert_eq!(status, 204, "{v}");
+    s.revoke(&admin, RevocationKind::Node, "old-1").await;
+
+    let (status, d) = s
+        .call(Some(&admin), "GET", paths::DASHBOARD_DATA, Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{d}");
+    let links = d["links"].as_array().unwrap();
+    let tunnel = links
+        .iter()
+        .find(|l| l["via"] == "tunnel_out")
+        .unwrap_or_else(|| panic!("{d}"));
+    assert_eq!(tunnel["from"], "web-1");
+    assert_eq!(tunnel["from_id"], format!("spiffe://{TD}/node/web-1"));
+    assert_eq!(tunnel["peer_id"], format!("spiffe://{TD}/node/db-1"));
+    assert_eq!(tunnel["service"], "db");
+    assert_eq!(tunnel["tls_version"], "TLSv1.3");
+    assert_eq!(tunnel["cipher"], "TLS_AES_256_GCM_SHA384");
+    assert_eq!(tunnel["group"], "X25519MLKEM768");
+    let control = links.iter().find(|l| l["via"] == "control").unwrap();
+    assert_eq!(control["to"], "control plane");
+    assert!(control["peer_id"].is_null());
+    let revoked = d["revocations"].as_array().unwrap();
+    assert_eq!((revoked.len(), &revoked[0]["value"]), (1, &json!("old-1")), "{d}");
+    let ca: Vec<(&str, &str)> = d["ca"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["kind"].as_str().unwrap(), c["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(ca, [("root", "active"), ("intermediate", "active")], "{d}");
+}

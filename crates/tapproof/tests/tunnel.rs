@@ -10,10 +10,37 @@ use tapproof_test_util::traffic::{random_bytes, round_trip, sha256};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
 
+/// One byte through, and both agents list the tunnel socket with the peer and the TLS it
+/// negotiated (what their coverage reports and the dashboard show per link).
 #[test]
 fn one_byte_round_trips() {
     let pair = Pair::start(EXE);
     assert_eq!(round_trip(pair.app_addr(), b"x").unwrap(), b"x");
+    for (agent, kind, peer, service) in [
+        (
+            &pair.web,
+            "tunnel_out",
+            "spiffe://example.org/node/db-1",
+            Some("db"),
+        ),
+        (&pair.db, "tunnel_in", "spiffe://example.org/node/web-1", None),
+    ] {
+        let (status, body) = agent.admin_get("/v1/sockets");
+        assert_eq!(status, 200);
+        let sockets: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let tunnel = sockets["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["kind"] == kind)
+            .unwrap_or_else(|| panic!("{}: {body}", agent.name));
+        let session = &tunnel["session"];
+        assert_eq!(session["peer_id"], peer, "{body}");
+        assert_eq!(session["tls_version"], "TLSv1.3", "{body}");
+        assert_eq!(session["group"], "X25519MLKEM768", "{body}");
+        assert!(session["cipher"].as_str().unwrap().starts_with("TLS_"), "{body}");
+        assert_eq!(session["service"].as_str(), service, "{body}");
+    }
 }
 
 /// Both agents' `/metrics` as a plain scrape sees them: Prometheus text that promtool accepts,

@@ -48,7 +48,7 @@ function fill(id, rows, cells) {
   body.replaceChildren();
   if (rows.length === 0) {
     const tr = el("tr");
-    tr.append(el("td", { colspan: "9", class: "empty" }, "none"));
+    tr.append(el("td", { colspan: "10", class: "empty" }, "none"));
     body.append(tr);
     return;
   }
@@ -126,8 +126,11 @@ function render(data) {
     // A node's connection to the control plane is not a link between nodes: say which it is.
     if (l.via === "control") label = "tapproof (control plane)";
     else if (l.via === "tunnel_in" || l.via === "tunnel_out") label = "tapproof tunnel";
+    const ids = l.peer_id ? `${l.from_id || l.from} → ${l.peer_id}` : "–";
+    const tls = l.tls_version ? `${l.tls_version} ${l.cipher} ${l.group}` : "–";
     return [
       el("td", {}, l.from), el("td", {}, l.to || "–"), el("td", { class: cls }, label),
+      el("td", {}, l.service || "–"), el("td", { class: "mono" }, ids), el("td", { class: "mono" }, tls),
       el("td", { class: "mono" }, l.local), el("td", { class: "mono" }, l.remote),
       el("td", {}, l.process || "?"), el("td", {}, l.detail),
     ];
@@ -135,6 +138,15 @@ function render(data) {
   fill("denials", data.denials, (d) => [
     el("td", {}, when(d.at)), el("td", {}, d.node), el("td", { class: "mono" }, d.peer),
     el("td", {}, d.service), el("td", {}, d.reason),
+  ]);
+  fill("ca", data.ca, (c) => [
+    el("td", {}, String(c.id)), el("td", {}, c.kind),
+    el("td", { class: c.state === "active" ? "enc" : "" }, c.state),
+    el("td", { class: c.not_after - now < 30 * 86400 ? "plain" : "" }, `${until(c.not_after, now)} (${when(c.not_after)})`),
+    el("td", {}, when(c.created_at)),
+  ]);
+  fill("revocations", data.revocations, (r) => [
+    el("td", {}, when(r.revoked_at)), el("td", {}, r.kind), el("td", { class: "mono" }, r.value), el("td", {}, r.reason || "–"),
   ]);
   fill("audit", data.audit, (a) => [
     el("td", {}, String(a.seq)), el("td", {}, when(a.at)), el("td", { class: "mono" }, a.actor), el("td", {}, a.action),

@@ -227,9 +227,9 @@ pub(crate) async fn serve_tunnel<IO>(
 /// A refused handshake: anyone can cause one, so one WARN line per 10 s at most (the rest at
 /// debug; the counter has them all).
 fn refused(state: &AgentState, peer: SocketAddr, reason: &'static str, error: Option<&std::io::Error>) {
-    debug!(%peer, reason, error = %error.map_or_else(String::new, ToString::to_string), "tunnel: handshake refused");
+    debug!(%peer, reason, error = %error.map_or_else(String::new, tapproof_tls::failure_text), "tunnel: handshake refused");
     if let Some(more) = state.refused_log.tick() {
-        warn!(%peer, reason, error = %error.map_or_else(String::new, ToString::to_string), suppressed = more, "tunnel: handshake refused (one line per 10 s; the rest at debug)");
+        warn!(%peer, reason, error = %error.map_or_else(String::new, tapproof_tls::failure_text), suppressed = more, "tunnel: handshake refused (one line per 10 s; the rest at debug)");
     }
 }
 

@@ -42,7 +42,7 @@ pub enum DialError {
     Resolve { name: String, error: std::io::Error },
     #[error("connect: timed out")]
     ConnectTimeout,
-    #[error("TLS handshake failed ({reason}): {source}")]
+    #[error("TLS handshake failed ({reason}): {}", tapproof_tls::failure_text(source))]
     Handshake {
         reason: &'static str,
         source: std::io::Error,

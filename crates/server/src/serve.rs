@@ -279,9 +279,9 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
                 Ok(Ok(pair)) => pair,
                 Ok(Err(e)) => {
                     let reason = tapproof_tls::failure_reason(&e);
-                    tracing::debug!(peer = %addr, reason, error = %e, "control plane: handshake refused");
+                    tracing::debug!(peer = %addr, reason, error = %tapproof_tls::failure_text(&e), "control plane: handshake refused");
                     if let Some(more) = refused_log.tick() {
-                        warn!(peer = %addr, reason, error = %e, suppressed = more, "control plane: handshake refused (one line per 10 s; the rest at debug)");
+                        warn!(peer = %addr, reason, error = %tapproof_tls::failure_text(&e), suppressed = more, "control plane: handshake refused (one line per 10 s; the rest at debug)");
                     }
                     return;
                 }

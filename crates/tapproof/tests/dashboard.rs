@@ -155,6 +155,7 @@ fn the_dashboard_shows_the_nodes_and_coverage_the_api_reports() {
             coverage: document.getElementById('coverage').textContent,
             nodes: document.querySelector('#nodes tbody').innerText,
             reporting: document.getElementById('nodes-reporting').textContent,
+            ca: document.querySelector('#ca tbody').innerText,
             title: document.title
          } : null;",
         Duration::from_secs(30),
@@ -184,6 +185,11 @@ fn the_dashboard_shows_the_nodes_and_coverage_the_api_reports() {
         assert!(nodes.contains(n["spiffe_id"].as_str().unwrap()), "{nodes}");
     }
     assert_eq!(shown["reporting"], "2 of 2");
+    let ca = shown["ca"].as_str().unwrap();
+    assert!(
+        ca.contains("root") && ca.contains("intermediate") && ca.contains("active"),
+        "{ca}"
+    );
     assert_eq!(shown["title"], "tapproof fleet");
 
     let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts");

@@ -48,3 +48,78 @@ pub fn failure_reason(err: &io::Error) -> &'static str {
         _ => "other",
     }
 }
+
+/// A failed handshake (or any I/O error) in words for a log line: rustls' certificate errors
+/// print as Rust debug text (`Other(OtherError(NameConstraintViolation))`), so they are said here.
+pub fn failure_text(err: &io::Error) -> String {
+    match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+        Some(tls) => tls_error_text(tls),
+        None => err.to_string(),
+    }
+}
+
+/// A rustls error in words.
+pub fn tls_error_text(err: &Error) -> String {
+    let Error::InvalidCertificate(cert) = err else {
+        return err.to_string();
+    };
+    let what = match cert {
+        CertificateError::BadEncoding => "a certificate is not valid DER",
+        CertificateError::Expired => "a certificate has expired",
+        CertificateError::NotValidYet => "a certificate is not valid yet (check the clocks)",
+        CertificateError::Revoked => "a certificate is revoked",
+        CertificateError::UnhandledCriticalExtension => "a certificate has a critical extension that is not understood",
+        CertificateError::UnknownIssuer => "the certificate chain does not lead to a trusted root (unknown issuer: a foreign CA, or an intermediate missing from the chain)",
+        CertificateError::UnknownRevocationStatus => "a certificate's revocation status is unknown",
+        CertificateError::BadSignature => "a certificate's signature does not verify",
+        CertificateError::NotValidForName => "the certificate is not valid for the expected name",
+        CertificateError::InvalidPurpose => "the certificate's extendedKeyUsage does not allow this use (a node identity needs serverAuth and clientAuth)",
+        CertificateError::ApplicationVerificationFailure => "the certificate failed an application check",
+        CertificateError::Other(other) => {
+            if let Some(spiffe) = other.0.downcast_ref::<SpiffeCheckError>() {
+                return format!("invalid peer certificate: {spiffe}");
+            }
+            return match other.0.downcast_ref::<webpki::Error>() {
+                Some(webpki::Error::NameConstraintViolation) => "invalid peer certificate: an intermediate's name constraints exclude the certificate's name (rustls-webpki does not evaluate URI name constraints, so a name-constrained SPIFFE intermediate is refused)".into(),
+                Some(webpki::Error::PathLenConstraintViolated) => "invalid peer certificate: the chain is longer than an issuer's pathLenConstraint allows".into(),
+                Some(webpki::Error::CaUsedAsEndEntity) => "invalid peer certificate: a CA certificate was presented as the leaf".into(),
+                Some(webpki::Error::EndEntityUsedAsCa) => "invalid peer certificate: a leaf certificate was used as an issuer".into(),
+                Some(webpki::Error::MaximumPathDepthExceeded) => "invalid peer certificate: the chain is too long".into(),
+                Some(e) => format!("invalid peer certificate: {e}"),
+                None => format!("invalid peer certificate: {}", other.0),
+            };
+        }
+        // The context variants (expired at, not valid before, wrong purpose, ...) already say
+        // what they mean in rustls' own words.
+        _ => return err.to_string(),
+    };
+    format!("invalid peer certificate: {what}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::OtherError;
+    use std::sync::Arc;
+
+    #[test]
+    fn certificate_errors_are_words_not_rust_debug_text() {
+        let constrained = Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+            webpki::Error::NameConstraintViolation,
+        ))));
+        let text = tls_error_text(&constrained);
+        assert!(text.contains("name constraints"), "{text}");
+        assert!(
+            !text.contains("OtherError") && !text.contains("NameConstraintViolation"),
+            "{text}"
+        );
+        let unknown = tls_error_text(&Error::InvalidCertificate(CertificateError::UnknownIssuer));
+        assert!(unknown.contains("does not lead to a trusted root"), "{unknown}");
+        let io = io::Error::new(io::ErrorKind::InvalidData, constrained);
+        assert_eq!(failure_text(&io), text);
+        assert_eq!(
+            failure_text(&io::Error::from(io::ErrorKind::UnexpectedEof)),
+            "unexpected end of file"
+        );
+    }
+}

@@ -13,7 +13,7 @@ mod provider;
 mod session;
 mod verify;
 
-pub use classify::failure_reason;
+pub use classify::{failure_reason, failure_text, tls_error_text};
 pub use config::{accept, connect, ClientStream, ClientTls, ServerStream, ServerTls};
 pub use control::{cert_pin, ControlClientTls, ControlServerTls, ControlTlsError, ServerTrust};
 pub use material::{

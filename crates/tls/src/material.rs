@@ -281,7 +281,7 @@ impl Material {
         .map_err(|e| MaterialError::Untrusted {
             cert: files.cert.clone(),
             bundle: files.bundle.clone(),
-            detail: e.to_string(),
+            detail: crate::tls_error_text(&e),
         })?;
 
         Ok(Self {

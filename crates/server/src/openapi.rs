@@ -406,17 +406,15 @@ mod tests {
             },
         );
         use crate::dashboard::*;
-        same_fields(
-            "Fleet",
-            Fleet {
-                coverage_percent: 0.0,
-                links: 0,
-                encrypted: 0,
-                plaintext: 0,
-                nodes: 0,
-                nodes_reporting: 0,
-            },
-        );
+        let fleet = || Fleet {
+            coverage_percent: 0.0,
+            links: 0,
+            encrypted: 0,
+            plaintext: 0,
+            nodes: 0,
+            nodes_reporting: 0,
+        };
+        same_fields("Fleet", fleet());
         let node = NodeRow {
             name: String::new(),
             spiffe_id: String::new(),
@@ -466,14 +464,7 @@ mod tests {
             "Dashboard",
             Dashboard {
                 generated_at: 0,
-                fleet: Fleet {
-                    coverage_percent: 0.0,
-                    links: 0,
-                    encrypted: 0,
-                    plaintext: 0,
-                    nodes: 0,
-                    nodes_reporting: 0,
-                },
+                fleet: fleet(),
                 nodes: vec![node],
                 links: vec![link],
                 history: vec![],

@@ -51,20 +51,7 @@ fn the_dashboard_shows_the_nodes_and_coverage_the_api_reports() {
         ));
     }
     let admin_dir = dir.path().join("admin");
-    let (code, out, err) = run_tapproof(
-        EXE,
-        &[
-            "server",
-            "admin-cert",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--name",
-            "ops",
-            "--out",
-            admin_dir.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, 0, "{out}{err}");
+    server.admin_cert(EXE, "ops", &admin_dir);
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
     let bundle = vec![read(&admin_dir.join("bundle.pem"))];
     let admin = (

@@ -11,7 +11,6 @@
 //! failure.
 
 use std::process::Command;
-use tapproof_test_util::process::run_tapproof;
 use tapproof_test_util::server::{init, ServerProcess};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
@@ -26,20 +25,7 @@ fn schemathesis_finds_nothing_against_a_live_server() {
     let data = init(EXE, dir.path(), "example.org");
     let server = ServerProcess::start_with_args(EXE, &data, "127.0.0.1:0", "1h", None, &[]);
     let admin = dir.path().join("admin");
-    let (code, out, err) = run_tapproof(
-        EXE,
-        &[
-            "server",
-            "admin-cert",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--name",
-            "fuzz",
-            "--out",
-            admin.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, 0, "{out}{err}");
+    server.admin_cert(EXE, "fuzz", &admin);
     let url = format!("https://{}", server.addr);
     let out = Command::new(&schemathesis)
         .current_dir(dir.path())

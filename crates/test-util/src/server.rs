@@ -156,6 +156,25 @@ impl ServerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `tapproof server admin-cert --name NAME` into `out` (admin.pem, admin.key, bundle.pem).
+    pub fn admin_cert(&self, exe: &str, name: &str, out: &Path) {
+        let mut args = vec![
+            "server",
+            "admin-cert",
+            "--data-dir",
+            self.data_dir.to_str().unwrap(),
+            "--name",
+            name,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(store) = &self.store {
+            args.extend(["--store", store]);
+        }
+        let (code, stdout, err) = run_tapproof(exe, &args);
+        assert_eq!(code, 0, "admin-cert: {stdout}{err}");
+    }
+
     /// `tapproof server token create` for `node` with `services`.
     pub fn token(&self, exe: &str, node: &str, services: &[&str], ttl: &str) -> String {
         let mut args = vec![

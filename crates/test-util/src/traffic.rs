@@ -77,10 +77,20 @@ pub fn random_bytes(len: usize) -> Vec<u8> {
     v
 }
 
-/// Sends `payload`, half-closes, and returns everything read back until EOF.
+/// Sends `payload`, half-closes, and returns everything read back until EOF (giving up after 60 s
+/// without a byte).
 pub fn round_trip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    round_trip_within(addr, payload, std::time::Duration::from_secs(60))
+}
+
+/// `round_trip`, giving up after `quiet` without a byte (a lossy link's TCP may back off longer).
+pub fn round_trip_within(
+    addr: SocketAddr,
+    payload: &[u8],
+    quiet: std::time::Duration,
+) -> std::io::Result<Vec<u8>> {
     let tcp = TcpStream::connect(addr)?;
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    tcp.set_read_timeout(Some(quiet))?;
     let mut writer = tcp.try_clone()?;
     let payload = payload.to_vec();
     let sender = std::thread::spawn(move || -> std::io::Result<()> {

@@ -1025,6 +1025,7 @@ async fn request_rate_and_long_polls_are_capped_per_client() {
     let greedy = s.join("web-1", &[]).await;
     let other = s.join("web-2", &[]).await;
     let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    let started = std::time::Instant::now();
     for _ in 0..60 {
         let (status, v) = s
             .call(Some(&greedy), "GET", paths::STATE, Value::Null)
@@ -1032,11 +1033,15 @@ async fn request_rate_and_long_polls_are_capped_per_client() {
             .unwrap();
         *codes.entry(format!("{status} {}", code(&v))).or_default() += 1;
     }
-    // A burst of 4 x 5 = 20, then 5 a second.
+    // A burst of 4 x 5 = 20, then 5 a second for as long as the 60 calls took (each is a new
+    // TLS connection: on a busy machine they take seconds, and the bucket refills meanwhile).
+    let refilled = (5.0 * started.elapsed().as_secs_f64()).ceil() as usize;
+    let served = codes.get("200 ").copied().unwrap_or(0);
     let limited = codes.get("429 rate_limited").copied().unwrap_or(0);
+    assert_eq!(served + limited, 60, "only answers or rate limits: {codes:?}");
     assert!(
-        (30..=40).contains(&limited),
-        "60 requests at once with 5/s allowed: {codes:?}"
+        (20..=21 + refilled).contains(&served),
+        "60 requests in a row with a burst of 20 and 5/s ({refilled} refilled meanwhile): {codes:?}"
     );
     let (status, _) = s
         .call(Some(&other), "GET", paths::STATE, Value::Null)

@@ -97,6 +97,13 @@ struct Grant {
     services: Vec<String>,
 }
 
+impl Grant {
+    /// Nothing at all: such a caller is told "no identity issued".
+    fn is_empty(&self) -> bool {
+        !self.node && self.services.is_empty()
+    }
+}
+
 /// The identities `uid` gets under `config` (none when no caller entry names it).
 fn grant(config: &WorkloadApiConfig, uid: u32) -> Grant {
     if config.caller.is_empty() {
@@ -233,20 +240,16 @@ impl Api {
             count("no_security_header");
             return Err(Status::invalid_argument("security header missing from request"));
         }
-        let Some(caller) = request.extensions().get::<Caller>().filter(|c| c.uid.is_some()) else {
+        let caller = request.extensions().get::<Caller>();
+        let Some(uid) = caller.and_then(|c| c.uid) else {
             count("no_peer_credentials");
             return Err(Status::permission_denied(
                 "the caller's credentials could not be read",
             ));
         };
-        let uid = caller.uid.unwrap_or(u32::MAX);
         let g = grant(&self.config, uid);
-        debug!(method, uid, pid = ?caller.pid, node = g.node, services = ?g.services, "workload api call");
-        count(if g.node || !g.services.is_empty() {
-            "ok"
-        } else {
-            "no_identity"
-        });
+        debug!(method, uid, pid = ?caller.and_then(|c| c.pid), node = g.node, services = ?g.services, "workload api call");
+        count(if g.is_empty() { "no_identity" } else { "ok" });
         Ok(g)
     }
 
@@ -323,7 +326,7 @@ impl tonic::server::ServerStreamingService<proto::X509BundlesRequest> for FetchX
             // Bundles are public, but the spec asks the same of every call, and a caller given
             // no identity has no use for them either.
             let grant = api.admit("fetch_x509_bundles", &request)?;
-            if !grant.node && grant.services.is_empty() {
+            if grant.is_empty() {
                 return Err(Status::permission_denied("no identity issued"));
             }
             let state = api.state.clone();

@@ -14,6 +14,7 @@ command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 # promtool (package prometheus, without the recommended exporters) checks both roles' /metrics.

@@ -80,7 +80,7 @@ pub fn tls_error_text(err: &Error) -> String {
                 return format!("invalid peer certificate: {spiffe}");
             }
             return match other.0.downcast_ref::<webpki::Error>() {
-                Some(webpki::Error::NameConstraintViolation) => "invalid peer certificate: an intermediate's name constraints exclude the certificate's name (rustls-webpki does not evaluate URI name constraints, so a name-constrained SPIFFE intermediate is refused)".into(),
+                Some(webpki::Error::NameConstraintViolation) => "invalid peer certificate: an issuer's name constraints do not permit the certificate's name (a URI constraint must name the trust domain, e.g. permitted;URI:example.org; directory-name constraints are not supported)".into(),
                 Some(webpki::Error::PathLenConstraintViolated) => "invalid peer certificate: the chain is longer than an issuer's pathLenConstraint allows".into(),
                 Some(webpki::Error::CaUsedAsEndEntity) => "invalid peer certificate: a CA certificate was presented as the leaf".into(),
                 Some(webpki::Error::EndEntityUsedAsCa) => "invalid peer certificate: a leaf certificate was used as an issuer".into(),

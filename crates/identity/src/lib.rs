@@ -2,6 +2,7 @@
 //! and the certificate authority that mints identities. Pure logic: this crate does no network or
 //! file I/O, so every rule here is testable in memory.
 
+pub mod bundle;
 pub mod ca;
 pub mod csr;
 pub mod pattern;

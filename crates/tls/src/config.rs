@@ -1,6 +1,7 @@
 //! TLS 1.3 client and server configurations built from the current material, and the accept and
 //! connect calls the agent uses (so the agent never names rustls).
 
+use crate::federation::ForeignRoots;
 use crate::material::{Material, MaterialError};
 use crate::provider::{crypto_provider, KxPolicy};
 use crate::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
@@ -56,12 +57,22 @@ pub struct ServerTls {
 
 impl ServerTls {
     pub fn new(material: &Material, kx: KxPolicy) -> Result<Self, MaterialError> {
+        Self::federated(material, &ForeignRoots::default(), kx)
+    }
+
+    /// Also accepting clients of the federated trust domains in `foreign`.
+    pub fn federated(
+        material: &Material,
+        foreign: &ForeignRoots,
+        kx: KxPolicy,
+    ) -> Result<Self, MaterialError> {
         let provider = crypto_provider(kx);
         let verifier = SpiffeClientVerifier::new(
             material.roots.clone(),
             material.trust_domain.clone(),
             provider.clone(),
         )
+        .and_then(|v| v.federated(foreign, provider.clone()))
         .map_err(build_error)?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&TLS13])
@@ -83,8 +94,28 @@ pub struct ClientTls {
 
 impl ClientTls {
     pub fn new(material: &Material, expected_peer: SpiffeId, kx: KxPolicy) -> Result<Self, MaterialError> {
+        Self::federated(material, &ForeignRoots::default(), expected_peer, kx)
+    }
+
+    /// The peer may be of a federated trust domain in `foreign`; it is then checked against that
+    /// domain's roots only (ours only for our own domain; a domain in neither matches no root).
+    pub fn federated(
+        material: &Material,
+        foreign: &ForeignRoots,
+        expected_peer: SpiffeId,
+        kx: KxPolicy,
+    ) -> Result<Self, MaterialError> {
         let provider = crypto_provider(kx);
-        let verifier = SpiffeServerVerifier::new(material.roots.clone(), expected_peer, provider.clone());
+        let td = expected_peer.trust_domain();
+        let roots = if *td == material.trust_domain {
+            material.roots.clone()
+        } else {
+            foreign
+                .store(td)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(rustls::RootCertStore::empty()))
+        };
+        let verifier = SpiffeServerVerifier::new(roots, expected_peer, provider.clone());
         let mut config = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&TLS13])
             .map_err(build_error)?

@@ -49,6 +49,8 @@ pub(crate) fn check_svid(
 pub(crate) struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: TrustDomain,
+    /// One verifier per federated trust domain, each with only that domain's roots.
+    foreign: std::collections::BTreeMap<TrustDomain, Arc<dyn ClientCertVerifier>>,
     /// Seconds after its expiry a client certificate is still accepted (0: not at all). Only the
     /// control plane sets it, so an agent whose certificate expired during an outage can renew;
     /// what such a caller may do is the server's `authorize` (renewal only).
@@ -65,6 +67,7 @@ impl SpiffeClientVerifier {
         Ok(Self {
             inner,
             trust_domain,
+            foreign: Default::default(),
             expired_grace_s: 0,
         })
     }
@@ -84,8 +87,25 @@ impl SpiffeClientVerifier {
         Ok(Self {
             inner,
             trust_domain,
+            foreign: Default::default(),
             expired_grace_s: expired_grace.as_secs(),
         })
+    }
+
+    /// Also accepts clients of the federated trust domains in `foreign`, each checked against
+    /// its own domain's roots.
+    pub(crate) fn federated(
+        mut self,
+        foreign: &crate::ForeignRoots,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, rustls::server::VerifierBuilderError> {
+        // Our own domain is never federated: its peers chain to our bundle only.
+        for (td, roots) in foreign.iter().filter(|(td, _)| **td != self.trust_domain) {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+            self.foreign.insert(td.clone(), verifier);
+        }
+        Ok(self)
     }
 }
 
@@ -108,6 +128,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        // The roots are chosen by the trust domain the leaf claims: a federated domain's own
+        // verifier for its IDs, ours for everything else (the chain is checked before the SVID
+        // rules, so an unknown CA is reported as that whatever the certificate holds).
+        let claimed = inspect_svid(end_entity)
+            .ok()
+            .map(|info| info.id.trust_domain().clone());
+        if let Some((td, verifier)) = claimed.and_then(|td| self.foreign.get_key_value(&td)) {
+            verifier.verify_client_cert(end_entity, intermediates, now)?;
+            check_svid(end_entity, td)?;
+            return Ok(ClientCertVerified::assertion());
+        }
         match self.inner.verify_client_cert(end_entity, intermediates, now) {
             Ok(_) => {}
             Err(rustls::Error::InvalidCertificate(

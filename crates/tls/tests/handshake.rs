@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use tapproof_identity::{Authority, TrustDomain};
 use tapproof_tls::{
-    accept, client_session, connect, failure_reason, ClientTls, IdentityFiles, KxPolicy, Material,
-    MaterialError, ServerTls,
+    accept, client_session, connect, failure_reason, ClientTls, ForeignRoots, IdentityFiles, KxPolicy,
+    Material, MaterialError, ServerTls,
 };
 use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -27,7 +27,11 @@ fn write(path: &Path, text: &str, mode: u32) {
 
 impl Pki {
     fn new() -> Self {
-        let td = TrustDomain::new("example.org").unwrap();
+        Self::of("example.org")
+    }
+
+    fn of(trust_domain: &str) -> Self {
+        let td = TrustDomain::new(trust_domain).unwrap();
         let root = Authority::new_root(td.clone(), time::Duration::days(1)).unwrap();
         let ca = root.new_intermediate(time::Duration::hours(2)).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -62,6 +66,25 @@ impl Pki {
 
     fn server(&self, node: &str) -> ServerTls {
         ServerTls::new(&self.material(node), KxPolicy::PreferPostQuantum).unwrap()
+    }
+
+    /// A client of this PKI's `node` that trusts `other`'s root (besides its own) and requires
+    /// the server to be `expect` (so only the server's verdict on the client decides).
+    fn client_trusting(&self, node: &str, other: &Pki, expect: &str) -> ClientTls {
+        let mut files = self.files(node);
+        files.bundle = self.dir.path().join("both.pem");
+        write(
+            &files.bundle,
+            &format!("{}{}", self.root_pem, other.root_pem),
+            0o644,
+        );
+        let material = Material::load(&files, &self.td).unwrap();
+        ClientTls::new(
+            &material,
+            self.td.node_id(expect).unwrap(),
+            KxPolicy::PreferPostQuantum,
+        )
+        .unwrap()
     }
 
     /// A client identified as `node` that requires the server to be `expect`.
@@ -356,4 +379,91 @@ fn control_client_from_files_names_the_leaf_and_the_missing_file() {
         .unwrap()
         .to_string();
     assert!(err.contains("garbage.pem"), "{err}");
+}
+
+/// `of`'s roots, as the bundle of trust domain `td` (which need not be the one they issue for).
+fn foreign(td: &str, of: &Pki) -> ForeignRoots {
+    let mut roots = ForeignRoots::default();
+    roots
+        .insert_pem(TrustDomain::new(td).unwrap(), &of.root_pem)
+        .unwrap();
+    roots
+}
+
+/// SPIFFE federation: a node of example.org and one of partner.org, each holding the other's
+/// bundle, open a tunnel with both identities checked; each domain's roots vouch only for it.
+#[tokio::test]
+async fn federated_trust_domains_shake_hands_and_each_root_vouches_only_for_its_domain() {
+    let (ours, partner) = (Pki::new(), Pki::of("partner.org"));
+    let server = ServerTls::federated(
+        &partner.material("db-1"),
+        &foreign("example.org", &ours),
+        KxPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    let db = partner.td.node_id("db-1").unwrap();
+    let client = ClientTls::federated(
+        &ours.material("web-1"),
+        &foreign("partner.org", &partner),
+        db.clone(),
+        KxPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let (s, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
+    let (s, c) = (s.expect("server side"), c.expect("client side"));
+    assert_eq!(
+        tapproof_tls::server_session(&s).peer_id.unwrap().to_string(),
+        "spiffe://example.org/node/web-1"
+    );
+    assert_eq!(client_session(&c).peer_id.unwrap(), db);
+
+    // Without the other's bundle neither side trusts the other.
+    let unfederated_server = partner.server("db-1");
+    let (a, b) = duplex(64 * 1024);
+    let (s, _) = tokio::join!(accept(&unfederated_server, a), connect(&client, b, peer()));
+    assert_eq!(failure_reason(&s.err().unwrap()), "unknown_ca");
+    let unfederated_client =
+        ClientTls::new(&ours.material("web-1"), db.clone(), KxPolicy::PreferPostQuantum).unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let (_, c) = tokio::join!(accept(&server, a), connect(&unfederated_client, b, peer()));
+    assert_eq!(failure_reason(&c.err().unwrap()), "unknown_ca");
+
+    // A CA trusted as partner.org's cannot vouch for an example.org identity: a server of
+    // example.org that federates with "partner.org" (whose bundle is in truth an impostor's root
+    // issuing example.org IDs) refuses the impostor's client, and a client expecting an
+    // example.org peer refuses the impostor's server.
+    let impostor = Pki::of("example.org");
+    let server = ServerTls::federated(
+        &ours.material("db-1"),
+        &foreign("partner.org", &impostor),
+        KxPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    let client = impostor.client_trusting("web-1", &ours, "db-1");
+    let (a, b) = duplex(64 * 1024);
+    let (s, _) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
+    assert_eq!(failure_reason(&s.err().unwrap()), "unknown_ca");
+    let client = ClientTls::federated(
+        &ours.material("web-1"),
+        &foreign("partner.org", &impostor),
+        ours.td.node_id("db-1").unwrap(),
+        KxPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let impostor_server = impostor.server("db-1");
+    let (_, c) = tokio::join!(accept(&impostor_server, a), connect(&client, b, peer()));
+    assert_eq!(failure_reason(&c.err().unwrap()), "unknown_ca");
+    // Nor can a federation entry re-root our own domain.
+    let server = ServerTls::federated(
+        &ours.material("db-1"),
+        &foreign("example.org", &impostor),
+        KxPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let impostor_client = impostor.client_trusting("web-1", &ours, "db-1");
+    let (s, _) = tokio::join!(accept(&server, a), connect(&impostor_client, b, peer()));
+    assert_eq!(failure_reason(&s.err().unwrap()), "unknown_ca");
 }

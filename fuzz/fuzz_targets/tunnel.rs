@@ -27,7 +27,7 @@ fn harness() -> &'static Harness {
         let config = tapproof_agent::AgentConfig::parse(std::path::Path::new("fuzz.toml"), &text).unwrap();
         let files = tapproof_agent::identity_files(&config);
         let material = tapproof_tls::ReloadingMaterial::load(files, config.trust_domain.clone()).unwrap();
-        let state = Arc::new(tapproof_agent::AgentState::new(config, material, Some(1024)));
+        let state = Arc::new(tapproof_agent::AgentState::new(config, material, Default::default(), Some(1024)));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         Harness { rt, state, peer: pki.id("web-1"), _pki: pki }
     })

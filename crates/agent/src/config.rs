@@ -78,6 +78,10 @@ pub struct AgentConfig {
     /// The SPIFFE Workload API for local workloads, on a Unix socket.
     #[serde(default)]
     pub workload_api: Option<WorkloadApiConfig>,
+    /// Other trust domains whose IDs may be peers (SPIFFE federation): their bundles, from a
+    /// file and optionally kept fresh from their SPIFFE bundle endpoint.
+    #[serde(default)]
+    pub federation: Vec<FederationConfig>,
     /// The file's TOML as parsed: a reload compares its sections to find what changed.
     #[serde(skip)]
     pub source: toml::Table,
@@ -256,6 +260,75 @@ pub struct OutboundConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// The other trust domain.
+    #[serde(deserialize_with = "de_from_str")]
+    pub trust_domain: TrustDomain,
+    /// Its roots (PEM), as obtained out of band: the whole of a static federation, and the
+    /// bundle the endpoint is first checked against when `endpoint` is given.
+    pub bundle: PathBuf,
+    /// Its SPIFFE bundle endpoint, `https://HOST:PORT/PATH` (https_spiffe profile; a tapproof
+    /// server serves `/v1/spiffe-bundle`). Fetched at start and then as its refresh hint says.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The SPIFFE ID the endpoint's server must prove (with `endpoint`), in `trust_domain`.
+    #[serde(default, deserialize_with = "de_opt_from_str")]
+    pub endpoint_id: Option<SpiffeId>,
+    /// Fetch this often instead of as the endpoint's refresh hint says (at least 1 s).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub refresh_interval: Option<Duration>,
+}
+
+/// `https://HOST:PORT/PATH` of a bundle endpoint, split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleEndpoint {
+    /// `HOST:PORT`, as the control-plane client dials it.
+    pub authority: String,
+    pub path: String,
+}
+
+impl BundleEndpoint {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url.strip_prefix("https://").ok_or_else(|| {
+            format!("{url:?} is not an https:// URL (a bundle endpoint is served over TLS)")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.contains('@') || path.contains(['?', '#', ' ']) {
+            return Err(format!(
+                "{url:?}: give https://HOST:PORT/PATH, with no user, query or fragment"
+            ));
+        }
+        match authority.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => return Err(format!("{url:?} does not name HOST:PORT (the port is required)")),
+        }
+        Ok(Self {
+            authority: authority.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl AgentConfig {
+    /// Whether IDs of `td` can be peers: ours, or a federated domain.
+    pub fn knows_trust_domain(&self, td: &TrustDomain) -> bool {
+        *td == self.trust_domain || self.federation.iter().any(|f| f.trust_domain == *td)
+    }
+
+    /// What an ID of an unknown trust domain is told.
+    fn unknown_trust_domain(&self, id: &dyn std::fmt::Display) -> String {
+        format!(
+            "{id} is not in trust domain {} nor in a federated one (add a [[federation]] entry for its trust domain)",
+            self.trust_domain
+        )
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkloadApiConfig {
     /// The Unix socket the Workload API is served on (mode 0666: who gets what is decided by the
     /// caller's user, from the kernel). A stale socket file there is replaced.
@@ -362,6 +435,10 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!("{e} (write durations like \"500ms\", \"30s\", \"5m\")"))
     })
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
 }
 
 /// Service names travel as the CONNECT authority and become `spiffe://<td>/svc/<name>`, so they
@@ -511,6 +588,40 @@ impl AgentConfig {
                 "must be at least 1".into(),
             ));
         }
+        let mut federated = HashSet::new();
+        for (i, f) in self.federation.iter().enumerate() {
+            let key = |k: &str| format!("federation[{i}].{k}");
+            if f.trust_domain == self.trust_domain {
+                return Err(invalid(
+                    key("trust_domain"),
+                    format!(
+                        "{} is this agent's own trust domain; federation names another one",
+                        f.trust_domain
+                    ),
+                ));
+            }
+            if !federated.insert(&f.trust_domain) {
+                return Err(invalid(
+                    key("trust_domain"),
+                    format!("{} is federated twice", f.trust_domain),
+                ));
+            }
+            if f.refresh_interval.is_some_and(|d| d < Duration::from_secs(1)) {
+                return Err(invalid(key("refresh_interval"), "must be at least 1s".into()));
+            }
+            match (&f.endpoint, &f.endpoint_id) {
+                (Some(url), Some(id)) => {
+                    BundleEndpoint::parse(url).map_err(|e| invalid(key("endpoint"), e))?;
+                    if id.trust_domain() != &f.trust_domain {
+                        return Err(invalid(key("endpoint_id"), format!("{id} is not in {}: the endpoint proves an identity of the domain it serves the bundle of", f.trust_domain)));
+                    }
+                }
+                (Some(_), None) => return Err(invalid(key("endpoint_id"), "is missing: name the SPIFFE ID the bundle endpoint proves (a tapproof server: spiffe://<its trust domain>/server)".into())),
+                (None, Some(_)) => return Err(invalid(key("endpoint"), "is missing (endpoint_id names the identity of an endpoint)".into())),
+                (None, None) if f.refresh_interval.is_some() => return Err(invalid(key("refresh_interval"), "is set but there is no endpoint to fetch from".into())),
+                (None, None) => {}
+            }
+        }
         let mut services = HashSet::new();
         for (i, inbound) in self.inbound.iter().enumerate() {
             let key = |k: &str| format!("inbound[{i}].{k}");
@@ -545,13 +656,10 @@ impl AgentConfig {
                 ));
             }
             for (j, pattern) in inbound.allow.iter().enumerate() {
-                if pattern.trust_domain() != &self.trust_domain {
+                if !self.knows_trust_domain(pattern.trust_domain()) {
                     return Err(invalid(
                         format!("inbound[{i}].allow[{j}]"),
-                        format!(
-                            "{pattern} is not in trust domain {}; it could never match",
-                            self.trust_domain
-                        ),
+                        format!("{}; it could never match", self.unknown_trust_domain(pattern)),
                     ));
                 }
             }
@@ -634,11 +742,8 @@ impl AgentConfig {
                         "is missing: name the SPIFFE ID the peers must prove".into(),
                     ));
                 }
-                (false, Some(id)) if id.trust_domain() != &self.trust_domain => {
-                    return Err(invalid(
-                        key("server_id"),
-                        format!("{id} is not in trust domain {}", self.trust_domain),
-                    ));
+                (false, Some(id)) if !self.knows_trust_domain(id.trust_domain()) => {
+                    return Err(invalid(key("server_id"), self.unknown_trust_domain(id)));
                 }
                 (false, Some(_)) => {}
             }

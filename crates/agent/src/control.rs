@@ -102,12 +102,7 @@ fn server_id(td: &TrustDomain) -> SpiffeId {
     SpiffeId::new(td.clone(), "/server").expect("\"/server\" is a valid path")
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use tapproof_identity::when::now;
 
 /// Returns the identity files, joining first if the data dir holds no identity yet.
 /// The first join's retry delays: from `JOIN_RETRY_MIN`, doubling, at most `JOIN_RETRY_MAX`

@@ -10,6 +10,7 @@ mod copy;
 mod coverage;
 mod drain;
 pub mod endpoint;
+pub mod federation;
 mod inbound;
 pub mod limits;
 pub mod metrics;
@@ -54,6 +55,8 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Workload(#[from] workload::WorkloadError),
+    #[error("{0}")]
+    Federation(#[from] federation::FederationError),
     #[error("cannot write ready file {path}: {error}")]
     ReadyFile { path: PathBuf, error: std::io::Error },
 }
@@ -109,6 +112,7 @@ pub async fn run(
         (None, None) => unreachable!("config checks guarantee an identity source"),
     };
     let material = ReloadingMaterial::load(files, config.trust_domain.clone())?;
+    let foreign = federation::load_files(&config.federation)?;
     let admin_listener = bind("admin.listen".into(), config.admin.listen).await?;
     let tunnel_listener = if config.inbound.is_empty() {
         None
@@ -128,7 +132,8 @@ pub async fn run(
     if let Some(addr) = bound.tunnel {
         vouch::sockets().listening(addr);
     }
-    let state = Arc::new(AgentState::new(config, material, options.fd_limit));
+    let state = Arc::new(AgentState::new(config, material, foreign, options.fd_limit));
+    federation::record_loaded(&state);
     let advertise = state
         .config
         .tunnel
@@ -165,6 +170,9 @@ pub async fn run(
         admin_stop.clone(),
     ));
     tokio::spawn(drain::reload_loop(state.clone(), stop.clone()));
+    for f in state.config.federation.iter().filter(|f| f.endpoint.is_some()) {
+        tokio::spawn(federation::refresh_loop(state.clone(), f.clone(), stop.clone()));
+    }
     if let Some(control) = state.config.control.clone() {
         // Up until an exchange says otherwise (it joined or holds an identity from it).
         state.metrics.control_plane_up.set(1);

@@ -130,6 +130,23 @@ pub struct Metrics {
     pub control_requests: LatencyFamily<RouteLabels>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub workload_api: Family<WorkloadLabels, Counter>,
+    pub federation_refreshes: Family<FederationLabels, Counter>,
+    pub federation_roots: Family<TrustDomainLabel, Gauge>,
+    pub federation_updated: Family<TrustDomainLabel, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FederationLabels {
+    /// A federated trust domain (from the config: a fixed set).
+    pub trust_domain: String,
+    /// `ok` (fetched and in force), `unchanged` (fetched, same roots), `unreachable`,
+    /// `refused` (the endpoint answered with an error status), `bad_bundle`.
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrustDomainLabel {
+    pub trust_domain: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -160,6 +177,9 @@ impl Metrics {
             control_requests: Family::new_with_constructor(latency),
             config_reloads: Family::default(),
             workload_api: Family::default(),
+            federation_refreshes: Family::default(),
+            federation_roots: Family::default(),
+            federation_updated: Family::default(),
             tunnels: Family::default(),
             tunnels_open: Family::default(),
             streams: Family::default(),
@@ -277,6 +297,22 @@ impl Metrics {
             "workload_api_requests",
             "SPIFFE Workload API calls by method and result (a stream counts once, when it starts)",
             m.workload_api.clone(),
+        );
+        registry.register(
+            "federation_bundle_refreshes",
+            "Fetches of a federated trust domain's bundle from its SPIFFE bundle endpoint, by result",
+            m.federation_refreshes.clone(),
+        );
+        registry.register(
+            "federation_bundle_roots",
+            "Roots in force for each federated trust domain",
+            m.federation_roots.clone(),
+        );
+        registry.register_with_unit(
+            "federation_bundle_updated_timestamp",
+            "When each federated trust domain's bundle in force was last loaded or confirmed by its endpoint (Unix time)",
+            prometheus_client::registry::Unit::Seconds,
+            m.federation_updated.clone(),
         );
         tapproof_metrics::register_build_info(registry, "agent");
         Self { registry: root, ..m }

@@ -68,16 +68,9 @@ pub struct Tunnel {
     expires_at: i64,
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 impl Tunnel {
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire) && unix_now() < self.expires_at
+        self.alive.load(Ordering::Acquire) && tapproof_identity::when::now() < self.expires_at
     }
 
     pub fn mark_dead(&self) {

@@ -7,7 +7,8 @@
 //! - `[[inbound]]`: services, forwards and allow lists apply to new streams. The tunnel listener
 //!   itself exists only if the agent started with an inbound service.
 //! - `[audit]`: the next coverage report uses it.
-//! - `trust_domain`, `[identity]`, `[control]`, `[admin]`, `[tunnel]` and `[workload_api]` need a restart: a change
+//! - `trust_domain`, `[identity]`, `[control]`, `[admin]`, `[tunnel]`, `[workload_api]` and
+//!   `[[federation]]` need a restart: a change
 //!   there is named in the log and left unapplied.
 //!
 //! A config file that does not load is refused as a whole: the running config stays, and the log
@@ -34,6 +35,7 @@ const FIXED: &[(&str, &str)] = &[
     ("admin", "[admin]"),
     ("tunnel", "[tunnel]"),
     ("workload_api", "[workload_api]"),
+    ("federation", "[[federation]]"),
 ];
 
 /// One outbound listener being served.

@@ -20,11 +20,14 @@ pub struct AgentState {
     /// `[audit]` (`reload.rs`).
     applied: std::sync::RwLock<Arc<AgentConfig>>,
     pub material: ReloadingMaterial,
+    /// The other trust domains' bundles (`[[federation]]`).
+    pub federation: crate::federation::Federation,
     pub metrics: Metrics,
     pub ready: AtomicBool,
     /// Set while renewal rewrites the identity files, so the reload loop does not read a half-written set.
     pub renewing: AtomicBool,
-    server_tls: Mutex<Option<(u64, ServerTls)>>,
+    /// Keyed by (material generation, federation generation).
+    server_tls: Mutex<Option<((u64, u64), ServerTls)>>,
     tunnels: Mutex<BTreeMap<u64, Arc<TunnelStats>>>,
     next_tunnel: AtomicU64,
     revoked: std::sync::RwLock<RevocationSet>,
@@ -109,7 +112,13 @@ impl AgentState {
             .collect()
     }
 
-    pub fn new(config: AgentConfig, material: ReloadingMaterial, fd_limit: Option<u64>) -> Self {
+    /// `foreign`: the federated bundles as loaded from their files (`federation::load_files`).
+    pub fn new(
+        config: AgentConfig,
+        material: ReloadingMaterial,
+        foreign: tapproof_tls::ForeignRoots,
+        fd_limit: Option<u64>,
+    ) -> Self {
         let metrics = Metrics::new(config.control.is_some());
         Self {
             limits: crate::limits::Limits::new(&config.tunnel, fd_limit),
@@ -118,6 +127,7 @@ impl AgentState {
             forwards: Default::default(),
             config,
             material,
+            federation: crate::federation::Federation::new(foreign),
             metrics,
             ready: AtomicBool::new(false),
             renewing: AtomicBool::new(false),
@@ -150,16 +160,21 @@ impl AgentState {
         }
     }
 
-    /// The inbound TLS config for the current material, rebuilt after a reload.
+    /// The inbound TLS config for the current material and federated bundles, rebuilt after
+    /// either changes.
     pub fn server_tls(&self) -> Result<ServerTls, MaterialError> {
-        let generation = self.material.generation();
+        let generation = (self.material.generation(), self.federation.generation());
         let mut cached = self.server_tls.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((g, tls)) = cached.as_ref() {
             if *g == generation {
                 return Ok(tls.clone());
             }
         }
-        let tls = ServerTls::new(&self.material.current(), self.kx_policy())?;
+        let tls = ServerTls::federated(
+            &self.material.current(),
+            &self.federation.current(),
+            self.kx_policy(),
+        )?;
         *cached = Some((generation, tls.clone()));
         Ok(tls)
     }
@@ -167,7 +182,12 @@ impl AgentState {
     /// An outbound TLS config expecting `peer`, for the current material.
     pub fn client_tls(&self, peer: &SpiffeId) -> Result<(u64, ClientTls), MaterialError> {
         let generation = self.material.generation();
-        let tls = ClientTls::new(&self.material.current(), peer.clone(), self.kx_policy())?;
+        let tls = ClientTls::federated(
+            &self.material.current(),
+            &self.federation.current(),
+            peer.clone(),
+            self.kx_policy(),
+        )?;
         Ok((generation, tls))
     }
 

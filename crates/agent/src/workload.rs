@@ -191,19 +191,32 @@ fn x509_response(state: &AgentState, grant: &Grant) -> Result<proto::X509SvidRes
     Ok(proto::X509SvidResponse {
         svids,
         crl: Vec::new(),
-        federated_bundles: HashMap::new(),
+        federated_bundles: federated_bundles(state),
     })
 }
 
-/// The X509BundlesResponse: this trust domain's roots, keyed by its SPIFFE ID
-/// (`spiffe://<td>`).
+/// The federated trust domains' roots (`[[federation]]`), keyed by `spiffe://<td>`, each
+/// concatenated DER as the spec has it.
+fn federated_bundles(state: &AgentState) -> HashMap<String, Vec<u8>> {
+    let foreign = state.federation.current();
+    foreign
+        .trust_domains()
+        .map(|td| {
+            let der = foreign.roots_der(td).unwrap_or_default().concat();
+            (format!("spiffe://{td}"), der)
+        })
+        .collect()
+}
+
+/// The X509BundlesResponse: this trust domain's roots and the federated ones, each keyed by the
+/// trust domain's SPIFFE ID (`spiffe://<td>`).
 fn bundles_response(state: &AgentState) -> Result<proto::X509BundlesResponse, Status> {
     let svid = state
         .material
         .current()
         .exported()
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    let mut bundles = HashMap::new();
+    let mut bundles = federated_bundles(state);
     bundles.insert(format!("spiffe://{}", state.config.trust_domain), svid.bundle_der);
     Ok(proto::X509BundlesResponse {
         crl: Vec::new(),

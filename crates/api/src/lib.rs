@@ -34,6 +34,8 @@ pub mod paths {
     pub const HEALTHZ: &str = "/healthz";
     pub const OPENAPI: &str = "/v1/openapi.json";
     pub const BUNDLE: &str = "/v1/bundle";
+    /// The same roots as a SPIFFE bundle endpoint serves them (JWK Set), for federation.
+    pub const SPIFFE_BUNDLE: &str = "/v1/spiffe-bundle";
     pub const JOIN: &str = "/v1/join";
     pub const SIGN: &str = "/v1/sign";
     pub const STATE: &str = "/v1/state";

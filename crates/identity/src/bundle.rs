@@ -33,8 +33,8 @@ pub enum BundleError {
     NoX509Roots,
     #[error("the SPIFFE bundle holds {0} roots; at most {MAX_ROOTS} are accepted")]
     TooManyRoots(usize),
-    #[error("the SPIFFE bundle's spiffe_refresh_hint is not a whole number of seconds")]
-    BadRefreshHint,
+    #[error("the SPIFFE bundle's {0} is not a whole number")]
+    BadNumber(&'static str),
     #[error("root {index} cannot be put in a SPIFFE bundle: {detail}")]
     Unencodable { index: usize, detail: String },
 }
@@ -100,8 +100,9 @@ fn jwk_params(cert: &X509Certificate<'_>) -> Result<Map<String, Value>, String> 
     Ok(m)
 }
 
-/// The SPIFFE bundle document for `roots` (DER), with a refresh hint and a sequence number.
-pub fn encode(roots: &[Vec<u8>], refresh_hint_s: u64, sequence: u64) -> Result<String, BundleError> {
+/// The SPIFFE bundle document for `roots` (DER), with a refresh hint and, if the caller keeps
+/// one, a sequence number (the spec makes it optional; it must only grow).
+pub fn encode(roots: &[Vec<u8>], refresh_hint_s: u64, sequence: Option<u64>) -> Result<String, BundleError> {
     let mut keys = Vec::new();
     for (index, der) in roots.iter().enumerate() {
         let unencodable = |detail: String| BundleError::Unencodable { index, detail };
@@ -111,12 +112,11 @@ pub fn encode(roots: &[Vec<u8>], refresh_hint_s: u64, sequence: u64) -> Result<S
         key.insert("x5c".into(), json!([STANDARD.encode(der)]));
         keys.push(Value::Object(key));
     }
-    Ok(json!({
-        "keys": keys,
-        "spiffe_refresh_hint": refresh_hint_s,
-        "spiffe_sequence": sequence,
-    })
-    .to_string())
+    let mut doc = json!({ "keys": keys, "spiffe_refresh_hint": refresh_hint_s });
+    if let Some(sequence) = sequence {
+        doc["spiffe_sequence"] = sequence.into();
+    }
+    Ok(doc.to_string())
 }
 
 /// Reads a SPIFFE bundle document: every `x509-svid` key's certificate, checked to be a CA whose
@@ -130,15 +130,12 @@ pub fn decode(text: &[u8]) -> Result<SpiffeBundle, BundleError> {
         .get("keys")
         .and_then(Value::as_array)
         .ok_or(BundleError::NoKeys)?;
-    let number = |name: &str| match doc.get(name) {
+    let number = |name: &'static str| match doc.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or(BundleError::BadRefreshHint),
+        Some(v) => v.as_u64().map(Some).ok_or(BundleError::BadNumber(name)),
     };
     let refresh_hint_s = number("spiffe_refresh_hint")?;
-    let sequence = number("spiffe_sequence").map_err(|_| BundleError::BadKey {
-        index: 0,
-        detail: "spiffe_sequence is not a whole number".into(),
-    })?;
+    let sequence = number("spiffe_sequence")?;
     let mut roots = Vec::new();
     for (index, key) in keys.iter().enumerate() {
         let bad = |detail: String| BundleError::BadKey { index, detail };
@@ -213,7 +210,7 @@ mod tests {
     #[test]
     fn a_bundle_round_trips() {
         let (a, b) = (root_der(), root_der());
-        let text = encode(&[a.clone(), b.clone()], 300, 7).unwrap();
+        let text = encode(&[a.clone(), b.clone()], 300, Some(7)).unwrap();
         let doc: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(doc["keys"][0]["use"], "x509-svid");
         assert_eq!(doc["keys"][0]["kty"], "EC");
@@ -226,7 +223,8 @@ mod tests {
     #[test]
     fn jwt_keys_are_skipped_and_bad_documents_named() {
         let der = root_der();
-        let mut doc: Value = serde_json::from_str(&encode(&[der.clone()], 60, 1).unwrap()).unwrap();
+        let mut doc: Value =
+            serde_json::from_str(&encode(std::slice::from_ref(&der), 60, None).unwrap()).unwrap();
         doc["keys"]
             .as_array_mut()
             .unwrap()
@@ -257,7 +255,7 @@ mod tests {
             assert!(err.contains(want), "{doc}: {err}");
         }
         // A key whose JWK says another public key than its certificate's.
-        let mut doc: Value = serde_json::from_str(&encode(&[der], 60, 1).unwrap()).unwrap();
+        let mut doc: Value = serde_json::from_str(&encode(&[der], 60, None).unwrap()).unwrap();
         doc["keys"][0]["x"] = URL_SAFE_NO_PAD.encode([1u8; 32]).into();
         let err = decode(doc.to_string().as_bytes()).unwrap_err().to_string();
         assert!(err.contains("\"x\" does not match"), "{err}");

@@ -26,6 +26,31 @@ pub(crate) async fn bundle(State(s): State<Arc<AppState>>) -> Json<BundleRespons
     })
 }
 
+/// `GET /v1/spiffe-bundle`: the trust bundle as a SPIFFE bundle endpoint serves it (JWK Set
+/// with x509-svid keys), so another trust domain (tapproof or SPIRE) can federate with this one
+/// by the https_spiffe profile: the endpoint proves the server's SVID, checked against the bundle
+/// the other side already holds. No sequence number: nothing here counts bundle changes yet.
+pub(crate) async fn spiffe_bundle(
+    State(s): State<Arc<AppState>>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let ca = s.ca();
+    let roots = ca
+        .bundle
+        .iter()
+        .map(|pem| tapproof_identity::ca::first_der(pem))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::CaError,
+                format!("a root of the bundle cannot be read: {e}"),
+            )
+        })?;
+    let doc = tapproof_identity::bundle::encode(&roots, tapproof_identity::bundle::REFRESH_HINT_S, None)
+        .map_err(|e| ApiError::new(ErrorCode::CaError, e.to_string()))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], doc).into_response())
+}
+
 /// Signs `public_key` for `id`, records the certificate.
 async fn issue(
     s: &AppState,

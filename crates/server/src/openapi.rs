@@ -78,6 +78,16 @@ fn schemas() -> Value {
             "message": string(),
         }), false),
         "Bundle": object(&["trust_domain", "roots"], json!({ "trust_domain": string(), "roots": strings() }), false),
+        "SpiffeBundle": object(&["keys", "spiffe_refresh_hint"], json!({
+            "keys": { "type": "array", "items": object(&["use", "kty", "x5c"], json!({
+                "use": { "type": "string", "const": "x509-svid" },
+                "kty": { "type": "string", "enum": ["EC", "RSA"] },
+                "crv": string(), "x": string(), "y": string(), "n": string(), "e": string(),
+                "x5c": { "type": "array", "items": string(), "minItems": 1, "maxItems": 1, "description": "the root certificate, base64 DER" },
+            }), false) },
+            "spiffe_refresh_hint": { "type": "integer", "minimum": 0, "description": "seconds until a federated peer should fetch again" },
+            "spiffe_sequence": { "type": "integer", "minimum": 0 },
+        }), false),
         "JoinRequest": object(&["token", "csr"], json!({
             "token": string(),
             "csr": { "type": "string", "description": "PEM CSR, ECDSA P-256 or Ed25519; only its public key is used" },
@@ -195,6 +205,17 @@ pub fn document() -> Value {
         "summary": "Trust bundle: every root agents must trust (no client certificate needed)",
         "security": [],
         "responses": { "200": ok("bundle", "Bundle") }
+    } }),
+    );
+    add(
+        paths::SPIFFE_BUNDLE,
+        json!({ "get": {
+        "summary": "SPIFFE bundle endpoint (https_spiffe profile): the trust bundle as a JWK Set, for trust domains that federate with this one (no client certificate needed)",
+        "security": [],
+        "responses": {
+            "200": ok("SPIFFE bundle", "SpiffeBundle"),
+            "500": error_response(&[E::CaError])
+        }
     } }),
     );
     add(
@@ -538,7 +559,13 @@ mod tests {
         }
         assert_eq!(
             open,
-            BTreeSet::from([paths::HEALTHZ, paths::OPENAPI, paths::BUNDLE, paths::JOIN])
+            BTreeSet::from([
+                paths::HEALTHZ,
+                paths::OPENAPI,
+                paths::BUNDLE,
+                paths::SPIFFE_BUNDLE,
+                paths::JOIN
+            ])
         );
     }
 

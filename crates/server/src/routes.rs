@@ -13,6 +13,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(paths::HEALTHZ, get(|| async { "ok\n" }))
         .route(paths::OPENAPI, get(|| async { Json(crate::openapi::document()) }))
         .route(paths::BUNDLE, get(enrol::bundle))
+        .route(paths::SPIFFE_BUNDLE, get(enrol::spiffe_bundle))
         .route(paths::JOIN, post(enrol::join))
         .route(paths::SIGN, post(enrol::sign))
         .route(paths::STATE, get(feed::state_feed))

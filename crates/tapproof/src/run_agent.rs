@@ -66,6 +66,7 @@ pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
         }
     }
     let material = Material::load(&files, &config.trust_domain).map_err(|e| ConfigProblem(e.to_string()))?;
+    tapproof_agent::federation::load_files(&config.federation).map_err(|e| ConfigProblem(e.to_string()))?;
     println!("config {}: ok", args.config.display());
     println!("  identity        {}", material.id());
     println!("  expires in      {} s", material.seconds_to_expiry());
@@ -79,6 +80,20 @@ pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if !config.federation.is_empty() {
+        println!(
+            "  federated with  {}",
+            config
+                .federation
+                .iter()
+                .map(|f| match &f.endpoint {
+                    Some(url) => format!("{} (bundle from {url})", f.trust_domain),
+                    None => format!("{} (bundle file only)", f.trust_domain),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!(
         "  outbound        {}",
         config

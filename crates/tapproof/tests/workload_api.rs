@@ -50,12 +50,18 @@ fn a_local_workload_gets_the_node_svid_and_bundle_and_follows_rotation() {
     let id = pki.node("db-1");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("run/workload.sock");
+    // A federated trust domain: its bundle goes to workloads too.
+    let partner = TestPki::for_domain("partner.org");
+    let federation = format!(
+        "[[federation]]\ntrust_domain = \"partner.org\"\nbundle = \"{}\"\n",
+        partner.bundle().display()
+    );
     // No [[workload_api.caller]]: root and the agent's own user (this test's) get the node's.
     let agent = AgentProcess::start(
         EXE,
         dir.path(),
         "db-1",
-        &agent_config(&identity_section(&id), &socket, ""),
+        &agent_config(&identity_section(&id), &socket, &federation),
     );
     let mode = std::fs::metadata(&socket).unwrap().permissions();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o666);
@@ -72,7 +78,9 @@ fn a_local_workload_gets_the_node_svid_and_bundle_and_follows_rotation() {
         svid["chain"].as_u64().unwrap() >= 2,
         "leaf and intermediate: {got}"
     );
-    assert_eq!(got["trust_domains"], serde_json::json!(["example.org"]), "{got}");
+    let both = serde_json::json!(["example.org", "partner.org"]);
+    assert_eq!(got["trust_domains"], both, "{got}");
+    assert_eq!(got["context_trust_domains"], both, "{got}");
     assert!(got["bundle_roots"].as_u64().unwrap() >= 1, "{got}");
     let first_serial = svid["serial"].as_str().unwrap().to_owned();
 

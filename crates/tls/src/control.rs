@@ -150,6 +150,8 @@ pub enum ServerTrust {
     Pin([u8; 32]),
     /// After joining: the trust bundle's root PEMs.
     Bundle(Vec<String>),
+    /// A federated trust domain's bundle endpoint: the roots held for the server ID's domain.
+    Federated(crate::ForeignRoots),
 }
 
 /// The agent's side of the control-plane connection.
@@ -169,10 +171,15 @@ impl ControlClientTls {
         let roots = match &trust {
             ServerTrust::Pin(_) => None,
             ServerTrust::Bundle(pems) => Some(roots_from(pems)?),
+            ServerTrust::Federated(foreign) => {
+                Some(foreign.store(server_id.trust_domain()).cloned().ok_or_else(|| {
+                    ControlTlsError::Config(format!("no bundle held for {}", server_id.trust_domain()))
+                })?)
+            }
         };
         let pin = match trust {
             ServerTrust::Pin(p) => Some(p),
-            ServerTrust::Bundle(_) => None,
+            ServerTrust::Bundle(_) | ServerTrust::Federated(_) => None,
         };
         let verifier = ControlServerVerifier {
             pin,

@@ -12,7 +12,6 @@ use rustls::RootCertStore;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 use tapproof_identity::{inspect_svid, SpiffeId, SvidError, SvidInfo, TrustDomain};
 
 /// Where an agent's identity lives on disk.
@@ -125,13 +124,6 @@ struct RawFiles {
     bundle: Vec<u8>,
 }
 
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, MaterialError> {
     std::fs::read(path).map_err(|source| MaterialError::Read {
         what,
@@ -221,7 +213,7 @@ impl Material {
                 trust_domain: trust_domain.clone(),
             });
         }
-        let now = now_unix();
+        let now = tapproof_identity::when::now();
         if svid.not_after < now {
             return Err(MaterialError::Expired {
                 path: files.cert.clone(),
@@ -303,7 +295,7 @@ impl Material {
 
     /// Seconds until the leaf expires (negative once it has).
     pub fn seconds_to_expiry(&self) -> i64 {
-        self.svid.not_after - now_unix()
+        self.svid.not_after - tapproof_identity::when::now()
     }
 
     pub fn root_count(&self) -> usize {

@@ -239,3 +239,54 @@ fn workload_api_callers_are_checked_and_errors_name_the_key() {
         "{e}"
     );
 }
+
+#[test]
+fn federation_entries_are_checked_and_let_foreign_ids_in() {
+    let federated = format!(
+        "{EXAMPLE}[[federation]]\ntrust_domain = \"partner.org\"\nbundle = \"/etc/tapproof/partner.pem\"\n\
+         endpoint = \"https://cp.partner.org:15443/v1/spiffe-bundle\"\nendpoint_id = \"spiffe://partner.org/server\"\n\
+         refresh_interval = \"1m\"\n"
+    )
+    .replace("\"spiffe://example.org/svc/*\"", "\"spiffe://partner.org/svc/*\"")
+    .replace("spiffe://example.org/node/db-1", "spiffe://partner.org/node/db-1");
+    let c = parse(&federated).unwrap();
+    assert!(c.knows_trust_domain(&TrustDomain::new("partner.org").unwrap()));
+    assert!(!c.knows_trust_domain(&TrustDomain::new("other.org").unwrap()));
+    assert_eq!(c.federation[0].refresh_interval, Some(Duration::from_secs(60)));
+    let foreign = federated.replace("partner.org/svc/*", "other.org/svc/*");
+    assert!(err(&foreign).contains("inbound[0].allow[1]"), "{}", err(&foreign));
+    for (from, to, want) in [
+        (
+            "trust_domain = \"partner.org\"",
+            "trust_domain = \"example.org\"",
+            "federation[0].trust_domain",
+        ),
+        (
+            "https://cp.partner.org:15443/v1",
+            "https://cp.partner.org/v1",
+            "port is required",
+        ),
+        ("https://cp", "http://cp", "not an https:// URL"),
+        (
+            "spiffe://partner.org/server",
+            "spiffe://other.org/server",
+            "federation[0].endpoint_id",
+        ),
+        (
+            "refresh_interval = \"1m\"",
+            "refresh_interval = \"100ms\"",
+            "at least 1s",
+        ),
+    ] {
+        let e = err(&federated.replacen(from, to, 1));
+        assert!(e.contains(want), "{from} -> {to}: {e}");
+    }
+    assert_eq!(
+        BundleEndpoint::parse("https://[2001:db8::1]:8443/b").unwrap(),
+        BundleEndpoint {
+            authority: "[2001:db8::1]:8443".into(),
+            path: "/b".into()
+        }
+    );
+    assert!(BundleEndpoint::parse("https://u@h:1/").is_err());
+}

@@ -46,10 +46,13 @@ def main():
                 bundles = client.fetch_x509_bundles(timeout=10)
                 td = TrustDomain(str(svids[0].spiffe_id.trust_domain))
                 bundle = bundles.get_bundle_for_trust_domain(td)
+                context = client.fetch_x509_context(timeout=10)
                 print(json.dumps({
                     "svids": [svid_json(s) for s in svids],
                     "bundle_roots": len(bundle.x509_authorities) if bundle else 0,
                     "trust_domains": sorted(str(b.trust_domain) for b in bundles.bundles),
+                    # From FetchX509SVID: the SVID's own domain and the federated ones.
+                    "context_trust_domains": sorted(str(b.trust_domain) for b in context.x509_bundle_set.bundles),
                 }), flush=True)
             elif what == "watch":
                 want, seen, done = int(sys.argv[3]), [], threading.Event()

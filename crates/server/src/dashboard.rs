@@ -95,7 +95,9 @@ pub struct LinkRow {
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct HistoryPoint {
     pub at: i64,
-    pub coverage_percent: f64,
+    /// None while the reports so far saw no link at all (100% of nothing is not coverage).
+    pub coverage_percent: Option<f64>,
+    pub links: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -162,7 +164,10 @@ pub async fn dashboard_data(
             last_seen: n.last_seen,
             revoked: n.revoked_at.is_some(),
             last_report: report.map(|r| r.at),
-            coverage_percent: report.map(|r| percent(r.encrypted, r.links)),
+            // A report that saw no link has no coverage figure (not 100%).
+            coverage_percent: report
+                .filter(|r| r.links > 0)
+                .map(|r| percent(r.encrypted, r.links)),
             plaintext: report.map(|r| r.plaintext),
         });
     }
@@ -277,7 +282,8 @@ fn history(points: &[tapproof_store::CoveragePoint]) -> Vec<HistoryPoint> {
         let (links, enc) = latest.values().fold((0, 0), |(l, e), (pl, pe)| (l + pl, e + pe));
         let point = HistoryPoint {
             at: p.at,
-            coverage_percent: percent(enc, links),
+            coverage_percent: (links > 0).then(|| percent(enc, links)),
+            links,
         };
         match out.last_mut() {
             Some(prev) if (prev.at - first) / bucket == (p.at - first) / bucket => *prev = point,
@@ -353,7 +359,11 @@ mod tests {
     fn history_combines_each_nodes_latest_report() {
         let h = history(&[p("a", 10, 2, 1), p("b", 20, 2, 2), p("a", 30, 2, 2)]);
         let got: Vec<_> = h.iter().map(|x| (x.at, x.coverage_percent)).collect();
-        assert_eq!(got, vec![(10, 50.0), (20, 75.0), (30, 100.0)]);
+        assert_eq!(got, vec![(10, Some(50.0)), (20, Some(75.0)), (30, Some(100.0))]);
+        // Reports that saw no link yet have no figure: not a 100% line over nothing.
+        let h = history(&[p("a", 10, 0, 0), p("b", 20, 2, 1)]);
+        let got: Vec<_> = h.iter().map(|x| (x.at, x.coverage_percent)).collect();
+        assert_eq!(got, vec![(10, None), (20, Some(50.0))]);
         assert!(history(&[]).is_empty());
     }
 

@@ -163,7 +163,7 @@ fn schemas() -> Value {
             "from_id": nullable_string(), "peer_id": nullable_string(), "service": nullable_string(),
             "tls_version": nullable_string(), "cipher": nullable_string(), "group": nullable_string(),
         }), false),
-        "HistoryPoint": object(&["at", "coverage_percent"], json!({ "at": int(), "coverage_percent": number() }), false),
+        "HistoryPoint": object(&["at", "coverage_percent", "links"], json!({ "at": int(), "coverage_percent": { "type": ["number", "null"], "description": "null while no link has been seen" }, "links": int() }), false),
         "DashboardDenial": object(&["node", "at", "peer", "service", "reason"], json!({
             "node": string(), "at": int(), "peer": string(), "service": string(), "reason": string(),
         }), false),
@@ -478,7 +478,8 @@ mod tests {
             "HistoryPoint",
             HistoryPoint {
                 at: 0,
-                coverage_percent: 0.0,
+                coverage_percent: Some(0.0),
+                links: 0,
             },
         );
         same_fields(

@@ -65,6 +65,9 @@ function historyChart(points) {
   const box = document.getElementById("history");
   box.replaceChildren();
   if (points.length === 0) { box.append(el("p", { class: "empty" }, "no coverage reports yet")); return; }
+  // Reports that saw no link carry no figure: the line starts at the first one that did.
+  points = points.filter((p) => p.coverage_percent !== null);
+  if (points.length === 0) { box.append(el("p", { class: "empty" }, "no links seen yet")); return; }
   const W = 900, H = 200, L = 40, B = 24;
   const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "fleet coverage over time" });
   const t0 = points[0].at, t1 = Math.max(points[points.length - 1].at, t0 + 1);
@@ -118,7 +121,7 @@ function render(data) {
     el("td", { class: "mono" }, n.spiffe_id),
     el("td", {}, n.cert_not_after ? `${until(n.cert_not_after, now)} (${when(n.cert_not_after)})` : "–"),
     el("td", {}, ago(n.last_report, now)),
-    el("td", { class: n.plaintext ? "plain" : "enc" }, pct(n.coverage_percent)),
+    el("td", { class: n.coverage_percent === null ? "" : n.plaintext ? "plain" : "enc" }, n.coverage_percent === null ? (n.last_report ? "no links seen yet" : "–") : pct(n.coverage_percent)),
     el("td", {}, n.plaintext === null ? "–" : String(n.plaintext)),
   ]);
   fill("link-table", data.links, (l) => {

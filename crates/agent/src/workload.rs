@@ -144,10 +144,48 @@ fn svid_message(svid: ExportedSvid, hint: &str) -> proto::X509Svid {
     }
 }
 
-/// A service identity from the data dir, checked like the node's; `None` (logged) when it is
-/// missing or does not pass.
-fn service_svid(data_dir: &Path, state: &AgentState, service: &str) -> Option<ExportedSvid> {
+/// Service identities as last read, by certificate path. The data dir writes every change as a
+/// new generation directory, so a path's files never change; an entry is still re-read after
+/// `SVID_RECHECK` (an identity that expires unrenewed stops being handed out) and the cache is
+/// emptied when it grows past `SVID_CACHE_MAX` paths (old generations).
+#[derive(Clone, Default)]
+struct SvidCache(Arc<std::sync::Mutex<HashMap<PathBuf, CachedSvid>>>);
+
+/// When it was read, and what was found (None: missing or refused).
+type CachedSvid = (std::time::Instant, Option<ExportedSvid>);
+
+const SVID_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+const SVID_CACHE_MAX: usize = 256;
+
+/// A service identity from the data dir, checked like the node's; `None` (logged once per read)
+/// when it is missing or does not pass. Open streams ask every second; the files are read at most
+/// every `SVID_RECHECK` per generation.
+fn service_svid(
+    data_dir: &Path,
+    state: &AgentState,
+    cache: &SvidCache,
+    service: &str,
+) -> Option<ExportedSvid> {
     let files = crate::control::service_identity_files(data_dir, service)?;
+    let mut cached = cache.0.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((read_at, svid)) = cached.get(&files.cert) {
+        if read_at.elapsed() < SVID_RECHECK {
+            return svid.clone();
+        }
+    }
+    if cached.len() >= SVID_CACHE_MAX {
+        cached.clear();
+    }
+    let svid = read_service_svid(&files, state, service);
+    cached.insert(files.cert.clone(), (std::time::Instant::now(), svid.clone()));
+    svid
+}
+
+fn read_service_svid(
+    files: &tapproof_tls::IdentityFiles,
+    state: &AgentState,
+    service: &str,
+) -> Option<ExportedSvid> {
     if !files.cert.exists() {
         debug!(
             service,
@@ -155,7 +193,7 @@ fn service_svid(data_dir: &Path, state: &AgentState, service: &str) -> Option<Ex
         );
         return None;
     }
-    match Material::load(&files, &state.config.trust_domain).map(|m| m.exported()) {
+    match Material::load(files, &state.config.trust_domain).map(|m| m.exported()) {
         Ok(Ok(svid)) => Some(svid),
         Ok(Err(e)) => {
             warn!(service, error = %e, "workload api: service identity not handed out");
@@ -170,7 +208,11 @@ fn service_svid(data_dir: &Path, state: &AgentState, service: &str) -> Option<Ex
 
 /// The X509SVIDResponse for `grant`: the node's identity first (the default SVID) when granted,
 /// then each granted service's that this node holds.
-fn x509_response(state: &AgentState, grant: &Grant) -> Result<proto::X509SvidResponse, Status> {
+fn x509_response(
+    state: &AgentState,
+    cache: &SvidCache,
+    grant: &Grant,
+) -> Result<proto::X509SvidResponse, Status> {
     let mut svids = Vec::new();
     if grant.node {
         match state.material.current().exported() {
@@ -180,7 +222,7 @@ fn x509_response(state: &AgentState, grant: &Grant) -> Result<proto::X509SvidRes
     }
     if let Some(control) = &state.config.control {
         for service in &grant.services {
-            if let Some(svid) = service_svid(&control.data_dir, state, service) {
+            if let Some(svid) = service_svid(&control.data_dir, state, cache, service) {
                 svids.push(svid_message(svid, service));
             }
         }
@@ -229,6 +271,7 @@ struct Api {
     state: Arc<AgentState>,
     config: Arc<WorkloadApiConfig>,
     stop: CancellationToken,
+    svids: SvidCache,
 }
 
 type ServiceFuture =
@@ -321,8 +364,8 @@ impl tonic::server::ServerStreamingService<proto::X509SvidRequest> for FetchX509
         let api = self.0.clone();
         Box::pin(async move {
             let grant = api.admit("fetch_x509_svid", &request)?;
-            let state = api.state.clone();
-            api.watch(move || x509_response(&state, &grant))
+            let (state, cache) = (api.state.clone(), api.svids.clone());
+            api.watch(move || x509_response(&state, &cache, &grant))
                 .map(Response::new)
         })
     }
@@ -416,6 +459,7 @@ pub fn serve(
         state,
         config: Arc::new(config),
         stop: stop.clone(),
+        svids: SvidCache::default(),
     };
     Ok(tokio::spawn(async move {
         let served = tonic::transport::Server::builder()

@@ -37,6 +37,11 @@ pub const DEFAULT_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 pub const DEFAULT_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// HTTP/2 frame size: large frames mean fewer frame headers and fewer TLS records per byte.
 pub const DEFAULT_MAX_FRAME: u32 = 256 * 1024;
+/// Where captured connections arrive (127.0.0.1 and ::1 only; nftables redirects them there).
+pub const DEFAULT_CAPTURE_PORT: u16 = 15001;
+/// The socket mark on the agent's own connections, which the capture rules let pass (so a tunnel
+/// to a captured address is not captured again). "tp" and 1.
+pub const DEFAULT_CAPTURE_MARK: u32 = 0x7470_0001;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -82,6 +87,9 @@ pub struct AgentConfig {
     /// file and optionally kept fresh from their SPIFFE bundle endpoint.
     #[serde(default)]
     pub federation: Vec<FederationConfig>,
+    /// Transparent capture and enforcement (nftables, table `inet tapproof`).
+    #[serde(default)]
+    pub capture: CaptureConfig,
     /// The file's TOML as parsed: a reload compares its sections to find what changed.
     #[serde(skip)]
     pub source: toml::Table,
@@ -222,6 +230,33 @@ impl Default for TunnelConfig {
     }
 }
 
+/// `capture.inbound`: what happens to plaintext from the network to this host's inbound ports.
+pub use tapproof_audit::InboundMode;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    #[serde(default)]
+    pub inbound: InboundMode,
+    /// The port of the capture listener (on 127.0.0.1 and ::1), where the `capture` outbounds'
+    /// connections are redirected.
+    #[serde(default = "default_capture_port")]
+    pub port: u16,
+    /// The socket mark of the agent's own connections, exempt from capture.
+    #[serde(default = "default_capture_mark")]
+    pub mark: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            inbound: InboundMode::Off,
+            port: DEFAULT_CAPTURE_PORT,
+            mark: DEFAULT_CAPTURE_MARK,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboundConfig {
@@ -241,8 +276,13 @@ pub struct InboundConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
-    /// The plaintext side, where local apps connect.
-    pub listen: SocketAddr,
+    /// The plaintext side, where local apps connect. Exactly one of `listen` and `capture`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Transparent capture: this host's connections to this address (the service's real address
+    /// and port) are redirected to the agent by nftables and carried through the tunnel.
+    #[serde(default)]
+    pub capture: Option<SocketAddr>,
     /// The service asked for at the peer.
     pub service: String,
     /// Peer agents' tunnel addresses (IP:PORT or HOST:PORT, a name resolved at every dial), tried
@@ -365,6 +405,12 @@ fn default_tunnel_listen() -> SocketAddr {
         .parse()
         .expect("constant is a valid address")
 }
+fn default_capture_port() -> u16 {
+    DEFAULT_CAPTURE_PORT
+}
+fn default_capture_mark() -> u32 {
+    DEFAULT_CAPTURE_MARK
+}
 fn default_reload_interval() -> Duration {
     DEFAULT_RELOAD_INTERVAL
 }
@@ -463,6 +509,11 @@ impl AgentConfig {
         }
     }
 
+    /// Whether this agent installs capture rules: an outbound with `capture`, or an inbound mode.
+    pub fn uses_capture(&self) -> bool {
+        self.capture.inbound != InboundMode::Off || self.outbound.iter().any(|o| o.capture.is_some())
+    }
+
     /// What the audit needs to know about this agent: where apps reach its outbound listeners and
     /// which of its forward targets are off this host.
     pub fn audit_known(&self) -> tapproof_audit::Known {
@@ -470,8 +521,8 @@ impl AgentConfig {
             outbound_listeners: self
                 .outbound
                 .iter()
-                .filter(|o| !o.listen.ip().is_loopback())
-                .map(|o| o.listen)
+                .filter_map(|o| o.listen)
+                .filter(|l| !l.ip().is_loopback())
                 .collect(),
             // A forward given as a host name is not known here (it is resolved when used).
             forwards: self
@@ -708,6 +759,16 @@ impl AgentConfig {
             }
         }
         let mut listens = HashSet::new();
+        let mut captures = HashSet::new();
+        if self.capture.port == 0 {
+            return Err(invalid("capture.port".into(), "must not be 0".into()));
+        }
+        if self.capture.mark == 0 {
+            return Err(invalid(
+                "capture.mark".into(),
+                "must not be 0 (unmarked sockets are the ones captured)".into(),
+            ));
+        }
         for (i, outbound) in self.outbound.iter().enumerate() {
             let key = |k: &str| format!("outbound[{i}].{k}");
             if !valid_service_name(&outbound.service) {
@@ -719,14 +780,29 @@ impl AgentConfig {
                     ),
                 ));
             }
-            if !outbound.listen.ip().is_loopback() && !outbound.allow_non_loopback {
-                return Err(invalid(key("listen"), format!("{} is not a loopback address: apps off this host could send plaintext to it; set allow_non_loopback = true to accept that", outbound.listen)));
-            }
-            if outbound.listen.port() != 0 && !listens.insert(outbound.listen) {
-                return Err(invalid(
-                    key("listen"),
-                    format!("{} is used by another [[outbound]]", outbound.listen),
-                ));
+            match (outbound.listen, outbound.capture) {
+                (Some(_), Some(_)) => return Err(invalid(key("capture"), "give listen (apps dial the agent) or capture (apps dial the service's real address), not both".into())),
+                (None, None) => return Err(invalid(key("listen"), "missing: give listen (a loopback address apps dial) or capture (the service's real ADDR:PORT, redirected transparently)".into())),
+                (Some(listen), None) => {
+                    if !listen.ip().is_loopback() && !outbound.allow_non_loopback {
+                        return Err(invalid(key("listen"), format!("{listen} is not a loopback address: apps off this host could send plaintext to it; set allow_non_loopback = true to accept that")));
+                    }
+                    if listen.port() != 0 && !listens.insert(listen) {
+                        return Err(invalid(key("listen"), format!("{listen} is used by another [[outbound]]")));
+                    }
+                }
+                (None, Some(capture)) => {
+                    let ip = capture.ip();
+                    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || capture.port() == 0 {
+                        return Err(invalid(key("capture"), format!("{capture} is not a remote service address: give the IP and port clients dial (not loopback, 0.0.0.0 or port 0)")));
+                    }
+                    if !captures.insert(capture) {
+                        return Err(invalid(key("capture"), format!("{capture} is captured by another [[outbound]]: one address goes to one service")));
+                    }
+                    if outbound.allow_non_loopback {
+                        return Err(invalid(key("allow_non_loopback"), "applies to listen; a capture outbound has no listener apps off this host could reach".into()));
+                    }
+                }
             }
             match (outbound.peers.is_empty(), &outbound.server_id) {
                 (true, None) if self.control.is_none() => {

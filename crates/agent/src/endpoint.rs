@@ -137,10 +137,16 @@ impl ForwardCache {
     }
 
     /// Connects to the first address of `forward` that answers.
-    pub async fn connect(&self, forward: &Endpoint) -> std::io::Result<tokio::net::TcpStream> {
+    /// Connects to the first of `forward`'s addresses that answers, from a socket with `mark`
+    /// (`socket::connect`).
+    pub async fn connect(
+        &self,
+        forward: &Endpoint,
+        mark: Option<u32>,
+    ) -> std::io::Result<tokio::net::TcpStream> {
         let mut last = None;
         for addr in self.addresses(forward).await? {
-            match tokio::net::TcpStream::connect(addr).await {
+            match crate::socket::connect(addr, mark).await {
                 Ok(tcp) => return Ok(tcp),
                 Err(e) => last = Some(e),
             }

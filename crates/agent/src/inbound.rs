@@ -299,7 +299,7 @@ async fn serve_stream(
     };
     let app = match timeout(
         state.config.tunnel.connect_timeout,
-        state.forwards.connect(&inbound.forward),
+        state.forwards.connect(&inbound.forward, state.capture_mark()),
     )
     .await
     {

@@ -4,6 +4,7 @@
 //! stream and forwards to the local service. Never plaintext off the host.
 
 pub mod admin;
+pub mod capture;
 pub mod config;
 pub mod control;
 mod copy;
@@ -57,6 +58,8 @@ pub enum AgentError {
     Workload(#[from] workload::WorkloadError),
     #[error("{0}")]
     Federation(#[from] federation::FederationError),
+    #[error("{0}")]
+    Capture(#[from] capture::CaptureError),
     #[error("cannot write ready file {path}: {error}")]
     ReadyFile { path: PathBuf, error: std::io::Error },
 }
@@ -121,8 +124,16 @@ pub async fn run(
     };
     let mut outbound_listeners = Vec::new();
     for (i, o) in config.outbound.iter().enumerate() {
-        outbound_listeners.push(bind(format!("outbound[{i}].listen"), o.listen).await?);
+        if let Some(listen) = o.listen {
+            outbound_listeners.push((bind(format!("outbound[{i}].listen"), listen).await?, o.clone()));
+        }
     }
+    // Capture asked for and not possible stops the agent here, before it serves anything.
+    let capture = if config.uses_capture() {
+        Some(capture::Capture::start(&config).await?)
+    } else {
+        None
+    };
     let mut bound = BoundAddresses {
         admin: local(&admin_listener, config.admin.listen),
         tunnel: tunnel_listener.as_ref().map(|l| local(l, config.tunnel.listen)),
@@ -156,8 +167,18 @@ pub async fn run(
         .set(material.seconds_to_expiry());
 
     let mut outbounds = reload::Outbounds::new(state.clone(), stop.clone(), streams.clone());
-    for (listener, outbound) in outbound_listeners.into_iter().zip(state.config.outbound.clone()) {
+    for (listener, outbound) in outbound_listeners {
         outbounds.start(listener, outbound);
+    }
+    let mut serving = Vec::new();
+    if let Some(capture) = capture {
+        for o in state.config.outbound.iter() {
+            if let Some(addr) = o.capture {
+                capture.route(addr, Arc::new(pool::Pool::new(o.clone(), state.clone())));
+            }
+        }
+        info!(listen = ?capture.bound(), "capture listener up");
+        serving.extend(capture.serve(state.clone(), stop.clone(), streams.clone()));
     }
     bound.outbound = outbounds.bound();
     let outbounds = Arc::new(tokio::sync::Mutex::new(outbounds));
@@ -184,7 +205,6 @@ pub async fn run(
         ));
         tokio::spawn(control::state_loop(state.clone(), control, stop.clone()));
     }
-    let mut serving = Vec::new();
     if let Some(listener) = tunnel_listener {
         serving.push(tokio::spawn(inbound::serve(
             listener,
@@ -199,7 +219,7 @@ pub async fn run(
             path: options.config_path.clone(),
             outbounds: outbounds.clone(),
             bound: shared_bound,
-            tunnel_listener: !serving.is_empty(),
+            tunnel_listener: !state.config.inbound.is_empty(),
         }
         .on_hangup(stop.clone()),
     );

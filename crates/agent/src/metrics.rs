@@ -133,6 +133,21 @@ pub struct Metrics {
     pub federation_refreshes: Family<FederationLabels, Counter>,
     pub federation_roots: Family<TrustDomainLabel, Gauge>,
     pub federation_updated: Family<TrustDomainLabel, Gauge>,
+    pub capture_connections: Family<ResultLabels, Counter>,
+    pub capture_rules_installed: Gauge,
+    pub capture_rules_reinstalled: Counter,
+    pub capture_redirected: Gauge,
+    pub capture_dropped_packets: Gauge,
+    pub capture_attempts: Family<AttemptLabels, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// The source address of the plaintext (the kernel keeps at most 4096 per family).
+    pub source: String,
+    pub port: String,
+    /// `monitor` (let through) or `enforce` (dropped).
+    pub mode: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -180,6 +195,12 @@ impl Metrics {
             federation_refreshes: Family::default(),
             federation_roots: Family::default(),
             federation_updated: Family::default(),
+            capture_connections: Family::default(),
+            capture_rules_installed: Gauge::default(),
+            capture_rules_reinstalled: Counter::default(),
+            capture_redirected: Gauge::default(),
+            capture_dropped_packets: Gauge::default(),
+            capture_attempts: Family::default(),
             tunnels: Family::default(),
             tunnels_open: Family::default(),
             streams: Family::default(),
@@ -313,6 +334,36 @@ impl Metrics {
             "When each federated trust domain's bundle in force was last loaded or confirmed by its endpoint (Unix time)",
             prometheus_client::registry::Unit::Seconds,
             m.federation_updated.clone(),
+        );
+        registry.register(
+            "capture_connections",
+            "Connections arriving at the capture listener, by result: accepted (carried as a stream; its failures count in stream_failures), unknown_destination (no [[outbound]] captures that address; reset), no_original_destination (not redirected by the rules; reset)",
+            m.capture_connections.clone(),
+        );
+        registry.register(
+            "capture_rules_installed",
+            "1 when the nftables table inet tapproof was in place as configured at the last look (every 5 s), 0 otherwise",
+            m.capture_rules_installed.clone(),
+        );
+        registry.register(
+            "capture_rules_reinstalled",
+            "Times the agent found its nftables table missing or changed (a firewall reload, `nft flush ruleset`) and installed it again",
+            m.capture_rules_reinstalled.clone(),
+        );
+        registry.register(
+            "capture_redirected_connections",
+            "Connections the kernel redirected to the capture listener since the rules were installed (nftables counter)",
+            m.capture_redirected.clone(),
+        );
+        registry.register(
+            "capture_enforce_dropped_packets",
+            "Packets from the network to inbound ports dropped by enforce mode since the rules were installed (nftables counter)",
+            m.capture_dropped_packets.clone(),
+        );
+        registry.register(
+            "capture_plaintext_attempts",
+            "New-connection packets of plaintext from the network to an inbound port, per source and port, since the rules were installed (nftables per-element counters; a source is forgotten a day after its last packet)",
+            m.capture_attempts.clone(),
         );
         tapproof_metrics::register_build_info(registry, "agent");
         Self { registry: root, ..m }

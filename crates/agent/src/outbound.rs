@@ -38,7 +38,7 @@ pub async fn serve(
         };
         let (pool, state) = (pool.clone(), state.clone());
         let outbound = pool.outbound();
-        tracker.spawn(async move { connection(tcp, app, pool, outbound, state).await });
+        tracker.spawn(async move { connection(tcp, app, pool, outbound, state, None).await });
     }
 }
 
@@ -84,13 +84,23 @@ async fn open_stream(
     }
 }
 
-async fn connection(
+/// Carries one app connection on `pool`'s tunnel. `captured`: the destination the app dialled,
+/// for a connection the capture rules redirected (`capture.rs`); such a connection is reset when
+/// it gets no stream, so the app sees a refusal at once.
+pub(crate) async fn connection(
     tcp: TcpStream,
     app: SocketAddr,
     pool: Arc<Pool>,
     outbound: Arc<OutboundConfig>,
     state: Arc<AgentState>,
+    captured: Option<SocketAddr>,
 ) {
+    let destination = captured.map(|d| d.to_string()).unwrap_or_default();
+    let refuse = |tcp: TcpStream| {
+        if captured.is_some() {
+            crate::capture::reset(tcp);
+        }
+    };
     // TCP_NODELAY comes from the listener (socket::nodelay_inherited).
     let metrics = &state.metrics;
     let service = outbound.service.as_str();
@@ -100,12 +110,14 @@ async fn connection(
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
             metrics.stream_failed(Side::Outbound, "no_tunnel");
-            warn!(%app, service, error = %e, "outbound: app connection closed, no tunnel");
+            warn!(%app, service, destination, error = %e, "outbound: app connection closed, no tunnel");
+            refuse(tcp);
             return;
         }
         Err(_) => {
             metrics.stream_failed(Side::Outbound, "timeout");
-            warn!(%app, service, "outbound: app connection closed, no tunnel in time");
+            warn!(%app, service, destination, "outbound: app connection closed, no tunnel in time");
+            refuse(tcp);
             return;
         }
     };

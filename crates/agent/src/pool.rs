@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tapproof_identity::SpiffeId;
 use tapproof_tls::{client_session, connect, failure_reason, ClientTls};
-use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio::time::{timeout, Instant};
 use tracing::{info, warn};
@@ -228,7 +227,8 @@ impl Pool {
     async fn dial(&self, peer: SocketAddr, tls: &ClientTls) -> Result<Tunnel, DialError> {
         let cfg = &self.state.config.tunnel;
         let metrics = &self.state.metrics;
-        let tcp = match timeout(cfg.connect_timeout, TcpStream::connect(peer)).await {
+        let dial = crate::socket::connect(peer, self.state.capture_mark());
+        let tcp = match timeout(cfg.connect_timeout, dial).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => return Err(DialError::Connect(e)),
             Err(_) => return Err(DialError::ConnectTimeout),

@@ -67,11 +67,13 @@ impl Outbounds {
         }
     }
 
-    /// Serves `outbound` on `listener` (already bound).
+    /// Serves `outbound` (one with `listen`) on `listener` (already bound).
     pub(crate) fn start(&mut self, listener: TcpListener, outbound: OutboundConfig) {
         crate::socket::nodelay_inherited(&listener);
-        let bound = listener.local_addr().unwrap_or(outbound.listen);
-        let listen = outbound.listen;
+        let listen = outbound
+            .listen
+            .expect("only outbounds with listen have listeners");
+        let bound = listener.local_addr().unwrap_or(listen);
         let pool = Arc::new(Pool::new(outbound, self.state.clone()));
         let stop = self.stop.child_token();
         let task = tokio::spawn(crate::outbound::serve(
@@ -116,7 +118,9 @@ impl Outbounds {
         let mut served = Vec::new();
         let mut changes = Changes::default();
         for (i, o) in wanted.iter().enumerate() {
-            if let Some(pos) = old.iter().position(|r| r.listen == o.listen) {
+            // Capture outbounds have no listener; they stay as the agent started (`on_hangup`).
+            let Some(listen) = o.listen else { continue };
+            if let Some(pos) = old.iter().position(|r| r.listen == listen) {
                 let r = old.remove(pos);
                 let before = r.pool.outbound();
                 if before.service != o.service || before.peers != o.peers || before.server_id != o.server_id {
@@ -128,16 +132,15 @@ impl Outbounds {
                 served.push(o.clone());
                 continue;
             }
-            match TcpListener::bind(o.listen).await {
+            match TcpListener::bind(listen).await {
                 Ok(listener) => {
                     self.start(listener, o.clone());
                     changes.added += 1;
-                    info!(listen = %o.listen, service = %o.service, "reload: outbound listener added");
+                    info!(%listen, service = %o.service, "reload: outbound listener added");
                     served.push(o.clone());
                 }
                 Err(e) => problems.push(format!(
-                    "outbound[{i}].listen = {}: cannot listen: {e}; not added",
-                    o.listen
+                    "outbound[{i}].listen = {listen}: cannot listen: {e}; not added"
                 )),
             }
         }
@@ -218,12 +221,27 @@ impl Reloader {
         } else {
             problems.push("[[inbound]] added to an agent that started without one: the tunnel listener starts at the next restart".into());
         }
-        let (served, changes) = self
+        let (mut served, changes) = self
             .outbounds
             .lock()
             .await
             .apply(&new.outbound, &mut problems)
             .await;
+        let captures = |c: &AgentConfig| {
+            let outbounds: Vec<_> = c.outbound.iter().filter(|o| o.capture.is_some()).collect();
+            format!("{:?} {outbounds:?}", crate::capture::Plan::of(c))
+        };
+        if captures(&state.config) != captures(&new) {
+            problems.push("[capture], a capture outbound or the ports of inbound services changed: the capture rules take effect at the next restart".into());
+        }
+        served.extend(
+            state
+                .config
+                .outbound
+                .iter()
+                .filter(|o| o.capture.is_some())
+                .cloned(),
+        );
         applied.outbound = served;
         applied.audit = new.audit.clone();
         applied.source = new.source.clone();

@@ -181,6 +181,20 @@ impl AsyncWrite for TunnelIo {
 
 /// Sets TCP_NODELAY on a listening socket: Linux copies it to every accepted socket, which saves
 /// a setsockopt per app connection (request/response apps must not wait for Nagle).
+/// Connects to `addr` from a socket carrying `mark` (SO_MARK) when given: with capture on, the
+/// agent's own connections are marked so that the capture rules let them pass.
+pub async fn connect(addr: std::net::SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    SockRef::from(&socket).set_mark(mark)?;
+    socket.connect(addr).await
+}
+
 pub fn nodelay_inherited(listener: &tokio::net::TcpListener) {
     if let Err(e) = SockRef::from(listener).set_tcp_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY on a listener");

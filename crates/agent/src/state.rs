@@ -142,6 +142,11 @@ impl AgentState {
         }
     }
 
+    /// The mark on the agent's own connections when capture is on (`capture.rs`), else none.
+    pub fn capture_mark(&self) -> Option<u32> {
+        self.config.uses_capture().then_some(self.config.capture.mark)
+    }
+
     /// The config in force now (see `applied`).
     pub fn applied(&self) -> Arc<AgentConfig> {
         self.applied.read().unwrap_or_else(|p| p.into_inner()).clone()

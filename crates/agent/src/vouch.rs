@@ -20,6 +20,8 @@ pub struct Sockets {
     next: AtomicU64,
     live: Mutex<HashMap<u64, VouchedConnection>>,
     listeners: Mutex<Vec<SocketAddr>>,
+    /// The capture rules as last read back (`capture.rs`), for the audit.
+    capture: Mutex<Option<tapproof_audit::CaptureState>>,
 }
 
 /// Keeps a connection listed while it lives.
@@ -87,6 +89,11 @@ impl Sockets {
             .push(tapproof_audit::canonical(addr));
     }
 
+    /// The capture rules and counters the audit reports with these sockets.
+    pub fn set_capture(&self, state: tapproof_audit::CaptureState) {
+        *self.capture.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+    }
+
     /// What this process vouches for now.
     pub fn snapshot(&self) -> AgentSockets {
         let mut connections: Vec<_> = self.table().values().cloned().collect();
@@ -95,6 +102,7 @@ impl Sockets {
             pid: std::process::id(),
             connections,
             listeners: self.listeners.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            capture: self.capture.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 }

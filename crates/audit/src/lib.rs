@@ -126,6 +126,71 @@ pub struct AgentSockets {
     pub connections: Vec<VouchedConnection>,
     /// Listeners that speak only TLS (the tunnel listener).
     pub listeners: Vec<std::net::SocketAddr>,
+    /// Transparent capture and inbound enforcement, when the agent runs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureState>,
+}
+
+/// What happens to plaintext that reaches the ports of a host's inbound services from the
+/// network (the agent config's `capture.inbound`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    /// No rule for inbound ports.
+    #[default]
+    Off,
+    /// Let it through, counted per source address (a plaintext attempt).
+    Monitor,
+    /// Drop it (counted per source address): the service is reachable only through the tunnel.
+    Enforce,
+}
+
+impl InboundMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Monitor => "monitor",
+            Self::Enforce => "enforce",
+        }
+    }
+}
+
+/// The agent's capture rules as it last read them back from the kernel (nftables table
+/// `inet tapproof`), with their counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureState {
+    pub inbound: InboundMode,
+    /// Whether the table was in place, as configured, at the agent's last look.
+    pub rules_installed: bool,
+    /// Destinations whose connections from this host are redirected into the tunnel.
+    pub captured: Vec<std::net::SocketAddr>,
+    /// Connections the kernel redirected to the agent since the rules were installed.
+    pub captured_connections: u64,
+    /// Ports of this host's inbound services that the mode applies to.
+    pub inbound_ports: Vec<u16>,
+    /// Plaintext from the network to those ports, per source (monitor: let through; enforce:
+    /// dropped).
+    pub attempts: Vec<PlaintextAttempt>,
+    /// Packets dropped by enforce mode since the rules were installed.
+    pub dropped_packets: u64,
+}
+
+impl CaptureState {
+    /// Whether plaintext from the network cannot reach `port`: enforce mode, rules in place.
+    pub fn enforces(&self, port: u16) -> bool {
+        self.inbound == InboundMode::Enforce && self.rules_installed && self.inbound_ports.contains(&port)
+    }
+}
+
+/// Plaintext connections from one source to one inbound port, counted by the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaintextAttempt {
+    pub source: std::net::IpAddr,
+    pub port: u16,
+    /// New-connection packets seen (SYNs, retransmissions included).
+    pub packets: u64,
 }
 
 /// An address as /proc/net/tcp6 shows it folded: IPv4-mapped IPv6 becomes IPv4.

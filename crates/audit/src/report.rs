@@ -75,6 +75,9 @@ pub struct Summary {
     /// Encrypted links as a share of all network links (100 when there are none).
     pub coverage_percent: f64,
     pub exposed_listeners: usize,
+    /// Sources whose plaintext reached an inbound port in monitor mode (let through).
+    #[serde(default)]
+    pub plaintext_attempts: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +92,9 @@ pub struct Report {
     pub not_seen: Vec<String>,
     /// The allow-list rules that matched, with their reasons.
     pub exceptions: Vec<AllowRule>,
+    /// Transparent capture and inbound enforcement, as the agent reported them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<crate::CaptureState>,
 }
 
 /// What tapproof itself runs on this host, from the agent's config (when given).
@@ -256,10 +262,16 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
     }
     links.sort_by_key(|l| (l.class, l.remote, l.local));
 
+    let capture = vouched.and_then(|a| a.capture.as_ref());
     let mut exposed = Vec::new();
     let mut seen = HashSet::new();
     for s in scan.sockets.iter().filter(|s| s.state == TcpState::Listen) {
         if local_only(s.local.ip()) || is_tapproof(s) || !seen.insert(s.local) {
+            continue;
+        }
+        // Enforce mode: the kernel drops what the network sends to this port; only the tunnel
+        // (through the agent's loopback forward) reaches it.
+        if capture.is_some_and(|c| c.enforces(s.local.port())) {
             continue;
         }
         let process = owner(s);
@@ -294,11 +306,20 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
             100.0 * encrypted as f64 / links.len() as f64
         },
         exposed_listeners: exposed.len(),
+        plaintext_attempts: capture
+            .filter(|c| c.inbound == crate::InboundMode::Monitor)
+            .map_or(0, |c| c.attempts.len()),
     };
     let mut not_seen = scan.blind_spots.clone();
     if unowned > 0 {
         not_seen.push(format!(
             "{unowned} links have no known owning process (another user's, or it exited mid-scan); they are classed without it"
+        ));
+    }
+    if let Some(c) = capture.filter(|c| !c.rules_installed) {
+        not_seen.push(format!(
+            "the agent's capture rules (nftables table inet tapproof) were not in place at its last look: inbound {} is not in force",
+            c.inbound.as_str()
         ));
     }
     if let AgentView::Unavailable(reason) = &options.agent {
@@ -323,6 +344,7 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
         exposed_listeners: exposed,
         not_seen,
         exceptions,
+        capture: capture.cloned(),
     }
 }
 
@@ -408,6 +430,43 @@ pub fn render(report: &Report) -> String {
                 _ => "?".into(),
             };
             let _ = writeln!(out, "  {:<24} {process:<16} {}", l.local.to_string(), l.detail);
+        }
+    }
+    if let Some(c) = &report.capture {
+        let _ = writeln!(
+            out,
+            "\nCapture: inbound {}{}; {} destinations captured ({} connections redirected)",
+            c.inbound.as_str(),
+            if c.rules_installed {
+                ""
+            } else {
+                " (RULES NOT IN PLACE)"
+            },
+            c.captured.len(),
+            c.captured_connections
+        );
+        for d in &c.captured {
+            let _ = writeln!(out, "  captured   {d}");
+        }
+        if c.inbound != crate::InboundMode::Off {
+            let ports: Vec<String> = c.inbound_ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(
+                out,
+                "  inbound ports {} ({})",
+                ports.join(", "),
+                c.inbound.as_str()
+            );
+        }
+        for a in &c.attempts {
+            let what = match c.inbound {
+                crate::InboundMode::Enforce => "dropped",
+                _ => "PLAINTEXT let through",
+            };
+            let _ = writeln!(
+                out,
+                "  attempt    {} -> port {}: {} packets, {what}",
+                a.source, a.port, a.packets
+            );
         }
     }
     if !report.exceptions.is_empty() {
@@ -505,7 +564,51 @@ mod tests {
                 }),
             }],
             listeners: vec!["0.0.0.0:15008".parse().unwrap()],
+            capture: None,
         })
+    }
+
+    fn with_capture(inbound: crate::InboundMode, installed: bool) -> AgentView {
+        let AgentView::Vouched(mut a) = agent() else {
+            unreachable!()
+        };
+        a.capture = Some(crate::CaptureState {
+            inbound,
+            rules_installed: installed,
+            inbound_ports: vec![5432],
+            attempts: vec![crate::PlaintextAttempt {
+                source: "10.0.0.9".parse().unwrap(),
+                port: 5432,
+                packets: 1,
+            }],
+            ..Default::default()
+        });
+        AgentView::Vouched(a)
+    }
+
+    #[test]
+    fn an_enforced_port_is_not_exposed_and_monitor_attempts_are_counted() {
+        let exposed = |view| {
+            let options = Options {
+                agent: view,
+                ..Options::default()
+            };
+            let r = classify(&scan(), &options, "h".into(), 0);
+            let port = r.exposed_listeners.iter().any(|l| l.local.port() == 5432);
+            (port, r.summary.plaintext_attempts, r)
+        };
+        let (port, attempts, r) = exposed(with_capture(crate::InboundMode::Enforce, true));
+        assert!(!port, "the kernel drops the network's packets to 5432");
+        assert_eq!(attempts, 0, "dropped attempts are not plaintext that got through");
+        assert!(render(&r).contains("10.0.0.9 -> port 5432: 1 packets, dropped"));
+        // Rules not in place: the port is exposed again, and the report says why.
+        let (port, _, r) = exposed(with_capture(crate::InboundMode::Enforce, false));
+        assert!(port);
+        assert!(r.not_seen.iter().any(|n| n.contains("not in place")));
+        let (port, attempts, r) = exposed(with_capture(crate::InboundMode::Monitor, true));
+        assert!(port, "monitor lets the network in");
+        assert_eq!(attempts, 1);
+        assert!(render(&r).contains("PLAINTEXT let through"));
     }
 
     #[test]

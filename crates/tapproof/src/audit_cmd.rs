@@ -47,6 +47,13 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
     if s.plaintext > 0 {
         return Err(Flagged(format!("{} plaintext links", s.plaintext)).into());
     }
+    if s.plaintext_attempts > 0 {
+        return Err(Flagged(format!(
+            "{} sources sent plaintext to inbound ports (capture.inbound = \"monitor\")",
+            s.plaintext_attempts
+        ))
+        .into());
+    }
     if args.strict && s.exposed_listeners > 0 {
         return Err(Flagged(format!(
             "{} listeners reachable without tapproof",

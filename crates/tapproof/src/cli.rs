@@ -62,11 +62,41 @@ pub enum Command {
     /// link is plaintext (and not an accepted exception): a deploy gate.
     #[command(after_help = "Example:\n  tapproof audit --config /etc/tapproof/agent.toml --probe")]
     Audit(AuditArgs),
+    /// Transparent capture and inbound enforcement: the nftables rules in force, and their
+    /// explicit removal (the agent never removes them: they fail closed while it is down).
+    #[command(subcommand)]
+    Capture(CaptureCommand),
     /// Print shell completions.
     #[command(after_help = "Example:\n  tapproof completions bash > /etc/bash_completion.d/tapproof")]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum CaptureCommand {
+    /// Print the rules in force (table inet tapproof, read from the kernel) and their counters.
+    /// Exit code 1 when there is no such table.
+    #[command(after_help = "Example:\n  tapproof capture status\n  tapproof capture status --json")]
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the table inet tapproof: captured destinations are then dialled in plaintext and
+    /// inbound ports are open to the network again. Logged with who ran it. Refused while the
+    /// agent answers on its admin address (it would install the rules again): stop it first.
+    #[command(
+        after_help = "Example:\n  systemctl stop tapproof-agent && tapproof capture remove --config /etc/tapproof/agent.toml"
+    )]
+    Remove {
+        /// The agent's config: where its admin endpoint is (default 127.0.0.1:15000).
+        #[arg(long, short, env = "TAPPROOF_CONFIG")]
+        config: Option<PathBuf>,
+        /// The reason, recorded with the removal.
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 

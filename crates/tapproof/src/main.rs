@@ -4,6 +4,7 @@
 
 mod admin_cmd;
 mod audit_cmd;
+mod capture_cmd;
 mod cli;
 mod dashboard_cmd;
 mod exit;
@@ -62,6 +63,7 @@ fn main() -> ExitCode {
             cli::Command::Pki(args) => pki::run(args),
             cli::Command::Status(args) => status::run(args).await,
             cli::Command::Audit(args) => audit_cmd::run(args).await,
+            cli::Command::Capture(cmd) => capture_cmd::run(cmd).await,
             cli::Command::Completions { shell } => {
                 cli::completions(shell);
                 Ok(())

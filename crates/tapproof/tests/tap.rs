@@ -6,11 +6,8 @@
 //! Needs root (namespaces, captures). Under CI (CI=true) it runs and fails loudly; elsewhere
 //! without root it says it was skipped.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-use tapproof_test_util::netns::{spawn_ready, Background, Netns, TwoHosts};
+use std::process::Command;
+use tapproof_test_util::netns::{spawn_ready, Background, Netns, Tcpdump as Capture, TwoHosts};
 use tapproof_test_util::pcap::{contains, server_hello_group, stream_from, tcp_segments, X25519MLKEM768};
 use tapproof_test_util::pki::TestPki;
 use tapproof_test_util::process::{identity_section, AgentProcess};
@@ -34,78 +31,6 @@ fn can_run() -> bool {
 fn echo_server(ns: &Netns, listen: &str) -> Background {
     let bench = tapproof_test_util::bench_exe(EXE);
     spawn_ready(ns, &[&bench, "echo-server", "--listen", listen], "listening").0
-}
-
-/// A capture of `iface` in `ns`, written to `file`, stopped by SIGINT (which flushes it).
-struct Capture {
-    child: Option<Child>,
-    file: std::path::PathBuf,
-}
-
-impl Capture {
-    fn start(ns: &Netns, iface: &str, file: &Path) -> Self {
-        let file_path = file.to_owned();
-        // -Z root: keep privileges so tcpdump can write into the test's private temp dir.
-        let mut child = ns
-            .command(&[
-                "tcpdump",
-                "--immediate-mode",
-                "-i",
-                iface,
-                "-U",
-                "-s",
-                "0",
-                "-Z",
-                "root",
-                "-w",
-                file.to_str().unwrap(),
-                "tcp",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut line = String::new();
-        while !line.contains("listening on") {
-            line.clear();
-            assert!(
-                stderr.read_line(&mut line).unwrap() > 0,
-                "tcpdump exited before capturing"
-            );
-            assert!(Instant::now() < deadline, "tcpdump did not start");
-        }
-        Self {
-            child: Some(child),
-            file: file_path,
-        }
-    }
-
-    /// Waits until packets reached the file (the capture is asynchronous), then stops.
-    fn stop(mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::metadata(&self.file).map(|m| m.len()).unwrap_or(0) <= 24 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )
-        .unwrap();
-        child.wait().unwrap();
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn send(ns: &Netns, to: &str, data: &str) -> String {

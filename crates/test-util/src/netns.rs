@@ -2,7 +2,10 @@
 //! carries the test process's PID so parallel runs cannot collide, and everything is deleted on
 //! drop. Addresses live only inside these namespaces.
 
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip")
@@ -139,4 +142,76 @@ pub fn spawn_ready(ns: &Netns, args: &[&str], ready: &str) -> (Background, Strin
     let bg = Background(child);
     assert!(line.starts_with(ready), "{args:?} in {}: {line:?}", ns.name);
     (bg, line.trim_end().to_owned())
+}
+
+/// A capture of `iface` in `ns`, written to `file`, stopped by SIGINT (which flushes it).
+pub struct Tcpdump {
+    child: Option<Child>,
+    file: std::path::PathBuf,
+}
+
+impl Tcpdump {
+    pub fn start(ns: &Netns, iface: &str, file: &Path) -> Self {
+        let file_path = file.to_owned();
+        // -Z root: keep privileges so tcpdump can write into the test's private temp dir.
+        let mut child = ns
+            .command(&[
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                iface,
+                "-U",
+                "-s",
+                "0",
+                "-Z",
+                "root",
+                "-w",
+                file.to_str().unwrap(),
+                "tcp",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut line = String::new();
+        while !line.contains("listening on") {
+            line.clear();
+            assert!(
+                stderr.read_line(&mut line).unwrap() > 0,
+                "tcpdump exited before capturing"
+            );
+            assert!(Instant::now() < deadline, "tcpdump did not start");
+        }
+        Self {
+            child: Some(child),
+            file: file_path,
+        }
+    }
+
+    /// Waits until packets reached the file (the capture is asynchronous), then stops.
+    pub fn stop(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::metadata(&self.file).map(|m| m.len()).unwrap_or(0) <= 24 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut child = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Tcpdump {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

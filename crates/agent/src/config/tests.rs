@@ -290,3 +290,57 @@ fn federation_entries_are_checked_and_let_foreign_ids_in() {
     );
     assert!(BundleEndpoint::parse("https://u@h:1/").is_err());
 }
+
+/// The issue's contract, verbatim: `[capture] inbound` and `[[outbound]] capture`.
+#[test]
+fn capture_contract_parses_and_its_mistakes_name_the_key() {
+    let contract = r#"
+trust_domain = "example.org"
+[identity]
+cert = "/c"
+key = "/k"
+bundle = "/b"
+[capture]
+inbound = "enforce"
+[[inbound]]
+service = "db"
+forward = "127.0.0.1:8080"
+allow = ["spiffe://example.org/node/a"]
+[[outbound]]
+capture = "10.0.0.2:8080"
+service = "web"
+peers = ["10.0.0.2:15008"]
+server_id = "spiffe://example.org/node/b"
+"#;
+    let c = parse(contract).unwrap();
+    assert_eq!(c.capture.inbound, InboundMode::Enforce);
+    assert_eq!(c.capture.port, DEFAULT_CAPTURE_PORT);
+    assert_eq!(c.outbound[0].capture, Some("10.0.0.2:8080".parse().unwrap()));
+    assert_eq!(c.outbound[0].listen, None);
+    assert!(c.uses_capture());
+    assert!(!parse(EXAMPLE).unwrap().uses_capture());
+    let plan = crate::capture::Plan::of(&c);
+    assert_eq!(plan.inbound_ports, [8080]);
+    assert_eq!(plan.captured, ["10.0.0.2:8080".parse().unwrap()]);
+
+    let cases = [
+        (contract.replace("inbound = \"enforce\"", "inbound = \"block\""), "unknown variant `block`"),
+        (
+            contract.replace("capture = \"10.0.0.2:8080\"", "capture = \"10.0.0.2:8080\"\nlisten = \"127.0.0.1:1\""),
+            "outbound[0].capture",
+        ),
+        (contract.replace("capture = \"10.0.0.2:8080\"\n", ""), "outbound[0].listen: missing"),
+        (contract.replace("10.0.0.2:8080", "127.0.0.1:8080"), "outbound[0].capture"),
+        (contract.replace("10.0.0.2:8080", "10.0.0.2:0"), "outbound[0].capture"),
+        (
+            format!("{contract}[[outbound]]\ncapture = \"10.0.0.2:8080\"\nservice = \"x\"\npeers = [\"10.0.0.2:15008\"]\nserver_id = \"spiffe://example.org/node/b\"\n"),
+            "captured by another [[outbound]]",
+        ),
+        (contract.replace("inbound = \"enforce\"", "port = 0"), "capture.port"),
+        (contract.replace("inbound = \"enforce\"", "mark = 0"), "capture.mark"),
+    ];
+    for (text, want) in cases {
+        let e = err(&text);
+        assert!(e.contains(want), "want {want:?} in {e}");
+    }
+}

@@ -8,7 +8,7 @@ Sections (--sections, default all):
   clients     pgbench (8 clients, TPC-B-like) and redis-benchmark GET (16 clients) through each path
   memory      resident memory per idle proxied connection at --idle-conns connections (tapproof, stunnel4)
   handshakes  full mTLS 1.3 handshakes (X25519MLKEM768, ECDSA P-256, no resumption) per second, one core
-  veth        two network namespaces + veth: direct, tapproof, Nebula, boringtun (bulk, new conn, keep-alive)
+  veth        two network namespaces + veth: direct, tapproof (listener and captured), Nebula, boringtun (bulk, new conn, keep-alive)
   longfat     two namespaces on a link with a 10 ms delay each way (netem, else bench/delaylink.py);
               one iperf3 stream direct vs tapproof
   control     signings/s on SQLite; --feed-agents simulated agents on the state feed, revocation latency
@@ -114,6 +114,14 @@ def report(R, a):
               f"{f0(med(r['ka']))} | {f2(med(r['p50']))} | {f2(med(r['p99']))} |")
         for name, why in V["skipped"].items():
             p(f"\n{name} not measured: {why}")
+        cap = V["results"].get("tapproof captured")
+        if cap:
+            tp = V["results"]["tapproof"]
+            cn, ck = ratio(med(cap["new"]), med(tp["new"])), ratio(med(cap["ka"]), med(tp["ka"]))
+            p(f"\ntapproof captured / explicit outbound listener: new conn/s {cn:.2f}x, keep-alive {ck:.2f}x, bulk "
+              f"{ratio(med(cap['bulk']), med(tp['bulk'])):.2f}x\n")
+            target("captured new conn/s within 10% of the explicit path", cn >= 0.9, f"{cn:.2f}x")
+            target("captured keep-alive within 10% of the explicit path", ck >= 0.9, f"{ck:.2f}x")
         meshes = [V["results"][m] for m in ("Nebula", "boringtun") if m in V["results"]]
         if meshes:
             tp = V["results"]["tapproof"]

@@ -1,6 +1,7 @@
-"""Across two network namespaces joined by a veth: direct plaintext, tapproof, Nebula and boringtun
-(userspace WireGuard), each carrying the same nginx and iperf3 in the server namespace to
-clients in the client namespace.
+"""Across two network namespaces joined by a veth: direct plaintext, tapproof (the app dials the
+agent's outbound listener), tapproof captured (the app dials the server's address, nftables
+redirects it into the same agent), Nebula and boringtun (userspace WireGuard), each carrying the
+same nginx and iperf3 in the server namespace to clients in the client namespace.
 Namespaces, links and addresses are this harness's own (tpbench-*, 10.231-233.0.0/24) and are
 removed at the end, as is every process started here."""
 import os, subprocess, time
@@ -8,10 +9,13 @@ from common import Procs, log, measure_paths, nginx_conf, ns_run as ns, pki_dir,
 
 NS_C, NS_S = "tpbench-c", "tpbench-s"
 VETH_C, VETH_S = "tpbc0", "tpbs0"
+# The captured path dials a second address of the server (CAPTURED), so that the direct path to
+# the first one is not captured.
+CAPTURED = "10.231.0.3"
 IP = dict(veth=("10.231.0.1", "10.231.0.2"), nebula=("10.232.0.1", "10.232.0.2"),
           wg=("10.233.0.1", "10.233.0.2"))
 HTTP, IPERF, TUNNEL, TP_HTTP, TP_IPERF = 18080, 15201, 25008, 28080, 25201
-PATHS = ("direct plaintext", "tapproof", "Nebula", "boringtun")
+PATHS = ("direct plaintext", "tapproof", "tapproof captured", "Nebula", "boringtun")
 TD = "bench.example"
 
 
@@ -30,12 +34,12 @@ class Veth:
     def __init__(self, d, tapproof):
         self.d, self.tapproof, self.procs = d, tapproof, Procs()
         self.pids = {p: [] for p in PATHS}
-        self.host = {"direct plaintext": IP["veth"][1], "tapproof": "127.0.0.1", "Nebula": IP["nebula"][1],
-                     "boringtun": IP["wg"][1]}
+        self.host = {"direct plaintext": IP["veth"][1], "tapproof": "127.0.0.1", "tapproof captured": CAPTURED,
+                     "Nebula": IP["nebula"][1], "boringtun": IP["wg"][1]}
         self.skipped = {}
 
     def port(self, path, what):
-        if path == "tapproof":
+        if path == "tapproof":  # "tapproof captured" dials the service's own ports
             return TP_HTTP if what == "http" else TP_IPERF
         return HTTP if what == "http" else IPERF
 
@@ -48,6 +52,7 @@ class Veth:
             ns(n, "ip", "addr", "add", f"{ip}/24", "dev", dev)
             ns(n, "ip", "link", "set", dev, "up")
             ns(n, "ip", "link", "set", "lo", "up")
+        ns(NS_S, "ip", "addr", "add", f"{CAPTURED}/24", "dev", VETH_S)
         d, tp = self.d, self.tapproof
         self.procs.start("nginx", ["nginx", "-c", nginx_conf(d, f"0.0.0.0:{HTTP}", "nginx-veth"), "-e",
                                    f"{d}/nginx-veth-error.log"], f"{d}/nginx-veth.log", ns=NS_S)
@@ -58,11 +63,15 @@ class Veth:
         tapproof_configs(vd, TD, "server", "client", f"{IP['veth'][1]}:{TUNNEL}", f"{IP['veth'][1]}:{TUNNEL}",
                          {"http": f"127.0.0.1:{HTTP}", "iperf": f"127.0.0.1:{IPERF}"},
                          {"http": f"127.0.0.1:{TP_HTTP}", "iperf": f"127.0.0.1:{TP_IPERF}"}, (25100, 25101))
+        with open(f"{vd}/tp-client.toml", "a") as f:
+            for svc, port in (("http", HTTP), ("iperf", IPERF)):
+                f.write(f'[[outbound]]\ncapture = "{CAPTURED}:{port}"\nservice = "{svc}"\n'
+                        f'peers = ["{IP["veth"][1]}:{TUNNEL}"]\nserver_id = "spiffe://{TD}/node/server"\n')
         a = [self.procs.start(f"tp-{n}", [tp, "--log-level", "warn", "agent", "-c", f"{vd}/tp-{n}.toml"],
                               f"{vd}/tp-{n}.log", ns=space) for n, space in (("server", NS_S), ("client", NS_C))]
         wait_port(TP_HTTP, "tapproof", NS_C)
         wait_port(TUNNEL, "tapproof", NS_S)
-        self.pids["tapproof"] = [p.pid for p in a]
+        self.pids["tapproof"] = self.pids["tapproof captured"] = [p.pid for p in a]
         for name, starter in (("Nebula", self.start_nebula), ("boringtun", self.start_boringtun)):
             try:
                 self.pids[name] = starter()

@@ -38,7 +38,7 @@ pub const DEFAULT_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// HTTP/2 frame size: large frames mean fewer frame headers and fewer TLS records per byte.
 pub const DEFAULT_MAX_FRAME: u32 = 256 * 1024;
 /// Where captured connections arrive (127.0.0.1 and ::1 only; nftables redirects them there).
-pub const DEFAULT_CAPTURE_PORT: u16 = 15001;
+pub const DEFAULT_CAPTURE_PORT: u16 = 15006;
 /// The socket mark on the agent's own connections, which the capture rules let pass (so a tunnel
 /// to a captured address is not captured again). "tp" and 1.
 pub const DEFAULT_CAPTURE_MARK: u32 = 0x7470_0001;

@@ -46,7 +46,7 @@ use tracing::info;
 pub enum AgentError {
     #[error("identity: {0}")]
     Identity(#[from] MaterialError),
-    #[error("{0}")]
+    #[error(transparent)]
     Control(#[from] control::ControlError),
     #[error("{key} = {addr}: cannot listen: {error}")]
     Bind {
@@ -54,11 +54,11 @@ pub enum AgentError {
         addr: SocketAddr,
         error: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Workload(#[from] workload::WorkloadError),
-    #[error("{0}")]
+    #[error(transparent)]
     Federation(#[from] federation::FederationError),
-    #[error("{0}")]
+    #[error(transparent)]
     Capture(#[from] capture::CaptureError),
     #[error("cannot write ready file {path}: {error}")]
     ReadyFile { path: PathBuf, error: std::io::Error },

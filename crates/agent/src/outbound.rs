@@ -95,7 +95,7 @@ pub(crate) async fn connection(
     state: Arc<AgentState>,
     captured: Option<SocketAddr>,
 ) {
-    let destination = captured.map(|d| d.to_string()).unwrap_or_default();
+    let destination = captured.map(tracing::field::display);
     let refuse = |tcp: TcpStream| {
         if captured.is_some() {
             crate::capture::reset(tcp);

@@ -46,6 +46,12 @@ pub async fn report(
             links: upload.report.links.len() as i64,
             encrypted: encrypted as i64,
             plaintext: plaintext as i64,
+            capture_mode: upload
+                .report
+                .capture
+                .as_ref()
+                .map(|c| c.inbound.as_str().to_owned()),
+            plaintext_attempts: summary.plaintext_attempts as i64,
             report: serde_json::to_string(&upload)
                 .map_err(|e| ApiError::new(ErrorCode::BadBody, e.to_string()))?,
         })

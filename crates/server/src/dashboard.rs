@@ -66,6 +66,11 @@ pub struct NodeRow {
     pub last_report: Option<i64>,
     pub coverage_percent: Option<f64>,
     pub plaintext: Option<i64>,
+    /// `capture.inbound` in the latest report (`off`, `monitor`, `enforce`); none from an agent
+    /// that does not run capture.
+    pub capture_mode: Option<String>,
+    /// Sources a monitor-mode agent let through with plaintext, in the latest report.
+    pub plaintext_attempts: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -98,6 +103,9 @@ pub struct HistoryPoint {
     /// None while the reports so far saw no link at all (100% of nothing is not coverage).
     pub coverage_percent: Option<f64>,
     pub links: i64,
+    /// Monitor-mode plaintext attempts (sources let through), summed over every node's latest
+    /// report up to then.
+    pub plaintext_attempts: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -169,6 +177,10 @@ pub async fn dashboard_data(
                 .filter(|r| r.links > 0)
                 .map(|r| percent(r.encrypted, r.links)),
             plaintext: report.map(|r| r.plaintext),
+            capture_mode: report.and_then(|r| r.capture_mode.clone()),
+            plaintext_attempts: report
+                .filter(|r| r.capture_mode.is_some())
+                .map(|r| r.plaintext_attempts),
         });
     }
 
@@ -270,7 +282,7 @@ pub async fn dashboard_data(
 /// The fleet's coverage after each report (every node's latest report up to then), at most 500
 /// points (later ones win within a bucket).
 fn history(points: &[tapproof_store::CoveragePoint]) -> Vec<HistoryPoint> {
-    let mut latest: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    let mut latest: BTreeMap<&str, (i64, i64, i64)> = BTreeMap::new();
     let mut out: Vec<HistoryPoint> = Vec::new();
     let (first, last) = match (points.first(), points.last()) {
         (Some(f), Some(l)) => (f.at, l.at),
@@ -278,12 +290,15 @@ fn history(points: &[tapproof_store::CoveragePoint]) -> Vec<HistoryPoint> {
     };
     let bucket = ((last - first) / 500).max(1);
     for p in points {
-        latest.insert(&p.node, (p.links, p.encrypted));
-        let (links, enc) = latest.values().fold((0, 0), |(l, e), (pl, pe)| (l + pl, e + pe));
+        latest.insert(&p.node, (p.links, p.encrypted, p.plaintext_attempts));
+        let (links, enc, attempts) = latest
+            .values()
+            .fold((0, 0, 0), |(l, e, a), (pl, pe, pa)| (l + pl, e + pe, a + pa));
         let point = HistoryPoint {
             at: p.at,
             coverage_percent: (links > 0).then(|| percent(enc, links)),
             links,
+            plaintext_attempts: attempts,
         };
         match out.last_mut() {
             Some(prev) if (prev.at - first) / bucket == (p.at - first) / bucket => *prev = point,
@@ -352,6 +367,8 @@ mod tests {
             links,
             encrypted,
             plaintext: links - encrypted,
+            capture_mode: None,
+            plaintext_attempts: 0,
         }
     }
 
@@ -365,6 +382,12 @@ mod tests {
         let got: Vec<_> = h.iter().map(|x| (x.at, x.coverage_percent)).collect();
         assert_eq!(got, vec![(10, None), (20, Some(50.0))]);
         assert!(history(&[]).is_empty());
+        // Attempts: each node's latest count, summed.
+        let mut b = p("b", 20, 2, 2);
+        b.plaintext_attempts = 2;
+        let h = history(&[p("a", 10, 2, 2), b, p("b", 30, 2, 2)]);
+        let got: Vec<_> = h.iter().map(|x| (x.at, x.plaintext_attempts)).collect();
+        assert_eq!(got, vec![(10, 0), (20, 2), (30, 0)]);
     }
 
     #[test]

@@ -154,6 +154,8 @@ fn schemas() -> Value {
         "DashboardNode": object(&["name", "spiffe_id", "cert_not_after", "last_seen", "revoked", "last_report", "coverage_percent", "plaintext"], json!({
             "name": string(), "spiffe_id": string(), "cert_not_after": nullable_int(), "last_seen": nullable_int(), "revoked": { "type": "boolean" },
             "last_report": nullable_int(), "coverage_percent": { "type": ["number", "null"] }, "plaintext": nullable_int(),
+            "capture_mode": { "type": ["string", "null"], "enum": ["off", "monitor", "enforce", null], "description": "capture.inbound in the latest report; null when the agent runs no capture" },
+            "plaintext_attempts": { "type": ["integer", "null"], "description": "sources a monitor-mode agent let through with plaintext, latest report" },
         }), false),
         "DashboardLink": object(&["from", "to", "remote", "local", "class", "via", "process", "detail", "from_id", "peer_id", "service", "tls_version", "cipher", "group"], json!({
             "from": string(), "to": { "type": ["string", "null"] }, "remote": string(), "local": string(),
@@ -163,7 +165,7 @@ fn schemas() -> Value {
             "from_id": nullable_string(), "peer_id": nullable_string(), "service": nullable_string(),
             "tls_version": nullable_string(), "cipher": nullable_string(), "group": nullable_string(),
         }), false),
-        "HistoryPoint": object(&["at", "coverage_percent", "links"], json!({ "at": int(), "coverage_percent": { "type": ["number", "null"], "description": "null while no link has been seen" }, "links": int() }), false),
+        "HistoryPoint": object(&["at", "coverage_percent", "links", "plaintext_attempts"], json!({ "at": int(), "coverage_percent": { "type": ["number", "null"], "description": "null while no link has been seen" }, "links": int(), "plaintext_attempts": int() }), false),
         "DashboardDenial": object(&["node", "at", "peer", "service", "reason"], json!({
             "node": string(), "at": int(), "peer": string(), "service": string(), "reason": string(),
         }), false),
@@ -445,6 +447,8 @@ mod tests {
             last_report: None,
             coverage_percent: None,
             plaintext: None,
+            capture_mode: None,
+            plaintext_attempts: None,
         };
         let link = LinkRow {
             from: String::new(),
@@ -480,6 +484,7 @@ mod tests {
                 at: 0,
                 coverage_percent: Some(0.0),
                 links: 0,
+                plaintext_attempts: 0,
             },
         );
         same_fields(

@@ -1417,3 +1417,94 @@ async fn the_dashboard_shows_each_tunnels_identities_and_tls_the_ca_and_revocati
         .collect();
     assert_eq!(ca, [("root", "active"), ("intermediate", "active")], "{d}");
 }
+
+#[tokio::test]
+async fn the_dashboard_shows_each_nodes_capture_mode_and_plaintext_attempts_over_time() {
+    let s = start().await;
+    let admin = s.admin("ops").await;
+    let db = s.join("db-1", &[]).await;
+    let web = s.join("web-1", &[]).await;
+    let upload = |mode: tapproof_audit::InboundMode, sources: &[&str]| {
+        let capture = tapproof_audit::CaptureState {
+            inbound: mode,
+            rules_installed: true,
+            inbound_ports: vec![5432],
+            attempts: sources
+                .iter()
+                .map(|s| tapproof_audit::PlaintextAttempt {
+                    source: s.parse().unwrap(),
+                    port: 5432,
+                    packets: 1,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let sockets = tapproof_audit::AgentSockets {
+            capture: Some(capture),
+            ..Default::default()
+        };
+        let options = tapproof_audit::Options {
+            agent: tapproof_audit::AgentView::Vouched(sockets),
+            ..Default::default()
+        };
+        let report =
+            tapproof_audit::classify(&tapproof_audit::scan::Scan::default(), &options, "db-1".into(), 0);
+        serde_json::to_value(tapproof_audit::CoverageUpload {
+            report,
+            denials: vec![],
+        })
+        .unwrap()
+    };
+    let monitor = tapproof_audit::InboundMode::Monitor;
+    let post = |who, body| s.call(Some(who), "POST", paths::COVERAGE, body);
+    assert_eq!(
+        post(&db, upload(monitor, &["10.0.0.7", "10.0.0.8"]))
+            .await
+            .unwrap()
+            .0,
+        204
+    );
+    // The agent without capture reports none: its row says so (no mode, no count).
+    assert_eq!(post(&web, coverage_body()).await.unwrap().0, 204);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        post(&db, upload(tapproof_audit::InboundMode::Enforce, &["10.0.0.7"]))
+            .await
+            .unwrap()
+            .0,
+        204
+    );
+    let (status, d) = s
+        .call(Some(&admin), "GET", paths::DASHBOARD_DATA, Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{d}");
+    let row = |name: &str| {
+        d["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    // Latest report: enforce, and dropped attempts are not plaintext that got through.
+    assert_eq!(row("db-1")["capture_mode"], "enforce", "{d}");
+    assert_eq!(row("db-1")["plaintext_attempts"], 0, "{d}");
+    assert!(
+        row("web-1")["capture_mode"].is_null() && row("web-1")["plaintext_attempts"].is_null(),
+        "{d}"
+    );
+    let attempts: Vec<i64> = d["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["plaintext_attempts"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        attempts.first(),
+        Some(&2),
+        "the monitor-mode report's two sources: {d}"
+    );
+    assert_eq!(attempts.last(), Some(&0), "{d}");
+}

@@ -91,6 +91,8 @@ macro_rules! impl_store {
                 links: row.try_get("links").map_err(q)?,
                 encrypted: row.try_get("encrypted").map_err(q)?,
                 plaintext: row.try_get("plaintext").map_err(q)?,
+                capture_mode: row.try_get("capture_mode").map_err(q)?,
+                plaintext_attempts: row.try_get("plaintext_attempts").map_err(q)?,
             })
         }
 
@@ -520,14 +522,16 @@ macro_rules! impl_store {
 
             async fn coverage_add(&self, c: NewCoverage) -> Result<()> {
                 sqlx::query(
-                    "INSERT INTO coverage (node, at, links, encrypted, plaintext, report) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO coverage (node, at, links, encrypted, plaintext, capture_mode, plaintext_attempts, report) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .bind(&c.node)
                 .bind(c.at)
                 .bind(c.links)
                 .bind(c.encrypted)
                 .bind(c.plaintext)
+                .bind(&c.capture_mode)
+                .bind(c.plaintext_attempts)
                 .bind(&c.report)
                 .execute(&self.pool)
                 .await
@@ -537,7 +541,7 @@ macro_rules! impl_store {
 
             async fn coverage_latest(&self) -> Result<Vec<CoverageRecord>> {
                 let rows = sqlx::query(
-                    "SELECT c.node, c.at, c.links, c.encrypted, c.plaintext, c.report FROM coverage c \
+                    "SELECT c.node, c.at, c.links, c.encrypted, c.plaintext, c.capture_mode, c.plaintext_attempts, c.report FROM coverage c \
                      JOIN (SELECT node, MAX(id) AS id FROM coverage GROUP BY node) m ON c.id = m.id \
                      ORDER BY c.node",
                 )
@@ -556,7 +560,7 @@ macro_rules! impl_store {
 
             async fn coverage_history(&self, since: i64) -> Result<Vec<CoveragePoint>> {
                 let rows = sqlx::query(
-                    "SELECT node, at, links, encrypted, plaintext FROM coverage WHERE at >= $1 ORDER BY at, id",
+                    "SELECT node, at, links, encrypted, plaintext, capture_mode, plaintext_attempts FROM coverage WHERE at >= $1 ORDER BY at, id",
                 )
                 .bind(since)
                 .fetch_all(&self.pool)

@@ -170,6 +170,10 @@ pub struct NewCoverage {
     pub links: i64,
     pub encrypted: i64,
     pub plaintext: i64,
+    /// The agent's `capture.inbound` (`off`, `monitor`, `enforce`), when it reported one.
+    pub capture_mode: Option<String>,
+    /// Sources whose plaintext a monitor-mode agent let through to an inbound port.
+    pub plaintext_attempts: i64,
     /// The whole report (JSON), for the dashboard's link view.
     pub report: String,
 }
@@ -182,6 +186,8 @@ pub struct CoveragePoint {
     pub links: i64,
     pub encrypted: i64,
     pub plaintext: i64,
+    pub capture_mode: Option<String>,
+    pub plaintext_attempts: i64,
 }
 
 /// A node's latest report, with its body.

@@ -461,6 +461,8 @@ async fn coverage_history_and_latest(db: &Db) {
         links,
         encrypted,
         plaintext: links - encrypted,
+        capture_mode: (node == "web-1").then(|| "monitor".to_owned()),
+        plaintext_attempts: i64::from(node == "web-1") * 3,
         report: format!("{{\"node\": \"{node}\", \"at\": {at}}}"),
     };
     a.coverage_add(report("db-1", 100, 4, 3)).await.unwrap();
@@ -474,8 +476,21 @@ async fn coverage_history_and_latest(db: &Db) {
     assert_eq!(got, vec![("db-1", 120, 4), ("web-1", 110, 2)]);
     assert!(latest[0].report.contains("\"at\": 120"));
     let history = a.coverage_history(105).await.unwrap();
-    let got: Vec<_> = history.iter().map(|p| (p.node.as_str(), p.at)).collect();
-    assert_eq!(got, vec![("web-1", 110), ("db-1", 120)]);
+    let got: Vec<_> = history
+        .iter()
+        .map(|p| {
+            (
+                p.node.as_str(),
+                p.at,
+                p.capture_mode.as_deref(),
+                p.plaintext_attempts,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![("web-1", 110, Some("monitor"), 3), ("db-1", 120, None, 0)]
+    );
     for i in 0..3 {
         a.audit_append(
             NewAudit {

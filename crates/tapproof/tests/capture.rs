@@ -412,3 +412,102 @@ fn capture_and_enforcement_across_three_hosts() {
     // With the rules gone, A's curl goes out in plaintext again (and B's service answers).
     assert_eq!(curl(&h.a, &url), (0, canary));
 }
+
+/// Runs `tapproof agent` in `ns` with `config` (prefixed by `wrap`) to its exit; its stderr.
+fn agent_refuses(ns: &Netns, dir: &std::path::Path, wrap: &[&str], config: &str) -> String {
+    let path = dir.join("refused.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut argv: Vec<&str> = wrap.to_vec();
+    argv.extend([EXE, "agent", "--config", path.to_str().unwrap()]);
+    let mut child = ns
+        .command(&argv)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent did not refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn capture_refuses_what_it_cannot_do_and_fails_fast() {
+    if !can_run() {
+        return;
+    }
+    let h = Three::new();
+    let pki = TestPki::new();
+    let id = pki.node("client-a");
+    let td = pki.td.clone();
+    let outbound = |capture: &str, peer: &str| {
+        format!(
+            "trust_domain = \"{td}\"\n{}[[outbound]]\ncapture = \"{capture}\"\nservice = \"web\"\npeers = [\"{peer}\"]\nserver_id = \"spiffe://{td}/node/web-b\"\n",
+            identity_section(&id)
+        )
+    };
+    // Without CAP_NET_ADMIN (root with it dropped from the bounding set): refused, and said so.
+    let config = outbound(&format!("{}:8080", h.b_ip), &format!("{}:15008", h.b_ip));
+    let err = agent_refuses(
+        &h.a,
+        pki.path(),
+        &["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"],
+        &config,
+    );
+    assert!(err.contains("CAP_NET_ADMIN"), "{err}");
+    assert!(tables(&h.a).is_empty(), "nothing installed by a refused start");
+    // A captured address of this host itself: refused, naming the key.
+    let config = outbound(&format!("{}:8080", h.b_ip), &format!("{}:15008", h.b_ip));
+    let err = agent_refuses(&h.b, pki.path(), &[], &config);
+    assert!(
+        err.contains("outbound[0].capture") && err.contains("address of this host"),
+        "{err}"
+    );
+    assert!(tables(&h.b).is_empty());
+
+    // A captured destination whose peer agent is unreachable: the app's connection is reset
+    // at once (not left hanging, never sent in plaintext), counted and logged.
+    let config = outbound(&format!("{}:8080", h.b_ip), &format!("{}:15999", h.b_ip));
+    let a = AgentProcess::start_with(EXE, pki.path(), "client-a", &config, &h.a.prefix());
+    let started = Instant::now();
+    let (code, _) = curl(&h.a, &format!("http://{}:8080/", h.b_ip));
+    assert!(
+        matches!(code, 52 | 56),
+        "curl must see the connection reset, got {code}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the failure was not quick"
+    );
+    assert!(
+        metric_value(
+            &metrics(&h.a),
+            "tapproof_stream_failures_total",
+            &["reason=\"no_tunnel\""]
+        ) >= 1.0
+    );
+    assert!(
+        a.log().contains(&format!("destination={}:8080", h.b_ip)),
+        "the log names the destination"
+    );
+    // Someone dialling the capture port itself is not a captured connection: reset.
+    let (code, _) = curl(&h.a, "http://127.0.0.1:15006/");
+    assert_ne!(code, 0);
+    assert!(
+        metric_value(
+            &metrics(&h.a),
+            "tapproof_capture_connections_total",
+            &["result=\"no_original_destination\""]
+        ) >= 1.0
+    );
+    drop(a);
+    let _ = tapproof(&h.a, &["capture", "remove"]);
+}

@@ -453,7 +453,7 @@ mod tests {
             ],
             inbound: InboundMode::Enforce,
             inbound_ports: vec![8080],
-            port: 15001,
+            port: 15006,
             mark: 0x7470_0001,
         }
     }
@@ -474,7 +474,7 @@ mod tests {
             assert_eq!(t, TABLE, "a command outside table {TABLE}: {c}");
         }
         let text = doc.to_string();
-        assert!(text.contains(r#"{"redirect":{"port":15001}}"#));
+        assert!(text.contains(r#"{"redirect":{"port":15006}}"#));
         assert!(text.contains(r#"{"drop":null}"#));
         let monitor = ruleset(&Plan {
             inbound: InboundMode::Monitor,
@@ -500,8 +500,8 @@ mod tests {
    "elem": [{"elem": {"val": {"concat": ["10.9.0.3", 8080]}, "expires": 86399, "counter": {"packets": 2, "bytes": 120}}}], "stmt": [{"counter": null}]}},
  {"chain": {"family": "inet", "table": "tapproof", "name": "capture_output", "handle": 1, "type": "nat", "hook": "output", "prio": -110, "policy": "accept"}},
  {"rule": {"family": "inet", "table": "tapproof", "chain": "capture_output", "handle": 4, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 1953497089}}, {"return": null}]}},
- {"rule": {"family": "inet", "table": "tapproof", "chain": "capture_output", "handle": 5, "expr": [{"match": {"op": "==", "left": {"concat": [{"payload": {"protocol": "ip", "field": "daddr"}}, {"payload": {"protocol": "tcp", "field": "dport"}}]}, "right": "@captured4"}}, {"counter": {"packets": 3, "bytes": 180}}, {"redirect": {"port": 15001}}]}},
- {"rule": {"family": "inet", "table": "tapproof", "chain": "capture_output", "handle": 6, "expr": [{"match": {"op": "==", "left": {"concat": [{"payload": {"protocol": "ip6", "field": "daddr"}}, {"payload": {"protocol": "tcp", "field": "dport"}}]}, "right": "@captured6"}}, {"counter": {"packets": 1, "bytes": 80}}, {"redirect": {"port": 15001}}]}},
+ {"rule": {"family": "inet", "table": "tapproof", "chain": "capture_output", "handle": 5, "expr": [{"match": {"op": "==", "left": {"concat": [{"payload": {"protocol": "ip", "field": "daddr"}}, {"payload": {"protocol": "tcp", "field": "dport"}}]}, "right": "@captured4"}}, {"counter": {"packets": 3, "bytes": 180}}, {"redirect": {"port": 15006}}]}},
+ {"rule": {"family": "inet", "table": "tapproof", "chain": "capture_output", "handle": 6, "expr": [{"match": {"op": "==", "left": {"concat": [{"payload": {"protocol": "ip6", "field": "daddr"}}, {"payload": {"protocol": "tcp", "field": "dport"}}]}, "right": "@captured6"}}, {"counter": {"packets": 1, "bytes": 80}}, {"redirect": {"port": 15006}}]}},
  {"chain": {"family": "inet", "table": "tapproof", "name": "inbound_input", "handle": 2, "type": "filter", "hook": "input", "prio": -10, "policy": "accept"}},
  {"rule": {"family": "inet", "table": "tapproof", "chain": "inbound_input", "handle": 11, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "lo"}}, {"return": null}]}},
  {"rule": {"family": "inet", "table": "tapproof", "chain": "inbound_input", "handle": 14, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": "@inbound_ports"}}, {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "original"}}, {"counter": {"packets": 2, "bytes": 120}}, {"drop": null}]}}]}"#;

@@ -81,6 +81,16 @@ function historyChart(points) {
   points.forEach((p, i) => { d += (i ? " L" : "M") + x(p.at).toFixed(1) + " " + y(p.coverage_percent).toFixed(1); });
   if (points.length === 1) d += " L" + (W - 10) + " " + y(points[0].coverage_percent).toFixed(1);
   s.append(svg("path", { d, fill: "none", stroke: "#00733b", "stroke-width": "2" }));
+  // Monitor-mode plaintext attempts (sources let through), fleet-wide: a red step line on its own
+  // scale along the bottom third, drawn only when there were any.
+  const most = Math.max(0, ...points.map((p) => p.plaintext_attempts || 0));
+  if (most > 0) {
+    const ya = (n) => (H - B) - (H - B - 10) / 3 * n / most;
+    let a = "";
+    points.forEach((p, i) => { a += (i ? " L" : "M") + x(p.at).toFixed(1) + " " + ya(p.plaintext_attempts || 0).toFixed(1); });
+    s.append(svg("path", { d: a, fill: "none", stroke: "#b32d2e", "stroke-width": "1.5", "stroke-dasharray": "4 2" }));
+    s.append(svg("text", { x: W - 10, y: ya(most) - 3, "font-size": "11", "text-anchor": "end", fill: "#b32d2e" }, `plaintext attempts (monitor mode), up to ${most}`));
+  }
   s.append(svg("text", { x: L, y: H - 6, "font-size": "11" }, when(t0)));
   s.append(svg("text", { x: W - 10, y: H - 6, "font-size": "11", "text-anchor": "end" }, when(t1)));
   box.append(s);
@@ -123,6 +133,8 @@ function render(data) {
     el("td", {}, ago(n.last_report, now)),
     el("td", { class: n.coverage_percent === null ? "" : n.plaintext ? "plain" : "enc" }, n.coverage_percent === null ? (n.last_report ? "no links seen yet" : "–") : pct(n.coverage_percent)),
     el("td", {}, n.plaintext === null ? "–" : String(n.plaintext)),
+    el("td", { class: n.capture_mode === "enforce" ? "enc" : "" }, n.capture_mode || "–"),
+    el("td", { class: n.plaintext_attempts ? "plain" : "" }, n.plaintext_attempts === null ? "–" : String(n.plaintext_attempts)),
   ]);
   fill("link-table", data.links, (l) => {
     let [label, cls] = CLASS[l.class] || [l.class, ""];

@@ -195,17 +195,9 @@ async fn accept_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let (tcp, app) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    crate::limits::accept_failed(&state, "capture", &e).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, app)) =
+        crate::limits::next_connection(&listener, &shutdown, &state, || "capture".into()).await
+    {
         let result = |r: &'static str| {
             state
                 .metrics

@@ -26,17 +26,9 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    crate::limits::accept_failed(&state, "tunnel", &e).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) =
+        crate::limits::next_connection(&listener, &shutdown, &state, || "tunnel".into()).await
+    {
         let state = state.clone();
         let shutdown = shutdown.clone();
         let streams = tracker.clone();

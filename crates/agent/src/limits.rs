@@ -42,6 +42,26 @@ impl Limit {
     }
 }
 
+/// The next connection on `listener`, or `None` once `shutdown` is cancelled: what every
+/// listener's loop waits on. A failed accept() is answered by `accept_failed` (`what` names the
+/// listener in its log line) and waited past.
+pub async fn next_connection(
+    listener: &tokio::net::TcpListener,
+    shutdown: &tokio_util::sync::CancellationToken,
+    state: &crate::state::AgentState,
+    what: impl Fn() -> String,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(e) => accept_failed(state, &what(), &e).await,
+            },
+        }
+    }
+}
+
 /// Every listener's answer to a failed accept(): count, throttled WARN, back off
 /// (`tapproof_tls::admission::ACCEPT_BACKOFF`).
 pub async fn accept_failed(state: &crate::state::AgentState, listener: &str, error: &std::io::Error) {

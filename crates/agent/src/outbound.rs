@@ -25,17 +25,8 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let (tcp, app) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    crate::limits::accept_failed(&state, &format!("outbound {}", pool.outbound().service), &e).await;
-                    continue;
-                }
-            },
-        };
+    let what = || format!("outbound {}", pool.outbound().service);
+    while let Some((tcp, app)) = crate::limits::next_connection(&listener, &shutdown, &state, what).await {
         let (pool, state) = (pool.clone(), state.clone());
         let outbound = pool.outbound();
         tracker.spawn(async move { connection(tcp, app, pool, outbound, state, None).await });

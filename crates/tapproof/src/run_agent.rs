@@ -103,6 +103,21 @@ pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if config.uses_capture() {
+        // What the agent checks at start, checked here too (systemd runs this before it, with
+        // the same capabilities): nothing is committed.
+        let plan = tapproof_agent::capture::Plan::of(&config);
+        println!(
+            "  capture         {} destinations, inbound {} on ports {:?}",
+            plan.captured.len(),
+            plan.inbound.as_str(),
+            plan.inbound_ports
+        );
+        tokio::task::spawn_blocking(move || tapproof_agent::capture::nft::check_kernel(&plan))
+            .await?
+            .map_err(|e| anyhow::anyhow!("capture: {e}"))?;
+        println!("  capture rules   the kernel accepts them (nft --check)");
+    }
     Ok(())
 }
 

@@ -63,20 +63,21 @@ struct Three {
 }
 
 impl Three {
-    fn new() -> Self {
+    /// `tag` tells apart the topologies of tests that run at once in this process.
+    fn new(tag: u32) -> Self {
         let pid = std::process::id();
         let n = 1 + pid % 250;
         let (a, b, c) = (
-            Netns::create(format!("tp-cap-{pid}-a")),
-            Netns::create(format!("tp-cap-{pid}-b")),
-            Netns::create(format!("tp-cap-{pid}-c")),
+            Netns::create(format!("tp-cap{tag}-{pid}-a")),
+            Netns::create(format!("tp-cap{tag}-{pid}-b")),
+            Netns::create(format!("tp-cap{tag}-{pid}-c")),
         );
-        let tag = pid % 100_000;
+        let t = pid % 10_000;
         let (a_if, ba_if, c_if, bc_if) = (
-            format!("tca{tag}"),
-            format!("tcba{tag}"),
-            format!("tcc{tag}"),
-            format!("tcbc{tag}"),
+            format!("tc{tag}a{t}"),
+            format!("tc{tag}ba{t}"),
+            format!("tc{tag}c{t}"),
+            format!("tc{tag}bc{t}"),
         );
         let ip = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().unwrap();
@@ -92,9 +93,10 @@ impl Three {
         ip(&[
             "link", "add", &c_if, "netns", &c.name, "type", "veth", "peer", "name", &bc_if, "netns", &b.name,
         ]);
-        let (a_ip, b_ip) = (format!("10.251.{n}.1"), format!("10.251.{n}.2"));
-        let (c_ip, b_for_c) = (format!("10.252.{n}.1"), format!("10.252.{n}.2"));
-        let (a6, b6) = (format!("fd00:251:{n:x}::1"), format!("fd00:251:{n:x}::2"));
+        let (ab, cb) = (240 + 2 * tag, 241 + 2 * tag);
+        let (a_ip, b_ip) = (format!("10.{ab}.{n}.1"), format!("10.{ab}.{n}.2"));
+        let (c_ip, b_for_c) = (format!("10.{cb}.{n}.1"), format!("10.{cb}.{n}.2"));
+        let (a6, b6) = (format!("fd00:{ab}:{n:x}::1"), format!("fd00:{ab}:{n:x}::2"));
         for (ns, dev, v4, v6) in [
             (&a, &a_if, &a_ip, Some(&a6)),
             (&b, &ba_if, &b_ip, Some(&b6)),
@@ -178,7 +180,7 @@ fn capture_and_enforcement_across_three_hosts() {
     if !can_run() {
         return;
     }
-    let h = Three::new();
+    let h = Three::new(1);
     let pki = TestPki::new();
     let (web_id, client_id) = (pki.node("web-b"), pki.node("client-a"));
     let td = pki.td.clone();
@@ -444,7 +446,7 @@ fn capture_refuses_what_it_cannot_do_and_fails_fast() {
     if !can_run() {
         return;
     }
-    let h = Three::new();
+    let h = Three::new(2);
     let pki = TestPki::new();
     let id = pki.node("client-a");
     let td = pki.td.clone();
@@ -480,8 +482,11 @@ fn capture_refuses_what_it_cannot_do_and_fails_fast() {
     let started = Instant::now();
     let (code, _) = curl(&h.a, &format!("http://{}:8080/", h.b_ip));
     assert!(
-        matches!(code, 52 | 56),
-        "curl must see the connection reset, got {code}"
+        // 52/56: reset after the connect; 7: the reset came so fast that curl counts it against
+        // the connect. The agent's log and metrics below show it was the agent that reset it.
+        matches!(code, 7 | 52 | 56),
+        "curl must see the connection reset, got {code}; agent log:\n{}",
+        a.log()
     );
     assert!(
         started.elapsed() < Duration::from_secs(3),

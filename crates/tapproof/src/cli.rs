@@ -64,7 +64,10 @@ pub enum Command {
     Audit(AuditArgs),
     /// Transparent capture and inbound enforcement: the nftables rules in force, and their
     /// explicit removal (the agent never removes them: they fail closed while it is down).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  tapproof capture status\n  tapproof capture remove --config /etc/tapproof/agent.toml --reason \"decommissioned\""
+    )]
     Capture(CaptureCommand),
     /// Print shell completions.
     #[command(after_help = "Example:\n  tapproof completions bash > /etc/bash_completion.d/tapproof")]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tapproof_test_util::netns::{spawn_ready, Netns, Tcpdump};
 use tapproof_test_util::pcap::{contains, tcp_segments};
 use tapproof_test_util::pki::TestPki;
-use tapproof_test_util::process::{identity_section, metric_value, AgentProcess};
+use tapproof_test_util::process::{identity_section, metric_value, run_tapproof_in, AgentProcess};
 use tapproof_test_util::{in_ci, is_root};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
@@ -164,15 +164,9 @@ fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `tapproof ARGS` in `ns`: (exit code, stdout, stderr).
 fn tapproof(ns: &Netns, args: &[&str]) -> (i32, String, String) {
-    let mut argv = vec![EXE];
-    argv.extend_from_slice(args);
-    let out = ns.command(&argv).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_tapproof_in(&ns.prefix(), EXE, args)
 }
 
 #[test]

@@ -254,7 +254,15 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// Runs a `tapproof` subcommand to completion; returns (exit code, stdout, stderr).
 pub fn run_tapproof(exe: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(exe)
+    run_tapproof_in(&[], exe, args)
+}
+
+/// Like `run_tapproof`, after a command prefix (e.g. `ip netns exec NS`).
+pub fn run_tapproof_in(prefix: &[&str], exe: &str, args: &[&str]) -> (i32, String, String) {
+    let mut argv = prefix.to_vec();
+    argv.push(exe);
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
         .args(args)
         .stdin(Stdio::null())
         .output()

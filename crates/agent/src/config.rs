@@ -245,6 +245,11 @@ pub struct CaptureConfig {
     /// The socket mark of the agent's own connections, exempt from capture.
     #[serde(default = "default_capture_mark")]
     pub mark: u32,
+    /// Capture every destination the control plane's service directory lists (the addresses
+    /// where other agents' inbound services are reached), each carried to the node that
+    /// announced it. Needs `[control]`.
+    #[serde(default)]
+    pub directory: bool,
 }
 
 impl Default for CaptureConfig {
@@ -253,6 +258,7 @@ impl Default for CaptureConfig {
             inbound: InboundMode::Off,
             port: DEFAULT_CAPTURE_PORT,
             mark: DEFAULT_CAPTURE_MARK,
+            directory: false,
         }
     }
 }
@@ -271,9 +277,15 @@ pub struct InboundConfig {
     /// Permit a `forward` address off this host (its traffic then crosses a network in plaintext).
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Where clients on other hosts reach this service (`ADDR:PORT`), announced in the control
+    /// plane's directory so that their agents (`capture.directory`) capture those connections.
+    /// Default: the advertised tunnel address's IP with the forward's port, when the forward is
+    /// on this host.
+    #[serde(default)]
+    pub addresses: Vec<SocketAddr>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
     /// The plaintext side, where local apps connect. Exactly one of `listen` and `capture`.
@@ -509,9 +521,13 @@ impl AgentConfig {
         }
     }
 
-    /// Whether this agent installs capture rules: an outbound with `capture`, or an inbound mode.
+    /// Whether this agent installs capture rules at start: an outbound with `capture`, directory
+    /// capture, or an inbound mode. (The control plane's policy may ask an agent without any of
+    /// them for an inbound mode later: `capture.rs`.)
     pub fn uses_capture(&self) -> bool {
-        self.capture.inbound != InboundMode::Off || self.outbound.iter().any(|o| o.capture.is_some())
+        self.capture.inbound != InboundMode::Off
+            || self.capture.directory
+            || self.outbound.iter().any(|o| o.capture.is_some())
     }
 
     /// What the audit needs to know about this agent: where apps reach its outbound listeners and
@@ -758,8 +774,21 @@ impl AgentConfig {
                 }
             }
         }
+        for (i, inbound) in self.inbound.iter().enumerate() {
+            for (j, a) in inbound.addresses.iter().enumerate() {
+                if a.ip().is_unspecified() || a.ip().is_multicast() || a.port() == 0 {
+                    return Err(invalid(format!("inbound[{i}].addresses[{j}]"), format!("{a} is not an address clients can dial: give the IP and port they connect to (not 0.0.0.0, :: or port 0)")));
+                }
+            }
+        }
         let mut listens = HashSet::new();
         let mut captures = HashSet::new();
+        if self.capture.directory && self.control.is_none() {
+            return Err(invalid(
+                "capture.directory".into(),
+                "needs [control]: the destinations come from the control plane's service directory (files-only setups list them as [[outbound]] capture entries)".into(),
+            ));
+        }
         if self.capture.port == 0 {
             return Err(invalid("capture.port".into(), "must not be 0".into()));
         }

@@ -128,9 +128,12 @@ pub async fn run(
             outbound_listeners.push((bind(format!("outbound[{i}].listen"), listen).await?, o.clone()));
         }
     }
-    // Capture asked for and not possible stops the agent here, before it serves anything.
+    // Capture asked for and not possible stops the agent here, before it serves anything. An
+    // agent with [control] and no capture of its own waits, dormant, for what the policy asks.
     let capture = if config.uses_capture() {
-        Some(capture::Capture::start(&config).await?)
+        Some(capture::Capture::start(&config, material.current().id()).await?)
+    } else if config.control.is_some() {
+        Some(capture::Capture::dormant())
     } else {
         None
     };
@@ -172,12 +175,10 @@ pub async fn run(
     }
     let mut serving = Vec::new();
     if let Some(capture) = capture {
-        for o in state.config.outbound.iter() {
-            if let Some(addr) = o.capture {
-                capture.route(addr, Arc::new(pool::Pool::new(o.clone(), state.clone())));
-            }
+        let bound = capture.bound();
+        if !bound.is_empty() {
+            info!(listen = ?bound, "capture listener up");
         }
-        info!(listen = ?capture.bound(), "capture listener up");
         serving.extend(capture.serve(state.clone(), stop.clone(), streams.clone()));
     }
     bound.outbound = outbounds.bound();

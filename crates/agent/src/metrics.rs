@@ -139,6 +139,23 @@ pub struct Metrics {
     pub capture_redirected: Gauge,
     pub capture_dropped_packets: Gauge,
     pub capture_attempts: Family<AttemptLabels, Gauge>,
+    pub capture_refused: Family<RefusedLabels, Gauge>,
+    pub capture_mode: Family<ModeLabels, Gauge>,
+    pub capture_destinations: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// A directory destination that is not captured (this host's own address, or two services
+    /// claim it); the log says why.
+    pub destination: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    pub mode: &'static str,
+    /// `config` (capture.inbound) or `policy` (the control plane's [capture]).
+    pub set_by: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -201,6 +218,9 @@ impl Metrics {
             capture_redirected: Gauge::default(),
             capture_dropped_packets: Gauge::default(),
             capture_attempts: Family::default(),
+            capture_refused: Family::default(),
+            capture_mode: Family::default(),
+            capture_destinations: Gauge::default(),
             tunnels: Family::default(),
             tunnels_open: Family::default(),
             streams: Family::default(),
@@ -337,7 +357,7 @@ impl Metrics {
         );
         registry.register(
             "capture_connections",
-            "Connections arriving at the capture listener, by result: accepted (carried as a stream; its failures count in stream_failures), unknown_destination (no [[outbound]] captures that address; reset), no_original_destination (not redirected by the rules; reset)",
+            "Connections arriving at the capture listener, by result: accepted (carried as a stream; its failures count in stream_failures), unknown_destination (no route for that address, e.g. the directory is not known yet after a restart; reset), no_original_destination (not redirected by the rules; reset)",
             m.capture_connections.clone(),
         );
         registry.register(
@@ -364,6 +384,21 @@ impl Metrics {
             "capture_plaintext_attempts",
             "New-connection packets of plaintext from the network to an inbound port, per source and port, since the rules were installed (nftables per-element counters; a source is forgotten a day after its last packet)",
             m.capture_attempts.clone(),
+        );
+        registry.register(
+            "capture_destinations_refused",
+            "1 for each destination the control plane's directory lists that this agent does not capture (an address of this host, or one that two services claim); the log says why",
+            m.capture_refused.clone(),
+        );
+        registry.register(
+            "capture_inbound_mode",
+            "1 for the inbound mode in force and who set it: config (capture.inbound) or policy (the control plane's [capture], which wins)",
+            m.capture_mode.clone(),
+        );
+        registry.register(
+            "capture_destinations",
+            "Destinations whose connections from this host are captured into the tunnel ([[outbound]] capture entries and, with capture.directory, the directory's addresses)",
+            m.capture_destinations.clone(),
         );
         tapproof_metrics::register_build_info(registry, "agent");
         Self { registry: root, ..m }

@@ -38,6 +38,51 @@ const FIXED: &[(&str, &str)] = &[
     ("federation", "[[federation]]"),
 ];
 
+/// What a reload may change of capture, given the config the agent started with: `[capture]`
+/// and the capture outbounds take effect (the capture task looks again: `set_applied` wakes it),
+/// except where start-time work is needed (the kernel check, the capture listener, its port and
+/// mark) or a captured address is this host's. Returns the capture outbounds in force and sets
+/// `applied.capture`.
+fn capture_changes(
+    started: &AgentConfig,
+    new: &AgentConfig,
+    applied: &mut AgentConfig,
+    problems: &mut Vec<String>,
+) -> Vec<crate::config::OutboundConfig> {
+    let captures = |c: &AgentConfig| -> Vec<crate::config::OutboundConfig> {
+        c.outbound
+            .iter()
+            .filter(|o| o.capture.is_some())
+            .cloned()
+            .collect()
+    };
+    if !started.uses_capture() {
+        if new.uses_capture() {
+            problems.push("capture turned on ([capture] or a capture outbound) in an agent that started without it: it starts at the next restart (the kernel check and the capture listener run at start)".into());
+        }
+        applied.capture = started.capture.clone();
+        return Vec::new();
+    }
+    applied.capture = new.capture.clone();
+    if (new.capture.port, new.capture.mark) != (started.capture.port, started.capture.mark) {
+        problems.push("capture.port or capture.mark changed: takes effect at the next restart".into());
+        applied.capture.port = started.capture.port;
+        applied.capture.mark = started.capture.mark;
+    }
+    let mut kept = Vec::new();
+    for o in captures(new) {
+        match o.capture {
+            Some(addr) if crate::capture::is_local(addr.ip()) => {
+                problems.push(format!(
+                    "a capture outbound names {addr}, an address of this host: not captured"
+                ));
+            }
+            _ => kept.push(o),
+        }
+    }
+    kept
+}
+
 /// One outbound listener being served.
 struct Running {
     /// The configured address (the key a reload matches on).
@@ -227,21 +272,7 @@ impl Reloader {
             .await
             .apply(&new.outbound, &mut problems)
             .await;
-        let captures = |c: &AgentConfig| {
-            let outbounds: Vec<_> = c.outbound.iter().filter(|o| o.capture.is_some()).collect();
-            format!("{:?} {outbounds:?}", crate::capture::Plan::of(c))
-        };
-        if captures(&state.config) != captures(&new) {
-            problems.push("[capture], a capture outbound or the ports of inbound services changed: the capture rules take effect at the next restart".into());
-        }
-        served.extend(
-            state
-                .config
-                .outbound
-                .iter()
-                .filter(|o| o.capture.is_some())
-                .cloned(),
-        );
+        served.extend(capture_changes(&state.config, &new, &mut applied, &mut problems));
         applied.outbound = served;
         applied.audit = new.audit.clone();
         applied.source = new.source.clone();

@@ -45,6 +45,11 @@ pub struct AgentState {
     pub refused_log: tapproof_tls::admission::LogThrottle,
     /// Forward addresses given as host names, resolved at most every 30 s.
     pub forwards: crate::endpoint::ForwardCache,
+    /// What the control plane says about capture (directory addresses, the policy's modes);
+    /// `None` until the first state-feed document was applied.
+    capture_inputs: std::sync::RwLock<Option<Arc<crate::capture::Inputs>>>,
+    /// Woken when the capture plan's inputs change (feed, reload): `capture.rs` looks again.
+    pub capture_changed: tokio::sync::Notify,
 }
 
 /// One TLS connection between two agents and what it has carried.
@@ -139,12 +144,32 @@ impl AgentState {
             advertise: std::sync::OnceLock::new(),
             policy: Default::default(),
             denials: Default::default(),
+            capture_inputs: Default::default(),
+            capture_changed: tokio::sync::Notify::new(),
         }
     }
 
     /// The mark on the agent's own connections when capture is on (`capture.rs`), else none.
     pub fn capture_mark(&self) -> Option<u32> {
         self.config.uses_capture().then_some(self.config.capture.mark)
+    }
+
+    /// The control plane's capture inputs; `None` before the first feed document.
+    pub fn capture_inputs(&self) -> Option<Arc<crate::capture::Inputs>> {
+        self.capture_inputs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// New capture inputs from the feed: the capture loop looks again when they changed (and
+    /// always after the first document).
+    pub fn set_capture_inputs(&self, inputs: crate::capture::Inputs) {
+        let mut held = self.capture_inputs.write().unwrap_or_else(|p| p.into_inner());
+        if held.as_deref() != Some(&inputs) {
+            *held = Some(Arc::new(inputs));
+            self.capture_changed.notify_one();
+        }
     }
 
     /// The config in force now (see `applied`).
@@ -155,6 +180,7 @@ impl AgentState {
     /// A reload's config takes over: new streams and reports see it.
     pub(crate) fn set_applied(&self, config: AgentConfig) {
         *self.applied.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        self.capture_changed.notify_one();
     }
 
     pub fn kx_policy(&self) -> KxPolicy {

@@ -94,6 +94,11 @@ impl Sockets {
         *self.capture.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
     }
 
+    /// No capture rules to report (a dormant agent whose policy asks nothing of it).
+    pub fn clear_capture(&self) {
+        *self.capture.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// What this process vouches for now.
     pub fn snapshot(&self) -> AgentSockets {
         let mut connections: Vec<_> = self.table().values().cloned().collect();

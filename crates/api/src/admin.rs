@@ -26,6 +26,10 @@ pub struct NodeView {
 pub struct Registration {
     pub node: String,
     pub service: String,
+    /// Where clients reach the service, as the node's agent announced it (`ADDR:PORT`): the
+    /// destinations other agents capture for it.
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 /// `POST /v1/registrations`.
@@ -114,6 +118,57 @@ pub struct AuditEntry {
 pub struct Policy {
     #[serde(default)]
     pub services: BTreeMap<String, ServicePolicy>,
+    /// The inbound capture mode set from the control plane, over each agent's `capture.inbound`.
+    #[serde(default, skip_serializing_if = "CapturePolicy::is_empty")]
+    pub capture: CapturePolicy,
+}
+
+/// What happens to plaintext that reaches the ports of a host's inbound services from the
+/// network (an agent config's `capture.inbound`, or the policy's `[capture]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    /// No rule for inbound ports.
+    #[default]
+    Off,
+    /// Let it through, counted per source address (a plaintext attempt).
+    Monitor,
+    /// Drop it (counted per source address): the service is reachable only through the tunnel.
+    Enforce,
+}
+
+impl InboundMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Monitor => "monitor",
+            Self::Enforce => "enforce",
+        }
+    }
+}
+
+/// The policy's `[capture]`: a fleet-wide inbound mode and per-node exceptions, e.g.
+/// `[capture] inbound = "monitor"` with `[capture.nodes] db-1 = "enforce"`. A node's entry wins
+/// over `inbound`, and either wins over the agent's own `capture.inbound`; with neither the agent's
+/// config rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapturePolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundMode>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, InboundMode>,
+}
+
+impl CapturePolicy {
+    pub fn is_empty(&self) -> bool {
+        self.inbound.is_none() && self.nodes.is_empty()
+    }
+
+    /// The mode the control plane sets for `node`, if it sets one.
+    pub fn mode_for(&self, node: &str) -> Option<InboundMode> {
+        self.nodes.get(node).copied().or(self.inbound)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

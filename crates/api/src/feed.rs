@@ -15,6 +15,58 @@ pub struct StateQuery {
     /// Where the calling agent's tunnel listener is reached, for the service directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<String>,
+    /// Where clients reach the calling agent's inbound services, for transparent capture on other
+    /// hosts: `SERVICE=ADDR:PORT` pairs joined by commas (`Announced`). Absent: no change; empty:
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<String>,
+}
+
+/// The most addresses one agent may announce.
+pub const MAX_ANNOUNCED: usize = 256;
+
+/// The addresses an agent announces for its inbound services (`StateQuery::addresses`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Announced(pub Vec<(String, std::net::SocketAddr)>);
+
+impl Announced {
+    /// The query value: `web=10.0.0.2:8080,web=[fd00::2]:8080`, sorted (the same set, the same
+    /// text).
+    pub fn to_query(&self) -> String {
+        let mut pairs: Vec<String> = self.0.iter().map(|(s, a)| format!("{s}={a}")).collect();
+        pairs.sort();
+        pairs.dedup();
+        pairs.join(",")
+    }
+
+    /// Reads a query value; the error names the pair that is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for pair in text.split(',').filter(|p| !p.is_empty()) {
+            let (service, addr) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not SERVICE=ADDR:PORT"))?;
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|e| format!("{pair:?}: {addr:?} is not ADDR:PORT ({e})"))?;
+            if service.is_empty() {
+                return Err(format!("{pair:?}: no service name"));
+            }
+            if addr.ip().is_unspecified() || addr.port() == 0 {
+                return Err(format!(
+                    "{pair:?}: clients cannot reach an unspecified address or port 0"
+                ));
+            }
+            out.push((service.to_owned(), addr));
+        }
+        if out.len() > MAX_ANNOUNCED {
+            return Err(format!(
+                "{} addresses announced; at most {MAX_ANNOUNCED}",
+                out.len()
+            ));
+        }
+        Ok(Self(out))
+    }
 }
 
 /// What a revocation names.
@@ -74,6 +126,10 @@ pub struct DirectoryEntry {
     pub id: String,
     /// `ADDR:PORT` of the node's tunnel listener.
     pub tunnel: String,
+    /// Where clients reach the service (`ADDR:PORT`), as the node announced it: what agents with
+    /// `capture.directory` redirect into a tunnel to this node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 /// The state feed's document.
@@ -90,4 +146,36 @@ pub struct StateResponse {
     /// Service -> SPIFFE ID patterns allowed to open it.
     #[serde(default)]
     pub policy: BTreeMap<String, Vec<String>>,
+    /// The policy's inbound capture modes (fleet-wide and per node); empty: agents' configs rule.
+    #[serde(default, skip_serializing_if = "crate::CapturePolicy::is_empty")]
+    pub capture: crate::CapturePolicy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announced_addresses_read_back_and_bad_pairs_are_named() {
+        let a = Announced(vec![
+            ("web".into(), "[fd00::2]:8080".parse().unwrap()),
+            ("web".into(), "10.0.0.2:8080".parse().unwrap()),
+        ]);
+        let text = a.to_query();
+        assert_eq!(text, "web=10.0.0.2:8080,web=[fd00::2]:8080");
+        assert_eq!(Announced::parse(&text).unwrap().0.len(), 2);
+        assert_eq!(Announced::parse("").unwrap(), Announced::default());
+        for (bad, says) in [
+            ("web", "not SERVICE=ADDR:PORT"),
+            ("web=10.0.0.2", "not ADDR:PORT"),
+            ("=10.0.0.2:80", "no service name"),
+            ("web=0.0.0.0:80", "unspecified"),
+            ("web=10.0.0.2:0", "port 0"),
+        ] {
+            let e = Announced::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let many = vec!["s=10.0.0.1:1"; MAX_ANNOUNCED + 1].join(",");
+        assert!(Announced::parse(&many).unwrap_err().contains("at most"));
+    }
 }

@@ -13,14 +13,16 @@ pub mod error;
 pub mod feed;
 
 pub use admin::{
-    AuditEntry, AuditQuery, Changed, NodeView, Policy, Registration, RegistrationChange, RevokeRequest,
-    ServicePolicy,
+    AuditEntry, AuditQuery, CapturePolicy, Changed, InboundMode, NodeView, Policy, Registration,
+    RegistrationChange, RevokeRequest, ServicePolicy,
 };
 pub use enrol::{
     BundleResponse, IssuedIdentity, JoinRequest, JoinResponse, SignItem, SignRequest, SignResponse,
 };
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
-pub use feed::{DirectoryEntry, Revocation, RevocationKind, StateQuery, StateResponse};
+pub use feed::{
+    Announced, DirectoryEntry, Revocation, RevocationKind, StateQuery, StateResponse, MAX_ANNOUNCED,
+};
 
 /// Requests are small JSON documents; anything larger is refused before parsing.
 pub const MAX_BODY: usize = 64 * 1024;

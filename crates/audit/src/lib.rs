@@ -132,28 +132,8 @@ pub struct AgentSockets {
 }
 
 /// What happens to plaintext that reaches the ports of a host's inbound services from the
-/// network (the agent config's `capture.inbound`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InboundMode {
-    /// No rule for inbound ports.
-    #[default]
-    Off,
-    /// Let it through, counted per source address (a plaintext attempt).
-    Monitor,
-    /// Drop it (counted per source address): the service is reachable only through the tunnel.
-    Enforce,
-}
-
-impl InboundMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Off => "off",
-            Self::Monitor => "monitor",
-            Self::Enforce => "enforce",
-        }
-    }
-}
+/// network: the one definition is the control plane's wire type (the policy sets it too).
+pub use tapproof_api::InboundMode;
 
 /// The agent's capture rules as it last read them back from the kernel (nftables table
 /// `inet tapproof`), with their counters.
@@ -174,6 +154,27 @@ pub struct CaptureState {
     pub attempts: Vec<PlaintextAttempt>,
     /// Packets dropped by enforce mode since the rules were installed.
     pub dropped_packets: u64,
+    /// Who chose `inbound`: `config` (this host's `capture.inbound`) or `policy` (the control
+    /// plane's `[capture]`, which wins).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub inbound_from: String,
+    /// Destinations the service directory lists that this agent does not capture, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<RefusedDestination>,
+    /// Why the rules are not in place, when they are not and the agent knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A directory destination that is not captured: it points at this host itself, or two services
+/// claim it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefusedDestination {
+    pub destination: std::net::SocketAddr,
+    /// `node/service` of each claim.
+    pub claimed_by: Vec<String>,
+    pub reason: String,
 }
 
 impl CaptureState {

@@ -318,8 +318,9 @@ pub fn classify(scan: &Scan, options: &Options, host: String, now: i64) -> Repor
     }
     if let Some(c) = capture.filter(|c| !c.rules_installed) {
         not_seen.push(format!(
-            "the agent's capture rules (nftables table inet tapproof) were not in place at its last look: inbound {} is not in force",
-            c.inbound.as_str()
+            "the agent's capture rules (nftables table inet tapproof) were not in place at its last look: inbound {} is not in force{}",
+            c.inbound.as_str(),
+            c.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
         ));
     }
     if let AgentView::Unavailable(reason) = &options.agent {
@@ -448,13 +449,27 @@ pub fn render(report: &Report) -> String {
         for d in &c.captured {
             let _ = writeln!(out, "  captured   {d}");
         }
+        for r in &c.refused {
+            let _ = writeln!(
+                out,
+                "  NOT captured {} ({}): {}",
+                r.destination,
+                r.claimed_by.join(", "),
+                r.reason
+            );
+        }
         if c.inbound != crate::InboundMode::Off {
             let ports: Vec<String> = c.inbound_ports.iter().map(u16::to_string).collect();
             let _ = writeln!(
                 out,
-                "  inbound ports {} ({})",
+                "  inbound ports {} ({}{})",
                 ports.join(", "),
-                c.inbound.as_str()
+                c.inbound.as_str(),
+                if c.inbound_from.is_empty() {
+                    String::new()
+                } else {
+                    format!(", set by {}", c.inbound_from)
+                }
             );
         }
         for a in &c.attempts {

@@ -73,6 +73,7 @@ pub async fn list_registrations(store: &dyn Store) -> Result<Vec<Registration>, 
         .map(|r| Registration {
             node: r.node,
             service: r.service,
+            addresses: r.addresses,
         })
         .collect())
 }

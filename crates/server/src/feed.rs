@@ -1,7 +1,8 @@
 //! The state feed (`GET /v1/state`, node identities): a long-poll that answers at once when the
 //! caller's version is old, else when something changes or `LONG_POLL_SECS` pass. The answer for
-//! a version is built once and shared by every waiting agent. The caller's tunnel address, when
-//! given, goes into the service directory; nodes revoked by any kind leave it.
+//! a version is built once and shared by every waiting agent. The caller's tunnel address and the
+//! addresses where clients reach its services, when given, go into the service directory; nodes
+//! revoked by any kind leave it.
 
 use crate::app::{query, revocation_set, ApiError, AppState, Peer};
 use crate::auth::{authorize, Need};
@@ -36,6 +37,24 @@ pub(crate) async fn state_feed(
         if s.store.node_set_tunnel(&caller.name, &addr.to_string()).await? {
             s.store.notify_change().await?;
             info!(node = %caller.name, tunnel = %addr, "directory: tunnel address announced");
+        }
+    }
+    if let Some(text) = &query.addresses {
+        let announced = tapproof_api::Announced::parse(text)
+            .map_err(|e| ApiError::new(ErrorCode::BadQuery, format!("addresses: {e}")))?;
+        let mut by_service: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (service, addr) in &announced.0 {
+            by_service
+                .entry(service.clone())
+                .or_default()
+                .push(addr.to_string());
+        }
+        if s.store
+            .registration_set_addresses(&caller.name, &by_service)
+            .await?
+        {
+            s.store.notify_change().await?;
+            info!(node = %caller.name, addresses = %text, "directory: service addresses announced");
         }
     }
     let mut version = s.version.clone();
@@ -129,20 +148,22 @@ async fn build_state(s: &AppState, current: i64) -> Result<StateResponse, ApiErr
             node: node.name.clone(),
             id: node.spiffe_id.clone(),
             tunnel,
+            addresses: r.addresses,
         });
     }
     let policy = crate::get_policy(&*s.store)
         .await
-        .map_err(|e| ApiError::new(ErrorCode::PolicyUnavailable, e.to_string()))?
-        .services
-        .into_iter()
-        .map(|(service, rule)| (service, rule.allow))
-        .collect();
+        .map_err(|e| ApiError::new(ErrorCode::PolicyUnavailable, e.to_string()))?;
     Ok(StateResponse {
         version: current,
         revocations,
         bundle: s.ca().bundle.clone(),
         directory,
-        policy,
+        policy: policy
+            .services
+            .into_iter()
+            .map(|(service, rule)| (service, rule.allow))
+            .collect(),
+        capture: policy.capture,
     })
 }

@@ -38,9 +38,9 @@ pub const INTERMEDIATE_LIFETIME: time::Duration = time::Duration::days(365);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     Kek(#[from] KekError),
     #[error("data dir {path}: {detail}")]
     DataDir { path: PathBuf, detail: String },
@@ -477,11 +477,17 @@ pub fn parse_policy(text: &str, td: &TrustDomain) -> Result<Policy, ServerError>
             }
         }
     }
+    for node in policy.capture.nodes.keys() {
+        td.node_id(node)
+            .map_err(|e| ServerError::Invalid(format!("policy: capture.nodes: {node:?}: {e}")))?;
+    }
     Ok(policy)
 }
 
-/// Replaces the policy; agents apply it within seconds (state feed).
+/// Replaces the policy; agents apply it within seconds (state feed). A change of the capture
+/// modes gets an audit row of its own (`capture.mode.set`, before and after), beside `policy.set`.
 pub async fn set_policy(store: &dyn Store, policy: &Policy, actor: &str) -> Result<(), ServerError> {
+    let before = get_policy(store).await.unwrap_or_default().capture;
     let json = serde_json::to_string(policy).map_err(|e| ServerError::Invalid(e.to_string()))?;
     store.policy_set(&json, now()).await?;
     store.notify_change().await?;
@@ -495,6 +501,18 @@ pub async fn set_policy(store: &dyn Store, policy: &Policy, actor: &str) -> Resu
             now(),
         )
         .await?;
+    if before != policy.capture {
+        store
+            .audit_append(
+                NewAudit {
+                    actor: actor.to_owned(),
+                    action: "capture.mode.set".into(),
+                    details: serde_json::json!({ "before": before, "after": policy.capture }),
+                },
+                now(),
+            )
+            .await?;
+    }
     Ok(())
 }
 

@@ -71,7 +71,7 @@ fn schemas() -> Value {
     use ErrorCode as E;
     let codes: Vec<&str> = E::ALL.iter().map(|c| c.as_str()).collect();
     let kinds = json!({ "type": "string", "enum": ["node", "spiffe_id", "serial"] });
-    json!({
+    let mut all = json!({
         "Error": object(&["error"], json!({ "error": reference("ErrorDetail") }), false),
         "ErrorDetail": object(&["code", "message"], json!({
             "code": { "type": "string", "enum": codes },
@@ -111,6 +111,7 @@ fn schemas() -> Value {
         }), false),
         "DirectoryEntry": object(&["service", "node", "id", "tunnel"], json!({
             "service": string(), "node": string(), "id": string(), "tunnel": { "type": "string", "description": "ADDR:PORT" },
+            "addresses": { "type": "array", "items": { "type": "string" }, "description": "ADDR:PORT where clients reach the service, as its node announced them: what agents with capture.directory redirect into a tunnel to this node" },
         }), false),
         "State": object(&["version", "revocations", "bundle", "directory", "policy"], json!({
             "version": { "type": "integer", "description": "pass as `since` next time" },
@@ -118,12 +119,13 @@ fn schemas() -> Value {
             "bundle": strings(),
             "directory": list_of("DirectoryEntry"),
             "policy": { "type": "object", "additionalProperties": strings(), "description": "service -> SPIFFE ID patterns allowed to open it" },
+            "capture": reference("CapturePolicy"),
         }), false),
         "NodeView": object(&["name", "spiffe_id", "tunnel_addr", "created_at", "last_seen", "revoked_at", "services", "cert_not_after"], json!({
             "name": string(), "spiffe_id": string(), "tunnel_addr": { "type": ["string", "null"] }, "created_at": int(),
             "last_seen": nullable_int(), "revoked_at": nullable_int(), "services": strings(), "cert_not_after": nullable_int(),
         }), false),
-        "Registration": object(&["node", "service"], json!({ "node": string(), "service": string() }), false),
+        "Registration": object(&["node", "service"], json!({ "node": string(), "service": string(), "addresses": strings() }), false),
         "RegistrationChange": object(&["node", "service", "add"], json!({
             "node": string(), "service": string(), "add": { "type": "boolean", "description": "true adds, false removes" },
         }), true),
@@ -138,7 +140,10 @@ fn schemas() -> Value {
             "details": { "type": "string", "description": "JSON text" }, "prev_hash": string(), "hash": string(),
         }), false),
         "ServicePolicy": object(&["allow"], json!({ "allow": strings() }), true),
-        "Policy": object(&[], json!({ "services": { "type": "object", "additionalProperties": reference("ServicePolicy") } }), true),
+        "Policy": object(&[], json!({
+            "services": { "type": "object", "additionalProperties": reference("ServicePolicy") },
+            "capture": reference("CapturePolicy"),
+        }), true),
         "Dashboard": object(&["generated_at", "fleet", "nodes", "links", "history", "denials", "audit", "revocations", "ca"], json!({
             "generated_at": int(), "fleet": reference("Fleet"), "nodes": list_of("DashboardNode"), "links": list_of("DashboardLink"),
             "history": list_of("HistoryPoint"), "denials": list_of("DashboardDenial"), "audit": list_of("AuditEntry"),
@@ -173,7 +178,18 @@ fn schemas() -> Value {
             "report": { "type": "object", "description": "the report as `tapproof audit --json` prints it" },
             "denials": { "type": "array", "maxItems": tapproof_audit::MAX_UPLOAD_DENIALS, "items": { "type": "object" } },
         }), true),
-    })
+    });
+    // Apart from the map above, which is at json!'s recursion limit.
+    all["InboundMode"] = json!({ "type": "string", "enum": ["off", "monitor", "enforce"] });
+    all["CapturePolicy"] = object(
+        &[],
+        json!({
+            "inbound": reference("InboundMode"),
+            "nodes": { "type": "object", "additionalProperties": reference("InboundMode"), "description": "node name -> mode, over `inbound`" },
+        }),
+        true,
+    );
+    all
 }
 
 pub fn document() -> Value {
@@ -253,10 +269,11 @@ pub fn document() -> Value {
     add(
         paths::STATE,
         json!({ "get": {
-        "summary": format!("State feed for agents (mTLS with an unrevoked node identity): revocations, the trust bundle, the service directory and the policy. Answers at once when the version is newer than `since`, else holds the request up to {} s. `tunnel` announces where the caller's tunnel listener is reached", tapproof_api::LONG_POLL_SECS),
+        "summary": format!("State feed for agents (mTLS with an unrevoked node identity): revocations, the trust bundle, the service directory and the policy. Answers at once when the version is newer than `since`, else holds the request up to {} s. `tunnel` announces where the caller's tunnel listener is reached, `addresses` where clients reach its services", tapproof_api::LONG_POLL_SECS),
         "parameters": [
             { "name": "since", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 0 }, "description": "the version held; absent: answer at once" },
-            { "name": "tunnel", "in": "query", "required": false, "schema": { "type": "string", "description": "ADDR:PORT" } }
+            { "name": "tunnel", "in": "query", "required": false, "schema": { "type": "string", "description": "ADDR:PORT" } },
+            { "name": "addresses", "in": "query", "required": false, "schema": { "type": "string", "description": "SERVICE=ADDR:PORT pairs joined by commas: where clients reach the caller's inbound services" } }
         ],
         "responses": {
             "200": ok("state", "State"),
@@ -405,8 +422,25 @@ mod tests {
         same_fields("SignRequest", SignRequest::default());
         same_fields("SignResponse", SignResponse::default());
         same_fields("Revocation", Revocation::default());
-        same_fields("DirectoryEntry", DirectoryEntry::default());
-        same_fields("State", StateResponse::default());
+        let capture = tapproof_api::CapturePolicy {
+            inbound: Some(tapproof_api::InboundMode::Monitor),
+            nodes: [("db-1".to_owned(), tapproof_api::InboundMode::Enforce)].into(),
+        };
+        same_fields("CapturePolicy", capture.clone());
+        same_fields(
+            "DirectoryEntry",
+            DirectoryEntry {
+                addresses: vec!["10.0.0.2:8080".into()],
+                ..Default::default()
+            },
+        );
+        same_fields(
+            "State",
+            StateResponse {
+                capture: capture.clone(),
+                ..Default::default()
+            },
+        );
         same_fields("NodeView", NodeView::default());
         same_fields("Registration", Registration::default());
         same_fields("RegistrationChange", RegistrationChange::default());
@@ -414,7 +448,13 @@ mod tests {
         same_fields("RevokeRequest", RevokeRequest::default());
         same_fields("AuditEntry", AuditEntry::default());
         same_fields("ServicePolicy", ServicePolicy::default());
-        same_fields("Policy", Policy::default());
+        same_fields(
+            "Policy",
+            Policy {
+                capture,
+                ..Default::default()
+            },
+        );
         let report: tapproof_audit::Report = tapproof_audit::classify(
             &tapproof_audit::scan::Scan::default(),
             &tapproof_audit::Options::default(),
@@ -514,6 +554,7 @@ mod tests {
         let q = StateQuery {
             since: Some(1),
             tunnel: Some("10.0.0.1:15008".into()),
+            addresses: Some("web=10.0.0.1:8080".into()),
         };
         let params: BTreeSet<String> = document()["paths"][paths::STATE]["get"]["parameters"]
             .as_array()

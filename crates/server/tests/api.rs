@@ -1508,3 +1508,125 @@ async fn the_dashboard_shows_each_nodes_capture_mode_and_plaintext_attempts_over
     );
     assert_eq!(attempts.last(), Some(&0), "{d}");
 }
+
+/// Where clients reach a service: a node announces the addresses of the services it is
+/// registered for (others are ignored), the directory lists them for every node, a new
+/// announcement replaces the old, and a malformed one is refused naming the pair and stores
+/// nothing. The policy's capture modes reach every agent in the feed, and a change of them is an
+/// audit row of its own with the modes before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_addresses_and_the_policys_capture_modes_reach_the_feed() {
+    let s = start().await;
+    let admin = s.admin("ops").await;
+    let db = s.join("db-1", &["db"]).await;
+    let web = s.join("web-1", &[]).await;
+    let feed = |who: &Identity, query: String| {
+        let who = Identity {
+            chain: who.chain.clone(),
+            key: who.key.clone(),
+            serial: who.serial.clone(),
+        };
+        let s = &s;
+        async move {
+            let (status, v) = s
+                .call(
+                    Some(&who),
+                    "GET",
+                    &format!("{}?{query}", paths::STATE),
+                    Value::Null,
+                )
+                .await
+                .unwrap();
+            (status, v)
+        }
+    };
+    // `[`, `]`, `=` and `,` percent-encoded, as the agent sends them.
+    let q = "tunnel=10.0.0.2:15008&addresses=db%3D10.0.0.2%3A5432%2Cdb%3D%5Bfd00%3A%3A2%5D%3A5432%2Cother%3D10.0.0.2%3A1";
+    let (status, v) = feed(&db, q.into()).await;
+    assert_eq!(status, 200, "{v}");
+    let addresses = |v: &Value| -> Vec<String> {
+        let state: StateResponse = serde_json::from_value(v.clone()).unwrap();
+        state
+            .directory
+            .into_iter()
+            .filter(|e| e.node == "db-1")
+            .flat_map(|e| e.addresses)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, v) = feed(&web, String::new()).await;
+        if addresses(&v) == ["10.0.0.2:5432", "[fd00::2]:5432"] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "directory: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        s.store.registrations().await.unwrap()[0].addresses,
+        ["10.0.0.2:5432", "[fd00::2]:5432"],
+        "the unregistered service's address is not stored"
+    );
+    for (bad, says) in [
+        ("addresses=db%3D10.0.0.2", "not ADDR:PORT"),
+        ("addresses=db%3D0.0.0.0%3A5432", "unspecified"),
+        ("addresses=nonsense", "not SERVICE=ADDR:PORT"),
+    ] {
+        let (status, v) = feed(&db, bad.into()).await;
+        assert_eq!((status, code(&v)), (400, "bad_query"), "{bad}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(says), "{v}");
+    }
+    assert_eq!(s.store.registrations().await.unwrap()[0].addresses.len(), 2);
+    // An empty announcement withdraws them.
+    let (status, _) = feed(&db, "addresses=".into()).await;
+    assert_eq!(status, 200);
+    assert!(s.store.registrations().await.unwrap()[0].addresses.is_empty());
+
+    // The policy's capture modes, in the feed and in the audit log.
+    let policy =
+        json!({ "services": {}, "capture": { "inbound": "monitor", "nodes": { "db-1": "enforce" } } });
+    let (status, v) = s.call(Some(&admin), "POST", paths::POLICY, policy).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    // The feed's document is rebuilt at its next version (the server sees the store change
+    // within a second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let state = loop {
+        let (_, v) = feed(&web, String::new()).await;
+        let state: StateResponse = serde_json::from_value(v).unwrap();
+        if !state.capture.is_empty() || std::time::Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        state.capture.mode_for("db-1"),
+        Some(tapproof_api::InboundMode::Enforce)
+    );
+    assert_eq!(
+        state.capture.mode_for("web-1"),
+        Some(tapproof_api::InboundMode::Monitor)
+    );
+    let rows = s.audit_rows("capture.mode.set").await;
+    assert_eq!(rows.len(), 1);
+    let d = details(&rows[0]);
+    assert_eq!(d["before"], json!({}));
+    assert_eq!(d["after"]["nodes"]["db-1"], "enforce");
+    assert!(rows[0].actor.ends_with("/admin/ops"), "{}", rows[0].actor);
+    // The same capture section again (another service rule): no new capture row.
+    let policy = json!({ "services": { "db": { "allow": ["spiffe://example.org/node/web-1"] } }, "capture": { "inbound": "monitor", "nodes": { "db-1": "enforce" } } });
+    let (status, _) = s.call(Some(&admin), "POST", paths::POLICY, policy).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(s.audit_rows("capture.mode.set").await.len(), 1);
+    // Bad modes and node names are refused.
+    for bad in [
+        json!({ "capture": { "inbound": "block" } }),
+        json!({ "capture": { "nodes": { "Not A Node/x": "enforce" } } }),
+    ] {
+        let (status, v) = s
+            .call(Some(&admin), "POST", paths::POLICY, bad.clone())
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{bad}: {v}");
+    }
+    s.stop().await;
+}

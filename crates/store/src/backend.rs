@@ -341,18 +341,56 @@ macro_rules! impl_store {
             }
 
             async fn registrations(&self) -> Result<Vec<Registration>> {
-                let rows = sqlx::query("SELECT node, service FROM registrations ORDER BY node, service")
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(q)?;
+                let rows = sqlx::query(
+                    "SELECT node, service, addresses FROM registrations ORDER BY node, service",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q)?;
                 rows.iter()
                     .map(|r| {
+                        let addresses: String = r.try_get("addresses").map_err(q)?;
                         Ok(Registration {
                             node: r.try_get("node").map_err(q)?,
                             service: r.try_get("service").map_err(q)?,
+                            addresses: addresses
+                                .split(',')
+                                .filter(|a| !a.is_empty())
+                                .map(str::to_owned)
+                                .collect(),
                         })
                     })
                     .collect()
+            }
+
+            async fn registration_set_addresses(
+                &self,
+                node: &str,
+                addresses: &std::collections::BTreeMap<String, Vec<String>>,
+            ) -> Result<bool> {
+                let services: Vec<String> =
+                    sqlx::query_scalar("SELECT service FROM registrations WHERE node = $1")
+                        .bind(node)
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(q)?;
+                let mut changed = false;
+                for service in services {
+                    let mut list = addresses.get(&service).cloned().unwrap_or_default();
+                    list.sort();
+                    list.dedup();
+                    let done = sqlx::query(
+                        "UPDATE registrations SET addresses = $1 WHERE node = $2 AND service = $3 AND addresses <> $1",
+                    )
+                    .bind(list.join(","))
+                    .bind(node)
+                    .bind(&service)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(q)?;
+                    changed |= done.rows_affected() == 1;
+                }
+                Ok(changed)
             }
 
             async fn cert_record(&self, c: IssuedCert) -> Result<()> {

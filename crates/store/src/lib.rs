@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 use std::sync::Arc;
 
 /// The newest schema version this build knows (the number of the last migration).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -81,6 +81,14 @@ pub trait Store: Send + Sync {
     /// Returns false when there was nothing to remove.
     async fn registration_remove(&self, node: &str, service: &str) -> Result<bool>;
     async fn registrations(&self) -> Result<Vec<Registration>>;
+    /// Sets where clients reach each of `node`'s registered services (`addresses`: service ->
+    /// `ADDR:PORT`s; a registered service not named gets none; a named one not registered is
+    /// ignored). True when any registration changed.
+    async fn registration_set_addresses(
+        &self,
+        node: &str,
+        addresses: &std::collections::BTreeMap<String, Vec<String>>,
+    ) -> Result<bool>;
 
     /// Fails with `StoreError::Duplicate` for a serial already recorded.
     async fn cert_record(&self, cert: IssuedCert) -> Result<()>;

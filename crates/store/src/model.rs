@@ -107,6 +107,8 @@ pub struct Node {
 pub struct Registration {
     pub node: String,
     pub service: String,
+    /// Where clients reach the service (`ADDR:PORT`), as the node's agent announced it.
+    pub addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

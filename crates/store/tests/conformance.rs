@@ -325,9 +325,34 @@ async fn nodes_registrations_revocations(db: &Db) {
         s.registrations().await.unwrap(),
         vec![Registration {
             node: "web-1".into(),
-            service: "web".into()
+            service: "web".into(),
+            addresses: Vec::new(),
         }]
     );
+    // Announced addresses: set per registered service, sorted; unregistered services ignored;
+    // the same set again changes nothing; a service left out loses its addresses.
+    let announce = |pairs: &[(&str, &[&str])]| -> std::collections::BTreeMap<String, Vec<String>> {
+        pairs
+            .iter()
+            .map(|(s, a)| (s.to_string(), a.iter().map(|x| x.to_string()).collect()))
+            .collect()
+    };
+    let both = announce(&[
+        ("web", &["[fd00::2]:80", "10.0.0.2:80"]),
+        ("other", &["10.0.0.9:1"]),
+    ]);
+    assert!(s.registration_set_addresses("web-1", &both).await.unwrap());
+    assert!(!s.registration_set_addresses("web-1", &both).await.unwrap());
+    assert_eq!(
+        s.registrations().await.unwrap()[0].addresses,
+        ["10.0.0.2:80", "[fd00::2]:80"]
+    );
+    assert!(!s.registration_set_addresses("nobody", &both).await.unwrap());
+    assert!(s
+        .registration_set_addresses("web-1", &announce(&[]))
+        .await
+        .unwrap());
+    assert!(s.registrations().await.unwrap()[0].addresses.is_empty());
 
     let r = s
         .revoke(RevocationKind::Node, "web-1", "stolen", 40)

@@ -338,6 +338,18 @@ server_id = "spiffe://example.org/node/b"
         ),
         (contract.replace("inbound = \"enforce\"", "port = 0"), "capture.port"),
         (contract.replace("inbound = \"enforce\"", "mark = 0"), "capture.mark"),
+        (
+            contract.replace("inbound = \"enforce\"", "directory = true"),
+            "capture.directory: needs [control]",
+        ),
+        (
+            contract.replace("forward = \"127.0.0.1:8080\"", "forward = \"127.0.0.1:8080\"\naddresses = [\"0.0.0.0:8080\"]"),
+            "inbound[0].addresses[0]",
+        ),
+        (
+            contract.replace("forward = \"127.0.0.1:8080\"", "forward = \"127.0.0.1:8080\"\naddresses = [\"10.0.0.1:0\"]"),
+            "inbound[0].addresses[0]",
+        ),
     ];
     for (text, want) in cases {
         let e = err(&text);

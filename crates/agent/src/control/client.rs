@@ -127,13 +127,17 @@ impl ControlClient {
         &self,
         since: Option<i64>,
         tunnel: Option<SocketAddr>,
+        addresses: Option<&tapproof_api::Announced>,
     ) -> Result<StateResponse, ClientError> {
         let mut query = Vec::new();
         if let Some(since) = since {
             query.push(format!("since={since}"));
         }
         if let Some(addr) = tunnel {
-            query.push(format!("tunnel={addr}"));
+            query.push(format!("tunnel={}", query_escape(&addr.to_string())));
+        }
+        if let Some(a) = addresses {
+            query.push(format!("addresses={}", query_escape(&a.to_query())));
         }
         let path = format!("{}?{}", paths::STATE, query.join("&"));
         let feed = Self {
@@ -325,4 +329,18 @@ impl ControlClient {
 /// A request document as JSON bytes (these types always serialise).
 fn encode<T: Serialize>(request: &T) -> Vec<u8> {
     serde_json::to_vec(request).unwrap_or_default()
+}
+
+/// Percent-encodes what is not unreserved in a query value (RFC 3986): addresses carry `[`, `]`,
+/// `=` and `,`.
+fn query_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

@@ -1,7 +1,8 @@
 //! Following the state feed: revocations (open tunnels of revoked peers close, their handshakes
 //! are refused), the trust bundle (written and swapped in during a root rollover), the service
-//! directory that outbounds without `peers` dial from, and the control plane's policy. Our tunnel
-//! address is announced with each poll.
+//! directory that outbounds without `peers` dial from (and the addresses `capture.directory`
+//! captures), and the control plane's policy (with its capture modes). Our tunnel address and the
+//! addresses where clients reach our inbound services are announced with each poll.
 
 use super::files::{data_err, identity_files, Staged};
 use super::{node_client, ControlError, RETRY_MAX, RETRY_MIN};
@@ -25,6 +26,8 @@ pub struct FeedView {
     pub directory: std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>>,
     pub policy: std::collections::HashMap<String, Vec<crate::policy::AllowPattern>>,
     pub bundle: Vec<String>,
+    /// The directory's client addresses and the policy's capture modes.
+    pub capture: crate::capture::Inputs,
 }
 
 /// Reads a state-feed document.
@@ -43,9 +46,26 @@ pub fn read_feed(feed: tapproof_api::StateResponse) -> FeedView {
         revoked.insert(by, &r.value);
     }
     let mut directory: std::collections::HashMap<String, Vec<(SocketAddr, SpiffeId)>> = Default::default();
+    let mut addresses = Vec::new();
     for e in feed.directory {
         match (e.tunnel.parse(), SpiffeId::parse(&e.id)) {
-            (Ok(addr), Ok(id)) => directory.entry(e.service).or_default().push((addr, id)),
+            (Ok(tunnel), Ok(id)) => {
+                for a in &e.addresses {
+                    match a.parse() {
+                        Ok(addr) => addresses.push(crate::capture::DirectoryAddress {
+                            addr,
+                            service: e.service.clone(),
+                            node: e.node.clone(),
+                            id: id.clone(),
+                            tunnel,
+                        }),
+                        Err(_) => {
+                            warn!(service = %e.service, node = %e.node, address = %a, "state feed: unusable directory address")
+                        }
+                    }
+                }
+                directory.entry(e.service).or_default().push((tunnel, id));
+            }
             _ => warn!(service = %e.service, tunnel = %e.tunnel, "state feed: unusable directory entry"),
         }
     }
@@ -63,6 +83,10 @@ pub fn read_feed(feed: tapproof_api::StateResponse) -> FeedView {
         directory,
         policy,
         bundle: feed.bundle,
+        capture: crate::capture::Inputs {
+            addresses,
+            policy: feed.capture,
+        },
     }
 }
 
@@ -75,7 +99,12 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
     loop {
         let step = async {
             let client = node_client(&state, &cfg)?.with_attempts(1);
-            Ok::<_, ControlError>(client.state(since, state.advertise.get().copied()).await?)
+            let announced = crate::capture::announced(&state.applied(), state.advertise.get().copied());
+            Ok::<_, ControlError>(
+                client
+                    .state(since, state.advertise.get().copied(), Some(&announced))
+                    .await?,
+            )
         };
         let outcome = tokio::select! {
             _ = stop.cancelled() => return,
@@ -91,10 +120,12 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
                         directory,
                         policy,
                         bundle,
+                        capture,
                     } = read_feed(feed);
                     let closed = state.apply_revocations(revoked);
                     state.set_directory(directory);
                     state.set_policy(policy);
+                    state.set_capture_inputs(capture);
                     if let Err(e) = install_bundle(&state, &cfg, &bundle) {
                         warn!(error = %e, "cannot install the new trust bundle");
                     }

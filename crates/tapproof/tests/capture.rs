@@ -55,6 +55,7 @@ struct Three {
     b: Netns,
     c: Netns,
     a_if: String,
+    a_ip: String,
     b_ip: String,
     b6: String,
     /// B's address on the C link.
@@ -123,6 +124,7 @@ impl Three {
             b,
             c,
             a_if,
+            a_ip,
             b_ip,
             b6,
             b_for_c,
@@ -509,4 +511,246 @@ fn capture_refuses_what_it_cannot_do_and_fails_fast() {
     );
     drop(a);
     let _ = tapproof(&h.a, &["capture", "remove"]);
+}
+
+/// `tapproof server ARGS` against `data` (the local store, as an operator on the server's host).
+fn server_cli(data: &std::path::Path, args: &[&str]) -> String {
+    let mut argv = vec!["server"];
+    argv.extend_from_slice(&args[..args.len().min(2)]);
+    argv.extend(["--data-dir", data.to_str().unwrap()]);
+    argv.extend_from_slice(&args[args.len().min(2)..]);
+    let (code, out, err) = tapproof_test_util::process::run_tapproof(EXE, &argv);
+    assert_eq!(code, 0, "tapproof {argv:?}: {out}{err}");
+    out
+}
+
+/// The control plane drives capture: B's agent announces where clients reach its service, A's
+/// agent (`capture.directory`, no outbound of its own) captures those addresses and carries them
+/// to B with B's node ID expected; the policy sets B's inbound mode fleet-wide (enforce) and then
+/// per node (monitor), each change an audit row; A's agent restarted holds the capture until the
+/// control plane answers again, so nothing leaves in plaintext meanwhile.
+#[test]
+fn capture_from_the_directory_and_modes_from_the_policy() {
+    if !can_run() {
+        return;
+    }
+    use tapproof_test_util::server::{control_section, init, ServerProcess};
+    let h = Three::new(3);
+    let pki = TestPki::new();
+    let td = "example.org";
+    let canary = format!("TAPPROOF-DIRECTORY-CANARY-{}", std::process::id());
+    let docroot = pki.path().join("www");
+    std::fs::create_dir_all(&docroot).unwrap();
+    std::fs::write(docroot.join("canary.txt"), &canary).unwrap();
+    let web = pki.path().join("web.py");
+    std::fs::write(&web, WEB_SERVER).unwrap();
+    let _web = spawn_ready(
+        &h.b,
+        &["python3", "-u", web.to_str().unwrap(), docroot.to_str().unwrap()],
+        "ready",
+    )
+    .0;
+    // The control plane runs on A's host; B's agent reaches it across the link.
+    let data = init(EXE, pki.path(), td);
+    let listen = format!("{}:15443", h.a_ip);
+    let server = ServerProcess::start_in(&h.a.prefix(), EXE, &data, &listen, "1h", None, &[]);
+    let b_token = server.token(EXE, "web-b", &["web"], "10m");
+    let a_token = server.token(EXE, "client-a", &[], "10m");
+    let b_config = format!(
+        "trust_domain = \"{td}\"\n{}[tunnel]\nlisten = \"[::]:15008\"\nadvertise = \"{b}:15008\"\n\
+         [[inbound]]\nservice = \"web\"\nforward = \"127.0.0.1:8080\"\naddresses = [\"{b}:8080\", \"[{b6}]:8080\"]\n\
+         allow = [\"spiffe://{td}/node/client-a\"]\n",
+        control_section(&pki.path().join("b-data"), &b_token),
+        b = h.b_ip,
+        b6 = h.b6
+    );
+    let b_agent = AgentProcess::start_with(EXE, pki.path(), "web-b", &b_config, &h.b.prefix());
+    let a_config = format!(
+        "trust_domain = \"{td}\"\n{}[capture]\ndirectory = true\n",
+        control_section(&pki.path().join("a-data"), &a_token)
+    );
+    let mut a_agent = AgentProcess::start_with(EXE, pki.path(), "client-a", &a_config, &h.a.prefix());
+
+    // 1. A captures both of B's announced addresses, from the directory alone.
+    wait_until("A to capture B's two addresses", Duration::from_secs(30), || {
+        metric_value(&metrics(&h.a), "tapproof_capture_destinations", &[]) == 2.0
+    });
+    let pcap = pki.path().join("dir.pcap");
+    let dump = Tcpdump::start(&h.a, &h.a_if, &pcap);
+    let url = format!("http://{}:8080/canary.txt", h.b_ip);
+    assert_eq!(
+        curl(&h.a, &url),
+        (0, canary.clone()),
+        "A's curl, captured from the directory"
+    );
+    let url6 = format!("http://[{}]:8080/canary.txt", h.b6);
+    assert_eq!(curl(&h.a, &url6), (0, canary.clone()), "the same over IPv6");
+    dump.stop();
+    let captured = std::fs::read(&pcap).unwrap();
+    let segments = tcp_segments(&captured);
+    assert!(
+        segments.iter().any(|s| s.dst.port() == 15008),
+        "tunnel packets in the capture"
+    );
+    assert!(
+        segments
+            .iter()
+            .all(|s| s.dst.port() != 8080 && s.src.port() != 8080),
+        "a packet to or from port 8080 crossed the link"
+    );
+    assert!(
+        !contains(&captured, canary.as_bytes()),
+        "the canary crossed in the clear"
+    );
+    // B's agent runs no capture of its own: C reaches the service in plaintext for now.
+    let direct = format!("http://{}:8080/canary.txt", h.b_for_c);
+    assert_eq!(
+        curl(&h.c, &direct),
+        (0, canary.clone()),
+        "no mode yet: C gets through"
+    );
+    assert!(
+        tables(&h.b).is_empty(),
+        "B installed nothing before the policy asked"
+    );
+
+    // 2. The policy sets enforce fleet-wide: B's agent installs it; C is dropped and counted.
+    let policy = pki.path().join("policy.toml");
+    std::fs::write(&policy, "[capture]\ninbound = \"enforce\"\n").unwrap();
+    server_cli(&data, &["policy", "set", "--file", policy.to_str().unwrap()]);
+    let mode = |ns: &Netns, m: &str| {
+        metric_value(
+            &metrics(ns),
+            "tapproof_capture_inbound_mode",
+            &[&format!("mode=\"{m}\""), "set_by=\"policy\""],
+        ) == 1.0
+    };
+    wait_until("B to enforce, by policy", Duration::from_secs(30), || {
+        mode(&h.b, "enforce") && metric_value(&metrics(&h.b), "tapproof_capture_rules_installed", &[]) == 1.0
+    });
+    assert_eq!(tables(&h.b), ["inet tapproof"]);
+    let (code, body) = curl(&h.c, &direct);
+    assert_ne!(code, 0, "C reached B in plaintext under enforce: {body}");
+    let source = format!("source=\"{}\"", h.c_ip);
+    wait_until("B to count C's dropped attempt", Duration::from_secs(15), || {
+        metric_value(
+            &metrics(&h.b),
+            "tapproof_capture_plaintext_attempts",
+            &[&source, "mode=\"enforce\""],
+        ) > 0.0
+    });
+    assert_eq!(
+        curl(&h.a, &url),
+        (0, canary.clone()),
+        "A still gets through the tunnel"
+    );
+    let b_toml = b_agent.config_path.to_str().unwrap().to_owned();
+    let (code, out, err) = tapproof(&h.b, &["audit", "--config", &b_toml, "--json"]);
+    assert_eq!(code, 0, "audit on B, enforced by policy: {out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["capture"]["inbound"], "enforce");
+    assert_eq!(report["capture"]["inbound_from"], "policy");
+
+    // 3. A node's own entry wins: B to monitor. C gets through and is reported with its address.
+    std::fs::write(
+        &policy,
+        "[capture]\ninbound = \"enforce\"\n[capture.nodes]\nweb-b = \"monitor\"\n",
+    )
+    .unwrap();
+    server_cli(&data, &["policy", "set", "--file", policy.to_str().unwrap()]);
+    wait_until("B to monitor, by policy", Duration::from_secs(30), || {
+        mode(&h.b, "monitor")
+    });
+    assert_eq!(curl(&h.c, &direct), (0, canary.clone()), "monitor lets C through");
+    wait_until(
+        "B to count C's monitored attempt",
+        Duration::from_secs(15),
+        || {
+            metric_value(
+                &metrics(&h.b),
+                "tapproof_capture_plaintext_attempts",
+                &[&source, "mode=\"monitor\""],
+            ) > 0.0
+        },
+    );
+    let (code, out, _) = tapproof(&h.b, &["audit", "--config", &b_toml, "--json"]);
+    assert_eq!(code, 1, "a monitored attempt is a finding: {out}");
+    assert!(out.contains(&h.c_ip), "{out}");
+    // Both changes are in the audit log, with the modes before and after.
+    let log = server_cli(&data, &["audit-log", "show", "--json"]);
+    let changes: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["action"] == "capture.mode.set")
+        .collect();
+    assert_eq!(changes.len(), 2, "{log}");
+    let last: serde_json::Value = serde_json::from_str(changes[1]["details"].as_str().unwrap()).unwrap();
+    assert_eq!(last["after"]["nodes"]["web-b"], "monitor", "{last}");
+
+    // 4. A's agent killed, and restarted while the control plane is down too: its captures stay
+    //    (held over until the control plane answers), so nothing leaves A in plaintext even
+    //    though B now lets plaintext through; it works again with no operator action.
+    a_agent.signal(nix::sys::signal::Signal::SIGKILL);
+    a_agent.wait(Duration::from_secs(5));
+    let mut server = server;
+    server.stop_ref();
+    let pcap = pki.path().join("restart.pcap");
+    let dump = Tcpdump::start(&h.a, &h.a_if, &pcap);
+    assert_eq!(
+        curl(&h.a, &url).0,
+        7,
+        "with A's agent down the connection is refused"
+    );
+    drop(a_agent);
+    let a_agent = AgentProcess::start_with(EXE, pki.path(), "client-a", &a_config, &h.a.prefix());
+    let (code, body) = curl(&h.a, &url);
+    assert_ne!(
+        code, 0,
+        "before the control plane answers, a held-over capture is reset: {body}"
+    );
+    assert!(
+        metric_value(
+            &metrics(&h.a),
+            "tapproof_capture_connections_total",
+            &["result=\"unknown_destination\""]
+        ) >= 1.0,
+        "{}",
+        a_agent.log()
+    );
+    let server = ServerProcess::start_in(&h.a.prefix(), EXE, &data, &listen, "1h", None, &[]);
+    let mut codes = Vec::new();
+    wait_until(
+        "A's curl to work after the restarts",
+        Duration::from_secs(30),
+        || {
+            let (code, body) = curl(&h.a, &url);
+            codes.push(code);
+            code == 0 && body == canary
+        },
+    );
+    let _ = h.a.command(&["ping", "-c", "1", "-W", "1", &h.b_ip]).output();
+    dump.stop();
+    let restart = std::fs::read(&pcap).unwrap();
+    assert!(
+        tcp_segments(&restart).iter().all(|s| s.dst.port() != 8080),
+        "plaintext to 8080 left A around its agent's restart (curl exits {codes:?})"
+    );
+    assert!(!contains(&restart, canary.as_bytes()));
+
+    // The rules go only by the explicit command, once the agents are stopped.
+    a_agent.terminate(Duration::from_secs(10));
+    b_agent.terminate(Duration::from_secs(10));
+    for ns in [&h.a, &h.b] {
+        assert_eq!(
+            tables(ns),
+            ["inet tapproof"],
+            "{}: a stop leaves the rules",
+            ns.name
+        );
+        let (code, out, err) = tapproof(ns, &["capture", "remove", "--reason", "test teardown"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(tables(ns).is_empty());
+    }
+    assert!(tables(&h.c).is_empty());
+    drop(server);
 }

@@ -88,6 +88,20 @@ impl ServerProcess {
         store: Option<&str>,
         extra: &[&str],
     ) -> Self {
+        Self::start_in(&[], exe, data_dir, listen, leaf_ttl, store, extra)
+    }
+
+    /// Like `start_with_args`, run after `prefix` (`ip netns exec NAME`: a server in a test
+    /// host's namespace).
+    pub fn start_in(
+        prefix: &[&str],
+        exe: &str,
+        data_dir: &Path,
+        listen: &str,
+        leaf_ttl: &str,
+        store: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
         let ready = data_dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let log = data_dir.join(format!(
@@ -97,8 +111,13 @@ impl ServerProcess {
                 .unwrap()
                 .as_millis()
         ));
-        let mut child = Command::new(crate::process::FRESH_FD_LIMIT[0])
-            .args(&crate::process::FRESH_FD_LIMIT[1..])
+        let argv: Vec<&str> = prefix
+            .iter()
+            .chain(crate::process::FRESH_FD_LIMIT.iter())
+            .copied()
+            .collect();
+        let mut child = Command::new(argv[0])
+            .args(&argv[1..])
             .arg(exe)
             .args([
                 "--log-level",

@@ -50,6 +50,9 @@ pub struct AgentState {
     capture_inputs: std::sync::RwLock<Option<Arc<crate::capture::Inputs>>>,
     /// Woken when the capture plan's inputs change (feed, reload): `capture.rs` looks again.
     pub capture_changed: tokio::sync::Notify,
+    /// Woken by a reload: the state feed's long-poll starts again at once, announcing the
+    /// addresses of the services in force (`control/feed.rs`).
+    pub announce_changed: tokio::sync::Notify,
 }
 
 /// One TLS connection between two agents and what it has carried.
@@ -146,6 +149,7 @@ impl AgentState {
             denials: Default::default(),
             capture_inputs: Default::default(),
             capture_changed: tokio::sync::Notify::new(),
+            announce_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -181,6 +185,7 @@ impl AgentState {
     pub(crate) fn set_applied(&self, config: AgentConfig) {
         *self.applied.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
         self.capture_changed.notify_one();
+        self.announce_changed.notify_one();
     }
 
     pub fn kx_policy(&self) -> KxPolicy {

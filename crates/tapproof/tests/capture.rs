@@ -614,6 +614,49 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
         "B installed nothing before the policy asked"
     );
 
+    // B announces an address of A's host as well (a mistake in its config, taken by SIGHUP and
+    // announced at once): A refuses to capture it, says so, and keeps capturing the others.
+    std::fs::write(
+        &b_agent.config_path,
+        b_config.replace(
+            &format!("\"[{}]:8080\"]", h.b6),
+            &format!("\"[{}]:8080\", \"{}:9999\"]", h.b6, h.a_ip),
+        ),
+    )
+    .unwrap();
+    b_agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let refused = format!("destination=\"{}:9999\"", h.a_ip);
+    wait_until("A to refuse its own address", Duration::from_secs(15), || {
+        metric_value(
+            &metrics(&h.a),
+            "tapproof_capture_destinations_refused",
+            &[&refused],
+        ) == 1.0
+    });
+    assert_eq!(
+        metric_value(&metrics(&h.a), "tapproof_capture_destinations", &[]),
+        2.0
+    );
+    let a_toml = a_agent.config_path.to_str().unwrap().to_owned();
+    let (_, out, _) = tapproof(&h.a, &["audit", "--config", &a_toml, "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let listed = &report["capture"]["refused"][0];
+    assert_eq!(listed["destination"], format!("{}:9999", h.a_ip), "{out}");
+    assert_eq!(listed["claimed_by"][0], "web-b/web");
+    assert!(
+        listed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("address of this host"),
+        "{out}"
+    );
+    assert!(a_agent.log().contains("a directory destination is not captured"));
+    assert_eq!(
+        curl(&h.a, &url),
+        (0, canary.clone()),
+        "the other addresses are still captured"
+    );
+
     // 2. The policy sets enforce fleet-wide: B's agent installs it; C is dropped and counted.
     let policy = pki.path().join("policy.toml");
     std::fs::write(&policy, "[capture]\ninbound = \"enforce\"\n").unwrap();

@@ -109,6 +109,9 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
         let outcome = tokio::select! {
             _ = stop.cancelled() => return,
             o = step => o,
+            // A reload changed the services: poll again now, announcing them (not after the
+            // long-poll's hold).
+            _ = state.announce_changed.notified() => continue,
         };
         match outcome {
             Ok(feed) => {

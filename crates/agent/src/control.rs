@@ -414,6 +414,19 @@ pub(crate) fn node_client(state: &AgentState, cfg: &ControlConfig) -> Result<Con
         .observed(state.metrics.control_plane_observer()))
 }
 
+/// Records `event` in the control plane's audit log with the node identity in `cfg.data_dir`
+/// (the CLI's way to audit what it did on this node, with no agent running).
+pub async fn record_event(
+    cfg: &ControlConfig,
+    td: &TrustDomain,
+    event: &tapproof_api::NodeEvent,
+) -> Result<(), ControlError> {
+    let current = read_state(&cfg.data_dir).ok_or_else(|| data_err(&state_path(&cfg.data_dir), "missing"))?;
+    Ok(ControlClient::new(current.server, node_tls(&cfg.data_dir, td)?)
+        .event(event)
+        .await?)
+}
+
 /// A client config presenting the identity in `data_dir`, which must be of trust domain `td`.
 fn node_tls(data_dir: &Path, td: &TrustDomain) -> Result<ControlClientTls, ControlError> {
     let (tls, _) = ControlClientTls::from_files(&identity_files(data_dir), Some(td))

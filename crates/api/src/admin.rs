@@ -176,3 +176,55 @@ impl CapturePolicy {
 pub struct ServicePolicy {
     pub allow: Vec<String>,
 }
+
+/// `POST /v1/events` (node identities): something an operator did on a node that the control
+/// plane's audit log must hold, sent by the CLI with the node's identity. Answered 204.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEvent {
+    pub kind: NodeEventKind,
+    /// Who did it, as the command saw it (the login behind sudo, the user, the uid); at most
+    /// `MAX_EVENT_TEXT` bytes.
+    pub by: String,
+    /// Why, as given; at most `MAX_EVENT_TEXT` bytes.
+    pub reason: String,
+    /// For `capture_removed`: the destinations the rules captured and the inbound mode they
+    /// enforced.
+    #[serde(default)]
+    pub captured: u32,
+    #[serde(default)]
+    pub inbound: InboundMode,
+}
+
+impl Default for NodeEvent {
+    fn default() -> Self {
+        Self {
+            kind: NodeEventKind::CaptureRemoved,
+            by: String::new(),
+            reason: String::new(),
+            captured: 0,
+            inbound: InboundMode::Off,
+        }
+    }
+}
+
+/// The events a node may record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeEventKind {
+    /// `tapproof capture remove` deleted the node's nftables table (audit action
+    /// `capture.removed`).
+    CaptureRemoved,
+}
+
+impl NodeEventKind {
+    /// The audit log's action for it.
+    pub fn action(self) -> &'static str {
+        match self {
+            Self::CaptureRemoved => "capture.removed",
+        }
+    }
+}
+
+/// The longest `by` and `reason` of a `NodeEvent`.
+pub const MAX_EVENT_TEXT: usize = 1024;

@@ -13,8 +13,8 @@ pub mod error;
 pub mod feed;
 
 pub use admin::{
-    AuditEntry, AuditQuery, CapturePolicy, Changed, InboundMode, NodeView, Policy, Registration,
-    RegistrationChange, RevokeRequest, ServicePolicy,
+    AuditEntry, AuditQuery, CapturePolicy, Changed, InboundMode, NodeEvent, NodeEventKind, NodeView, Policy,
+    Registration, RegistrationChange, RevokeRequest, ServicePolicy, MAX_EVENT_TEXT,
 };
 pub use enrol::{
     BundleResponse, IssuedIdentity, JoinRequest, JoinResponse, SignItem, SignRequest, SignResponse,
@@ -47,6 +47,8 @@ pub mod paths {
     pub const AUDIT_LOG: &str = "/v1/audit-log";
     pub const POLICY: &str = "/v1/policy";
     pub const COVERAGE: &str = "/v1/coverage";
+    /// What an operator did on a node (`NodeEvent`), for the audit log.
+    pub const EVENTS: &str = "/v1/events";
     pub const DASHBOARD_DATA: &str = "/v1/dashboard";
     pub const DASHBOARD: &str = "/dashboard";
 }

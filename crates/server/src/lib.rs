@@ -10,6 +10,7 @@ mod ca;
 mod coverage;
 mod dashboard;
 mod enrol;
+mod events;
 mod feed;
 pub mod kek;
 pub mod limits;

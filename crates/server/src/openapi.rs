@@ -189,6 +189,17 @@ fn schemas() -> Value {
         }),
         true,
     );
+    all["NodeEvent"] = object(
+        &["kind", "by", "reason"],
+        json!({
+            "kind": { "type": "string", "enum": ["capture_removed"] },
+            "by": { "type": "string", "maxLength": tapproof_api::MAX_EVENT_TEXT, "description": "who did it, as the command saw it" },
+            "reason": { "type": "string", "maxLength": tapproof_api::MAX_EVENT_TEXT },
+            "captured": { "type": "integer", "minimum": 0, "description": "destinations the removed rules captured" },
+            "inbound": reference("InboundMode"),
+        }),
+        true,
+    );
     all
 }
 
@@ -319,6 +330,21 @@ pub fn document() -> Value {
         }),
     );
     add(
+        paths::EVENTS,
+        json!({ "post": {
+        "summary": "What an operator did on a node, for the audit log (mTLS with an unrevoked node identity): `tapproof capture remove` sends capture_removed, audited as capture.removed with the node as actor",
+        "requestBody": body("NodeEvent"),
+        "responses": {
+            "204": { "description": "recorded in the audit log" },
+            "400": error_response(&[E::BadJson, E::BadBody, E::BadRequest]),
+            "401": error_response(&node), "429": error_response(&[E::RateLimited]),
+            "403": error_response(&node_refused),
+            "413": error_response(&[E::BodyTooLarge]),
+            "503": error_response(&[E::StoreFailed])
+        }
+    } }),
+    );
+    add(
         paths::COVERAGE,
         json!({ "post": {
         "summary": "An agent's coverage report (mTLS with an unrevoked node identity). Kept as history for the dashboard",
@@ -427,6 +453,7 @@ mod tests {
             nodes: [("db-1".to_owned(), tapproof_api::InboundMode::Enforce)].into(),
         };
         same_fields("CapturePolicy", capture.clone());
+        same_fields("NodeEvent", tapproof_api::NodeEvent::default());
         same_fields(
             "DirectoryEntry",
             DirectoryEntry {

@@ -1,7 +1,7 @@
 //! The routes of the `/v1` API and the dashboard, each to its handler.
 
 use crate::app::{ApiError, AppState};
-use crate::{admin, coverage, dashboard, enrol, feed};
+use crate::{admin, coverage, dashboard, enrol, events, feed};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -29,6 +29,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             paths::COVERAGE,
             post(coverage::report).layer(DefaultBodyLimit::max(coverage::MAX_COVERAGE_BODY)),
         )
+        .route(paths::EVENTS, post(events::record))
         .route(paths::DASHBOARD_DATA, get(dashboard::dashboard_data))
         .route(paths::DASHBOARD, get(dashboard::index))
         .route("/dashboard/", get(dashboard::index))

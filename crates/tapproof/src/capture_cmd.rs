@@ -11,7 +11,11 @@ use tapproof_agent::AgentConfig;
 pub async fn run(cmd: CaptureCommand) -> anyhow::Result<()> {
     match cmd {
         CaptureCommand::Status { json } => status(json).await,
-        CaptureCommand::Remove { config, reason } => remove(config, reason).await,
+        CaptureCommand::Remove {
+            config,
+            reason,
+            force,
+        } => remove(config, reason, force).await,
     }
 }
 
@@ -84,16 +88,18 @@ fn who() -> String {
     }
 }
 
-async fn remove(config: Option<std::path::PathBuf>, reason: Option<String>) -> anyhow::Result<()> {
-    let admin = match &config {
-        Some(path) => {
-            AgentConfig::load(path)
-                .map_err(|e| ConfigProblem(e.to_string()))?
-                .admin
-                .listen
-        }
-        None => tapproof_agent::config::default_admin_listen(),
+async fn remove(
+    config: Option<std::path::PathBuf>,
+    reason: Option<String>,
+    force: bool,
+) -> anyhow::Result<()> {
+    let config = match &config {
+        Some(path) => Some(AgentConfig::load(path).map_err(|e| ConfigProblem(e.to_string()))?),
+        None => None,
     };
+    let admin = config
+        .as_ref()
+        .map_or_else(tapproof_agent::config::default_admin_listen, |c| c.admin.listen);
     if let Ok(sockets) = tapproof_agent::vouch::ask(admin, std::time::Duration::from_secs(1)).await {
         if sockets.capture.is_some() {
             anyhow::bail!(
@@ -102,18 +108,51 @@ async fn remove(config: Option<std::path::PathBuf>, reason: Option<String>) -> a
             );
         }
     }
-    let before = tokio::task::spawn_blocking(nft::list).await??;
-    let removed = tokio::task::spawn_blocking(nft::remove).await??;
     let who = who();
     let reason = reason.unwrap_or_else(|| "none given".into());
+    let Some(before) = tokio::task::spawn_blocking(nft::list).await?? else {
+        println!(
+            "no capture rules to remove: table {} {} does not exist",
+            nft::FAMILY,
+            nft::TABLE
+        );
+        return Ok(());
+    };
+    let (captured, inbound) = (before.captured.len(), before.inbound);
+    // The control plane records it first: a removal it cannot record does not happen unless
+    // the operator says so.
+    let recorded = match config
+        .as_ref()
+        .and_then(|c| c.control.as_ref().map(|ctl| (c, ctl)))
+    {
+        None => "not recorded on a control plane (no [control] in the config)".to_owned(),
+        Some((c, ctl)) => {
+            let event = tapproof_api::NodeEvent {
+                kind: tapproof_api::NodeEventKind::CaptureRemoved,
+                by: who.clone(),
+                reason: reason.clone(),
+                captured: u32::try_from(captured).unwrap_or(u32::MAX),
+                inbound,
+            };
+            match tapproof_agent::control::record_event(ctl, &c.trust_domain, &event).await {
+                Ok(()) => "recorded in the control plane's audit log (capture.removed)".to_owned(),
+                Err(e) if force => {
+                    tracing::warn!(error = %e, "the control plane could not record the removal; removing anyway (--force)");
+                    format!("NOT recorded on the control plane ({e}); removed with --force")
+                }
+                Err(e) => anyhow::bail!(
+                    "the control plane could not record the removal, so the rules stay: {e}\n(give --force to remove them anyway; the local log still says who)"
+                ),
+            }
+        }
+    };
+    let removed = tokio::task::spawn_blocking(nft::remove).await??;
     if removed {
-        let (captured, inbound) = before
-            .map(|l| (l.captured.len(), l.inbound.as_str()))
-            .unwrap_or((0, "off"));
-        tracing::warn!(by = %who, %reason, captured, inbound,
+        let inbound = inbound.as_str();
+        tracing::warn!(by = %who, %reason, captured, inbound, recorded = %recorded,
             "capture rules removed (table inet tapproof): captured destinations are dialled in plaintext and inbound ports are open to the network again");
         println!(
-            "removed table {} {} ({captured} captured destinations, inbound {inbound}); by {who}; reason: {reason}",
+            "removed table {} {} ({captured} captured destinations, inbound {inbound}); by {who}; reason: {reason}; {recorded}",
             nft::FAMILY,
             nft::TABLE
         );

@@ -88,18 +88,25 @@ pub enum CaptureCommand {
         json: bool,
     },
     /// Delete the table inet tapproof: captured destinations are then dialled in plaintext and
-    /// inbound ports are open to the network again. Logged with who ran it. Refused while the
-    /// agent answers on its admin address (it would install the rules again): stop it first.
+    /// inbound ports are open to the network again. Logged with who ran it; with a config that
+    /// has [control], first recorded in the control plane's audit log (capture.removed, the node
+    /// as actor) and refused when that fails, unless --force. Refused while the agent answers on
+    /// its admin address (it would install the rules again): stop it first.
     #[command(
-        after_help = "Example:\n  systemctl stop tapproof-agent && tapproof capture remove --config /etc/tapproof/agent.toml"
+        after_help = "Example:\n  systemctl stop tapproof-agent && tapproof capture remove --config /etc/tapproof/agent.toml --reason \"decommissioning db-1\""
     )]
     Remove {
-        /// The agent's config: where its admin endpoint is (default 127.0.0.1:15000).
+        /// The agent's config: where its admin endpoint is (default 127.0.0.1:15000) and, with
+        /// [control], the node identity that records the removal on the control plane.
         #[arg(long, short, env = "TAPPROOF_CONFIG")]
         config: Option<PathBuf>,
         /// The reason, recorded with the removal.
         #[arg(long)]
         reason: Option<String>,
+        /// Remove the rules even when the control plane cannot record it (the local log still
+        /// says who).
+        #[arg(long)]
+        force: bool,
     },
 }
 

@@ -780,7 +780,9 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
     );
     assert!(!contains(&restart, canary.as_bytes()));
 
-    // The rules go only by the explicit command, once the agents are stopped.
+    // The rules go only by the explicit command, once the agents are stopped; it is recorded in
+    // the control plane's audit log with the node as actor, and refused when it cannot be
+    // (unless --force).
     a_agent.terminate(Duration::from_secs(10));
     b_agent.terminate(Duration::from_secs(10));
     for ns in [&h.a, &h.b] {
@@ -790,10 +792,43 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
             "{}: a stop leaves the rules",
             ns.name
         );
-        let (code, out, err) = tapproof(ns, &["capture", "remove", "--reason", "test teardown"]);
-        assert_eq!(code, 0, "{out}{err}");
-        assert!(tables(ns).is_empty());
     }
-    assert!(tables(&h.c).is_empty());
-    drop(server);
+    let (code, out, err) = tapproof(
+        &h.b,
+        &[
+            "capture",
+            "remove",
+            "--config",
+            &b_toml,
+            "--reason",
+            "test teardown",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("recorded in the control plane's audit log"), "{out}");
+    assert!(tables(&h.b).is_empty());
+    let log = server_cli(&data, &["audit-log", "show", "--json"]);
+    let row = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r["action"] == "capture.removed")
+        .unwrap_or_else(|| panic!("no capture.removed row: {log}"));
+    assert_eq!(row["actor"], format!("spiffe://{td}/node/web-b"));
+    let details: serde_json::Value = serde_json::from_str(row["details"].as_str().unwrap()).unwrap();
+    assert_eq!(details["reason"], "test teardown");
+    assert_eq!(details["inbound"], "monitor");
+    assert!(details["by"].as_str().unwrap().contains("uid 0"), "{details}");
+    let mut server = server;
+    server.stop_ref();
+    let (code, _, err) = tapproof(&h.a, &["capture", "remove", "--config", &a_toml]);
+    assert_ne!(
+        code, 0,
+        "a removal the control plane cannot record must be refused"
+    );
+    assert!(err.contains("could not record the removal"), "{err}");
+    assert_eq!(tables(&h.a), ["inet tapproof"], "the rules stay");
+    let (code, out, err) = tapproof(&h.a, &["capture", "remove", "--config", &a_toml, "--force"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("NOT recorded"), "{out}");
+    assert!(tables(&h.a).is_empty() && tables(&h.c).is_empty());
 }

@@ -294,11 +294,12 @@ pub fn check_kernel(plan: &Plan) -> Result<(), String> {
 
 /// Deletes the table; `Ok(false)` when there was none.
 pub fn remove() -> Result<bool, NftError> {
-    if list()?.is_none() {
-        return Ok(false);
-    }
     let doc = json!({"nftables": [{"delete": {"table": table()}}]}).to_string();
-    run(&["-j", "-f", "-"], Some(doc.as_bytes())).map(|_| true)
+    match run(&["-j", "-f", "-"], Some(doc.as_bytes())) {
+        Ok(_) => Ok(true),
+        Err(NftError::Refused(said)) if said.contains("No such file or directory") => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The table as the kernel has it, or `None` when it does not exist.

@@ -158,6 +158,17 @@ impl ControlClient {
         }
     }
 
+    /// Records what an operator did on this node in the control plane's audit log (204).
+    pub async fn event(&self, event: &tapproof_api::NodeEvent) -> Result<(), ClientError> {
+        let (status, bytes) = self
+            .call(http::Method::POST, paths::EVENTS, Some(encode(event)))
+            .await?;
+        match status {
+            204 => Ok(()),
+            _ => Err(self.refusal(status, &bytes)),
+        }
+    }
+
     pub async fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
         self.json(http::Method::GET, paths::NODES, None).await
     }

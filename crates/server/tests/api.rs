@@ -1630,3 +1630,64 @@ async fn announced_addresses_and_the_policys_capture_modes_reach_the_feed() {
     }
     s.stop().await;
 }
+
+/// `POST /v1/events`: a node records what an operator did on it; the row names the node as
+/// actor. Unknown kinds, oversized or control-character text, strangers and admins are refused,
+/// and nothing is recorded for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_records_what_an_operator_did_on_it() {
+    let s = start().await;
+    let admin = s.admin("ops").await;
+    let node = s.join("db-1", &["db"]).await;
+    let event = json!({ "kind": "capture_removed", "by": "alice (via sudo as root, uid 0)", "reason": "decommissioning", "captured": 3, "inbound": "enforce" });
+    let (status, v) = s
+        .call(Some(&node), "POST", paths::EVENTS, event.clone())
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{v}");
+    let rows = s.audit_rows("capture.removed").await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].actor, "spiffe://example.org/node/db-1");
+    let d = details(&rows[0]);
+    assert_eq!(
+        (d["by"].as_str(), d["reason"].as_str()),
+        (Some("alice (via sudo as root, uid 0)"), Some("decommissioning"))
+    );
+    assert_eq!(
+        (d["captured"].as_u64(), d["inbound"].as_str()),
+        (Some(3), Some("enforce"))
+    );
+    for (who, body, status_wanted) in [
+        (
+            Some(&node),
+            json!({ "kind": "anything", "by": "x", "reason": "y" }),
+            400,
+        ),
+        (
+            Some(&node),
+            json!({ "kind": "capture_removed", "by": "x".repeat(2000), "reason": "y" }),
+            400,
+        ),
+        (
+            Some(&node),
+            json!({ "kind": "capture_removed", "by": "x\ny", "reason": "y" }),
+            400,
+        ),
+        (
+            Some(&node),
+            json!({ "kind": "capture_removed", "by": "x", "reason": "y", "extra": 1 }),
+            400,
+        ),
+        (Some(&admin), event.clone(), 403),
+        (None, event.clone(), 401),
+    ] {
+        let (status, v) = s.call(who, "POST", paths::EVENTS, body.clone()).await.unwrap();
+        assert_eq!(status, status_wanted, "{body}: {v}");
+    }
+    assert_eq!(
+        s.audit_rows("capture.removed").await.len(),
+        1,
+        "nothing refused was recorded"
+    );
+    s.stop().await;
+}

@@ -71,7 +71,21 @@ pub struct NodeRow {
     pub capture_mode: Option<String>,
     /// Sources a monitor-mode agent let through with plaintext, in the latest report.
     pub plaintext_attempts: Option<i64>,
+    /// The node's capture mode and plaintext attempts over the chart's period: a point where
+    /// either changed (the first report, then each change), at most `NODE_CAPTURE_POINTS`.
+    pub capture_history: Vec<CapturePoint>,
 }
+
+/// A node's capture mode and plaintext attempts from one report on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CapturePoint {
+    pub at: i64,
+    pub mode: Option<String>,
+    pub plaintext_attempts: i64,
+}
+
+/// The most changes a node row carries (the latest ones).
+const NODE_CAPTURE_POINTS: usize = 100;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct LinkRow {
@@ -156,6 +170,8 @@ pub async fn dashboard_data(
         }
     }
 
+    let points = s.store.coverage_history(now - HISTORY).await?;
+    let mut capture_history = node_capture_history(&points);
     let mut rows = Vec::new();
     for n in &nodes {
         let certs = s.store.cert_list(&n.name).await?;
@@ -181,6 +197,7 @@ pub async fn dashboard_data(
             plaintext_attempts: report
                 .filter(|r| r.capture_mode.is_some())
                 .map(|r| r.plaintext_attempts),
+            capture_history: capture_history.remove(n.name.as_str()).unwrap_or_default(),
         });
     }
 
@@ -229,7 +246,7 @@ pub async fn dashboard_data(
     let (total, encrypted, plaintext) = reporting.iter().fold((0, 0, 0), |(t, e, p), r| {
         (t + r.links, e + r.encrypted, p + r.plaintext)
     });
-    let history = history(&s.store.coverage_history(now - HISTORY).await?);
+    let history = history(&points);
     let mut revocations: Vec<_> = s
         .store
         .revocations()
@@ -277,6 +294,29 @@ pub async fn dashboard_data(
         revocations,
         ca,
     }))
+}
+
+/// Per node, its capture mode and attempts where they changed (reports in time order).
+fn node_capture_history(points: &[tapproof_store::CoveragePoint]) -> BTreeMap<&str, Vec<CapturePoint>> {
+    let mut out: BTreeMap<&str, Vec<CapturePoint>> = BTreeMap::new();
+    for p in points.iter().filter(|p| p.capture_mode.is_some()) {
+        let list = out.entry(p.node.as_str()).or_default();
+        let same = list
+            .last()
+            .is_some_and(|l| l.mode == p.capture_mode && l.plaintext_attempts == p.plaintext_attempts);
+        if !same {
+            list.push(CapturePoint {
+                at: p.at,
+                mode: p.capture_mode.clone(),
+                plaintext_attempts: p.plaintext_attempts,
+            });
+        }
+    }
+    for list in out.values_mut() {
+        let extra = list.len().saturating_sub(NODE_CAPTURE_POINTS);
+        list.drain(..extra);
+    }
+    out
 }
 
 /// The fleet's coverage after each report (every node's latest report up to then), at most 500
@@ -388,6 +428,39 @@ mod tests {
         let h = history(&[p("a", 10, 2, 2), b, p("b", 30, 2, 2)]);
         let got: Vec<_> = h.iter().map(|x| (x.at, x.plaintext_attempts)).collect();
         assert_eq!(got, vec![(10, 0), (20, 2), (30, 0)]);
+    }
+
+    #[test]
+    fn each_nodes_capture_history_keeps_its_changes() {
+        let c = |node: &str, at: i64, mode: Option<&str>, attempts: i64| CoveragePoint {
+            capture_mode: mode.map(str::to_owned),
+            plaintext_attempts: attempts,
+            ..p(node, at, 1, 1)
+        };
+        let points = [
+            c("a", 10, Some("monitor"), 0),
+            c("b", 15, None, 0),
+            c("a", 20, Some("monitor"), 0),
+            c("a", 30, Some("monitor"), 2),
+            c("a", 40, Some("enforce"), 2),
+        ];
+        let h = node_capture_history(&points);
+        let got: Vec<_> = h["a"]
+            .iter()
+            .map(|x| (x.at, x.mode.as_deref(), x.plaintext_attempts))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (10, Some("monitor"), 0),
+                (30, Some("monitor"), 2),
+                (40, Some("enforce"), 2)
+            ]
+        );
+        assert!(
+            !h.contains_key("b"),
+            "a node without capture has no capture history"
+        );
     }
 
     #[test]

@@ -189,6 +189,15 @@ fn schemas() -> Value {
         }),
         true,
     );
+    all["DashboardNode"]["properties"]["capture_history"] = json!({
+        "type": "array", "items": reference("DashboardCapturePoint"),
+        "description": "the node's capture mode and plaintext attempts where they changed over the chart's period",
+    });
+    all["DashboardCapturePoint"] = object(
+        &["at", "mode", "plaintext_attempts"],
+        json!({ "at": int(), "mode": { "type": ["string", "null"], "enum": ["off", "monitor", "enforce", null] }, "plaintext_attempts": int() }),
+        false,
+    );
     all["NodeEvent"] = object(
         &["kind", "by", "reason"],
         json!({
@@ -516,6 +525,11 @@ mod tests {
             plaintext: None,
             capture_mode: None,
             plaintext_attempts: None,
+            capture_history: vec![CapturePoint {
+                at: 0,
+                mode: None,
+                plaintext_attempts: 0,
+            }],
         };
         let link = LinkRow {
             from: String::new(),
@@ -543,6 +557,7 @@ mod tests {
             },
         };
         same_fields("DashboardNode", &node);
+        same_fields("DashboardCapturePoint", &node.capture_history[0]);
         same_fields("DashboardLink", &link);
         same_fields("DashboardDenial", &denial);
         same_fields(

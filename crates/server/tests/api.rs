@@ -1507,6 +1507,24 @@ async fn the_dashboard_shows_each_nodes_capture_mode_and_plaintext_attempts_over
         "the monitor-mode report's two sources: {d}"
     );
     assert_eq!(attempts.last(), Some(&0), "{d}");
+    // Per node over time: db-1's two states in order; web-1 runs no capture, so none.
+    let db_history: Vec<(String, i64)> = row("db-1")["capture_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["mode"].as_str().unwrap().to_owned(),
+                p["plaintext_attempts"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        db_history,
+        [("monitor".to_owned(), 2), ("enforce".to_owned(), 0)],
+        "{d}"
+    );
+    assert_eq!(row("web-1")["capture_history"], json!([]), "{d}");
 }
 
 /// Where clients reach a service: a node announces the addresses of the services it is

@@ -59,6 +59,34 @@ function fill(id, rows, cells) {
   }
 }
 
+// One node's capture over the chart's period: the mode as coloured bands (enforce green,
+// monitor amber, off grey) and its plaintext attempts as a red step line; the title lists the
+// changes.
+const MODE_COLOUR = { enforce: "#c6e9d0", monitor: "#f5e0a3", off: "#e4e4e4" };
+function captureSpark(points, now) {
+  const cell = el("td");
+  if (!points || points.length === 0) { cell.textContent = "–"; return cell; }
+  const W = 160, H = 24;
+  const t0 = points[0].at, t1 = Math.max(now, t0 + 1);
+  const x = (t) => ((t - t0) / (t1 - t0)) * W;
+  const most = Math.max(1, ...points.map((p) => p.plaintext_attempts));
+  const y = (v) => H - 2 - (v / most) * (H - 4);
+  const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": "capture mode and plaintext attempts over time" });
+  points.forEach((p, i) => {
+    const end = i + 1 < points.length ? points[i + 1].at : t1;
+    s.append(svg("rect", { x: x(p.at), y: 0, width: Math.max(1, x(end) - x(p.at)), height: H, fill: MODE_COLOUR[p.mode] || "#fff" }));
+  });
+  let d = "";
+  points.forEach((p, i) => {
+    const end = i + 1 < points.length ? points[i + 1].at : t1;
+    d += (i ? " L" : "M") + x(p.at).toFixed(1) + " " + y(p.plaintext_attempts).toFixed(1) + " L" + x(end).toFixed(1) + " " + y(p.plaintext_attempts).toFixed(1);
+  });
+  s.append(svg("path", { d, fill: "none", stroke: "#b32d2e", "stroke-width": "1.5" }));
+  s.append(svg("title", {}, points.map((p) => `${when(p.at)}: ${p.mode || "none"}, ${p.plaintext_attempts} plaintext attempts`).join("\n")));
+  cell.append(s);
+  return cell;
+}
+
 const CLASS = { tapproof: ["tapproof", "enc"], other_tls: ["TLS", "enc"], plaintext: ["PLAINTEXT", "plain"], allowed: ["allowed", "allowed"] };
 
 function historyChart(points) {
@@ -135,6 +163,7 @@ function render(data) {
     el("td", {}, n.plaintext === null ? "–" : String(n.plaintext)),
     el("td", { class: n.capture_mode === "enforce" ? "enc" : "" }, n.capture_mode || "–"),
     el("td", { class: n.plaintext_attempts ? "plain" : "" }, n.plaintext_attempts === null ? "–" : String(n.plaintext_attempts)),
+    captureSpark(n.capture_history, now),
   ]);
   fill("link-table", data.links, (l) => {
     let [label, cls] = CLASS[l.class] || [l.class, ""];

@@ -122,11 +122,24 @@ fn family_of(ip: &IpAddr) -> (&'static str, &'static str) {
 /// (so a previous version of it goes with every rule in it), then built again; the kernel
 /// applies all of it or none, so there is no moment without the rules.
 pub fn ruleset(plan: &Plan) -> Value {
-    let mut cmds = vec![
+    let mut cmds = replace_table();
+    cmds.extend(outbound_part(plan));
+    cmds.extend(inbound_part(plan));
+    json!({"nftables": cmds})
+}
+
+/// Add (so that delete cannot fail), delete, add: the table, empty.
+fn replace_table() -> Vec<Value> {
+    vec![
         json!({"add": {"table": table()}}),
         json!({"delete": {"table": table()}}),
         json!({"add": {"table": table()}}),
-    ];
+    ]
+}
+
+/// The captured sets and the NAT output chain that redirects them to the capture listener.
+fn outbound_part(plan: &Plan) -> Vec<Value> {
+    let mut cmds = Vec::new();
     for (family, addr_type) in [("4", "ipv4_addr"), ("6", "ipv6_addr")] {
         let elements = plan
             .captured
@@ -166,59 +179,67 @@ pub fn ruleset(plan: &Plan) -> Value {
             ],
         ));
     }
-    if plan.inbound != InboundMode::Off && !plan.inbound_ports.is_empty() {
-        let ports = plan.inbound_ports.iter().map(|p| json!(p)).collect();
-        cmds.push(set("inbound_ports", json!("inet_service"), ports, false));
-        cmds.push(set(
-            "attempts4",
-            json!(["ipv4_addr", "inet_service"]),
-            Vec::new(),
-            true,
-        ));
-        cmds.push(set(
-            "attempts6",
-            json!(["ipv6_addr", "inet_service"]),
-            Vec::new(),
-            true,
-        ));
-        cmds.push(json!({"add": {"chain": {
-            "family": FAMILY, "table": TABLE, "name": INPUT_CHAIN,
-            "type": "filter", "hook": "input", "prio": FILTER_PRIORITY, "policy": "accept"}}}));
-        // The agent's forward legs (and anything else on this host) arrive over loopback.
+    cmds
+}
+
+/// The inbound ports, the attempt sets and the filter input chain (none when the mode is off
+/// or there is no port).
+fn inbound_part(plan: &Plan) -> Vec<Value> {
+    let mut cmds = Vec::new();
+    if plan.inbound == InboundMode::Off || plan.inbound_ports.is_empty() {
+        return cmds;
+    }
+    let ports = plan.inbound_ports.iter().map(|p| json!(p)).collect();
+    cmds.push(set("inbound_ports", json!("inet_service"), ports, false));
+    cmds.push(set(
+        "attempts4",
+        json!(["ipv4_addr", "inet_service"]),
+        Vec::new(),
+        true,
+    ));
+    cmds.push(set(
+        "attempts6",
+        json!(["ipv6_addr", "inet_service"]),
+        Vec::new(),
+        true,
+    ));
+    cmds.push(json!({"add": {"chain": {
+        "family": FAMILY, "table": TABLE, "name": INPUT_CHAIN,
+        "type": "filter", "hook": "input", "prio": FILTER_PRIORITY, "policy": "accept"}}}));
+    // The agent's forward legs (and anything else on this host) arrive over loopback.
+    cmds.push(rule(
+        INPUT_CHAIN,
+        vec![
+            matches(json!({"meta": {"key": "iif"}}), json!("lo")),
+            json!({"return": null}),
+        ],
+    ));
+    let to_port = || matches(payload("tcp", "dport"), json!("@inbound_ports"));
+    for (family, proto) in [("4", "ip"), ("6", "ip6")] {
         cmds.push(rule(
             INPUT_CHAIN,
             vec![
-                matches(json!({"meta": {"key": "iif"}}), json!("lo")),
-                json!({"return": null}),
+                to_port(),
+                json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}),
+                json!({"set": {"op": "update", "set": format!("@attempts{family}"),
+                    "elem": {"concat": [payload(proto, "saddr"), payload("tcp", "dport")]}}}),
             ],
         ));
-        let to_port = || matches(payload("tcp", "dport"), json!("@inbound_ports"));
-        for (family, proto) in [("4", "ip"), ("6", "ip6")] {
-            cmds.push(rule(
-                INPUT_CHAIN,
-                vec![
-                    to_port(),
-                    json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}),
-                    json!({"set": {"op": "update", "set": format!("@attempts{family}"),
-                        "elem": {"concat": [payload(proto, "saddr"), payload("tcp", "dport")]}}}),
-                ],
-            ));
-        }
-        if plan.inbound == InboundMode::Enforce {
-            // Only packets of connections the network opened: replies to this host's own
-            // connections that happen to use such a port as their source pass.
-            cmds.push(rule(
-                INPUT_CHAIN,
-                vec![
-                    to_port(),
-                    matches(json!({"ct": {"key": "direction"}}), json!("original")),
-                    json!({"counter": null}),
-                    json!({"drop": null}),
-                ],
-            ));
-        }
     }
-    json!({"nftables": cmds})
+    if plan.inbound == InboundMode::Enforce {
+        // Only packets of connections the network opened: replies to this host's own
+        // connections that happen to use such a port as their source pass.
+        cmds.push(rule(
+            INPUT_CHAIN,
+            vec![
+                to_port(),
+                matches(json!({"ct": {"key": "direction"}}), json!("original")),
+                json!({"counter": null}),
+                json!({"drop": null}),
+            ],
+        ));
+    }
+    cmds
 }
 
 /// Applies `plan`'s table in one transaction.
@@ -244,12 +265,9 @@ pub fn check_kernel(plan: &Plan) -> Result<(), String> {
         inbound_ports: vec![9],
         ..plan.clone()
     };
-    let full = ruleset(&probe);
-    let cmds = full["nftables"].as_array().cloned().unwrap_or_default();
-    let base: Vec<Value> = cmds[..3].to_vec();
-    let doc = |extra: &[Value]| {
-        let mut all = base.clone();
-        all.extend_from_slice(extra);
+    let doc = |part: Vec<Value>| {
+        let mut all = replace_table();
+        all.extend(part);
         json!({"nftables": all})
     };
     let step = |what: &str, d: Value| match check(&d) {
@@ -264,30 +282,17 @@ pub fn check_kernel(plan: &Plan) -> Result<(), String> {
         )),
         Err(e) => Err(e.to_string()),
     };
-    step("nf_tables (CONFIG_NF_TABLES, CONFIG_NF_TABLES_INET)", doc(&[]))?;
-    let nat: Vec<Value> = cmds
-        .iter()
-        .filter(|c| {
-            let s = c.to_string();
-            s.contains("captured") || s.contains(OUTPUT_CHAIN)
-        })
-        .cloned()
-        .collect();
+    step(
+        "nf_tables (CONFIG_NF_TABLES, CONFIG_NF_TABLES_INET)",
+        doc(Vec::new()),
+    )?;
     step(
         "NAT redirect for IPv4 and IPv6 (nft_chain_nat, nft_redirect, nf_nat, nf_conntrack; IPv6 enabled)",
-        doc(&nat),
+        doc(outbound_part(&probe)),
     )?;
-    let input: Vec<Value> = cmds
-        .iter()
-        .filter(|c| {
-            let s = c.to_string();
-            s.contains("inbound_ports") || s.contains("attempts") || s.contains(INPUT_CHAIN)
-        })
-        .cloned()
-        .collect();
     step(
         "conntrack matches and sets with per-element counters (nft_ct, nft_dynset, nft_counter)",
-        doc(&input),
+        doc(inbound_part(&probe)),
     )?;
     Ok(())
 }

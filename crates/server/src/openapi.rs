@@ -184,7 +184,7 @@ fn schemas() -> Value {
     all["CapturePolicy"] = object(
         &[],
         json!({
-            "inbound": reference("InboundMode"),
+            "inbound": { "anyOf": [reference("InboundMode"), { "type": "null" }], "description": "every node's mode; absent or null: the agents' configs rule" },
             "nodes": { "type": "object", "additionalProperties": reference("InboundMode"), "description": "node name -> mode, over `inbound`" },
         }),
         true,

@@ -61,13 +61,13 @@ function fill(id, rows, cells) {
 
 // One node's capture over the chart's period: the mode as coloured bands (enforce green,
 // monitor amber, off grey) and its plaintext attempts as a red step line; the title lists the
-// changes.
+// changes. Every node's chart spans the same period (t0 to now), so the rows line up in time.
 const MODE_COLOUR = { enforce: "#c6e9d0", monitor: "#f5e0a3", off: "#e4e4e4" };
-function captureSpark(points, now) {
+function captureSpark(points, t0, now) {
   const cell = el("td");
   if (!points || points.length === 0) { cell.textContent = "–"; return cell; }
   const W = 160, H = 24;
-  const t0 = points[0].at, t1 = Math.max(now, t0 + 1);
+  const t1 = Math.max(now, t0 + 1);
   const x = (t) => ((t - t0) / (t1 - t0)) * W;
   const most = Math.max(1, ...points.map((p) => p.plaintext_attempts));
   const y = (v) => H - 2 - (v / most) * (H - 4);
@@ -154,6 +154,8 @@ function render(data) {
   document.getElementById("links").textContent = `${f.encrypted} / ${f.plaintext}`;
   document.getElementById("nodes-reporting").textContent = `${f.nodes_reporting} of ${f.nodes}`;
   document.getElementById("status").textContent = "updated " + when(now);
+  const starts = data.nodes.filter((n) => n.capture_history && n.capture_history.length).map((n) => n.capture_history[0].at);
+  const t0 = starts.length ? Math.min(...starts) : now;
   fill("nodes", data.nodes, (n) => [
     el("td", {}, n.name + (n.revoked ? " (revoked)" : "")),
     el("td", { class: "mono" }, n.spiffe_id),
@@ -163,7 +165,7 @@ function render(data) {
     el("td", {}, n.plaintext === null ? "–" : String(n.plaintext)),
     el("td", { class: n.capture_mode === "enforce" ? "enc" : "" }, n.capture_mode || "–"),
     el("td", { class: n.plaintext_attempts ? "plain" : "" }, n.plaintext_attempts === null ? "–" : String(n.plaintext_attempts)),
-    captureSpark(n.capture_history, now),
+    captureSpark(n.capture_history, t0, now),
   ]);
   fill("link-table", data.links, (l) => {
     let [label, cls] = CLASS[l.class] || [l.class, ""];

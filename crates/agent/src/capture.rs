@@ -49,6 +49,33 @@ pub struct Plan {
     pub inbound_ports: Vec<u16>,
     pub port: u16,
     pub mark: u32,
+    /// The gateway role's networks (`[gateway]`), if this agent is a site gateway.
+    pub gateway: Option<GatewayPlan>,
+}
+
+/// A gateway's networks in the rules' terms: `BASE/LEN`, host bits cleared, sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayPlan {
+    /// The local networks, whose routed TCP to `remote` is captured.
+    pub local: Vec<String>,
+    /// Every remote site's networks: routed traffic to them is captured (TCP from `local`) or
+    /// dropped (everything else).
+    pub remote: Vec<String>,
+}
+
+impl GatewayPlan {
+    pub fn of(g: &crate::config::GatewayConfig) -> Self {
+        let text = |nets: &mut dyn Iterator<Item = &tapproof_audit::allow::Network>| {
+            let mut v: Vec<String> = nets.map(|n| format!("{}/{}", n.base(), n.prefix())).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        Self {
+            local: text(&mut g.networks.iter()),
+            remote: text(&mut g.remote.iter().flat_map(|s| s.networks.iter())),
+        }
+    }
 }
 
 impl Plan {
@@ -61,7 +88,9 @@ impl Plan {
     /// Whether the plan asks the kernel for anything: a captured destination, or an inbound
     /// mode with ports to apply it to.
     pub fn asks_anything(&self) -> bool {
-        !self.captured.is_empty() || (self.inbound != InboundMode::Off && !self.inbound_ports.is_empty())
+        !self.captured.is_empty()
+            || self.gateway.is_some()
+            || (self.inbound != InboundMode::Off && !self.inbound_ports.is_empty())
     }
 }
 
@@ -194,6 +223,7 @@ pub fn desired(
             inbound_ports,
             port: config.capture.port,
             mark: config.capture.mark,
+            gateway: config.gateway.as_ref().map(GatewayPlan::of),
         },
         routes,
         refused,
@@ -262,7 +292,28 @@ struct Route {
     pool: Arc<Pool>,
 }
 
-type Routes = Arc<RwLock<HashMap<SocketAddr, Route>>>;
+/// The routes of captured addresses, and for a gateway one pool per remote site (its routes
+/// are made per connection: the destination is the CONNECT authority).
+#[derive(Default)]
+struct Table {
+    exact: HashMap<SocketAddr, Route>,
+    sites: HashMap<String, Arc<Pool>>,
+}
+
+type Routes = Arc<RwLock<Table>>;
+
+impl Table {
+    fn route(&self, destination: SocketAddr, config: &AgentConfig) -> Option<Route> {
+        if let Some(r) = self.exact.get(&destination) {
+            return Some(r.clone());
+        }
+        let site = crate::gateway::site_for(config.gateway.as_ref()?, destination.ip())?;
+        Some(Route {
+            outbound: Arc::new(crate::gateway::route(site, destination)),
+            pool: self.sites.get(&site.name)?.clone(),
+        })
+    }
+}
 
 /// The capture listeners and the routes of the captured destinations, keyed by address.
 pub struct Capture {
@@ -304,10 +355,20 @@ impl Capture {
             }
         }
         let mut listeners = Vec::new();
-        let mut addrs = vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), plan.port)];
-        if host.ipv6 {
-            addrs.push(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), plan.port));
-        }
+        // A gateway's routed connections are redirected to the address of the interface they
+        // arrived on, so its listener takes every address ([::] takes IPv4 too); a connection
+        // not redirected there is reset like any other.
+        let addrs = match (config.gateway.is_some(), host.ipv6) {
+            (true, true) => vec![SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), plan.port)],
+            (true, false) => vec![SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), plan.port)],
+            (false, v6) => {
+                let mut a = vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), plan.port)];
+                if v6 {
+                    a.push(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), plan.port));
+                }
+                a
+            }
+        };
         for addr in addrs {
             let listener = TcpListener::bind(addr)
                 .await
@@ -376,6 +437,7 @@ impl Capture {
                 pools: HashMap::new(),
                 refused: Vec::new(),
                 error: None,
+                just_installed: false,
                 known: HashMap::new(),
             }
             .run(shutdown),
@@ -429,8 +491,7 @@ async fn accept_loop(
         let route = routes
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&original)
-            .cloned();
+            .route(original, &state.applied());
         let Some(Route { outbound, pool }) = route else {
             result("unknown_destination");
             warn!(%app, destination = %original, "capture: no route for this destination (yet: the directory is not known, or it was just withdrawn); reset");
@@ -449,7 +510,9 @@ async fn accept_loop(
 /// not redirected (someone dialled the capture port itself).
 fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(tcp);
-    let local = tcp.local_addr().ok()?;
+    let local = tapproof_audit::canonical(tcp.local_addr().ok()?);
+    // An IPv4 connection on a dual-stack listener (a gateway's) shows a v4-mapped address: the
+    // kernel keeps its original destination at the IPv4 level.
     let original = match local {
         SocketAddr::V4(_) => sock.original_dst_v4(),
         SocketAddr::V6(_) => sock.original_dst_v6(),
@@ -457,7 +520,7 @@ fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
     .ok()?
     .as_socket()?;
     let original = tapproof_audit::canonical(original);
-    (original != tapproof_audit::canonical(local)).then_some(original)
+    (original != local).then_some(original)
 }
 
 /// Closes with RST: the app sees its connection refused at once, not a clean end of stream it
@@ -490,6 +553,8 @@ struct Keeper {
     pools: HashMap<(Vec<Endpoint>, Option<SpiffeId>, String), Arc<Pool>>,
     refused: Vec<RefusedDestination>,
     error: Option<String>,
+    /// The last look installed the table (the next must read it back as planned).
+    just_installed: bool,
     /// Attempts already logged: (source, port) -> packets.
     known: HashMap<(IpAddr, u16), u64>,
 }
@@ -523,7 +588,7 @@ impl Keeper {
                 None => return Duration::from_secs(3600),
             }
         }
-        self.set_routes(&want.routes);
+        self.set_routes(&want.routes, config.gateway.as_ref());
         self.report_refused(&want.refused);
         let m = &self.state.metrics;
         m.capture_destinations.set(want.plan.captured.len() as i64);
@@ -572,11 +637,23 @@ impl Keeper {
         match look {
             Look::Verified(listed) => {
                 self.error = None;
+                self.just_installed = false;
                 self.publish(&want, listed);
+                CHECK_INTERVAL
+            }
+            Look::Installed { .. } if self.just_installed => {
+                // Installed twice running without reading back as planned: the kernel's listing
+                // is not what this build expects (another nft version?). Say so; do not spin.
+                self.failed(
+                    &want,
+                    "the table was installed but does not read back as planned (nft -j list); check the nft version".into(),
+                );
+                self.just_installed = false;
                 CHECK_INTERVAL
             }
             Look::Installed { outside } => {
                 self.error = None;
+                self.just_installed = true;
                 let m = &self.state.metrics;
                 match outside {
                     Some(what) => {
@@ -604,7 +681,7 @@ impl Keeper {
     }
 
     /// Points every captured destination at its route, reusing the pools of those that stay.
-    fn set_routes(&mut self, routes: &[OutboundConfig]) {
+    fn set_routes(&mut self, routes: &[OutboundConfig], gateway: Option<&crate::config::GatewayConfig>) {
         let mut table = HashMap::new();
         let mut pools = HashMap::new();
         for o in routes {
@@ -631,8 +708,22 @@ impl Keeper {
                 },
             );
         }
+        let mut sites = HashMap::new();
+        for site in gateway.map(|g| g.remote.as_slice()).unwrap_or_default() {
+            let o = OutboundConfig {
+                service: format!("gateway {}", site.name),
+                ..crate::gateway::route(site, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0))
+            };
+            let key = (o.peers.clone(), o.server_id.clone(), String::new());
+            let pool = match self.pools.get(&key).or_else(|| pools.get(&key)) {
+                Some(p) => Arc::clone(p),
+                None => Arc::new(Pool::new(o, self.state.clone())),
+            };
+            pools.insert(key, pool.clone());
+            sites.insert(site.name.clone(), pool);
+        }
         self.pools = pools;
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = table;
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Table { exact: table, sites };
     }
 
     fn report_refused(&mut self, refused: &[RefusedDestination]) {
@@ -691,6 +782,8 @@ impl Keeper {
         m.capture_rules_installed.set(1);
         m.capture_redirected.set(listed.captured_connections as i64);
         m.capture_dropped_packets.set(listed.dropped_packets as i64);
+        m.gateway_routed.set(listed.routed_connections as i64);
+        m.gateway_dropped.set(listed.routed_dropped as i64);
         m.capture_attempts.clear();
         for a in &listed.attempts {
             m.capture_attempts

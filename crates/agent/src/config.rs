@@ -90,6 +90,10 @@ pub struct AgentConfig {
     /// Transparent capture and enforcement (nftables, table `inet tapproof`).
     #[serde(default)]
     pub capture: CaptureConfig,
+    /// The site-gateway role: routed TCP from the local networks to remote sites' networks is
+    /// carried to those sites' gateways, and their tunnels reach hosts of the local networks.
+    #[serde(default)]
+    pub gateway: Option<GatewayConfig>,
     /// The file's TOML as parsed: a reload compares its sections to find what changed.
     #[serde(skip)]
     pub source: toml::Table,
@@ -261,6 +265,40 @@ impl Default for CaptureConfig {
             directory: false,
         }
     }
+}
+
+/// `[gateway]`: a site gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The local networks this gateway fronts (CIDR): where remote sites' streams may go, and
+    /// whose routed traffic to remote sites it captures.
+    #[serde(deserialize_with = "de_networks")]
+    pub networks: Vec<tapproof_audit::allow::Network>,
+    #[serde(default)]
+    pub remote: Vec<RemoteSite>,
+}
+
+/// `[[gateway.remote]]`: another site, reached through its gateways.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteSite {
+    pub name: String,
+    /// Networks behind the remote site's gateways (CIDR).
+    #[serde(deserialize_with = "de_networks")]
+    pub networks: Vec<tapproof_audit::allow::Network>,
+    /// The remote gateways' tunnel addresses, tried in turn.
+    pub gateways: Vec<Endpoint>,
+    /// The identity the remote gateways prove, and the one allowed to reach the local networks.
+    #[serde(deserialize_with = "de_from_str")]
+    pub server_id: SpiffeId,
+}
+
+fn de_networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<tapproof_audit::allow::Network>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|n| n.parse().map_err(serde::de::Error::custom))
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -522,12 +560,19 @@ impl AgentConfig {
     }
 
     /// Whether this agent installs capture rules at start: an outbound with `capture`, directory
-    /// capture, or an inbound mode. (The control plane's policy may ask an agent without any of
-    /// them for an inbound mode later: `capture.rs`.)
+    /// capture, an inbound mode, or the gateway role. (The control plane's policy may ask an
+    /// agent without any of them for an inbound mode later: `capture.rs`.)
     pub fn uses_capture(&self) -> bool {
         self.capture.inbound != InboundMode::Off
             || self.capture.directory
+            || self.gateway.is_some()
             || self.outbound.iter().any(|o| o.capture.is_some())
+    }
+
+    /// Whether the tunnel listener runs: there are inbound services, or remote sites' gateways
+    /// connect to this one.
+    pub fn serves_tunnels(&self) -> bool {
+        !self.inbound.is_empty() || self.gateway.is_some()
     }
 
     /// What the audit needs to know about this agent: where apps reach its outbound listeners and
@@ -781,6 +826,10 @@ impl AgentConfig {
                 }
             }
         }
+        if let Some(g) = &self.gateway {
+            self.check_gateway(g)
+                .map_err(|(key, message)| invalid(key, message))?;
+        }
         let mut listens = HashSet::new();
         let mut captures = HashSet::new();
         if self.capture.directory && self.control.is_none() {
@@ -851,6 +900,70 @@ impl AgentConfig {
                     return Err(invalid(key("server_id"), self.unknown_trust_domain(id)));
                 }
                 (false, Some(_)) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AgentConfig {
+    /// The gateway's rules a type cannot express: something to front and somewhere to go, no
+    /// remote network that is local (a route loop) or that two sites claim.
+    fn check_gateway(&self, g: &GatewayConfig) -> Result<(), (String, String)> {
+        if g.networks.is_empty() {
+            return Err((
+                "gateway.networks".into(),
+                "is empty: list the local networks this gateway fronts (CIDR)".into(),
+            ));
+        }
+        if g.remote.is_empty() {
+            return Err((
+                "gateway.remote".into(),
+                "is empty: add a [[gateway.remote]] site to reach".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, site) in g.remote.iter().enumerate() {
+            let key = |k: &str| format!("gateway.remote[{i}].{k}");
+            if !valid_service_name(&site.name) || !names.insert(site.name.as_str()) {
+                return Err((
+                    key("name"),
+                    format!(
+                        "{:?} is not a name (letters, digits, '.', '-', '_') or names two sites",
+                        site.name
+                    ),
+                ));
+            }
+            if site.networks.is_empty() {
+                return Err((
+                    key("networks"),
+                    "is empty: list the networks behind that site's gateways".into(),
+                ));
+            }
+            if site.gateways.is_empty() {
+                return Err((
+                    key("gateways"),
+                    "is empty: list the remote gateways' tunnel addresses".into(),
+                ));
+            }
+            if !self.knows_trust_domain(site.server_id.trust_domain()) {
+                return Err((key("server_id"), self.unknown_trust_domain(&site.server_id)));
+            }
+            for n in &site.networks {
+                if let Some(local) = g.networks.iter().find(|l| l.overlaps(n)) {
+                    return Err((key("networks"), format!("{n} overlaps this site's own network {local}: its traffic would loop back through the interconnect")));
+                }
+                for (j, other) in g.remote.iter().enumerate().take(i) {
+                    if let Some(m) = other.networks.iter().find(|m| m.overlaps(n)) {
+                        return Err((
+                            key("networks"),
+                            format!(
+                                "{n} overlaps {m} of gateway.remote[{j}] ({}): one destination, one site",
+                                other.name
+                            ),
+                        ));
+                    }
+                }
             }
         }
         Ok(())

@@ -252,6 +252,11 @@ async fn serve_stream(
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
     let applied = state.applied();
+    // An authority that is an address, not a service name: a remote site's gateway asks this
+    // gateway for a host of its local networks (`gateway.rs`).
+    if let Ok(destination) = service.parse::<SocketAddr>() {
+        return serve_gateway_stream(request, respond, peer_id, destination, &applied, state, tunnel).await;
+    }
     let services = &applied.inbound;
     let known = services.iter().any(|i| i.service == service);
     let deny = |reason: &'static str| {
@@ -289,9 +294,101 @@ async fn serve_stream(
             return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    join(
+        Stream {
+            request,
+            respond,
+            peer_id: &peer_id,
+            label: &service,
+            what: &service,
+            state: &state,
+            tunnel: &tunnel,
+        },
+        &inbound.forward,
+        connecting,
+    )
+    .await;
+}
+
+/// A stream admitted to be joined to a plaintext address.
+struct Stream<'a> {
+    request: Request<h2::RecvStream>,
+    respond: SendResponse<Bytes>,
+    peer_id: &'a SpiffeId,
+    /// The service metric label.
+    label: &'a str,
+    /// The name in log lines.
+    what: &'a str,
+    state: &'a Arc<AgentState>,
+    tunnel: &'a Arc<TunnelStats>,
+}
+
+/// A stream from a remote site's gateway to `destination` on a local network: admitted only as
+/// `gateway::refusal` says, then joined like a service's forward (metrics under the label
+/// `gateway`, so addresses do not become metric labels).
+async fn serve_gateway_stream(
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer_id: SpiffeId,
+    destination: SocketAddr,
+    applied: &crate::config::AgentConfig,
+    state: Arc<AgentState>,
+    tunnel: Arc<TunnelStats>,
+) {
+    let metrics = &state.metrics;
+    let label = crate::metrics::GATEWAY_SERVICE;
+    if let Some(reason) = crate::gateway::refusal(applied, &peer_id, destination) {
+        metrics
+            .policy_denials
+            .get_or_create(&DenialLabels {
+                service: label.to_owned(),
+                reason,
+            })
+            .inc();
+        state.record_denial(&peer_id, &destination.to_string(), reason);
+        warn!(peer_id = %peer_id, %destination, reason, "gateway stream refused");
+        return refuse(&mut respond, StatusCode::FORBIDDEN);
+    }
+    let (_stream_place, connecting) = match state.limits.stream(&peer_id.to_string(), label) {
+        Ok(places) => places,
+        Err(limit) => {
+            metrics.limit_refused(limit);
+            metrics.stream_failed(Side::Inbound, "limit");
+            debug!(peer_id = %peer_id, %destination, limit = limit.as_str(), "gateway stream refused by a limit");
+            return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let endpoint = crate::endpoint::Endpoint::Addr(destination);
+    let what = destination.to_string();
+    let stream = Stream {
+        request,
+        respond,
+        peer_id: &peer_id,
+        label,
+        what: &what,
+        state: &state,
+        tunnel: &tunnel,
+    };
+    join(stream, &endpoint, connecting).await;
+}
+
+/// Connects `forward` (within the connect timeout, with the agent's mark; `connecting`, the
+/// connects-in-progress place, is given back once the connect ends), answers 200, and splices the
+/// stream to it; refusals answer 502/504.
+async fn join<C>(stream: Stream<'_>, forward: &crate::endpoint::Endpoint, connecting: C) {
+    let Stream {
+        request,
+        mut respond,
+        peer_id,
+        label,
+        what: service,
+        state,
+        tunnel,
+    } = stream;
+    let metrics = &state.metrics;
     let app = match timeout(
         state.config.tunnel.connect_timeout,
-        state.forwards.connect(&inbound.forward, state.capture_mark()),
+        state.forwards.connect(forward, state.capture_mark()),
     )
     .await
     {
@@ -301,12 +398,12 @@ async fn serve_stream(
         }
         Ok(Err(e)) => {
             metrics.stream_failed(Side::Inbound, "forward_unreachable");
-            warn!(peer_id = %peer_id, service = %service, forward = %inbound.forward, error = %e, "stream refused: cannot reach forward address");
+            warn!(peer_id = %peer_id, service = %service, forward = %forward, error = %e, "stream refused: cannot reach forward address");
             return refuse(&mut respond, StatusCode::BAD_GATEWAY);
         }
         Err(_) => {
             metrics.stream_failed(Side::Inbound, "forward_timeout");
-            warn!(peer_id = %peer_id, service = %service, forward = %inbound.forward, "stream refused: forward address did not answer in time");
+            warn!(peer_id = %peer_id, service = %service, forward = %forward, "stream refused: forward address did not answer in time");
             return refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT);
         }
     };
@@ -327,9 +424,9 @@ async fn serve_stream(
         send,
         std::future::ready(Ok(request.into_body())),
         Side::Inbound,
-        &service,
+        label,
         metrics,
-        &tunnel,
+        tunnel,
     )
     .await;
     if let Err(e) = result {

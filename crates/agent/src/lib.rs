@@ -12,6 +12,7 @@ mod coverage;
 mod drain;
 pub mod endpoint;
 pub mod federation;
+pub mod gateway;
 mod inbound;
 pub mod limits;
 pub mod metrics;
@@ -117,7 +118,7 @@ pub async fn run(
     let material = ReloadingMaterial::load(files, config.trust_domain.clone())?;
     let foreign = federation::load_files(&config.federation)?;
     let admin_listener = bind("admin.listen".into(), config.admin.listen).await?;
-    let tunnel_listener = if config.inbound.is_empty() {
+    let tunnel_listener = if !config.serves_tunnels() {
         None
     } else {
         Some(bind("tunnel.listen".into(), config.tunnel.listen).await?)
@@ -220,7 +221,7 @@ pub async fn run(
             path: options.config_path.clone(),
             outbounds: outbounds.clone(),
             bound: shared_bound,
-            tunnel_listener: !state.config.inbound.is_empty(),
+            tunnel_listener: state.config.serves_tunnels(),
         }
         .on_hangup(stop.clone()),
     );

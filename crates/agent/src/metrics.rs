@@ -80,6 +80,8 @@ pub struct LimitLabels {
 /// The `service` label of a denial for a name this agent does not serve: peers choose those
 /// names, and each distinct label would be a series kept forever.
 pub const UNKNOWN_SERVICE: &str = "(unknown)";
+/// The service label of a gateway's streams to addresses of its local networks.
+pub const GATEWAY_SERVICE: &str = "(gateway)";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DenialLabels {
@@ -142,6 +144,8 @@ pub struct Metrics {
     pub capture_refused: Family<RefusedLabels, Gauge>,
     pub capture_mode: Family<ModeLabels, Gauge>,
     pub capture_destinations: Gauge,
+    pub gateway_routed: Gauge,
+    pub gateway_dropped: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -221,6 +225,8 @@ impl Metrics {
             capture_refused: Family::default(),
             capture_mode: Family::default(),
             capture_destinations: Gauge::default(),
+            gateway_routed: Gauge::default(),
+            gateway_dropped: Gauge::default(),
             tunnels: Family::default(),
             tunnels_open: Family::default(),
             streams: Family::default(),
@@ -399,6 +405,16 @@ impl Metrics {
             "capture_destinations",
             "Destinations whose connections from this host are captured into the tunnel ([[outbound]] capture entries and, with capture.directory, the directory's addresses)",
             m.capture_destinations.clone(),
+        );
+        registry.register(
+            "gateway_routed_connections",
+            "Routed TCP connections from the local networks to a remote site that the gateway rules redirected into the tunnel since they were installed (nftables counter)",
+            m.gateway_routed.clone(),
+        );
+        registry.register(
+            "gateway_dropped_packets",
+            "Routed packets to a remote site's networks that the gateway dropped (not TCP from a local network: other protocols, other sources) since the rules were installed (nftables counter)",
+            m.gateway_dropped.clone(),
         );
         tapproof_metrics::register_build_info(registry, "agent");
         Self { registry: root, ..m }

@@ -36,6 +36,7 @@ const FIXED: &[(&str, &str)] = &[
     ("tunnel", "[tunnel]"),
     ("workload_api", "[workload_api]"),
     ("federation", "[[federation]]"),
+    ("gateway", "[gateway]"),
 ];
 
 /// What a reload may change of capture, given the config the agent started with: `[capture]`

@@ -41,7 +41,7 @@ impl Network {
         };
         let addr: IpAddr = ip
             .parse()
-            .map_err(|_| format!("peer {text:?} is not an IP address or network (e.g. 10.0.0.0/24)"))?;
+            .map_err(|_| format!("{text:?} is not an IP address or network (e.g. 10.0.0.0/24)"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -49,9 +49,40 @@ impl Network {
                 .parse::<u8>()
                 .ok()
                 .filter(|p| *p <= max)
-                .ok_or_else(|| format!("peer {text:?}: prefix must be 0 to {max}"))?,
+                .ok_or_else(|| format!("{text:?}: prefix must be 0 to {max}"))?,
         };
         Ok(Self { addr, prefix })
+    }
+
+    /// The network's first address, as given (not masked).
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The network's address with the host bits cleared (`10.1.2.3/16` -> `10.1.0.0`).
+    pub fn base(&self) -> IpAddr {
+        let keep = |width: u32| -> u128 {
+            if self.prefix == 0 {
+                0
+            } else {
+                (u128::MAX >> (128 - width)) & !((1u128 << (width - u32::from(self.prefix))) - 1)
+            }
+        };
+        match self.addr {
+            IpAddr::V4(v4) => IpAddr::V4(std::net::Ipv4Addr::from(
+                (u128::from(u32::from(v4)) & keep(32)) as u32,
+            )),
+            IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & keep(128))),
+        }
+    }
+
+    /// Whether the two share an address (one contains the other's base address).
+    pub fn overlaps(&self, other: &Network) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -175,5 +206,37 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.to_string().contains("audit.allow[1]") && e.to_string().contains("nope"));
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod base_tests {
+    use super::Network;
+
+    #[test]
+    fn base_clears_the_host_bits() {
+        for (net, base) in [
+            ("10.1.2.3/16", "10.1.0.0"),
+            ("10.1.2.3/32", "10.1.2.3"),
+            ("10.1.2.3/0", "0.0.0.0"),
+            ("fd00::1:2/64", "fd00::"),
+            ("fd00::1/128", "fd00::1"),
+        ] {
+            let n: Network = net.parse().unwrap();
+            assert_eq!(n.base().to_string(), base, "{net}");
+        }
     }
 }

@@ -14,6 +14,8 @@ pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "tapproof";
 const OUTPUT_CHAIN: &str = "capture_output";
 const INPUT_CHAIN: &str = "inbound_input";
+const GATEWAY_PREROUTING: &str = "gateway_prerouting";
+const GATEWAY_FORWARD: &str = "gateway_forward";
 /// NAT chains run in priority order and the first to map a connection wins: -110 runs before
 /// dstnat (-100), where Docker and firewalld put theirs.
 const NAT_PRIORITY: i32 = -110;
@@ -125,7 +127,72 @@ pub fn ruleset(plan: &Plan) -> Value {
     let mut cmds = replace_table();
     cmds.extend(outbound_part(plan));
     cmds.extend(inbound_part(plan));
+    cmds.extend(gateway_part(plan));
     json!({"nftables": cmds})
+}
+
+/// An interval set of networks (`BASE/LEN` each).
+fn network_set(name: &str, addr_type: &str, networks: &[&String]) -> Value {
+    let elements: Vec<Value> = networks
+        .iter()
+        .filter_map(|n| {
+            let (addr, len) = n.split_once('/')?;
+            Some(json!({"prefix": {"addr": addr, "len": len.parse::<u8>().ok()?}}))
+        })
+        .collect();
+    let mut s =
+        json!({"family": FAMILY, "table": TABLE, "name": name, "type": addr_type, "flags": ["interval"]});
+    if !elements.is_empty() {
+        s["elem"] = Value::Array(elements);
+    }
+    json!({"add": {"set": s}})
+}
+
+/// A site gateway's rules: routed TCP from the local networks to a remote site's networks is
+/// redirected to the capture listener (NAT prerouting, before Docker's and firewalld's DNAT);
+/// anything else routed to a remote site's networks is dropped (filter forward), so nothing but
+/// the tunnel crosses the interconnect.
+fn gateway_part(plan: &Plan) -> Vec<Value> {
+    let Some(g) = &plan.gateway else {
+        return Vec::new();
+    };
+    let mut cmds = Vec::new();
+    for (family, addr_type) in [("4", "ipv4_addr"), ("6", "ipv6_addr")] {
+        let v6 = family == "6";
+        let local: Vec<&String> = g.local.iter().filter(|n| n.contains(':') == v6).collect();
+        let remote: Vec<&String> = g.remote.iter().filter(|n| n.contains(':') == v6).collect();
+        cmds.push(network_set(&format!("gw_local{family}"), addr_type, &local));
+        cmds.push(network_set(&format!("gw_remote{family}"), addr_type, &remote));
+    }
+    cmds.push(json!({"add": {"chain": {
+        "family": FAMILY, "table": TABLE, "name": GATEWAY_PREROUTING,
+        "type": "nat", "hook": "prerouting", "prio": NAT_PRIORITY, "policy": "accept"}}}));
+    cmds.push(json!({"add": {"chain": {
+        "family": FAMILY, "table": TABLE, "name": GATEWAY_FORWARD,
+        "type": "filter", "hook": "forward", "prio": FILTER_PRIORITY, "policy": "accept"}}}));
+    for (family, proto) in [("4", "ip"), ("6", "ip6")] {
+        cmds.push(rule(
+            GATEWAY_PREROUTING,
+            vec![
+                matches(payload(proto, "saddr"), json!(format!("@gw_local{family}"))),
+                matches(payload(proto, "daddr"), json!(format!("@gw_remote{family}"))),
+                matches(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
+                json!({"counter": null}),
+                json!({"redirect": {"port": plan.port}}),
+            ],
+        ));
+    }
+    for (family, proto) in [("4", "ip"), ("6", "ip6")] {
+        cmds.push(rule(
+            GATEWAY_FORWARD,
+            vec![
+                matches(payload(proto, "daddr"), json!(format!("@gw_remote{family}"))),
+                json!({"counter": null}),
+                json!({"drop": null}),
+            ],
+        ));
+    }
+    cmds
 }
 
 /// Add (so that delete cannot fail), delete, add: the table, empty.
@@ -294,6 +361,12 @@ pub fn check_kernel(plan: &Plan) -> Result<(), String> {
         "conntrack matches and sets with per-element counters (nft_ct, nft_dynset, nft_counter)",
         doc(inbound_part(&probe)),
     )?;
+    if plan.gateway.is_some() {
+        step(
+            "routed traffic: NAT prerouting redirect, the forward hook and interval sets (nft_chain_nat, nft_redirect, nft_set_rbtree)",
+            doc(gateway_part(plan)),
+        )?;
+    }
     Ok(())
 }
 
@@ -327,6 +400,20 @@ pub struct Listed {
     pub captured_connections: u64,
     pub dropped_packets: u64,
     pub attempts: Vec<PlaintextAttempt>,
+    pub gateway: Option<super::GatewayPlan>,
+    /// Routed TCP connections the gateway rules redirected into the tunnel.
+    pub routed_connections: u64,
+    /// Routed packets to remote sites dropped (not TCP from a local network).
+    pub routed_dropped: u64,
+}
+
+/// A network as `nft -j list` shows an interval set's element: a prefix, or one address.
+fn network_text(v: &Value) -> Option<String> {
+    if let Some(p) = v.get("prefix") {
+        return Some(format!("{}/{}", p["addr"].as_str()?, p["len"].as_u64()?));
+    }
+    let addr: IpAddr = v.as_str()?.parse().ok()?;
+    Some(format!("{addr}/{}", if addr.is_ipv4() { 32 } else { 128 }))
 }
 
 fn packets(expr: &[Value]) -> u64 {
@@ -366,6 +453,16 @@ pub fn parse(out: &str) -> Result<Listed, NftError> {
                             listed.inbound_ports.push(p);
                         }
                     }
+                    "gw_local4" | "gw_local6" | "gw_remote4" | "gw_remote6" => {
+                        let g = listed.gateway.get_or_insert_with(Default::default);
+                        if let Some(n) = network_text(e) {
+                            if name.starts_with("gw_local") {
+                                g.local.push(n);
+                            } else {
+                                g.remote.push(n);
+                            }
+                        }
+                    }
                     "attempts4" | "attempts6" => {
                         // Dynamic elements are listed as {"elem": {"val": .., "counter": ..}}.
                         let inner = &e["elem"];
@@ -400,6 +497,14 @@ pub fn parse(out: &str) -> Result<Listed, NftError> {
                             .and_then(|m| u32::try_from(m).ok());
                     }
                 }
+                Some(GATEWAY_PREROUTING) => {
+                    listed.gateway.get_or_insert_with(Default::default);
+                    listed.routed_connections += packets(&expr);
+                }
+                Some(GATEWAY_FORWARD) => {
+                    listed.gateway.get_or_insert_with(Default::default);
+                    listed.routed_dropped += packets(&expr);
+                }
                 Some(INPUT_CHAIN) => {
                     has_input = true;
                     if has("drop") {
@@ -417,6 +522,10 @@ pub fn parse(out: &str) -> Result<Listed, NftError> {
         _ => InboundMode::Off,
     };
     listed.captured.sort();
+    if let Some(g) = listed.gateway.as_mut() {
+        g.local.sort();
+        g.remote.sort();
+    }
     listed.inbound_ports.sort_unstable();
     listed.attempts.sort_by_key(|a| (a.source, a.port));
     Ok(listed)
@@ -444,6 +553,7 @@ impl Listed {
             && self.inbound_ports == ports
             && self.mark == Some(plan.mark)
             && self.port == Some(plan.port)
+            && self.gateway == plan.gateway
     }
 }
 
@@ -461,7 +571,45 @@ mod tests {
             inbound_ports: vec![8080],
             port: 15006,
             mark: 0x7470_0001,
+            gateway: None,
         }
+    }
+
+    /// A gateway's table as nftables 1.0.6 lists it (a /32 comes back as a plain address).
+    const GATEWAY_LISTED: &str = r#"{"nftables": [{"table": {"family": "inet", "name": "tapproof", "handle": 1}},
+ {"set": {"family": "inet", "name": "gw_local4", "table": "tapproof", "type": "ipv4_addr", "handle": 3, "flags": ["interval"], "elem": ["10.9.9.9", {"prefix": {"addr": "10.71.1.0", "len": 24}}]}},
+ {"set": {"family": "inet", "name": "gw_remote6", "table": "tapproof", "type": "ipv6_addr", "handle": 4, "flags": ["interval"], "elem": [{"prefix": {"addr": "fd00:72::", "len": 64}}]}},
+ {"chain": {"family": "inet", "table": "tapproof", "name": "capture_output", "handle": 7, "type": "nat", "hook": "output", "prio": -110, "policy": "accept"}},
+ {"rule": {"family": "inet", "table": "tapproof", "chain": "capture_output", "handle": 8, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 1953497089}}, {"return": null}]}},
+ {"rule": {"family": "inet", "table": "tapproof", "chain": "capture_output", "handle": 9, "expr": [{"match": {"op": "==", "left": {"concat": [{"payload": {"protocol": "ip", "field": "daddr"}}, {"payload": {"protocol": "tcp", "field": "dport"}}]}, "right": "@captured4"}}, {"counter": {"packets": 0, "bytes": 0}}, {"redirect": {"port": 15006}}]}},
+ {"chain": {"family": "inet", "table": "tapproof", "name": "gateway_prerouting", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -110, "policy": "accept"}},
+ {"chain": {"family": "inet", "table": "tapproof", "name": "gateway_forward", "handle": 2, "type": "filter", "hook": "forward", "prio": -10, "policy": "accept"}},
+ {"rule": {"family": "inet", "table": "tapproof", "chain": "gateway_prerouting", "handle": 5, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@gw_local4"}}, {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}, {"counter": {"packets": 4, "bytes": 240}}, {"redirect": {"port": 15006}}]}},
+ {"rule": {"family": "inet", "table": "tapproof", "chain": "gateway_forward", "handle": 6, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}}, "right": "@gw_remote6"}}, {"counter": {"packets": 3, "bytes": 300}}, {"drop": null}]}}]}"#;
+
+    #[test]
+    fn a_gateways_rules_capture_routed_tcp_drop_the_rest_and_read_back() {
+        let gw = Plan {
+            captured: Vec::new(),
+            inbound: InboundMode::Off,
+            inbound_ports: Vec::new(),
+            gateway: Some(crate::capture::GatewayPlan {
+                local: vec!["10.71.1.0/24".into(), "10.9.9.9/32".into()],
+                remote: vec!["fd00:72::/64".into()],
+            }),
+            ..plan()
+        };
+        let text = ruleset(&gw).to_string();
+        assert!(text.contains(r#""hook":"prerouting""#) && text.contains(r#""hook":"forward""#));
+        assert!(
+            text.contains(r#"{"prefix":{"addr":"10.71.1.0","len":24}}"#),
+            "{text}"
+        );
+        assert!(!ruleset(&plan()).to_string().contains(GATEWAY_PREROUTING));
+        let l = parse(GATEWAY_LISTED).unwrap();
+        assert!(l.is(&gw), "{l:?}");
+        assert_eq!((l.routed_connections, l.routed_dropped), (4, 3));
+        assert!(!l.is(&plan()), "a gateway table is not a plain one");
     }
 
     #[test]

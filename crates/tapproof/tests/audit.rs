@@ -9,26 +9,14 @@
 use serde_json::Value;
 use std::os::unix::fs::symlink;
 use std::path::Path;
-use std::process::Command;
 use tapproof_test_util::netns::{spawn_ready, Netns, TwoHosts};
 use tapproof_test_util::pki::TestPki;
 use tapproof_test_util::process::{identity_section, run_tapproof, AgentProcess};
-use tapproof_test_util::{in_ci, is_root};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
 
 fn can_run() -> bool {
-    let has_ip = Command::new("ip").arg("-V").output().is_ok();
-    if is_root() && has_ip {
-        return true;
-    }
-    assert!(
-        !in_ci(),
-        "the audit namespace test must run under CI: root={} ip={has_ip}",
-        is_root()
-    );
-    eprintln!("SKIPPED audit namespace test: needs root and iproute2");
-    false
+    tapproof_test_util::root_with("audit namespace test", &[("ip", "-V")])
 }
 
 /// Runs `tapproof audit` in `ns` with `args`; returns the exit code and the parsed JSON report.

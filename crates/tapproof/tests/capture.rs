@@ -13,7 +13,7 @@ use tapproof_test_util::netns::{spawn_ready, Netns, Tcpdump};
 use tapproof_test_util::pcap::{contains, tcp_segments};
 use tapproof_test_util::pki::TestPki;
 use tapproof_test_util::process::{identity_section, metric_value, run_tapproof_in, AgentProcess};
-use tapproof_test_util::{in_ci, is_root};
+use tapproof_test_util::wait_until;
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
 
@@ -32,21 +32,16 @@ server.serve_forever()
 "#;
 
 fn can_run() -> bool {
-    let has = |p: &str, arg: &str| Command::new(p).arg(arg).output().is_ok();
-    let tools = [
-        ("nft", has("nft", "--version")),
-        ("tcpdump", has("tcpdump", "--version")),
-        ("curl", has("curl", "--version")),
-        ("python3", has("python3", "--version")),
-        ("ip", has("ip", "-V")),
-    ];
-    if is_root() && tools.iter().all(|t| t.1) {
-        return true;
-    }
-    let why = format!("root={} {tools:?}", is_root());
-    assert!(!in_ci(), "the capture test must run under CI but cannot: {why}");
-    eprintln!("SKIPPED capture test: {why}");
-    false
+    tapproof_test_util::root_with(
+        "capture test",
+        &[
+            ("nft", "--version"),
+            ("tcpdump", "--version"),
+            ("curl", "--version"),
+            ("python3", "--version"),
+            ("ip", "-V"),
+        ],
+    )
 }
 
 /// A-B and C-B veth pairs; A and B also on IPv6.
@@ -158,12 +153,25 @@ fn tables(ns: &Netns) -> Vec<String> {
         .collect()
 }
 
-fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// The capture of A's link at `pcap`: the tunnel's packets are there, none to or from the
+/// service's port 8080, and the canary never.
+fn only_the_tunnel_crossed(pcap: &std::path::Path, canary: &str) {
+    let captured = std::fs::read(pcap).unwrap();
+    let segments = tcp_segments(&captured);
+    assert!(
+        segments.iter().any(|s| s.dst.port() == 15008),
+        "the tunnel's packets are in the capture"
+    );
+    assert!(
+        segments
+            .iter()
+            .all(|s| s.dst.port() != 8080 && s.src.port() != 8080),
+        "a packet to or from port 8080 crossed the link"
+    );
+    assert!(
+        !contains(&captured, canary.as_bytes()),
+        "the canary crossed the link in the clear"
+    );
 }
 
 /// `tapproof ARGS` in `ns`: (exit code, stdout, stderr).
@@ -240,22 +248,7 @@ fn capture_and_enforcement_across_three_hosts() {
         "A's curl over IPv6 through capture"
     );
     dump.stop();
-    let captured = std::fs::read(&pcap).unwrap();
-    let segments = tcp_segments(&captured);
-    assert!(
-        segments.iter().any(|s| s.dst.port() == 15008),
-        "the tunnel's packets are in the capture"
-    );
-    assert!(
-        segments
-            .iter()
-            .all(|s| s.dst.port() != 8080 && s.src.port() != 8080),
-        "a packet to or from port 8080 crossed the fibre"
-    );
-    assert!(
-        !contains(&captured, canary.as_bytes()),
-        "the canary crossed the fibre in the clear"
-    );
+    only_the_tunnel_crossed(&pcap, &canary);
     assert!(
         metric_value(
             &metrics(&h.a),
@@ -586,22 +579,7 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
     let url6 = format!("http://[{}]:8080/canary.txt", h.b6);
     assert_eq!(curl(&h.a, &url6), (0, canary.clone()), "the same over IPv6");
     dump.stop();
-    let captured = std::fs::read(&pcap).unwrap();
-    let segments = tcp_segments(&captured);
-    assert!(
-        segments.iter().any(|s| s.dst.port() == 15008),
-        "tunnel packets in the capture"
-    );
-    assert!(
-        segments
-            .iter()
-            .all(|s| s.dst.port() != 8080 && s.src.port() != 8080),
-        "a packet to or from port 8080 crossed the link"
-    );
-    assert!(
-        !contains(&captured, canary.as_bytes()),
-        "the canary crossed in the clear"
-    );
+    only_the_tunnel_crossed(&pcap, &canary);
     // B's agent runs no capture of its own: C reaches the service in plaintext for now.
     let direct = format!("http://{}:8080/canary.txt", h.b_for_c);
     assert_eq!(

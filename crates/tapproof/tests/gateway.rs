@@ -8,31 +8,26 @@
 //! Needs root, nft, tcpdump, curl and python3. Under CI (CI=true) it runs and fails loudly.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tapproof_test_util::netns::{spawn_ready, Netns, Tcpdump};
 use tapproof_test_util::pcap::{contains, tcp_segments};
 use tapproof_test_util::pki::TestPki;
 use tapproof_test_util::process::{identity_section, metric_value, run_tapproof_in, AgentProcess};
-use tapproof_test_util::{in_ci, is_root};
+use tapproof_test_util::wait_until;
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
 
 fn can_run() -> bool {
-    let has = |p: &str, arg: &str| Command::new(p).arg(arg).output().is_ok();
-    let tools = [
-        ("nft", has("nft", "--version")),
-        ("tcpdump", has("tcpdump", "--version")),
-        ("curl", has("curl", "--version")),
-        ("python3", has("python3", "--version")),
-        ("ip", has("ip", "-V")),
-    ];
-    if is_root() && tools.iter().all(|t| t.1) {
-        return true;
-    }
-    let why = format!("root={} {tools:?}", is_root());
-    assert!(!in_ci(), "the gateway test must run under CI but cannot: {why}");
-    eprintln!("SKIPPED gateway test: {why}");
-    false
+    tapproof_test_util::root_with(
+        "gateway test",
+        &[
+            ("nft", "--version"),
+            ("tcpdump", "--version"),
+            ("curl", "--version"),
+            ("python3", "--version"),
+            ("ip", "-V"),
+        ],
+    )
 }
 
 fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
@@ -52,14 +47,6 @@ fn addr(ns: &Netns, dev: &str, cidr: &str) {
 
 fn metrics(ns: &Netns) -> String {
     ns.exec_ok(&["curl", "-s", "http://127.0.0.1:15000/metrics"])
-}
-
-fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Receives UDP on 0.0.0.0:5353 and prints each datagram.

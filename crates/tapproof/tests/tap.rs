@@ -6,25 +6,15 @@
 //! Needs root (namespaces, captures). Under CI (CI=true) it runs and fails loudly; elsewhere
 //! without root it says it was skipped.
 
-use std::process::Command;
 use tapproof_test_util::netns::{spawn_ready, Background, Netns, Tcpdump as Capture, TwoHosts};
 use tapproof_test_util::pcap::{contains, server_hello_group, stream_from, tcp_segments, X25519MLKEM768};
 use tapproof_test_util::pki::TestPki;
 use tapproof_test_util::process::{identity_section, AgentProcess};
-use tapproof_test_util::{in_ci, is_root};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
 
 fn can_run() -> bool {
-    let has_tcpdump = Command::new("tcpdump").arg("--version").output().is_ok();
-    let has_ip = Command::new("ip").arg("-V").output().is_ok();
-    if is_root() && has_tcpdump && has_ip {
-        return true;
-    }
-    let why = format!("root={} tcpdump={has_tcpdump} iproute2={has_ip}", is_root());
-    assert!(!in_ci(), "the tap test must run under CI but cannot: {why}");
-    eprintln!("SKIPPED tap test: needs root, tcpdump and iproute2 ({why}); run as root or under CI=true");
-    false
+    tapproof_test_util::root_with("tap test", &[("tcpdump", "--version"), ("ip", "-V")])
 }
 
 /// Starts `tapproof-bench echo-server` in `ns` and waits for its "listening" line.

@@ -26,6 +26,36 @@ pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
 
+/// Whether `test` can run here: root and each of `tools` (a program, and an argument it answers,
+/// e.g. `("nft", "--version")`). When not, it fails loudly under CI and says it skipped
+/// otherwise.
+pub fn root_with(test: &str, tools: &[(&str, &str)]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(p, arg)| std::process::Command::new(p).arg(arg).output().is_err())
+        .map(|(p, _)| *p)
+        .collect();
+    if is_root() && missing.is_empty() {
+        return true;
+    }
+    let why = format!("root={} missing={missing:?}", is_root());
+    assert!(!in_ci(), "the {test} must run under CI but cannot: {why}");
+    eprintln!("SKIPPED {test}: needs root and {tools:?} ({why}); run as root or under CI=true");
+    false
+}
+
+/// Polls `cond` every 100 ms until it holds; panics naming `what` after `within`.
+pub fn wait_until(what: &str, within: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// The `tapproof-bench` binary beside `tapproof_exe` (the test's `CARGO_BIN_EXE_tapproof`): the
 /// echo server and clients the namespace tests run, which the product binary does not carry.
 /// `cargo test --workspace` builds it (its own crate has an integration test).

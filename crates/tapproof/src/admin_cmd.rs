@@ -166,7 +166,12 @@ pub async fn registration_change(admin: &Admin, change: RegistrationChange) -> a
 /// `server registration list`.
 pub async fn registration_list(admin: &Admin) -> anyhow::Result<()> {
     for r in admin.registrations().await? {
-        println!("{:<20} {}", r.node, r.service);
+        if r.addresses.is_empty() {
+            println!("{:<20} {}", r.node, r.service);
+        } else {
+            // Where clients reach it, as the node announced (what capture.directory captures).
+            println!("{:<20} {:<20} {}", r.node, r.service, r.addresses.join(" "));
+        }
     }
     Ok(())
 }

@@ -568,6 +568,11 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
     wait_until("A to capture B's two addresses", Duration::from_secs(30), || {
         metric_value(&metrics(&h.a), "tapproof_capture_destinations", &[]) == 2.0
     });
+    let listed = server_cli(&data, &["registration", "list"]);
+    assert!(
+        listed.contains(&format!("{}:8080", h.b_ip)) && listed.contains(&format!("[{}]:8080", h.b6)),
+        "the registration lists where clients reach web: {listed}"
+    );
     let pcap = pki.path().join("dir.pcap");
     let dump = Tcpdump::start(&h.a, &h.a_if, &pcap);
     let url = format!("http://{}:8080/canary.txt", h.b_ip);

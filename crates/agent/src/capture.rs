@@ -534,10 +534,12 @@ pub fn reset(tcp: TcpStream) {
 enum Look {
     /// The table is as desired; its counters.
     Verified(nft::Listed),
-    /// It was not (`why`: missing, changed from outside, or the desired plan changed) and was
-    /// installed again.
+    /// It was not (`outside`: missing or changed from outside; else the desired plan changed)
+    /// and was installed again: `whole` when the table was replaced (its counters and attempt
+    /// sets start again), else only the captured destinations were updated.
     Installed {
         outside: Option<&'static str>,
+        whole: bool,
     },
     Failed(String),
 }
@@ -591,7 +593,6 @@ impl Keeper {
         self.set_routes(&want.routes, config.gateway.as_ref());
         self.report_refused(&want.refused);
         let m = &self.state.metrics;
-        m.capture_destinations.set(want.plan.captured.len() as i64);
         m.capture_mode.clear();
         m.capture_mode
             .get_or_create(&crate::metrics::ModeLabels {
@@ -625,8 +626,14 @@ impl Keeper {
                     (Some(_), Some(p)) if *p == plan => Some("changed"),
                     _ => None,
                 };
-                match nft::install(&plan) {
-                    Ok(()) => Look::Installed { outside },
+                let whole = !found.as_ref().is_some_and(|l| l.same_but_captured(&plan));
+                let done = if whole {
+                    nft::install(&plan)
+                } else {
+                    nft::update_captured(&plan)
+                };
+                match done {
+                    Ok(()) => Look::Installed { outside, whole },
                     Err(e) => Look::Failed(format!("installing the table failed: {e}")),
                 }
             }
@@ -651,7 +658,7 @@ impl Keeper {
                 self.just_installed = false;
                 CHECK_INTERVAL
             }
-            Look::Installed { outside } => {
+            Look::Installed { outside, whole } => {
                 self.error = None;
                 self.just_installed = true;
                 let m = &self.state.metrics;
@@ -669,7 +676,9 @@ impl Keeper {
                     ),
                 }
                 self.installed = Some(want.plan);
-                self.known.clear();
+                if whole {
+                    self.known.clear();
+                }
                 // Look again at once so the gauges do not stay at 0 a period.
                 Duration::from_millis(200)
             }
@@ -800,6 +809,8 @@ impl Keeper {
                       if mode == InboundMode::Enforce { "dropped" } else { "let through" });
             }
         }
+        // Set after the state the audit reads, so a scrape that sees the new count sees it too.
+        let destinations = listed.captured.len() as i64;
         crate::vouch::sockets().set_capture(CaptureState {
             rules_installed: true,
             captured: listed.captured,
@@ -809,6 +820,7 @@ impl Keeper {
             dropped_packets: listed.dropped_packets,
             ..self.state_of(want)
         });
+        m.capture_destinations.set(destinations);
     }
 }
 

@@ -558,8 +558,11 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
         b6 = h.b6
     );
     let b_agent = AgentProcess::start_with(EXE, pki.path(), "web-b", &b_config, &h.b.prefix());
+    // A also serves a local port in monitor mode (its own config), so that its plaintext
+    // attempts can be watched across a change of its captured destinations.
     let a_config = format!(
-        "trust_domain = \"{td}\"\n{}[capture]\ndirectory = true\n",
+        "trust_domain = \"{td}\"\n{}[capture]\ndirectory = true\ninbound = \"monitor\"\n\
+         [[inbound]]\nservice = \"a-local\"\nforward = \"127.0.0.1:9\"\n",
         control_section(&pki.path().join("a-data"), &a_token)
     );
     let mut a_agent = AgentProcess::start_with(EXE, pki.path(), "client-a", &a_config, &h.a.prefix());
@@ -597,13 +600,29 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
         "B installed nothing before the policy asked"
     );
 
-    // B announces an address of A's host as well (a mistake in its config, taken by SIGHUP and
-    // announced at once): A refuses to capture it, says so, and keeps capturing the others.
+    // B sends plaintext to A's monitored port: A counts it.
+    let _ =
+        h.b.command(&["curl", "-s", "--max-time", "2", &format!("http://{}:9/", h.a_ip)])
+            .output();
+    let from_b = format!("source=\"{}\"", h.b_ip);
+    let a_attempts = || {
+        metric_value(
+            &metrics(&h.a),
+            "tapproof_capture_plaintext_attempts",
+            &[&from_b, "mode=\"monitor\""],
+        )
+    };
+    wait_until("A to count B's attempt", Duration::from_secs(15), || {
+        a_attempts() > 0.0
+    });
+    // B announces one more address, and one of A's host (a mistake in its config), taken by
+    // SIGHUP and announced at once: A captures the first, refuses the second and says so, and
+    // its captured set is updated in place (its attempts stay counted, no reinstall).
     std::fs::write(
         &b_agent.config_path,
         b_config.replace(
             &format!("\"[{}]:8080\"]", h.b6),
-            &format!("\"[{}]:8080\", \"{}:9999\"]", h.b6, h.a_ip),
+            &format!("\"[{}]:8080\", \"{}:8081\", \"{}:9999\"]", h.b6, h.b_ip, h.a_ip),
         ),
     )
     .unwrap();
@@ -616,9 +635,13 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
             &[&refused],
         ) == 1.0
     });
+    wait_until("A to capture B's third address", Duration::from_secs(15), || {
+        metric_value(&metrics(&h.a), "tapproof_capture_destinations", &[]) == 3.0
+    });
+    assert!(a_attempts() > 0.0, "A's attempt counters were lost by the update");
     assert_eq!(
-        metric_value(&metrics(&h.a), "tapproof_capture_destinations", &[]),
-        2.0
+        metric_value(&metrics(&h.a), "tapproof_capture_rules_reinstalled_total", &[]),
+        0.0
     );
     let a_toml = a_agent.config_path.to_str().unwrap().to_owned();
     let (_, out, _) = tapproof(&h.a, &["audit", "--config", &a_toml, "--json"]);

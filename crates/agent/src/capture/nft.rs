@@ -208,16 +208,10 @@ fn replace_table() -> Vec<Value> {
 fn outbound_part(plan: &Plan) -> Vec<Value> {
     let mut cmds = Vec::new();
     for (family, addr_type) in [("4", "ipv4_addr"), ("6", "ipv6_addr")] {
-        let elements = plan
-            .captured
-            .iter()
-            .filter(|a| family_of(&a.ip()).1 == family)
-            .map(|a| json!({"concat": [a.ip().to_string(), a.port()]}))
-            .collect();
         cmds.push(set(
             &format!("captured{family}"),
             json!([addr_type, "inet_service"]),
-            elements,
+            captured_elements(plan, family),
             false,
         ));
     }
@@ -307,6 +301,33 @@ fn inbound_part(plan: &Plan) -> Vec<Value> {
         ));
     }
     cmds
+}
+
+/// The captured set's elements of one family ("4" or "6").
+fn captured_elements(plan: &Plan, family: &str) -> Vec<Value> {
+    plan.captured
+        .iter()
+        .filter(|a| family_of(&a.ip()).1 == family)
+        .map(|a| json!({"concat": [a.ip().to_string(), a.port()]}))
+        .collect()
+}
+
+/// Replaces only the captured destinations, in one transaction (both sets flushed and filled
+/// again): the inbound sets with their per-source counters, and every rule's counter, stay.
+pub fn update_captured(plan: &Plan) -> Result<(), NftError> {
+    let mut cmds = Vec::new();
+    for family in ["4", "6"] {
+        let name = format!("captured{family}");
+        cmds.push(json!({"flush": {"set": {"family": FAMILY, "table": TABLE, "name": name}}}));
+        let elem = captured_elements(plan, family);
+        if !elem.is_empty() {
+            cmds.push(
+                json!({"add": {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": elem}}}),
+            );
+        }
+    }
+    let doc = json!({"nftables": cmds}).to_string();
+    run(&["-j", "-f", "-"], Some(doc.as_bytes())).map(drop)
 }
 
 /// Applies `plan`'s table in one transaction.
@@ -536,6 +557,12 @@ impl Listed {
     pub fn is(&self, plan: &Plan) -> bool {
         let mut captured = plan.captured.clone();
         captured.sort();
+        self.captured == captured && self.same_but_captured(plan)
+    }
+
+    /// Whether the table is `plan`'s but for the captured destinations (`update_captured` then
+    /// makes it so without replacing the table).
+    pub fn same_but_captured(&self, plan: &Plan) -> bool {
         let mut ports = plan.inbound_ports.clone();
         ports.sort_unstable();
         let inbound = if ports.is_empty() {
@@ -548,8 +575,7 @@ impl Listed {
         } else {
             ports
         };
-        self.captured == captured
-            && self.inbound == inbound
+        self.inbound == inbound
             && self.inbound_ports == ports
             && self.mark == Some(plan.mark)
             && self.port == Some(plan.port)
@@ -683,5 +709,13 @@ mod tests {
             ..plan()
         }));
         assert!(parse("not json").is_err());
+        // Only the captured destinations differ: updated in place, counters and attempts kept.
+        assert!(
+            l.same_but_captured(&other)
+                && !l.same_but_captured(&Plan {
+                    inbound: InboundMode::Monitor,
+                    ..plan()
+                })
+        );
     }
 }

@@ -19,12 +19,17 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(a) = tapproof_api::Announced::parse(text) {
             // What parses is written back the same way.
-            assert_eq!(tapproof_api::Announced::parse(&a.to_query()).map(|b| b.0.len()).ok(), Some({
-                let mut q: Vec<String> = a.0.iter().map(|(s, x)| format!("{s}={x}")).collect();
-                q.sort();
-                q.dedup();
-                q.len()
-            }));
+            assert_eq!(
+                tapproof_api::Announced::parse(&a.to_query())
+                    .map(|b| b.0.len())
+                    .ok(),
+                Some({
+                    let mut q: Vec<String> = a.0.iter().map(|(s, x)| format!("{s}={x}")).collect();
+                    q.sort();
+                    q.dedup();
+                    q.len()
+                })
+            );
         }
     }
     if let Ok(policy) = serde_json::from_slice::<tapproof_api::Policy>(data) {

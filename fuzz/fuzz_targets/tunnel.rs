@@ -43,5 +43,9 @@ fuzz_target!(|data: &[u8]| {
         Some((flag, rest)) if flag & 1 == 1 => [PREFACE, rest].concat(),
         _ => data.to_vec(),
     };
-    h.rt.block_on(tapproof_agent::fuzzing::tunnel_bytes(&h.state, h.peer.clone(), input));
+    h.rt.block_on(tapproof_agent::fuzzing::tunnel_bytes(
+        &h.state,
+        h.peer.clone(),
+        input,
+    ));
 });

@@ -1,9 +1,9 @@
 //! Site gateways across an interconnect, with real nftables in five namespaces: host A1 (no
 //! agent) -- gateway GA == interconnect == gateway GB -- host B1 (no agent). A1 routes site B's
 //! network via GA and needs nothing else: a plain `curl` to B1's real address is carried GA -> GB
-//! through the tunnel and opened to B1 by GB; the interconnect carries only TLS between the
-//! gateways and never the canary; UDP routed to site B is dropped at GA, not forwarded in
-//! plaintext. (Issue 14, first part: TCP; UDP, HA and key updates are not built yet.)
+//! through the tunnel and opened to B1 by GB, over IPv4 and IPv6; the interconnect carries only
+//! TLS between the gateways and never the canary; UDP routed to site B is dropped at GA, not
+//! forwarded in plaintext. (Issue 14, first part: TCP; UDP, HA and key updates are not built yet.)
 //!
 //! Needs root, nft, tcpdump, curl and python3. Under CI (CI=true) it runs and fails loudly.
 
@@ -89,6 +89,38 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
     addr(&gb, &gb_x, &format!("{gb_ip}/30"));
     addr(&gb, &gb_b, &format!("{site_b}.1/24"));
     addr(&b1, &b1_if, &format!("{site_b}.2/24"));
+    // IPv6 on the same links: site A fd71:N::/64, site B fd72:N::/64 (the interconnect stays
+    // IPv4: the tunnel runs over it either way).
+    let (six_a, six_b) = (format!("fd71:{n:x}:"), format!("fd72:{n:x}:"));
+    for (host, dev, ip) in [
+        (&a1, &a1_if, format!("{six_a}:2/64")),
+        (&ga, &ga_a, format!("{six_a}:1/64")),
+        (&gb, &gb_b, format!("{six_b}:1/64")),
+        (&b1, &b1_if, format!("{six_b}:2/64")),
+    ] {
+        host.exec_ok(&["ip", "-6", "addr", "add", &ip, "dev", dev, "nodad"]);
+    }
+    a1.exec_ok(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        &format!("{six_b}:/64"),
+        "via",
+        &format!("{six_a}:1"),
+    ]);
+    b1.exec_ok(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        &format!("{six_a}:/64"),
+        "via",
+        &format!("{six_b}:1"),
+    ]);
+    for g in [&ga, &gb] {
+        g.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
+    }
     // Ordinary static routes: the hosts send the other site's network to their gateway, and the
     // gateways route it across the interconnect (so anything the rules did not take would be
     // forwarded there in plaintext).
@@ -130,7 +162,7 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
             "http.server",
             "8080",
             "--bind",
-            "0.0.0.0",
+            "::",
             "--directory",
             docroot.to_str().unwrap(),
         ],
@@ -148,9 +180,11 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
                    peer_name: &str| {
         format!(
             "trust_domain = \"{td}\"\n{}[tunnel]\nlisten = \"{listen}:15008\"\n\
-             [gateway]\nnetworks = [\"{local}.0/24\"]\n\
-             [[gateway.remote]]\nname = \"other\"\nnetworks = [\"{remote}.0/24\"]\ngateways = [\"{peer}:15008\"]\nserver_id = \"spiffe://{td}/node/{peer_name}\"\n",
-            identity_section(me)
+             [gateway]\nnetworks = [\"{local}.0/24\", \"{local6}:/64\"]\n\
+             [[gateway.remote]]\nname = \"other\"\nnetworks = [\"{remote}.0/24\", \"{remote6}:/64\"]\ngateways = [\"{peer}:15008\"]\nserver_id = \"spiffe://{td}/node/{peer_name}\"\n",
+            identity_section(me),
+            local6 = if local == site_a { &six_a } else { &six_b },
+            remote6 = if remote == site_a { &six_a } else { &six_b },
         )
     };
     let ga_agent = AgentProcess::start_with(
@@ -184,6 +218,17 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
         String::from_utf8_lossy(&out.stderr),
         ga_agent.log(),
         gb_agent.log()
+    );
+    let url6 = format!("http://[{six_b}:2]:8080/canary.txt");
+    let out = a1
+        .command(&["curl", "-g", "-s", "-S", "--max-time", "5", &url6])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        canary,
+        "the same over IPv6: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     // 2. UDP routed to site B is dropped at GA, never forwarded in plaintext.
     let send_udp = format!(

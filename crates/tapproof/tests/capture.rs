@@ -144,6 +144,15 @@ fn metrics(ns: &Netns) -> String {
     ns.exec_ok(&["curl", "-s", "http://127.0.0.1:15000/metrics"])
 }
 
+/// Plaintext attempts `ns`'s agent counts from `source` (a `source="IP"` label) in `mode`.
+fn attempts(ns: &Netns, source: &str, mode: &str) -> f64 {
+    metric_value(
+        &metrics(ns),
+        "tapproof_capture_plaintext_attempts",
+        &[source, &format!("mode=\"{mode}\"")],
+    )
+}
+
 /// The tables nftables holds in `ns`, as `family name`.
 fn tables(ns: &Netns) -> Vec<String> {
     ns.exec_ok(&["nft", "list", "tables"])
@@ -341,13 +350,7 @@ fn capture_and_enforcement_across_three_hosts() {
     wait_until(
         "B to count C's monitored attempt",
         Duration::from_secs(15),
-        || {
-            metric_value(
-                &metrics(&h.b),
-                "tapproof_capture_plaintext_attempts",
-                &[&source, "mode=\"monitor\""],
-            ) > 0.0
-        },
+        || attempts(&h.b, &source, "monitor") > 0.0,
     );
     let (code, out, _) = tapproof(&h.b, &["audit", "--config", &b_toml, "--json"]);
     assert_eq!(code, 1, "monitor attempts are findings: {out}");
@@ -605,13 +608,7 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
         h.b.command(&["curl", "-s", "--max-time", "2", &format!("http://{}:9/", h.a_ip)])
             .output();
     let from_b = format!("source=\"{}\"", h.b_ip);
-    let a_attempts = || {
-        metric_value(
-            &metrics(&h.a),
-            "tapproof_capture_plaintext_attempts",
-            &[&from_b, "mode=\"monitor\""],
-        )
-    };
+    let a_attempts = || attempts(&h.a, &from_b, "monitor");
     wait_until("A to count B's attempt", Duration::from_secs(15), || {
         a_attempts() > 0.0
     });
@@ -682,11 +679,7 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
     assert_ne!(code, 0, "C reached B in plaintext under enforce: {body}");
     let source = format!("source=\"{}\"", h.c_ip);
     wait_until("B to count C's dropped attempt", Duration::from_secs(15), || {
-        metric_value(
-            &metrics(&h.b),
-            "tapproof_capture_plaintext_attempts",
-            &[&source, "mode=\"enforce\""],
-        ) > 0.0
+        attempts(&h.b, &source, "enforce") > 0.0
     });
     assert_eq!(
         curl(&h.a, &url),
@@ -714,13 +707,7 @@ fn capture_from_the_directory_and_modes_from_the_policy() {
     wait_until(
         "B to count C's monitored attempt",
         Duration::from_secs(15),
-        || {
-            metric_value(
-                &metrics(&h.b),
-                "tapproof_capture_plaintext_attempts",
-                &[&source, "mode=\"monitor\""],
-            ) > 0.0
-        },
+        || attempts(&h.b, &source, "monitor") > 0.0,
     );
     let (code, out, _) = tapproof(&h.b, &["audit", "--config", &b_toml, "--json"]);
     assert_eq!(code, 1, "a monitored attempt is a finding: {out}");

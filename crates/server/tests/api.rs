@@ -1595,6 +1595,17 @@ async fn announced_addresses_and_the_policys_capture_modes_reach_the_feed() {
         assert!(v["error"]["message"].as_str().unwrap().contains(says), "{v}");
     }
     assert_eq!(s.store.registrations().await.unwrap()[0].addresses.len(), 2);
+    // A parameter the server does not know is named in the refusal: agents read exactly this
+    // ("unknown field `addresses`") from an older server and go on without announcing.
+    let (status, v) = feed(&db, "bogus=1".into()).await;
+    assert_eq!((status, code(&v)), (400, "bad_query"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `bogus`"),
+        "{v}"
+    );
     // An empty announcement withdraws them.
     let (status, _) = feed(&db, "addresses=".into()).await;
     assert_eq!(status, 200);

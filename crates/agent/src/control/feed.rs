@@ -96,13 +96,21 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
     // None: the first call, answered at once whatever the server's version.
     let mut since: Option<i64> = None;
     let mut retry = RETRY_MIN;
+    // A server older than the `addresses` query parameter refuses it (its query type refuses
+    // unknown fields): then the feed goes on without it, and tries it again an hour later.
+    let mut announce_after: Option<tokio::time::Instant> = None;
     loop {
+        let announce = announce_after.is_none_or(|at| tokio::time::Instant::now() >= at);
         let step = async {
             let client = node_client(&state, &cfg)?.with_attempts(1);
             let announced = crate::capture::announced(&state.applied(), state.advertise.get().copied());
             Ok::<_, ControlError>(
                 client
-                    .state(since, state.advertise.get().copied(), Some(&announced))
+                    .state(
+                        since,
+                        state.advertise.get().copied(),
+                        announce.then_some(&announced),
+                    )
                     .await?,
             )
         };
@@ -139,6 +147,14 @@ pub async fn state_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cancel
                     );
                     since = Some(version);
                 }
+            }
+            Err(ControlError::Refused {
+                code: tapproof_api::ErrorCode::BadQuery,
+                message,
+                ..
+            }) if announce && message.contains("unknown field `addresses`") => {
+                warn!(%message, "state feed: the control plane does not take the addresses of this node's services (an older server?); following the feed without announcing them, and trying again in an hour; other agents' capture.directory does not see them meanwhile");
+                announce_after = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(3600));
             }
             Err(e) => {
                 tracing::debug!(error = %e, retry_in_s = retry.as_secs(), "state feed unavailable");

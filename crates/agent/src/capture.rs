@@ -648,9 +648,10 @@ impl Keeper {
                 self.publish(&want, listed);
                 CHECK_INTERVAL
             }
-            Look::Installed { .. } if self.just_installed => {
-                // Installed twice running without reading back as planned: the kernel's listing
-                // is not what this build expects (another nft version?). Say so; do not spin.
+            Look::Installed { .. } if self.just_installed && self.installed.as_ref() == Some(&want.plan) => {
+                // The same plan installed twice running without reading back as planned: the
+                // kernel's listing is not what this build expects (another nft version?). Say
+                // so; do not spin. (A plan that changed again meanwhile is just installed.)
                 self.failed(
                     &want,
                     "the table was installed but does not read back as planned (nft -j list); check the nft version".into(),

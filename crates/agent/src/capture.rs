@@ -139,6 +139,41 @@ impl Host<'_> {
             ipv6: ipv6_enabled(),
         }
     }
+
+    /// Why `addr` cannot be captured on this host, if it cannot: the one rule for config
+    /// outbounds (at start and on reload) and directory addresses alike.
+    pub fn unfit(&self, addr: SocketAddr) -> Option<Unfit> {
+        let ip = addr.ip();
+        if (self.is_local)(ip) {
+            Some(Unfit::Local)
+        } else if addr.is_ipv6() && !self.ipv6 {
+            Some(Unfit::NoIpv6)
+        } else if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+            Some(Unfit::NotRemote)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why an address cannot be captured here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfit {
+    /// One of this host's addresses: its connections would come back to itself.
+    Local,
+    NoIpv6,
+    /// Loopback, unspecified or multicast: not another host's address.
+    NotRemote,
+}
+
+impl Unfit {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Local => "it is an address of this host: capturing it would send this host's own connections back to itself",
+            Self::NoIpv6 => "it is IPv6 and IPv6 is disabled on this host",
+            Self::NotRemote => "it is not an address of another host",
+        }
+    }
 }
 
 /// The one place that decides what is captured and enforced. `own`: this agent's node identity
@@ -185,14 +220,11 @@ pub fn desired(
             let claimed_by = list.iter().map(|c| format!("{}/{}", c.node, c.service)).collect();
             let why = if list.len() > 1 {
                 Some("two services claim this address: nothing is captured for it until one of them stops announcing it".to_owned())
-            } else if (host.is_local)(addr.ip()) {
-                Some("it is an address of this host: capturing it would send this host's own connections back to itself; the announcing node's addresses are wrong".to_owned())
-            } else if addr.is_ipv6() && !host.ipv6 {
-                Some("it is IPv6 and IPv6 is disabled on this host".to_owned())
-            } else if addr.ip().is_loopback() || addr.ip().is_unspecified() || addr.ip().is_multicast() {
-                Some("it is not an address of another host".to_owned())
             } else {
-                None
+                host.unfit(addr).map(|u| match u {
+                    Unfit::Local => format!("{}; the announcing node's addresses are wrong", u.reason()),
+                    _ => u.reason().to_owned(),
+                })
             };
             match why {
                 Some(reason) => refused.push(RefusedDestination {
@@ -280,7 +312,7 @@ fn ipv6_enabled() -> bool {
 }
 
 /// Whether `ip` is one of this host's addresses (binding to it works only then).
-pub(crate) fn is_local(ip: IpAddr) -> bool {
+fn is_local(ip: IpAddr) -> bool {
     std::net::TcpListener::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
@@ -337,11 +369,13 @@ impl Capture {
         let mut plan = desired(config, None, Some(own), &host).plan;
         for (index, o) in config.outbound.iter().enumerate() {
             let Some(addr) = o.capture else { continue };
-            if addr.is_ipv6() && !host.ipv6 {
-                return Err(CaptureError::NoIpv6 { index, addr });
-            }
-            if is_local(addr.ip()) {
-                return Err(CaptureError::SelfAddress { index, addr });
+            match host.unfit(addr) {
+                Some(Unfit::NoIpv6) => return Err(CaptureError::NoIpv6 { index, addr }),
+                // (config.rs refuses loopback and unspecified addresses before this.)
+                Some(Unfit::Local | Unfit::NotRemote) => {
+                    return Err(CaptureError::SelfAddress { index, addr })
+                }
+                None => {}
             }
         }
         let check = plan.clone();
@@ -544,6 +578,10 @@ enum Look {
     Failed(String),
 }
 
+/// What a pool dials: peers, expected identity, and the service when the peers come from the
+/// directory by name.
+type PoolKey = (Vec<Endpoint>, Option<SpiffeId>, String);
+
 /// The capture task's state: what it installed, the pools of the captured destinations, and
 /// what it last reported (so a log line is written on a change, not every look).
 struct Keeper {
@@ -552,7 +590,7 @@ struct Keeper {
     installed: Option<Plan>,
     /// Pools by what they dial: (peers, expected identity, service when the peers come from the
     /// directory by service name). Destinations on one node share one tunnel.
-    pools: HashMap<(Vec<Endpoint>, Option<SpiffeId>, String), Arc<Pool>>,
+    pools: HashMap<PoolKey, Arc<Pool>>,
     refused: Vec<RefusedDestination>,
     error: Option<String>,
     /// The last look installed the table (the next must read it back as planned).
@@ -696,20 +734,7 @@ impl Keeper {
         let mut pools = HashMap::new();
         for o in routes {
             let Some(addr) = o.capture else { continue };
-            let key = (
-                o.peers.clone(),
-                o.server_id.clone(),
-                if o.peers.is_empty() {
-                    o.service.clone()
-                } else {
-                    String::new()
-                },
-            );
-            let pool = match self.pools.get(&key).or_else(|| pools.get(&key)) {
-                Some(p) => Arc::clone(p),
-                None => Arc::new(Pool::new(o.clone(), self.state.clone())),
-            };
-            pools.insert(key, pool.clone());
+            let pool = self.pool_for(o, &mut pools);
             table.insert(
                 addr,
                 Route {
@@ -724,16 +749,31 @@ impl Keeper {
                 service: format!("gateway {}", site.name),
                 ..crate::gateway::route(site, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0))
             };
-            let key = (o.peers.clone(), o.server_id.clone(), String::new());
-            let pool = match self.pools.get(&key).or_else(|| pools.get(&key)) {
-                Some(p) => Arc::clone(p),
-                None => Arc::new(Pool::new(o, self.state.clone())),
-            };
-            pools.insert(key, pool.clone());
-            sites.insert(site.name.clone(), pool);
+            sites.insert(site.name.clone(), self.pool_for(&o, &mut pools));
         }
         self.pools = pools;
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Table { exact: table, sites };
+    }
+
+    /// The pool that dials what `o` dials (its peers and expected identity, and its service when
+    /// the peers come from the directory by name): one already in use, or a new one; recorded in
+    /// `pools`.
+    fn pool_for(&self, o: &OutboundConfig, pools: &mut HashMap<PoolKey, Arc<Pool>>) -> Arc<Pool> {
+        let key = (
+            o.peers.clone(),
+            o.server_id.clone(),
+            if o.peers.is_empty() {
+                o.service.clone()
+            } else {
+                String::new()
+            },
+        );
+        let pool = match self.pools.get(&key).or_else(|| pools.get(&key)) {
+            Some(p) => Arc::clone(p),
+            None => Arc::new(Pool::new(o.clone(), self.state.clone())),
+        };
+        pools.insert(key, pool.clone());
+        pool
     }
 
     fn report_refused(&mut self, refused: &[RefusedDestination]) {

@@ -50,13 +50,6 @@ fn capture_changes(
     applied: &mut AgentConfig,
     problems: &mut Vec<String>,
 ) -> Vec<crate::config::OutboundConfig> {
-    let captures = |c: &AgentConfig| -> Vec<crate::config::OutboundConfig> {
-        c.outbound
-            .iter()
-            .filter(|o| o.capture.is_some())
-            .cloned()
-            .collect()
-    };
     if !started.uses_capture() {
         if new.uses_capture() {
             problems.push("capture turned on ([capture] or a capture outbound) in an agent that started without it: it starts at the next restart (the kernel check and the capture listener run at start)".into());
@@ -70,15 +63,15 @@ fn capture_changes(
         applied.capture.port = started.capture.port;
         applied.capture.mark = started.capture.mark;
     }
+    let host = crate::capture::Host::this();
     let mut kept = Vec::new();
-    for o in captures(new) {
-        match o.capture {
-            Some(addr) if crate::capture::is_local(addr.ip()) => {
-                problems.push(format!(
-                    "a capture outbound names {addr}, an address of this host: not captured"
-                ));
-            }
-            _ => kept.push(o),
+    for o in new.outbound.iter().filter(|o| o.capture.is_some()) {
+        match o.capture.and_then(|addr| Some((addr, host.unfit(addr)?))) {
+            Some((addr, unfit)) => problems.push(format!(
+                "a capture outbound names {addr}: not captured, {}",
+                unfit.reason()
+            )),
+            None => kept.push(o.clone()),
         }
     }
     kept

@@ -326,14 +326,17 @@ pub fn update_captured(plan: &Plan) -> Result<(), NftError> {
             );
         }
     }
-    let doc = json!({"nftables": cmds}).to_string();
-    run(&["-j", "-f", "-"], Some(doc.as_bytes())).map(drop)
+    apply(&json!({"nftables": cmds}))
 }
 
 /// Applies `plan`'s table in one transaction.
 pub fn install(plan: &Plan) -> Result<(), NftError> {
-    let doc = ruleset(plan).to_string();
-    run(&["-j", "-f", "-"], Some(doc.as_bytes())).map(drop)
+    apply(&ruleset(plan))
+}
+
+/// Commits `doc` (a libnftables-json document) as one transaction.
+fn apply(doc: &Value) -> Result<(), NftError> {
+    run(&["-j", "-f", "-"], Some(doc.to_string().as_bytes())).map(drop)
 }
 
 /// Asks the kernel whether `doc` would apply, committing nothing (`nft --check`).
@@ -393,9 +396,8 @@ pub fn check_kernel(plan: &Plan) -> Result<(), String> {
 
 /// Deletes the table; `Ok(false)` when there was none.
 pub fn remove() -> Result<bool, NftError> {
-    let doc = json!({"nftables": [{"delete": {"table": table()}}]}).to_string();
-    match run(&["-j", "-f", "-"], Some(doc.as_bytes())) {
-        Ok(_) => Ok(true),
+    match apply(&json!({"nftables": [{"delete": {"table": table()}}]})) {
+        Ok(()) => Ok(true),
         Err(NftError::Refused(said)) if said.contains("No such file or directory") => Ok(false),
         Err(e) => Err(e),
     }

@@ -25,6 +25,10 @@ pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 16_384;
 pub const DEFAULT_MAX_CONNECTS_PER_SERVICE: usize = 256;
 pub const DEFAULT_MAX_HEADER_LIST: u32 = 16 * 1024;
 pub const DEFAULT_MAX_PENDING_RESETS: usize = 20;
+/// A tunnel's sending keys are replaced (TLS 1.3 KeyUpdate) after this much payload...
+pub const DEFAULT_KEY_UPDATE_BYTES: u64 = 1 << 30;
+/// ...or after this long, whichever comes first.
+pub const DEFAULT_KEY_UPDATE_INTERVAL: Duration = Duration::from_secs(3600);
 /// HTTP/2 flow-control windows. Data a stream's backend has not taken yet holds its stream's
 /// window and the same bytes of the tunnel's, so the tunnel stalls for every stream once
 /// connection_window / stream_window streams have backends that stopped reading (issue 11: at
@@ -208,6 +212,22 @@ pub struct TunnelConfig {
     /// beyond it the tunnel gets GOAWAY (a protocol abuse by that peer).
     #[serde(default = "default_max_pending_resets")]
     pub max_pending_accept_resets: usize,
+    /// Bytes a tunnel sends under one traffic key before it updates it (TLS 1.3 KeyUpdate,
+    /// asking the peer to update its own).
+    #[serde(default = "default_key_update_bytes")]
+    pub key_update_bytes: u64,
+    /// The longest a tunnel sends under one traffic key; the update goes with the next write.
+    #[serde(default = "default_key_update_interval", deserialize_with = "de_duration")]
+    pub key_update_interval: Duration,
+}
+
+impl TunnelConfig {
+    pub fn key_schedule(&self) -> tapproof_tls::KeySchedule {
+        tapproof_tls::KeySchedule {
+            bytes: self.key_update_bytes,
+            interval: self.key_update_interval,
+        }
+    }
 }
 
 impl Default for TunnelConfig {
@@ -230,6 +250,8 @@ impl Default for TunnelConfig {
             max_connects_per_service: DEFAULT_MAX_CONNECTS_PER_SERVICE,
             max_header_list_size: DEFAULT_MAX_HEADER_LIST,
             max_pending_accept_resets: DEFAULT_MAX_PENDING_RESETS,
+            key_update_bytes: DEFAULT_KEY_UPDATE_BYTES,
+            key_update_interval: DEFAULT_KEY_UPDATE_INTERVAL,
         }
     }
 }
@@ -506,6 +528,12 @@ fn default_max_header_list() -> u32 {
 fn default_max_pending_resets() -> usize {
     DEFAULT_MAX_PENDING_RESETS
 }
+fn default_key_update_bytes() -> u64 {
+    DEFAULT_KEY_UPDATE_BYTES
+}
+fn default_key_update_interval() -> Duration {
+    DEFAULT_KEY_UPDATE_INTERVAL
+}
 
 fn de_from_str<'de, D, T>(d: D) -> Result<T, D::Error>
 where
@@ -693,6 +721,18 @@ impl AgentConfig {
                     "must be between 65535 and 2147483647 (HTTP/2 limits)".into(),
                 ));
             }
+        }
+        if t.key_update_bytes < 16_384 {
+            return Err(invalid(
+                "tunnel.key_update_bytes".into(),
+                "must be at least 16384 (one TLS record)".into(),
+            ));
+        }
+        if t.key_update_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "tunnel.key_update_interval".into(),
+                "must be at least 1s".into(),
+            ));
         }
         if t.max_concurrent_streams == 0 {
             return Err(invalid(

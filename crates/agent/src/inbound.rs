@@ -13,7 +13,7 @@ use http::{Method, Request, Response, StatusCode};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tapproof_identity::SpiffeId;
-use tapproof_tls::{accept, failure_reason, server_session};
+use tapproof_tls::{accept, failure_reason, server_session, Rekeying};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -116,6 +116,11 @@ async fn connection(
 
     // The handshake's place (and its fd from the budget) goes back: the tunnel is established.
     drop(handshaking);
+    let stream = Rekeying::new(
+        stream,
+        tunnel_cfg.key_schedule(),
+        metrics.key_update_counter(Side::Inbound),
+    );
     serve_tunnel(stream, peer, peer_id, &session, &state, &shutdown, &tracker).await;
 }
 

@@ -119,6 +119,7 @@ pub struct Metrics {
     pub handshakes: Family<SideLabel, Counter>,
     pub handshake_failures: Family<FailureLabels, Counter>,
     pub tunnel_errors: Family<FailureLabels, Counter>,
+    pub key_updates: Family<FailureLabels, Counter>,
     pub policy_denials: Family<DenialLabels, Counter>,
     pub limit_refusals: Family<LimitLabels, Counter>,
     pub cert_expiry_seconds: Gauge,
@@ -236,6 +237,7 @@ impl Metrics {
             handshakes: Family::default(),
             handshake_failures: Family::default(),
             tunnel_errors: Family::default(),
+            key_updates: Family::default(),
             policy_denials: Family::default(),
             limit_refusals: Family::default(),
             cert_expiry_seconds: Gauge::default(),
@@ -274,6 +276,11 @@ impl Metrics {
             "tunnel_errors",
             "Tunnels closed by a protocol error after the handshake",
             m.tunnel_errors.clone(),
+        );
+        registry.register(
+            "tunnel_key_updates",
+            "TLS 1.3 KeyUpdates this agent sent on its tunnels ([tunnel] key_update_bytes / key_update_interval), by side and by what made it due (bytes, time)",
+            m.key_updates.clone(),
         );
         registry.register(
             "policy_denials",
@@ -426,6 +433,20 @@ impl Metrics {
     }
 
     /// A completed handshake: counted and its time observed.
+    /// Counts the key updates one tunnel sends; the callback its [`tapproof_tls::Rekeying`]
+    /// calls.
+    pub fn key_update_counter(&self, side: Side) -> tapproof_tls::OnKeyUpdate {
+        let family = self.key_updates.clone();
+        Box::new(move |why| {
+            family
+                .get_or_create(&FailureLabels {
+                    side,
+                    reason: why.as_str(),
+                })
+                .inc();
+        })
+    }
+
     pub fn handshake_done(&self, side: Side, took: Duration) {
         self.handshakes.get_or_create(&SideLabel { side }).inc();
         self.handshake_duration

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tapproof_identity::SpiffeId;
-use tapproof_tls::{client_session, connect, failure_reason, ClientTls};
+use tapproof_tls::{client_session, connect, failure_reason, ClientTls, Rekeying};
 use tokio::sync::Mutex;
 use tokio::time::{timeout, Instant};
 use tracing::{info, warn};
@@ -270,6 +270,11 @@ impl Pool {
             .max_send_buffer_size(4 * cfg.max_frame_size as usize)
             .max_header_list_size(cfg.max_header_list_size)
             .enable_push(false);
+        let stream = Rekeying::new(
+            stream,
+            cfg.key_schedule(),
+            metrics.key_update_counter(Side::Outbound),
+        );
         let (sender, connection) =
             match timeout(cfg.handshake_timeout, builder.handshake::<_, Bytes>(stream)).await {
                 Ok(Ok(pair)) => pair,

@@ -94,6 +94,37 @@ fn hundred_mib_both_ways_with_checksum() {
     assert_eq!(received as usize, payload.len());
 }
 
+/// With `key_update_bytes` at 1 MiB, one tunnel carries 32 MiB each way under some thirty
+/// successive keys per direction: the echo comes back intact, each agent counts the KeyUpdates
+/// it sent, and no second tunnel was needed.
+#[test]
+fn key_updates_by_bytes_on_one_tunnel_keep_a_checksummed_transfer_intact() {
+    let limit = "key_update_bytes = 1048576";
+    let pair = Pair::start_with(EXE, limit, limit);
+    let payload = random_bytes(32 * 1024 * 1024);
+    let back = round_trip(pair.app_addr(), &payload).unwrap();
+    assert_eq!(sha256(&back), sha256(&payload), "echoed bytes differ");
+    for (agent, side) in [(&pair.web, "outbound"), (&pair.db, "inbound")] {
+        let side = format!("side=\"{side}\"");
+        let sent = agent.metric("tapproof_tunnel_key_updates_total", &[&side, "reason=\"bytes\""]);
+        assert!(
+            (28.0..=40.0).contains(&sent),
+            "{}: {sent} key updates for 32 MiB at 1 MiB each",
+            agent.name
+        );
+        assert_eq!(
+            agent.metric("tapproof_tunnels_total", &[&side]),
+            1.0,
+            "{}",
+            agent.name
+        );
+        assert_eq!(
+            agent.metric("tapproof_tunnel_key_updates_total", &[&side, "reason=\"time\""]),
+            0.0
+        );
+    }
+}
+
 /// The app closes its write side first: the service still sees EOF, and its answer still comes back.
 #[test]
 fn half_close_from_the_client_is_carried_through() {

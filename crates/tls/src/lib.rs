@@ -1,6 +1,6 @@
 //! TLS for tapproof, and the only crate that names rustls: TLS 1.3-only configurations with the
 //! aws-lc-rs provider (X25519MLKEM768 preferred), SPIFFE peer verification, identity files loaded
-//! and hot-swapped from disk, handshake failures sorted into stable reasons for metrics, and the
+//! and hot-swapped from disk, traffic keys updated on a schedule, handshake failures sorted into stable reasons for metrics, and the
 //! audit's TLS probe (the one place that offers every version and trusts nothing).
 
 pub mod admission;
@@ -11,6 +11,7 @@ mod federation;
 mod material;
 pub mod probe;
 mod provider;
+mod rekey;
 mod session;
 mod verify;
 
@@ -22,6 +23,7 @@ pub use material::{
     write_identity_file, ExportError, ExportedSvid, IdentityFiles, Material, MaterialError, ReloadingMaterial,
 };
 pub use provider::{crypto_provider, KxPolicy, POST_QUANTUM_GROUP};
+pub use rekey::{KeySchedule, KeyUpdateReason, OnKeyUpdate, RefreshKeys, Rekeying};
 pub use session::{client_session, server_session, SessionInfo};
 pub use verify::SpiffeCheckError;
 

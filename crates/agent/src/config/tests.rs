@@ -356,3 +356,24 @@ server_id = "spiffe://example.org/node/b"
         assert!(e.contains(want), "want {want:?} in {e}");
     }
 }
+
+#[test]
+fn key_update_schedule_has_defaults_and_floors() {
+    let c = parse(EXAMPLE).unwrap();
+    assert_eq!(c.tunnel.key_update_bytes, DEFAULT_KEY_UPDATE_BYTES);
+    assert_eq!(c.tunnel.key_update_interval, DEFAULT_KEY_UPDATE_INTERVAL);
+    let set = |lines: &str| EXAMPLE.replace("require_post_quantum = false", lines);
+    let c = parse(&set("key_update_bytes = 1048576\nkey_update_interval = \"10m\"")).unwrap();
+    assert_eq!(c.tunnel.key_update_bytes, 1 << 20);
+    assert_eq!(c.tunnel.key_update_interval, Duration::from_secs(600));
+    let e = err(&set("key_update_bytes = 100"));
+    assert!(
+        e.contains("tunnel.key_update_bytes") && e.contains("16384"),
+        "{e}"
+    );
+    let e = err(&set("key_update_interval = \"10ms\""));
+    assert!(
+        e.contains("tunnel.key_update_interval") && e.contains("1s"),
+        "{e}"
+    );
+}

@@ -28,6 +28,10 @@ pub const DEFAULT_MAX_PENDING_RESETS: usize = 20;
 /// A tunnel's sending keys are replaced (TLS 1.3 KeyUpdate) after this much payload...
 pub const DEFAULT_KEY_UPDATE_BYTES: u64 = 1 << 30;
 /// ...or after this long, whichever comes first.
+/// An opened tunnel PINGs its peer this often...
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(2);
+/// ...and drops the tunnel when an answer takes longer than this.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_KEY_UPDATE_INTERVAL: Duration = Duration::from_secs(3600);
 /// HTTP/2 flow-control windows. Data a stream's backend has not taken yet holds its stream's
 /// window and the same bytes of the tunnel's, so the tunnel stalls for every stream once
@@ -219,6 +223,12 @@ pub struct TunnelConfig {
     /// The longest a tunnel sends under one traffic key; the update goes with the next write.
     #[serde(default = "default_key_update_interval", deserialize_with = "de_duration")]
     pub key_update_interval: Duration,
+    /// How often a tunnel this agent opened PINGs the peer (HTTP/2 PING).
+    #[serde(default = "default_ping_interval", deserialize_with = "de_duration")]
+    pub ping_interval: Duration,
+    /// A PING unanswered this long drops the tunnel: new streams go to the next peer.
+    #[serde(default = "default_ping_timeout", deserialize_with = "de_duration")]
+    pub ping_timeout: Duration,
 }
 
 impl TunnelConfig {
@@ -252,6 +262,8 @@ impl Default for TunnelConfig {
             max_pending_accept_resets: DEFAULT_MAX_PENDING_RESETS,
             key_update_bytes: DEFAULT_KEY_UPDATE_BYTES,
             key_update_interval: DEFAULT_KEY_UPDATE_INTERVAL,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            ping_timeout: DEFAULT_PING_TIMEOUT,
         }
     }
 }
@@ -534,6 +546,12 @@ fn default_key_update_bytes() -> u64 {
 fn default_key_update_interval() -> Duration {
     DEFAULT_KEY_UPDATE_INTERVAL
 }
+fn default_ping_interval() -> Duration {
+    DEFAULT_PING_INTERVAL
+}
+fn default_ping_timeout() -> Duration {
+    DEFAULT_PING_TIMEOUT
+}
 
 fn de_from_str<'de, D, T>(d: D) -> Result<T, D::Error>
 where
@@ -733,6 +751,14 @@ impl AgentConfig {
                 "tunnel.key_update_interval".into(),
                 "must be at least 1s".into(),
             ));
+        }
+        for (key, v) in [
+            ("tunnel.ping_interval", t.ping_interval),
+            ("tunnel.ping_timeout", t.ping_timeout),
+        ] {
+            if v < Duration::from_millis(100) {
+                return Err(invalid(key.into(), "must be at least 100ms".into()));
+            }
         }
         if t.max_concurrent_streams == 0 {
             return Err(invalid(

@@ -61,6 +61,8 @@ pub struct Tunnel {
     pub sender: SendRequest<Bytes>,
     pub stats: Arc<TunnelStats>,
     alive: Arc<AtomicBool>,
+    /// Dropped because the peer stopped answering PINGs: the next dial starts with another peer.
+    unanswered: Arc<AtomicBool>,
     /// When the first of the two certificates this tunnel was authenticated with expires (Unix
     /// seconds). No new streams go on it after that: the next app connection dials afresh, with
     /// the rotated certificates, while open streams finish on the old connection.
@@ -146,6 +148,18 @@ impl Pool {
             return Err(PoolError::NoPeer {
                 service: self.outbound().service.clone(),
             });
+        }
+        let peers_count = peers.len();
+        let gone_silent = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|t| t.unanswered.load(Ordering::Acquire));
+        if gone_silent {
+            // That peer's host or link is likely down: a connect to it would only time out.
+            inner.next_peer = (inner.next_peer + 1) % peers_count;
+            self.current.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
         let generation = self.state.material.generation();
         let mut last = DialError::ConnectTimeout;
@@ -275,7 +289,7 @@ impl Pool {
             cfg.key_schedule(),
             metrics.key_update_counter(Side::Outbound),
         );
-        let (sender, connection) =
+        let (sender, mut connection) =
             match timeout(cfg.handshake_timeout, builder.handshake::<_, Bytes>(stream)).await {
                 Ok(Ok(pair)) => pair,
                 Ok(Err(e)) => return Err(DialError::Http2(e)),
@@ -288,19 +302,32 @@ impl Pool {
         let alive = Arc::new(AtomicBool::new(true));
         let ours = self.state.material.current().svid().not_after;
         let expires_at = session.peer_not_after.map_or(ours, |theirs| theirs.min(ours));
+        let unanswered = Arc::new(AtomicBool::new(false));
         let tunnel = Tunnel {
             sender,
             stats: guard.stats.clone(),
             alive: alive.clone(),
+            unanswered: unanswered.clone(),
             expires_at,
         };
         let service = self.outbound().service.clone();
         let close = tunnel.stats.close.clone();
+        let pings = connection.ping_pong();
+        let (interval, wait) = (cfg.ping_interval, cfg.ping_timeout);
+        let state = self.state.clone();
         tokio::spawn(async move {
             let result = tokio::select! {
                 r = connection => r,
                 // Revoked peer: drop the connection (and every stream on it) at once.
                 _ = close.cancelled() => Ok(()),
+                // A peer that stopped answering (host gone, link cut): no FIN or RST will come
+                // for minutes; drop the tunnel now so new streams go to a peer that answers.
+                () = liveness(pings, interval, wait) => {
+                    unanswered.store(true, Ordering::Release);
+                    state.metrics.tunnel_errors.get_or_create(&crate::metrics::FailureLabels { side: Side::Outbound, reason: "ping_timeout" }).inc();
+                    warn!(service = %service, %peer, timeout = ?wait, "outbound: peer did not answer a PING in time; tunnel dropped, its streams reset");
+                    Ok(())
+                }
             };
             alive.store(false, Ordering::Release);
             drop(guard);
@@ -311,5 +338,22 @@ impl Pool {
             }
         });
         Ok(tunnel)
+    }
+}
+
+/// Returns once the peer leaves a PING unanswered for `wait`; one PING every `interval`. Never
+/// returns when the connection gave no ping handle (it always does once).
+async fn liveness(pings: Option<h2::PingPong>, interval: Duration, wait: Duration) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match timeout(wait, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            // The connection ended: its own branch reports why.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
     }
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what the tests need when it is missing and we are root
-# (iproute2, tcpdump and nftables for the network-namespace and fault tests; chromium and chromedriver for the
+# (iproute2, tcpdump, nftables, dig and dnsmasq for the network-namespace and fault tests; chromium and chromedriver for the
 # dashboard's browser test; promtool for the metrics format; a local PostgreSQL server for the store's conformance suite;
 # a Python venv with py-spiffe and schemathesis), then
 # runs every test in the workspace. Without root those tests say they were skipped; under CI=true
@@ -16,6 +16,9 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# dig and dnsmasq: a real DNS query through the site gateways (tests/gateway.rs).
+command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)
+command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 # promtool (package prometheus, without the recommended exporters) checks both roles' /metrics.

@@ -21,6 +21,7 @@
 //! `tapproof capture remove` does.
 
 pub mod nft;
+pub mod route;
 
 use crate::config::{AgentConfig, OutboundConfig};
 use crate::endpoint::Endpoint;
@@ -58,9 +59,11 @@ pub struct Plan {
 pub struct GatewayPlan {
     /// The local networks, whose routed TCP to `remote` is captured.
     pub local: Vec<String>,
-    /// Every remote site's networks: routed traffic to them is captured (TCP from `local`) or
-    /// dropped (everything else).
+    /// Every remote site's networks: routed traffic to them is captured (TCP and UDP from
+    /// `local`) or dropped (everything else).
     pub remote: Vec<String>,
+    /// The mark routed UDP gets with TPROXY (`gateway.udp_mark`).
+    pub udp_mark: u32,
 }
 
 impl GatewayPlan {
@@ -74,6 +77,7 @@ impl GatewayPlan {
         Self {
             local: text(&mut g.networks.iter()),
             remote: text(&mut g.remote.iter().flat_map(|s| s.networks.iter())),
+            udp_mark: g.udp_mark,
         }
     }
 }
@@ -352,6 +356,8 @@ pub struct Capture {
     /// The rules this process installed at start (`None`: dormant until the policy asks).
     installed: Option<Plan>,
     listeners: Vec<TcpListener>,
+    /// A gateway's sockets for routed UDP (`udp.rs`).
+    udp: Vec<tokio::net::UdpSocket>,
     routes: Routes,
 }
 
@@ -410,6 +416,22 @@ impl Capture {
             crate::socket::nodelay_inherited(&listener);
             listeners.push(listener);
         }
+        let mut udp = Vec::new();
+        if let Some(g) = &config.gateway {
+            udp = crate::udp::bind_routed(plan.port, host.ipv6).map_err(|error| CaptureError::Bind {
+                addr: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), plan.port),
+                error,
+            })?;
+            let (mark, table, ipv6) = (g.udp_mark, g.udp_route_table, host.ipv6);
+            tokio::task::spawn_blocking(move || route::ensure(mark, table, ipv6))
+                .await
+                .map_err(|e| CaptureError::Kernel(e.to_string()))?
+                .map_err(|e| {
+                    CaptureError::Kernel(format!(
+                        "the gateway's UDP policy route (gateway.udp_mark, gateway.udp_route_table): {e}"
+                    ))
+                })?;
+        }
         let install = plan.clone();
         tokio::task::spawn_blocking(move || nft::install(&install))
             .await
@@ -424,6 +446,7 @@ impl Capture {
         Ok(Self {
             installed: Some(plan),
             listeners,
+            udp,
             routes: Default::default(),
         })
     }
@@ -435,6 +458,7 @@ impl Capture {
         Self {
             installed: None,
             listeners: Vec::new(),
+            udp: Vec::new(),
             routes: Default::default(),
         }
     }
@@ -461,6 +485,21 @@ impl Capture {
                 state.clone(),
                 shutdown.clone(),
                 tracker.clone(),
+            )));
+        }
+        if !self.udp.is_empty() {
+            let (routes, on) = (self.routes.clone(), state.clone());
+            let site_of: crate::udp::SiteOf = Arc::new(move |destination| {
+                let config = on.applied();
+                let site = crate::gateway::site_for(config.gateway.as_ref()?, destination.ip())?;
+                let table = routes.read().unwrap_or_else(|p| p.into_inner());
+                table.sites.get(&site.name).cloned()
+            });
+            tasks.push(tokio::spawn(crate::udp::serve_routed(
+                self.udp,
+                site_of,
+                state.clone(),
+                shutdown.clone(),
             )));
         }
         tokio::spawn(
@@ -834,6 +873,7 @@ impl Keeper {
         m.capture_dropped_packets.set(listed.dropped_packets as i64);
         m.gateway_routed.set(listed.routed_connections as i64);
         m.gateway_dropped.set(listed.routed_dropped as i64);
+        m.gateway_datagrams.set(listed.routed_datagrams as i64);
         m.capture_attempts.clear();
         for a in &listed.attempts {
             m.capture_attempts

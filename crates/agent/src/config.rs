@@ -311,6 +311,29 @@ pub struct GatewayConfig {
     pub networks: Vec<tapproof_audit::allow::Network>,
     #[serde(default)]
     pub remote: Vec<RemoteSite>,
+    /// A UDP flow (one source address and port to one destination) ends after this long
+    /// without a datagram either way.
+    #[serde(default = "default_udp_idle_timeout", deserialize_with = "de_duration")]
+    pub udp_idle_timeout: Duration,
+    /// The packet mark the rules give routed UDP they hand to the agent (TPROXY), and the
+    /// routing table that delivers packets with that mark locally (`ip rule fwmark .. lookup ..`).
+    #[serde(default = "default_udp_mark")]
+    pub udp_mark: u32,
+    #[serde(default = "default_udp_route_table")]
+    pub udp_route_table: u32,
+}
+
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_UDP_MARK: u32 = 0x7470_0002;
+pub const DEFAULT_UDP_ROUTE_TABLE: u32 = 15006;
+fn default_udp_idle_timeout() -> Duration {
+    DEFAULT_UDP_IDLE_TIMEOUT
+}
+fn default_udp_mark() -> u32 {
+    DEFAULT_UDP_MARK
+}
+fn default_udp_route_table() -> u32 {
+    DEFAULT_UDP_ROUTE_TABLE
 }
 
 /// `[[gateway.remote]]`: another site, reached through its gateways.
@@ -987,6 +1010,22 @@ impl AgentConfig {
                 "gateway.remote".into(),
                 "is empty: add a [[gateway.remote]] site to reach".into(),
             ));
+        }
+        if g.udp_mark == 0 || g.udp_mark == self.capture.mark {
+            return Err((
+                "gateway.udp_mark".into(),
+                format!("must be non-zero and differ from capture.mark ({:#x}): packets with this mark are routed to this host", self.capture.mark),
+            ));
+        }
+        // 0 is unspecified; 253-255 are the kernel's default, main and local tables.
+        if g.udp_route_table == 0 || (253..=255).contains(&g.udp_route_table) {
+            return Err((
+                "gateway.udp_route_table".into(),
+                "must not be 0, 253 (default), 254 (main) or 255 (local): the gateway owns this table".into(),
+            ));
+        }
+        if g.udp_idle_timeout < Duration::from_secs(1) {
+            return Err(("gateway.udp_idle_timeout".into(), "must be at least 1s".into()));
         }
         let mut names = HashSet::new();
         for (i, site) in g.remote.iter().enumerate() {

@@ -148,7 +148,9 @@ pub(crate) async fn serve_tunnel<IO>(
         .max_concurrent_streams(tunnel_cfg.max_concurrent_streams)
         .max_header_list_size(tunnel_cfg.max_header_list_size)
         .max_pending_accept_reset_streams(tunnel_cfg.max_pending_accept_resets)
-        .max_send_buffer_size(4 * tunnel_cfg.max_frame_size as usize);
+        .max_send_buffer_size(4 * tunnel_cfg.max_frame_size as usize)
+        // Extended CONNECT (RFC 8441) for CONNECT-UDP streams (`udp.rs`).
+        .enable_connect_protocol();
     let mut conn = match timeout(
         tunnel_cfg.handshake_timeout,
         builder.handshake::<_, Bytes>(stream),
@@ -250,6 +252,15 @@ async fn serve_stream(
         metrics.stream_failed(Side::Inbound, "not_connect");
         warn!(peer_id = %peer_id, method = %request.method(), "stream refused: only CONNECT is served");
         return refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    // Extended CONNECT: only CONNECT-UDP, which only a gateway serves (`udp.rs`).
+    if let Some(protocol) = request.extensions().get::<h2::ext::Protocol>() {
+        if protocol.as_str() != crate::udp::PROTOCOL {
+            metrics.stream_failed(Side::Inbound, "unknown_protocol");
+            warn!(peer_id = %peer_id, protocol = protocol.as_str(), "stream refused: the only extended CONNECT protocol served is connect-udp");
+            return refuse(&mut respond, StatusCode::NOT_IMPLEMENTED);
+        }
+        return crate::udp::serve_stream(request, respond, peer_id, state, tunnel).await;
     }
     let service = request
         .uri()

@@ -25,6 +25,7 @@ mod pool;
 mod reload;
 mod socket;
 mod state;
+pub mod udp;
 pub mod vouch;
 pub mod workload;
 

@@ -84,6 +84,27 @@ pub const UNKNOWN_SERVICE: &str = "(unknown)";
 pub const GATEWAY_SERVICE: &str = "(gateway)";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowResultLabels {
+    pub side: Side,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatagramLabels {
+    pub side: Side,
+    pub flow: Flow,
+}
+
+/// Holds one place in `tapproof_udp_flows_open` while it lives.
+pub struct OpenFlow(Gauge);
+
+impl Drop for OpenFlow {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DenialLabels {
     pub service: String,
     pub reason: &'static str,
@@ -120,6 +141,10 @@ pub struct Metrics {
     pub handshake_failures: Family<FailureLabels, Counter>,
     pub tunnel_errors: Family<FailureLabels, Counter>,
     pub key_updates: Family<FailureLabels, Counter>,
+    pub udp_flows: Family<FlowResultLabels, Counter>,
+    pub udp_flows_open: Family<SideLabel, Gauge>,
+    pub udp_datagrams: Family<DatagramLabels, Counter>,
+    pub udp_dropped: Family<FailureLabels, Counter>,
     pub policy_denials: Family<DenialLabels, Counter>,
     pub limit_refusals: Family<LimitLabels, Counter>,
     pub cert_expiry_seconds: Gauge,
@@ -147,6 +172,7 @@ pub struct Metrics {
     pub capture_destinations: Gauge,
     pub gateway_routed: Gauge,
     pub gateway_dropped: Gauge,
+    pub gateway_datagrams: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -228,6 +254,7 @@ impl Metrics {
             capture_destinations: Gauge::default(),
             gateway_routed: Gauge::default(),
             gateway_dropped: Gauge::default(),
+            gateway_datagrams: Gauge::default(),
             tunnels: Family::default(),
             tunnels_open: Family::default(),
             streams: Family::default(),
@@ -238,6 +265,10 @@ impl Metrics {
             handshake_failures: Family::default(),
             tunnel_errors: Family::default(),
             key_updates: Family::default(),
+            udp_flows: Family::default(),
+            udp_flows_open: Family::default(),
+            udp_datagrams: Family::default(),
+            udp_dropped: Family::default(),
             policy_denials: Family::default(),
             limit_refusals: Family::default(),
             cert_expiry_seconds: Gauge::default(),
@@ -281,6 +312,22 @@ impl Metrics {
             "tunnel_key_updates",
             "TLS 1.3 KeyUpdates this agent sent on its tunnels ([tunnel] key_update_bytes / key_update_interval), by side and by what made it due (bytes, time)",
             m.key_updates.clone(),
+        );
+        registry.register(
+            "udp_flows",
+            "UDP flows (CONNECT-UDP streams) by side and result: opened, or why not (no_route, limit, no_tunnel, refused_by_peer, denied, bad_request, unreachable, failed)",
+            m.udp_flows.clone(),
+        );
+        registry.register("udp_flows_open", "UDP flows open now", m.udp_flows_open.clone());
+        registry.register(
+            "udp_datagrams",
+            "UDP datagrams carried, by side and flow",
+            m.udp_datagrams.clone(),
+        );
+        registry.register(
+            "udp_dropped_datagrams",
+            "UDP datagrams dropped, by side and reason (queue_full: the flow's queue towards the tunnel was full; flow_limit; no_route; send_failed: the local socket could not take it)",
+            m.udp_dropped.clone(),
         );
         registry.register(
             "policy_denials",
@@ -420,8 +467,13 @@ impl Metrics {
         );
         registry.register(
             "gateway_dropped_packets",
-            "Routed packets to a remote site's networks that the gateway dropped (not TCP from a local network: other protocols, other sources) since the rules were installed (nftables counter)",
+            "Routed packets to a remote site's networks that the gateway dropped (not TCP or UDP from a local network: other protocols, other sources) since the rules were installed (nftables counter)",
             m.gateway_dropped.clone(),
+        );
+        registry.register(
+            "gateway_routed_datagrams",
+            "Routed UDP datagrams from the local networks to a remote site that the gateway rules handed to the agent (TPROXY) since they were installed (nftables counter)",
+            m.gateway_datagrams.clone(),
         );
         tapproof_metrics::register_build_info(registry, "agent");
         Self { registry: root, ..m }
@@ -491,6 +543,30 @@ impl Metrics {
 
     pub fn stream_failed(&self, side: Side, reason: &'static str) {
         self.stream_failures
+            .get_or_create(&FailureLabels { side, reason })
+            .inc();
+    }
+
+    pub fn udp_flow(&self, side: Side, result: &'static str) {
+        self.udp_flows
+            .get_or_create(&FlowResultLabels { side, result })
+            .inc();
+    }
+
+    pub fn udp_flow_open(&self, side: Side) -> OpenFlow {
+        let gauge = self.udp_flows_open.get_or_create(&SideLabel { side }).clone();
+        gauge.inc();
+        OpenFlow(gauge)
+    }
+
+    pub fn udp_datagram(&self, side: Side, flow: Flow) {
+        self.udp_datagrams
+            .get_or_create(&DatagramLabels { side, flow })
+            .inc();
+    }
+
+    pub fn udp_dropped(&self, side: Side, reason: &'static str) {
+        self.udp_dropped
             .get_or_create(&FailureLabels { side, reason })
             .inc();
     }

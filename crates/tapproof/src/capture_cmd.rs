@@ -147,6 +147,21 @@ async fn remove(
         }
     };
     let removed = tokio::task::spawn_blocking(nft::remove).await??;
+    // A gateway's UDP capture also has a policy route (`capture/route.rs`).
+    if let Some(g) = &before.gateway {
+        let table = config
+            .as_ref()
+            .and_then(|c| c.gateway.as_ref())
+            .map_or(tapproof_agent::config::DEFAULT_UDP_ROUTE_TABLE, |g| {
+                g.udp_route_table
+            });
+        let (mark, ipv6) = (g.udp_mark, std::path::Path::new("/proc/net/if_inet6").exists());
+        if mark != 0 {
+            tokio::task::spawn_blocking(move || tapproof_agent::capture::route::remove(mark, table, ipv6))
+                .await?
+                .map_err(|e| anyhow::anyhow!("removing the gateway's UDP policy route: {e}"))?;
+        }
+    }
     if removed {
         let inbound = inbound.as_str();
         tracing::warn!(by = %who, %reason, captured, inbound, recorded = %recorded,

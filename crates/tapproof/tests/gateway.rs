@@ -1,12 +1,13 @@
 //! Site gateways across an interconnect, with real nftables in five namespaces: host A1 (no
 //! agent) -- gateway GA == interconnect == gateway GB -- host B1 (no agent). A1 routes site B's
-//! network via GA and needs nothing else: a plain `curl` to B1's real address is carried GA -> GB
-//! through the tunnel and opened to B1 by GB, over IPv4 and IPv6; the interconnect carries only
-//! TLS between the gateways and never the canary; UDP routed to site B is dropped at GA, not
-//! forwarded in plaintext. A second test puts two gateways in site A and stops, kills and silences
+//! network via GA and needs nothing else: a plain `curl` and a `dig` (against dnsmasq on B1) to
+//! B1's real address are carried GA -> GB through the tunnel (TCP as CONNECT streams, UDP as
+//! CONNECT-UDP) and opened to B1 by GB, over IPv4 and IPv6; the interconnect carries only TLS
+//! between the gateways and never the HTTP canary or the DNS query name; another IP protocol
+//! routed to site B is dropped at GA, not forwarded in plaintext. A second test puts two gateways in site A and stops, kills and silences
 //! them in turn while B1 opens new connections. (Issue 14: UDP is not built yet.)
 //!
-//! Needs root, nft, tcpdump, curl and python3. Under CI (CI=true) it runs and fails loudly.
+//! Needs root, nft, tcpdump, curl, python3, dig and dnsmasq. Under CI (CI=true) it runs and fails loudly.
 
 use std::process::Command;
 use std::time::Duration;
@@ -27,6 +28,8 @@ fn can_run() -> bool {
             ("curl", "--version"),
             ("python3", "--version"),
             ("ip", "-V"),
+            ("dig", "-v"),
+            ("dnsmasq", "--version"),
         ],
     )
 }
@@ -49,17 +52,6 @@ fn addr(ns: &Netns, dev: &str, cidr: &str) {
 fn metrics(ns: &Netns) -> String {
     ns.exec_ok(&["curl", "-s", "http://127.0.0.1:15000/metrics"])
 }
-
-/// Receives UDP on 0.0.0.0:5353 and prints each datagram.
-const UDP_SINK: &str = r#"
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 5353))
-print("ready", flush=True)
-while True:
-    data, peer = s.recvfrom(2048)
-    print("got", data.decode(errors="replace"), flush=True)
-"#;
 
 #[test]
 fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
@@ -170,9 +162,14 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
         "Serving HTTP",
     )
     .0;
-    let udp = pki.path().join("udp.py");
-    std::fs::write(&udp, UDP_SINK).unwrap();
-    let (_udp_sink, _) = spawn_ready(&b1, &["python3", "-u", udp.to_str().unwrap()], "ready");
+    // A DNS server on B1 (dnsmasq, in the foreground, logging to stdout): every name under
+    // .test is 10.9.8.7 / fd00::9.
+    let dnsmasq = format!(
+        "exec dnsmasq -k --log-facility=- --user=root --no-resolv --no-hosts --bind-interfaces \
+         --listen-address={site_b}.2 --listen-address={six_b}:2 --port=53 \
+         --address=/test/10.9.8.7 --address=/test/fd00::9 2>&1"
+    );
+    let (_dns, _) = spawn_ready(&b1, &["sh", "-c", &dnsmasq], "dnsmasq[");
     let gateway = |me: &tapproof_test_util::pki::IdentityPaths,
                    listen: &str,
                    local: &str,
@@ -231,18 +228,69 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
         "the same over IPv6: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // 2. UDP routed to site B is dropped at GA, never forwarded in plaintext.
-    let send_udp = format!(
-        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); [s.sendto(b'{canary}-udp', ('{site_b}.2', 5353)) for _ in range(3)]"
+    // 2. A DNS query from A1 to B1's server: UDP through the gateways (CONNECT-UDP), answered
+    //    from B1's address, over IPv4 and IPv6.
+    let qname = format!("tapproof-dns-canary-{pid}");
+    for (server, kind, want) in [
+        (format!("{site_b}.2"), "A", "10.9.8.7"),
+        (format!("{six_b}:2"), "AAAA", "fd00::9"),
+    ] {
+        let out = a1
+            .command(&[
+                "dig",
+                "+short",
+                "+time=3",
+                "+tries=1",
+                &format!("@{server}"),
+                &format!("{qname}.test"),
+                kind,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want,
+            "dig @{server} through the gateways: {}\nGA: {}\nGB: {}",
+            String::from_utf8_lossy(&out.stderr),
+            ga_agent.log(),
+            gb_agent.log()
+        );
+    }
+    let m = metrics(&ga);
+    assert!(
+        metric_value(
+            &m,
+            "tapproof_udp_flows_total",
+            &["side=\"outbound\"", "result=\"opened\""]
+        ) >= 2.0,
+        "{m}"
     );
-    a1.exec_ok(&["python3", "-c", &send_udp]);
     wait_until(
-        "GA to count the dropped datagrams",
+        "GA's rules to count the routed datagrams (read every 5 s)",
         Duration::from_secs(15),
-        || metric_value(&metrics(&ga), "tapproof_gateway_dropped_packets", &[]) >= 3.0,
+        || metric_value(&metrics(&ga), "tapproof_gateway_routed_datagrams", &[]) >= 2.0,
     );
+    // 3. Another IP protocol routed to site B (253, for experiments) is dropped at GA, never
+    //    forwarded in plaintext.
+    let send_raw = format!(
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 253); [s.sendto(b'{canary}-raw', ('{site_b}.2', 0)) for _ in range(3)]"
+    );
+    a1.exec_ok(&["python3", "-c", &send_raw]);
+    wait_until("GA to count the dropped packets", Duration::from_secs(15), || {
+        metric_value(&metrics(&ga), "tapproof_gateway_dropped_packets", &[]) >= 3.0
+    });
     dump.stop();
     let captured = std::fs::read(&pcap).unwrap();
+    let protocols = tapproof_test_util::pcap::ipv4_protocols(&captured);
+    assert!(
+        protocols.iter().all(|p| *p == 6),
+        "only TCP (the tunnel) crossed the interconnect, not IP protocols {:?}",
+        protocols.iter().filter(|p| **p != 6).collect::<Vec<_>>()
+    );
+    assert!(
+        !contains(&captured, qname.as_bytes()),
+        "the DNS query name crossed the interconnect in the clear"
+    );
     let segments = tcp_segments(&captured);
     assert!(
         segments.iter().any(|s| s.dst.port() == 15008),
@@ -256,7 +304,7 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
     );
     assert!(
         !contains(&captured, canary.as_bytes()),
-        "the canary (HTTP body or UDP payload) crossed the interconnect in the clear"
+        "the canary (HTTP body or raw IP payload) crossed the interconnect in the clear"
     );
     assert!(metric_value(&metrics(&ga), "tapproof_gateway_routed_connections", &[]) >= 1.0);
     assert!(

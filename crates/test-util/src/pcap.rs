@@ -79,6 +79,39 @@ pub fn tcp_segments(file: &[u8]) -> Vec<Segment> {
     out
 }
 
+/// The IP protocol number of every IPv4 packet in the capture, in order (6 TCP, 17 UDP, 1
+/// ICMP, ...). Panics on a file that is not pcap/Ethernet.
+pub fn ipv4_protocols(file: &[u8]) -> Vec<u8> {
+    let le = match u32::from_le_bytes(file[0..4].try_into().expect("pcap header")) {
+        0xa1b2c3d4 | 0xa1b23c4d => true,
+        0xd4c3b2a1 | 0x4d3cb2a1 => false,
+        m => panic!("not a pcap file (magic {m:08x})"),
+    };
+    let rd32 = |at: usize| -> Option<u32> {
+        let b: [u8; 4] = file.get(at..at + 4)?.try_into().ok()?;
+        Some(if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        })
+    };
+    let mut out = Vec::new();
+    let mut at = 24;
+    while let Some(caplen) = rd32(at + 8) {
+        let start = at + 16;
+        let Some(frame) = file.get(start..start + caplen as usize) else {
+            break;
+        };
+        at = start + caplen as usize;
+        if u16be(frame, 12) == Some(0x0800) {
+            if let Some(&p) = frame.get(14 + 9) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// The bytes sent by `src` on its connection(s) to port `dst_port`... as one stream, in sequence
 /// order with retransmissions dropped (good enough on a clean veth).
 pub fn stream_from(segments: &[Segment], src_port: u16) -> Vec<u8> {

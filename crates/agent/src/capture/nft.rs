@@ -16,6 +16,9 @@ const OUTPUT_CHAIN: &str = "capture_output";
 const INPUT_CHAIN: &str = "inbound_input";
 const GATEWAY_PREROUTING: &str = "gateway_prerouting";
 const GATEWAY_FORWARD: &str = "gateway_forward";
+const GATEWAY_UDP: &str = "gateway_udp";
+/// The mangle priority: TPROXY must see a packet before routing decides to forward it.
+const MANGLE_PRIORITY: i32 = -150;
 /// NAT chains run in priority order and the first to map a connection wins: -110 runs before
 /// dstnat (-100), where Docker and firewalld put theirs.
 const NAT_PRIORITY: i32 = -110;
@@ -179,6 +182,26 @@ fn gateway_part(plan: &Plan) -> Vec<Value> {
                 matches(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
                 json!({"counter": null}),
                 json!({"redirect": {"port": plan.port}}),
+            ],
+        ));
+    }
+    // Routed UDP from a local network to a remote one goes to the agent's UDP socket on the
+    // capture port (TPROXY keeps the packet's destination), marked so that the policy route
+    // (`route.rs`) delivers it to this host instead of forwarding it.
+    cmds.push(json!({"add": {"chain": {
+        "family": FAMILY, "table": TABLE, "name": GATEWAY_UDP,
+        "type": "filter", "hook": "prerouting", "prio": MANGLE_PRIORITY, "policy": "accept"}}}));
+    for (family, proto) in [("4", "ip"), ("6", "ip6")] {
+        cmds.push(rule(
+            GATEWAY_UDP,
+            vec![
+                matches(payload(proto, "saddr"), json!(format!("@gw_local{family}"))),
+                matches(payload(proto, "daddr"), json!(format!("@gw_remote{family}"))),
+                matches(json!({"meta": {"key": "l4proto"}}), json!("udp")),
+                json!({"counter": null}),
+                json!({"tproxy": {"family": proto, "port": plan.port}}),
+                json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": g.udp_mark}}),
+                json!({"accept": null}),
             ],
         ));
     }
@@ -387,7 +410,7 @@ pub fn check_kernel(plan: &Plan) -> Result<(), String> {
     )?;
     if plan.gateway.is_some() {
         step(
-            "routed traffic: NAT prerouting redirect, the forward hook and interval sets (nft_chain_nat, nft_redirect, nft_set_rbtree)",
+            "routed traffic: NAT prerouting redirect, TPROXY for UDP, the forward hook and interval sets (nft_chain_nat, nft_redirect, nft_tproxy, nf_tproxy_ipv4/6, nft_set_rbtree)",
             doc(gateway_part(plan)),
         )?;
     }
@@ -426,8 +449,10 @@ pub struct Listed {
     pub gateway: Option<super::GatewayPlan>,
     /// Routed TCP connections the gateway rules redirected into the tunnel.
     pub routed_connections: u64,
-    /// Routed packets to remote sites dropped (not TCP from a local network).
+    /// Routed packets to remote sites dropped (not TCP or UDP from a local network).
     pub routed_dropped: u64,
+    /// Routed UDP datagrams from the local networks to remote sites handed to the agent.
+    pub routed_datagrams: u64,
 }
 
 /// A network as `nft -j list` shows an interval set's element: a prefix, or one address.
@@ -524,6 +549,17 @@ pub fn parse(out: &str) -> Result<Listed, NftError> {
                     listed.gateway.get_or_insert_with(Default::default);
                     listed.routed_connections += packets(&expr);
                 }
+                Some(GATEWAY_UDP) => {
+                    let g = listed.gateway.get_or_insert_with(Default::default);
+                    listed.routed_datagrams += packets(&expr);
+                    if let Some(mark) = expr
+                        .iter()
+                        .find_map(|e| e.get("mangle")?.get("value")?.as_u64())
+                        .and_then(|m| u32::try_from(m).ok())
+                    {
+                        g.udp_mark = mark;
+                    }
+                }
                 Some(GATEWAY_FORWARD) => {
                     listed.gateway.get_or_insert_with(Default::default);
                     listed.routed_dropped += packets(&expr);
@@ -613,6 +649,8 @@ mod tests {
  {"chain": {"family": "inet", "table": "tapproof", "name": "gateway_prerouting", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -110, "policy": "accept"}},
  {"chain": {"family": "inet", "table": "tapproof", "name": "gateway_forward", "handle": 2, "type": "filter", "hook": "forward", "prio": -10, "policy": "accept"}},
  {"rule": {"family": "inet", "table": "tapproof", "chain": "gateway_prerouting", "handle": 5, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@gw_local4"}}, {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}, {"counter": {"packets": 4, "bytes": 240}}, {"redirect": {"port": 15006}}]}},
+ {"chain": {"family": "inet", "table": "tapproof", "name": "gateway_udp", "handle": 10, "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}},
+ {"rule": {"family": "inet", "table": "tapproof", "chain": "gateway_udp", "handle": 11, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@gw_local4"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@gw_remote4"}}, {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}}, {"counter": {"packets": 2, "bytes": 90}}, {"tproxy": {"family": "ip", "port": 15006}}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1953497090}}, {"accept": null}]}},
  {"rule": {"family": "inet", "table": "tapproof", "chain": "gateway_forward", "handle": 6, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}}, "right": "@gw_remote6"}}, {"counter": {"packets": 3, "bytes": 300}}, {"drop": null}]}}]}"#;
 
     #[test]
@@ -624,6 +662,7 @@ mod tests {
             gateway: Some(crate::capture::GatewayPlan {
                 local: vec!["10.71.1.0/24".into(), "10.9.9.9/32".into()],
                 remote: vec!["fd00:72::/64".into()],
+                udp_mark: 0x7470_0002,
             }),
             ..plan()
         };
@@ -636,7 +675,14 @@ mod tests {
         assert!(!ruleset(&plan()).to_string().contains(GATEWAY_PREROUTING));
         let l = parse(GATEWAY_LISTED).unwrap();
         assert!(l.is(&gw), "{l:?}");
-        assert_eq!((l.routed_connections, l.routed_dropped), (4, 3));
+        assert_eq!(
+            (l.routed_connections, l.routed_dropped, l.routed_datagrams),
+            (4, 3, 2)
+        );
+        assert!(
+            text.contains(r#"{"tproxy":{"family":"ip","port":15006}}"#),
+            "{text}"
+        );
         assert!(!l.is(&plan()), "a gateway table is not a plain one");
     }
 

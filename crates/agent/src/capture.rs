@@ -67,18 +67,37 @@ pub struct GatewayPlan {
 }
 
 impl GatewayPlan {
-    pub fn of(g: &crate::config::GatewayConfig) -> Self {
+    /// A gateway's networks, or for a host with `[[remote]]` only the remote ones (its own
+    /// connections to them are captured; `local` stays empty and nothing routed is touched).
+    pub fn of(config: &AgentConfig) -> Option<Self> {
         let text = |nets: &mut dyn Iterator<Item = &tapproof_audit::allow::Network>| {
             let mut v: Vec<String> = nets.map(|n| format!("{}/{}", n.base(), n.prefix())).collect();
             v.sort();
             v.dedup();
             v
         };
-        Self {
-            local: text(&mut g.networks.iter()),
-            remote: text(&mut g.remote.iter().flat_map(|s| s.networks.iter())),
-            udp_mark: g.udp_mark,
+        let sites = config.remote_sites();
+        if sites.is_empty() {
+            return None;
         }
+        let remote = text(&mut sites.iter().flat_map(|s| s.networks.iter()));
+        Some(match &config.gateway {
+            Some(g) => Self {
+                local: text(&mut g.networks.iter()),
+                remote,
+                udp_mark: g.udp_mark,
+            },
+            None => Self {
+                local: Vec::new(),
+                remote,
+                udp_mark: 0,
+            },
+        })
+    }
+
+    /// A host reaching remote sites as itself, not a gateway.
+    pub fn is_host(&self) -> bool {
+        self.local.is_empty()
     }
 }
 
@@ -259,7 +278,7 @@ pub fn desired(
             inbound_ports,
             port: config.capture.port,
             mark: config.capture.mark,
-            gateway: config.gateway.as_ref().map(GatewayPlan::of),
+            gateway: GatewayPlan::of(config),
         },
         routes,
         refused,
@@ -343,7 +362,7 @@ impl Table {
         if let Some(r) = self.exact.get(&destination) {
             return Some(r.clone());
         }
-        let site = crate::gateway::site_for(config.gateway.as_ref()?, destination.ip())?;
+        let site = crate::gateway::site_for(config.remote_sites(), destination.ip())?;
         Some(Route {
             outbound: Arc::new(crate::gateway::route(site, destination)),
             pool: self.sites.get(&site.name)?.clone(),
@@ -491,7 +510,7 @@ impl Capture {
             let (routes, on) = (self.routes.clone(), state.clone());
             let site_of: crate::udp::SiteOf = Arc::new(move |destination| {
                 let config = on.applied();
-                let site = crate::gateway::site_for(config.gateway.as_ref()?, destination.ip())?;
+                let site = crate::gateway::site_for(config.remote_sites(), destination.ip())?;
                 let table = routes.read().unwrap_or_else(|p| p.into_inner());
                 table.sites.get(&site.name).cloned()
             });
@@ -667,7 +686,7 @@ impl Keeper {
                 None => return Duration::from_secs(3600),
             }
         }
-        self.set_routes(&want.routes, config.gateway.as_ref());
+        self.set_routes(&want.routes, config.remote_sites());
         self.report_refused(&want.refused);
         let m = &self.state.metrics;
         m.capture_mode.clear();
@@ -768,7 +787,7 @@ impl Keeper {
     }
 
     /// Points every captured destination at its route, reusing the pools of those that stay.
-    fn set_routes(&mut self, routes: &[OutboundConfig], gateway: Option<&crate::config::GatewayConfig>) {
+    fn set_routes(&mut self, routes: &[OutboundConfig], sites: &[crate::config::RemoteSite]) {
         let mut table = HashMap::new();
         let mut pools = HashMap::new();
         for o in routes {
@@ -782,16 +801,19 @@ impl Keeper {
                 },
             );
         }
-        let mut sites = HashMap::new();
-        for site in gateway.map(|g| g.remote.as_slice()).unwrap_or_default() {
+        let mut by_site = HashMap::new();
+        for site in sites {
             let o = OutboundConfig {
                 service: format!("gateway {}", site.name),
                 ..crate::gateway::route(site, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0))
             };
-            sites.insert(site.name.clone(), self.pool_for(&o, &mut pools));
+            by_site.insert(site.name.clone(), self.pool_for(&o, &mut pools));
         }
         self.pools = pools;
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Table { exact: table, sites };
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Table {
+            exact: table,
+            sites: by_site,
+        };
     }
 
     /// The pool that dials what `o` dials (its peers and expected identity, and its service when

@@ -102,6 +102,11 @@ pub struct AgentConfig {
     /// carried to those sites' gateways, and their tunnels reach hosts of the local networks.
     #[serde(default)]
     pub gateway: Option<GatewayConfig>,
+    /// `[[remote]]` on a host that is not a gateway: other sites' networks this host reaches
+    /// through their gateways, as itself (its own connections to them are captured and carried
+    /// to those gateways, which check this node's identity).
+    #[serde(default)]
+    pub remote: Vec<RemoteSite>,
     /// The file's TOML as parsed: a reload compares its sections to find what changed.
     #[serde(skip)]
     pub source: toml::Table,
@@ -349,6 +354,10 @@ pub struct RemoteSite {
     /// The identity the remote gateways prove, and the one allowed to reach the local networks.
     #[serde(deserialize_with = "de_from_str")]
     pub server_id: SpiffeId,
+    /// On a gateway: the identities of that site's hosts that may reach the local networks
+    /// through their own tunnels (hosts with an agent and `[[remote]]`): exact IDs or `<id>/*`.
+    #[serde(default)]
+    pub allow: Vec<AllowPattern>,
 }
 
 fn de_networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<tapproof_audit::allow::Network>, D::Error> {
@@ -635,7 +644,17 @@ impl AgentConfig {
         self.capture.inbound != InboundMode::Off
             || self.capture.directory
             || self.gateway.is_some()
+            || !self.remote.is_empty()
             || self.outbound.iter().any(|o| o.capture.is_some())
+    }
+
+    /// The other sites this agent reaches through their gateways: a gateway's
+    /// `[[gateway.remote]]`, or a host's `[[remote]]`.
+    pub fn remote_sites(&self) -> &[RemoteSite] {
+        match &self.gateway {
+            Some(g) => &g.remote,
+            None => &self.remote,
+        }
     }
 
     /// Whether the tunnel listener runs: there are inbound services, or remote sites' gateways
@@ -918,6 +937,21 @@ impl AgentConfig {
         if let Some(g) = &self.gateway {
             self.check_gateway(g)
                 .map_err(|(key, message)| invalid(key, message))?;
+            if !self.remote.is_empty() {
+                return Err(invalid(
+                    "remote".into(),
+                    "a gateway lists its remote sites in [[gateway.remote]]; [[remote]] is for hosts that are not gateways".into(),
+                ));
+            }
+        } else {
+            self.check_sites(&self.remote, "remote", &[])
+                .map_err(|(key, message)| invalid(key, message))?;
+            if let Some(i) = self.remote.iter().position(|s| !s.allow.is_empty()) {
+                return Err(invalid(
+                    format!("remote[{i}].allow"),
+                    "only a gateway admits a site's hosts; a host's [[remote]] has no allow".into(),
+                ));
+            }
         }
         let mut listens = HashSet::new();
         let mut captures = HashSet::new();
@@ -1027,9 +1061,21 @@ impl AgentConfig {
         if g.udp_idle_timeout < Duration::from_secs(1) {
             return Err(("gateway.udp_idle_timeout".into(), "must be at least 1s".into()));
         }
+        self.check_sites(&g.remote, "gateway.remote", &g.networks)
+    }
+
+    /// Remote sites (a gateway's or a host's, listed under `list`): named once each, something
+    /// to reach and someone to reach it through, no network that is `local` (a route loop) or
+    /// that two sites claim.
+    fn check_sites(
+        &self,
+        sites: &[RemoteSite],
+        list: &str,
+        local: &[tapproof_audit::allow::Network],
+    ) -> Result<(), (String, String)> {
         let mut names = HashSet::new();
-        for (i, site) in g.remote.iter().enumerate() {
-            let key = |k: &str| format!("gateway.remote[{i}].{k}");
+        for (i, site) in sites.iter().enumerate() {
+            let key = |k: &str| format!("{list}[{i}].{k}");
             if !valid_service_name(&site.name) || !names.insert(site.name.as_str()) {
                 return Err((
                     key("name"),
@@ -1055,15 +1101,15 @@ impl AgentConfig {
                 return Err((key("server_id"), self.unknown_trust_domain(&site.server_id)));
             }
             for n in &site.networks {
-                if let Some(local) = g.networks.iter().find(|l| l.overlaps(n)) {
+                if let Some(local) = local.iter().find(|l| l.overlaps(n)) {
                     return Err((key("networks"), format!("{n} overlaps this site's own network {local}: its traffic would loop back through the interconnect")));
                 }
-                for (j, other) in g.remote.iter().enumerate().take(i) {
+                for (j, other) in sites.iter().enumerate().take(i) {
                     if let Some(m) = other.networks.iter().find(|m| m.overlaps(n)) {
                         return Err((
                             key("networks"),
                             format!(
-                                "{n} overlaps {m} of gateway.remote[{j}] ({}): one destination, one site",
+                                "{n} overlaps {m} of {list}[{j}] ({}): one destination, one site",
                                 other.name
                             ),
                         ));

@@ -2,21 +2,20 @@
 //! via this host; `capture.rs` redirects that routed TCP (nftables PREROUTING, `nft.rs`) to the
 //! capture listener, and `route` carries each connection to the remote site's gateways as a
 //! CONNECT stream whose authority is the real destination (`ADDR:PORT`). On the far side
-//! `admit` decides whether a peer's stream may reach such an address: it must be in a network
-//! this gateway fronts, and the peer must prove a remote site's `server_id`. Routed traffic to a
+//! `admission` decides whether a peer's stream may reach such an address: it must be in a network
+//! this gateway fronts, and the peer must prove a remote site's `server_id` or be one of that
+//! site's hosts its `allow` names (a host with its own agent and `[[remote]]`, whose connections
+//! to remote networks its own capture carries here with its own identity). Routed traffic to a
 //! remote site that is not carried (other protocols) is dropped by the rules, never forwarded in
 //! plaintext across the interconnect.
 
-use crate::config::{AgentConfig, GatewayConfig, OutboundConfig, RemoteSite};
+use crate::config::{AgentConfig, OutboundConfig, RemoteSite};
 use std::net::{IpAddr, SocketAddr};
 use tapproof_identity::SpiffeId;
 
-/// The remote site whose networks hold `ip`.
-pub fn site_for(gateway: &GatewayConfig, ip: IpAddr) -> Option<&RemoteSite> {
-    gateway
-        .remote
-        .iter()
-        .find(|s| s.networks.iter().any(|n| n.contains(ip)))
+/// The remote site whose networks hold `ip`, among `sites` (`AgentConfig::remote_sites`).
+pub fn site_for(sites: &[RemoteSite], ip: IpAddr) -> Option<&RemoteSite> {
+    sites.iter().find(|s| s.networks.iter().any(|n| n.contains(ip)))
 }
 
 /// How a connection to `destination` in `site` is carried: to the site's gateways, expecting its
@@ -32,19 +31,45 @@ pub fn route(site: &RemoteSite, destination: SocketAddr) -> OutboundConfig {
     }
 }
 
-/// Why a peer's stream to `destination` (an `ADDR:PORT` authority) is refused here, or `None`
-/// when this gateway carries it: the stable reason is a metric label.
-pub fn refusal(config: &AgentConfig, peer: &SpiffeId, destination: SocketAddr) -> Option<&'static str> {
+/// Who a peer admitted by `admission` is to this gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted<'a> {
+    /// The gateways of `site` (its `server_id`).
+    Gateway { site: &'a str },
+    /// A host of `site` with its own agent (its `allow`).
+    Host { site: &'a str },
+}
+
+/// Whether a peer's stream to `destination` (an `ADDR:PORT` authority) is carried here: only
+/// into this gateway's networks, only for a remote site's `server_id` or an identity its
+/// `allow` names. The refusal's stable reason is a metric label.
+pub fn admission<'a>(
+    config: &'a AgentConfig,
+    peer: &SpiffeId,
+    destination: SocketAddr,
+) -> Result<Admitted<'a>, &'static str> {
     let Some(g) = &config.gateway else {
-        return Some("not_a_gateway");
+        return Err("not_a_gateway");
     };
     if !g.networks.iter().any(|n| n.contains(destination.ip())) {
-        return Some("not_a_local_network");
+        return Err("not_a_local_network");
     }
-    if !g.remote.iter().any(|s| s.server_id == *peer) {
-        return Some("not_a_remote_gateway");
+    if let Some(site) = g.remote.iter().find(|s| s.server_id == *peer) {
+        return Ok(Admitted::Gateway { site: &site.name });
     }
-    None
+    if let Some(site) = g
+        .remote
+        .iter()
+        .find(|s| tapproof_identity::pattern::allowed(&s.allow, peer))
+    {
+        return Ok(Admitted::Host { site: &site.name });
+    }
+    Err("not_a_remote_gateway_or_host")
+}
+
+/// `admission`'s refusal reason, or `None` when the stream is carried.
+pub fn refusal(config: &AgentConfig, peer: &SpiffeId, destination: SocketAddr) -> Option<&'static str> {
+    admission(config, peer, destination).err()
 }
 
 #[cfg(test)]
@@ -75,10 +100,9 @@ server_id = "spiffe://example.org/node/gw-b"
     fn the_contract_parses_and_routes_by_network() {
         let c = parse(CONTRACT).unwrap();
         assert!(c.uses_capture() && c.serves_tunnels());
-        let g = c.gateway.as_ref().unwrap();
-        let site = site_for(g, "10.2.3.4".parse().unwrap()).unwrap();
+        let site = site_for(c.remote_sites(), "10.2.3.4".parse().unwrap()).unwrap();
         assert_eq!(site.name, "dc-b");
-        assert!(site_for(g, "10.3.0.1".parse().unwrap()).is_none());
+        assert!(site_for(c.remote_sites(), "10.3.0.1".parse().unwrap()).is_none());
         let r = route(site, "10.2.3.4:80".parse().unwrap());
         assert_eq!(r.service, "10.2.3.4:80");
         assert_eq!(
@@ -91,12 +115,55 @@ server_id = "spiffe://example.org/node/gw-b"
         assert_eq!(refusal(&c, &gw_b, "10.1.0.9:22".parse().unwrap()), None);
         assert_eq!(
             refusal(&c, &other, "10.1.0.9:22".parse().unwrap()),
-            Some("not_a_remote_gateway")
+            Some("not_a_remote_gateway_or_host")
         );
         assert_eq!(
             refusal(&c, &gw_b, "10.9.0.9:22".parse().unwrap()),
             Some("not_a_local_network")
         );
+    }
+
+    #[test]
+    fn a_sites_hosts_are_admitted_by_its_allow_and_hosts_use_remote() {
+        let c = parse(&format!(
+            "{CONTRACT}allow = [\"spiffe://example.org/node/web-1\", \"spiffe://example.org/node/db/*\"]\n"
+        ))
+        .unwrap();
+        let host: SpiffeId = "spiffe://example.org/node/db/7".parse().unwrap();
+        let gw_b: SpiffeId = "spiffe://example.org/node/gw-b".parse().unwrap();
+        let stranger: SpiffeId = "spiffe://example.org/node/other".parse().unwrap();
+        let to: SocketAddr = "10.1.0.9:22".parse().unwrap();
+        assert_eq!(admission(&c, &host, to), Ok(Admitted::Host { site: "dc-b" }));
+        assert_eq!(admission(&c, &gw_b, to), Ok(Admitted::Gateway { site: "dc-b" }));
+        assert_eq!(admission(&c, &stranger, to), Err("not_a_remote_gateway_or_host"));
+        // A host's own [[remote]]: the same site fields; no allow, and not beside [gateway].
+        let site = "[[remote]]\nname = \"dc-b\"\nnetworks = [\"10.2.0.0/16\"]\ngateways = [\"192.0.2.2:15008\"]\nserver_id = \"spiffe://example.org/node/gw-b\"\n";
+        let head = CONTRACT.split("[gateway]").next().unwrap();
+        let h = parse(&format!("{head}{site}")).unwrap();
+        assert!(h.uses_capture() && !h.serves_tunnels());
+        assert_eq!(
+            site_for(h.remote_sites(), "10.2.9.9".parse().unwrap())
+                .unwrap()
+                .name,
+            "dc-b"
+        );
+        assert_eq!(admission(&h, &gw_b, to), Err("not_a_gateway"));
+        let e = parse(&format!("{CONTRACT}{site}")).unwrap_err();
+        assert!(
+            e.contains("remote: a gateway lists its remote sites in [[gateway.remote]]"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{head}{site}allow = [\"spiffe://example.org/node/x\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("remote[0].allow"), "{e}");
+        let e = parse(&format!(
+            "{head}{}",
+            site.replace("gateways = [\"192.0.2.2:15008\"]", "gateways = []")
+        ))
+        .unwrap_err();
+        assert!(e.contains("remote[0].gateways"), "{e}");
     }
 
     #[test]

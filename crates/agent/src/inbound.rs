@@ -353,7 +353,15 @@ async fn serve_gateway_stream(
 ) {
     let metrics = &state.metrics;
     let label = crate::metrics::GATEWAY_SERVICE;
-    if let Some(reason) = crate::gateway::refusal(applied, &peer_id, destination) {
+    let admitted = crate::gateway::admission(applied, &peer_id, destination);
+    if let Ok(who) = admitted {
+        let (admitted_as, site) = match who {
+            crate::gateway::Admitted::Gateway { site } => ("gateway", site),
+            crate::gateway::Admitted::Host { site } => ("host", site),
+        };
+        debug!(peer_id = %peer_id, %destination, admitted_as, site, "gateway stream admitted");
+    }
+    if let Err(reason) = admitted {
         metrics
             .policy_denials
             .get_or_create(&DenialLabels {

@@ -37,6 +37,7 @@ const FIXED: &[(&str, &str)] = &[
     ("workload_api", "[workload_api]"),
     ("federation", "[[federation]]"),
     ("gateway", "[gateway]"),
+    ("remote", "[[remote]]"),
 ];
 
 /// What a reload may change of capture, given the config the agent started with: `[capture]`

@@ -400,8 +400,10 @@ fn bridge(ns: &Netns, ports: &[&str], cidr: &str) {
     addr(ns, "br0", cidr);
 }
 
-/// Two gateways in site A (GA1, GA2, one LAN and one interconnect), one in site B. Site B's
-/// gateway lists both and B1 opens new connections to A1 all along: a planned restart of GA1
+/// Two gateways in site A (GA1, GA2, one LAN and one interconnect), one in site B. A host of
+/// site A with its own agent (A2, `[[remote]]`) reaches B1 as itself, admitted by GB under its
+/// node identity. Site B's gateway lists both site-A gateways and B1 opens new connections to
+/// A1 all along: a planned restart of GA1
 /// (SIGTERM) drains its open download to the end with no new connection failing; a GA1 killed
 /// outright (SIGKILL) and a GA2 whose link goes silent (no FIN, no RST: a dead host) are each
 /// replaced by the other for new connections within 5 s.
@@ -414,6 +416,8 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     let t = pid % 10_000;
     let ns = |n: &str| Netns::create(format!("tp-gwha-{pid}-{n}"));
     let (a1, ga1, ga2, gb, b1) = (ns("a1"), ns("ga1"), ns("ga2"), ns("gb"), ns("b1"));
+    // A2: a host of site A that runs an agent of its own.
+    let a2 = ns("a2");
     let n = 1 + pid % 250;
     let (site_a, ix, site_b) = (format!("10.73.{n}"), format!("10.74.{n}"), format!("10.75.{n}"));
     let name = |s: &str| format!("{s}{t}");
@@ -423,7 +427,13 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     link(&gb, &name("hxb1"), &ga1, &name("hxg1"));
     link(&gb, &name("hxb2"), &ga2, &name("hxg2"));
     link(&gb, &name("hbb"), &b1, &name("hbh"));
-    bridge(&a1, &[&name("hal1"), &name("hal2")], &format!("{site_a}.2/24"));
+    link(&a1, &name("hal3"), &a2, &name("ha2"));
+    bridge(
+        &a1,
+        &[&name("hal1"), &name("hal2"), &name("hal3")],
+        &format!("{site_a}.2/24"),
+    );
+    addr(&a2, &name("ha2"), &format!("{site_a}.3/24"));
     bridge(&gb, &[&name("hxb1"), &name("hxb2")], &format!("{ix}.1/24"));
     addr(&ga1, &name("hag1"), &format!("{site_a}.11/24"));
     addr(&ga2, &name("hag2"), &format!("{site_a}.12/24"));
@@ -436,6 +446,8 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     };
     route(&b1, &site_a, &format!("{site_b}.1"));
     route(&a1, &site_b, &format!("{site_a}.11"));
+    route(&a2, &site_b, &format!("{site_a}.11"));
+    route(&a2, &ix, &format!("{site_a}.11"));
     route(&ga1, &site_b, &format!("{ix}.1"));
     route(&ga2, &site_b, &format!("{ix}.1"));
     route(&gb, &site_a, &format!("{ix}.11"));
@@ -451,6 +463,7 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
         pki.node_as("gw-a", "gw-a2"),
         pki.node("gw-b"),
     );
+    let a2_id = pki.node("host-a2");
     let docroot = pki.path().join("www");
     std::fs::create_dir_all(&docroot).unwrap();
     std::fs::write(docroot.join("small.txt"), "ok").unwrap();
@@ -458,6 +471,20 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     std::fs::write(docroot.join("big.bin"), &big).unwrap();
     let _web = spawn_ready(
         &a1,
+        &[
+            "python3",
+            "-u",
+            "-m",
+            "http.server",
+            "8080",
+            "--directory",
+            docroot.to_str().unwrap(),
+        ],
+        "Serving HTTP",
+    )
+    .0;
+    let _b1_web = spawn_ready(
+        &b1,
         &[
             "python3",
             "-u",
@@ -494,7 +521,8 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
         "gw-b",
         &format!(
             "trust_domain = \"{td}\"\n{}{}[gateway]\nnetworks = [\"{site_b}.0/24\"]\n\
-             [[gateway.remote]]\nname = \"dc-a\"\nnetworks = [\"{site_a}.0/24\"]\ngateways = [\"{ix}.11:15008\", \"{ix}.12:15008\"]\nserver_id = \"spiffe://{td}/node/gw-a\"\n",
+             [[gateway.remote]]\nname = \"dc-a\"\nnetworks = [\"{site_a}.0/24\"]\ngateways = [\"{ix}.11:15008\", \"{ix}.12:15008\"]\nserver_id = \"spiffe://{td}/node/gw-a\"\n\
+             allow = [\"spiffe://{td}/node/host-a2\"]\n",
             identity_section(&gb_id),
             tunnel(&format!("{ix}.1")),
         ),
@@ -515,6 +543,67 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     // 1. GB dials the first listed gateway.
     assert!(fetch(&b1, &small, "5"), "B1 to A1 through GB and GA1\n{}", logs());
     assert_eq!(carried(&ga1), 1.0, "{}", logs());
+
+    // 1b. A2 runs an agent with [[remote]]: its own connection to B1 goes in its own tunnel,
+    //     routed through GA1 as TLS, to GB, which admits A2's node identity (dc-a's allow). GA1
+    //     carries no stream for it: it never sees that traffic in plaintext.
+    let a2_agent = start(
+        &a2,
+        "host-a2",
+        &format!(
+            "trust_domain = \"{td}\"\n{}[[remote]]\nname = \"dc-b\"\nnetworks = [\"{site_b}.0/24\"]\ngateways = [\"{ix}.1:15008\"]\nserver_id = \"spiffe://{td}/node/gw-b\"\n",
+            identity_section(&a2_id),
+        ),
+    );
+    let from_a2 = a2
+        .command(&[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            &format!("http://{site_b}.2:8080/small.txt"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&from_a2.stdout),
+        "ok",
+        "A2 to B1 as itself: {}\nA2:\n{}\n{}",
+        String::from_utf8_lossy(&from_a2.stderr),
+        a2_agent.log(),
+        logs()
+    );
+    let decisions: Vec<String> = logs()
+        .lines()
+        .filter(|l| {
+            l.contains("gateway stream admitted") && l.contains(&format!("spiffe://{td}/node/host-a2"))
+        })
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        decisions.len(),
+        1,
+        "GB's decision names A2's own identity\n{}",
+        logs()
+    );
+    assert!(
+        decisions[0].contains("host"),
+        "admitted as a host of dc-a: {}",
+        decisions[0]
+    );
+    assert_eq!(carried(&ga1), 1.0, "GA1 carried no stream for A2\n{}", logs());
+    wait_until(
+        "A2's rules to count its captured connection to site B (read every 5 s)",
+        Duration::from_secs(15),
+        || metric_value(&metrics(&a2), "tapproof_gateway_routed_connections", &[]) >= 1.0,
+    );
+    drop(a2_agent);
+    let (code, out, err) = run_tapproof_in(
+        &a2.prefix(),
+        EXE,
+        &["capture", "remove", "--reason", "test teardown"],
+    );
+    assert_eq!(code, 0, "A2: {out}{err}");
 
     // 2. Planned restart: SIGTERM to GA1 while B1 downloads 4 MiB through it at 1 MB/s. The
     //    download finishes whole, no new connection fails meanwhile (they go to GA2), and GA1

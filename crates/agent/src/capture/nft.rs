@@ -167,6 +167,22 @@ fn gateway_part(plan: &Plan) -> Vec<Value> {
         cmds.push(network_set(&format!("gw_local{family}"), addr_type, &local));
         cmds.push(network_set(&format!("gw_remote{family}"), addr_type, &remote));
     }
+    if g.is_host() {
+        // A host reaching remote sites as itself: its own TCP to their networks goes to the
+        // capture listener (the output chain's first rule passes the agent's marked sockets).
+        for (family, proto) in [("4", "ip"), ("6", "ip6")] {
+            cmds.push(rule(
+                OUTPUT_CHAIN,
+                vec![
+                    matches(payload(proto, "daddr"), json!(format!("@gw_remote{family}"))),
+                    matches(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
+                    json!({"counter": null}),
+                    json!({"redirect": {"port": plan.port}}),
+                ],
+            ));
+        }
+        return cmds;
+    }
     cmds.push(json!({"add": {"chain": {
         "family": FAMILY, "table": TABLE, "name": GATEWAY_PREROUTING,
         "type": "nat", "hook": "prerouting", "prio": NAT_PRIORITY, "policy": "accept"}}}));
@@ -411,7 +427,12 @@ pub fn check_kernel(plan: &Plan) -> Result<(), String> {
     if plan.gateway.is_some() {
         step(
             "routed traffic: NAT prerouting redirect, TPROXY for UDP, the forward hook and interval sets (nft_chain_nat, nft_redirect, nft_tproxy, nf_tproxy_ipv4/6, nft_set_rbtree)",
-            doc(gateway_part(plan)),
+            doc({
+                // A host's rules go into the output chain, which comes with the outbound part.
+                let mut part = outbound_part(plan);
+                part.extend(gateway_part(plan));
+                part
+            }),
         )?;
     }
     Ok(())
@@ -532,7 +553,15 @@ pub fn parse(out: &str) -> Result<Listed, NftError> {
             let has = |key: &str| expr.iter().any(|e| e.get(key).is_some());
             match r["chain"].as_str() {
                 Some(OUTPUT_CHAIN) => {
-                    if has("redirect") {
+                    let remote = expr.iter().any(|e| {
+                        e["match"]["right"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with("@gw_remote"))
+                    });
+                    if has("redirect") && remote {
+                        listed.gateway.get_or_insert_with(Default::default);
+                        listed.routed_connections += packets(&expr);
+                    } else if has("redirect") {
                         listed.captured_connections += packets(&expr);
                         listed.port = expr
                             .iter()

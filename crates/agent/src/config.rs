@@ -358,6 +358,65 @@ pub struct RemoteSite {
     /// through their own tunnels (hosts with an agent and `[[remote]]`): exact IDs or `<id>/*`.
     #[serde(default)]
     pub allow: Vec<AllowPattern>,
+    /// On a gateway: what flows from that site may reach here. None: any local address and
+    /// port. Otherwise a flow must match one entry.
+    #[serde(default)]
+    pub policy: Vec<SitePolicy>,
+}
+
+/// `[[gateway.remote.policy]]`: flows from a remote site admitted by source network,
+/// destination network and port (an empty list matches anything).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SitePolicy {
+    /// The flow's source: the host behind the remote gateways (the gateway says which, in the
+    /// stream's `tapproof-source` header), or the host agent's own address.
+    #[serde(default, deserialize_with = "de_networks")]
+    pub from: Vec<tapproof_audit::allow::Network>,
+    /// The destination, within this gateway's networks.
+    #[serde(default, deserialize_with = "de_networks")]
+    pub to: Vec<tapproof_audit::allow::Network>,
+    /// Destination ports: numbers, or ranges as `"8000-8100"`.
+    #[serde(default, deserialize_with = "de_ports")]
+    pub ports: Vec<(u16, u16)>,
+}
+
+impl SitePolicy {
+    pub fn matches(&self, source: Option<std::net::IpAddr>, destination: SocketAddr) -> bool {
+        let from = self.from.is_empty() || source.is_some_and(|ip| self.from.iter().any(|n| n.contains(ip)));
+        let to = self.to.is_empty() || self.to.iter().any(|n| n.contains(destination.ip()));
+        let port = destination.port();
+        let ports = self.ports.is_empty() || self.ports.iter().any(|(lo, hi)| (*lo..=*hi).contains(&port));
+        from && to && ports
+    }
+}
+
+fn de_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u16, u16)>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Port {
+        One(u16),
+        Range(String),
+    }
+    Vec::<Port>::deserialize(d)?
+        .into_iter()
+        .map(|p| match p {
+            Port::One(0) => Err(serde::de::Error::custom("port 0 is not a port")),
+            Port::One(n) => Ok((n, n)),
+            Port::Range(r) => {
+                let bad = || {
+                    serde::de::Error::custom(format!("{r:?} is not a port or a range \"LOW-HIGH\" (1-65535)"))
+                };
+                let (lo, hi) = r.split_once('-').unwrap_or((&r, &r));
+                let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+                let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+                if lo == 0 || lo > hi {
+                    return Err(bad());
+                }
+                Ok((lo, hi))
+            }
+        })
+        .collect()
 }
 
 fn de_networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<tapproof_audit::allow::Network>, D::Error> {
@@ -946,10 +1005,19 @@ impl AgentConfig {
         } else {
             self.check_sites(&self.remote, "remote", &[])
                 .map_err(|(key, message)| invalid(key, message))?;
-            if let Some(i) = self.remote.iter().position(|s| !s.allow.is_empty()) {
+            if let Some(i) = self
+                .remote
+                .iter()
+                .position(|s| !s.allow.is_empty() || !s.policy.is_empty())
+            {
+                let what = if self.remote[i].allow.is_empty() {
+                    "policy"
+                } else {
+                    "allow"
+                };
                 return Err(invalid(
-                    format!("remote[{i}].allow"),
-                    "only a gateway admits a site's hosts; a host's [[remote]] has no allow".into(),
+                    format!("remote[{i}].{what}"),
+                    "only a gateway admits a site's flows; a host's [[remote]] has no allow or policy".into(),
                 ));
             }
         }
@@ -1099,6 +1167,27 @@ impl AgentConfig {
             }
             if !self.knows_trust_domain(site.server_id.trust_domain()) {
                 return Err((key("server_id"), self.unknown_trust_domain(&site.server_id)));
+            }
+            for (k, rule) in site.policy.iter().enumerate() {
+                if let Some(n) = rule.to.iter().find(|n| !local.iter().any(|l| l.overlaps(n))) {
+                    return Err((
+                        key(&format!("policy[{k}].to")),
+                        format!(
+                            "{n} is not within this gateway's networks: no flow from {} could reach it here",
+                            site.name
+                        ),
+                    ));
+                }
+                if let Some(n) = rule
+                    .from
+                    .iter()
+                    .find(|n| !site.networks.iter().any(|s| s.overlaps(n)))
+                {
+                    return Err((
+                        key(&format!("policy[{k}].from")),
+                        format!("{n} is not within {}'s networks", site.name),
+                    ));
+                }
             }
             for n in &site.networks {
                 if let Some(local) = local.iter().find(|l| l.overlaps(n)) {

@@ -46,30 +46,56 @@ pub enum Admitted<'a> {
 pub fn admission<'a>(
     config: &'a AgentConfig,
     peer: &SpiffeId,
-    destination: SocketAddr,
+    flow: Flow,
 ) -> Result<Admitted<'a>, &'static str> {
     let Some(g) = &config.gateway else {
         return Err("not_a_gateway");
     };
+    let destination = flow.destination;
     if !g.networks.iter().any(|n| n.contains(destination.ip())) {
         return Err("not_a_local_network");
     }
-    if let Some(site) = g.remote.iter().find(|s| s.server_id == *peer) {
-        return Ok(Admitted::Gateway { site: &site.name });
-    }
-    if let Some(site) = g
+    let (site, admitted, source) = if let Some(site) = g.remote.iter().find(|s| s.server_id == *peer) {
+        // A gateway speaks for the hosts behind it: the source it names, if any.
+        (site, Admitted::Gateway { site: &site.name }, flow.named_source)
+    } else if let Some(site) = g
         .remote
         .iter()
         .find(|s| tapproof_identity::pattern::allowed(&s.allow, peer))
     {
-        return Ok(Admitted::Host { site: &site.name });
+        // A host speaks for itself: its tunnel's own address.
+        (site, Admitted::Host { site: &site.name }, Some(flow.tunnel_peer))
+    } else {
+        return Err("not_a_remote_gateway_or_host");
+    };
+    if !site.policy.is_empty() && !site.policy.iter().any(|p| p.matches(source, destination)) {
+        return Err("not_in_site_policy");
     }
-    Err("not_a_remote_gateway_or_host")
+    Ok(admitted)
 }
 
-/// `admission`'s refusal reason, or `None` when the stream is carried.
-pub fn refusal(config: &AgentConfig, peer: &SpiffeId, destination: SocketAddr) -> Option<&'static str> {
-    admission(config, peer, destination).err()
+/// What `admission` looks at besides the peer's identity.
+#[derive(Debug, Clone, Copy)]
+pub struct Flow {
+    /// The `ADDR:PORT` the stream asks for.
+    pub destination: SocketAddr,
+    /// The host behind the peer gateway, as the peer names it (header `tapproof-source`).
+    pub named_source: Option<IpAddr>,
+    /// The address the peer's tunnel comes from.
+    pub tunnel_peer: IpAddr,
+}
+
+/// The request header in which a gateway names the host a stream is for.
+pub const SOURCE_HEADER: &str = "tapproof-source";
+
+/// The host a stream's `tapproof-source` header names, if it names one.
+pub fn named_source<B>(request: &http::Request<B>) -> Option<IpAddr> {
+    let text = request.headers().get(SOURCE_HEADER)?.to_str().ok()?;
+    text.parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| text.parse::<IpAddr>())
+        .ok()
+        .map(|ip| tapproof_audit::canonical(SocketAddr::new(ip, 0)).ip())
 }
 
 #[cfg(test)]
@@ -92,6 +118,19 @@ gateways = ["192.0.2.2:15008"]
 server_id = "spiffe://example.org/node/gw-b"
 "#;
 
+    /// A flow to `destination` whose peer tunnel comes from 10.2.0.7, naming `source`.
+    fn flow(destination: &str, source: Option<&str>) -> Flow {
+        Flow {
+            destination: destination.parse().unwrap(),
+            named_source: source.map(|s| {
+                s.parse::<SocketAddr>()
+                    .map(|a| a.ip())
+                    .unwrap_or_else(|_| s.parse().unwrap())
+            }),
+            tunnel_peer: "10.2.0.7".parse().unwrap(),
+        }
+    }
+
     fn parse(text: &str) -> Result<AgentConfig, String> {
         AgentConfig::parse(Path::new("g.toml"), text).map_err(|e| e.to_string())
     }
@@ -112,14 +151,15 @@ server_id = "spiffe://example.org/node/gw-b"
         let gw_b: SpiffeId = "spiffe://example.org/node/gw-b".parse().unwrap();
         let other: SpiffeId = "spiffe://example.org/node/web-1".parse().unwrap();
         // The far side of the same contract: gw-b may reach 10.1/16 here, nobody else may.
-        assert_eq!(refusal(&c, &gw_b, "10.1.0.9:22".parse().unwrap()), None);
+        let to = |d: &str| flow(d, None);
+        assert!(admission(&c, &gw_b, to("10.1.0.9:22")).is_ok());
         assert_eq!(
-            refusal(&c, &other, "10.1.0.9:22".parse().unwrap()),
-            Some("not_a_remote_gateway_or_host")
+            admission(&c, &other, to("10.1.0.9:22")),
+            Err("not_a_remote_gateway_or_host")
         );
         assert_eq!(
-            refusal(&c, &gw_b, "10.9.0.9:22".parse().unwrap()),
-            Some("not_a_local_network")
+            admission(&c, &gw_b, to("10.9.0.9:22")),
+            Err("not_a_local_network")
         );
     }
 
@@ -132,7 +172,7 @@ server_id = "spiffe://example.org/node/gw-b"
         let host: SpiffeId = "spiffe://example.org/node/db/7".parse().unwrap();
         let gw_b: SpiffeId = "spiffe://example.org/node/gw-b".parse().unwrap();
         let stranger: SpiffeId = "spiffe://example.org/node/other".parse().unwrap();
-        let to: SocketAddr = "10.1.0.9:22".parse().unwrap();
+        let to = flow("10.1.0.9:22", None);
         assert_eq!(admission(&c, &host, to), Ok(Admitted::Host { site: "dc-b" }));
         assert_eq!(admission(&c, &gw_b, to), Ok(Admitted::Gateway { site: "dc-b" }));
         assert_eq!(admission(&c, &stranger, to), Err("not_a_remote_gateway_or_host"));
@@ -164,6 +204,64 @@ server_id = "spiffe://example.org/node/gw-b"
         ))
         .unwrap_err();
         assert!(e.contains("remote[0].gateways"), "{e}");
+    }
+
+    #[test]
+    fn a_sites_policy_admits_flows_by_source_destination_and_port() {
+        let policy = "[[gateway.remote.policy]]\nfrom = [\"10.2.5.0/24\"]\nto = [\"10.1.0.0/24\"]\nports = [5432, \"8000-8100\"]\n";
+        let c = parse(&format!(
+            "{CONTRACT}allow = [\"spiffe://example.org/node/db/*\"]\n{policy}"
+        ))
+        .unwrap();
+        let gw_b: SpiffeId = "spiffe://example.org/node/gw-b".parse().unwrap();
+        let host: SpiffeId = "spiffe://example.org/node/db/7".parse().unwrap();
+        for (peer, f, want) in [
+            (&gw_b, flow("10.1.0.9:5432", Some("10.2.5.1:40000")), Ok(())),
+            (&gw_b, flow("10.1.0.9:8050", Some("10.2.5.1")), Ok(())),
+            (
+                &gw_b,
+                flow("10.1.0.9:8101", Some("10.2.5.1:1")),
+                Err("not_in_site_policy"),
+            ),
+            (
+                &gw_b,
+                flow("10.1.1.9:5432", Some("10.2.5.1:1")),
+                Err("not_in_site_policy"),
+            ),
+            (
+                &gw_b,
+                flow("10.1.0.9:5432", Some("10.2.6.1:1")),
+                Err("not_in_site_policy"),
+            ),
+            // No source named: a policy with `from` cannot match.
+            (&gw_b, flow("10.1.0.9:5432", None), Err("not_in_site_policy")),
+            // A host's source is its tunnel's address (10.2.0.7 here), whatever it names.
+            (
+                &host,
+                flow("10.1.0.9:5432", Some("10.2.5.1:1")),
+                Err("not_in_site_policy"),
+            ),
+        ] {
+            assert_eq!(admission(&c, peer, f).map(drop), want, "{f:?}");
+        }
+        for (bad, says) in [
+            (
+                policy.replace("10.1.0.0/24", "10.9.0.0/24"),
+                "gateway.remote[0].policy[0].to: 10.9.0.0/24 is not within this gateway's networks",
+            ),
+            (
+                policy.replace("10.2.5.0/24", "10.3.0.0/24"),
+                "gateway.remote[0].policy[0].from: 10.3.0.0/24 is not within dc-b's networks",
+            ),
+            (policy.replace("5432", "0"), "port 0 is not a port"),
+            (
+                policy.replace("8000-8100", "8100-8000"),
+                "\"8100-8000\" is not a port or a range",
+            ),
+        ] {
+            let e = parse(&format!("{CONTRACT}{bad}")).unwrap_err();
+            assert!(e.contains(says), "{says}: {e}");
+        }
     }
 
     #[test]

@@ -353,13 +353,18 @@ async fn serve_gateway_stream(
 ) {
     let metrics = &state.metrics;
     let label = crate::metrics::GATEWAY_SERVICE;
-    let admitted = crate::gateway::admission(applied, &peer_id, destination);
+    let flow = crate::gateway::Flow {
+        destination,
+        named_source: crate::gateway::named_source(&request),
+        tunnel_peer: tapproof_audit::canonical(tunnel.peer_addr).ip(),
+    };
+    let admitted = crate::gateway::admission(applied, &peer_id, flow);
     if let Ok(who) = admitted {
         let (admitted_as, site) = match who {
             crate::gateway::Admitted::Gateway { site } => ("gateway", site),
             crate::gateway::Admitted::Host { site } => ("host", site),
         };
-        debug!(peer_id = %peer_id, %destination, admitted_as, site, "gateway stream admitted");
+        debug!(peer_id = %peer_id, %destination, source = ?flow.named_source, admitted_as, site, "gateway stream admitted");
     }
     if let Err(reason) = admitted {
         metrics

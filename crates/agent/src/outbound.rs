@@ -49,19 +49,20 @@ enum OpenError {
 async fn open_stream(
     pool: &Pool,
     service: &str,
+    source: Option<SocketAddr>,
 ) -> Result<(Tunnel, h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>), OpenError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let tunnel = pool.tunnel().await?;
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(service)
-            .body(())
-            .map_err(|source| OpenError::BadService {
-                service: service.to_owned(),
-                source,
-            })?;
+        let mut request = Request::builder().method(Method::CONNECT).uri(service);
+        if let Some(source) = source {
+            request = request.header(crate::gateway::SOURCE_HEADER, source.to_string());
+        }
+        let request = request.body(()).map_err(|source| OpenError::BadService {
+            service: service.to_owned(),
+            source,
+        })?;
         let ready = tunnel.sender.clone().ready().await;
         match ready.and_then(|mut s| s.send_request(request, false)) {
             Ok((response, send)) => return Ok((tunnel, response, send)),
@@ -97,7 +98,10 @@ pub(crate) async fn connection(
     let service = outbound.service.as_str();
     let wait = state.config.tunnel.connect_timeout + state.config.tunnel.handshake_timeout;
     let started = std::time::Instant::now();
-    let (tunnel, response, send) = match timeout(wait, open_stream(&pool, service)).await {
+    // A stream to an address (a remote site's gateway) names the host it is for: the far
+    // gateway's site policy may ask by source network (`gateway::admission`).
+    let source = (captured.is_some() && service.parse::<SocketAddr>().is_ok()).then_some(app);
+    let (tunnel, response, send) = match timeout(wait, open_stream(&pool, service, source)).await {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
             metrics.stream_failed(Side::Outbound, "no_tunnel");

@@ -8,7 +8,7 @@
 //! site's gateways, and a transparent socket bound to the original destination and connected to
 //! the source, which both sends the answers (so they come from the address the host asked) and
 //! catches the flow's next datagrams. On the far side `serve_stream` admits the stream by the one
-//! gateway rule (`gateway::refusal`) and relays to a UDP socket connected to the destination.
+//! gateway rule (`gateway::admission`) and relays to a UDP socket connected to the destination.
 //!
 //! Bounds: a flow queues at most `QUEUE` datagrams towards the tunnel and drops the rest
 //! (`tapproof_udp_dropped_datagrams_total{reason="queue_full"}`): a flooding source loses its own
@@ -273,14 +273,14 @@ async fn feed(socket: &UdpSocket, queue: &mpsc::Sender<Bytes>, side: Side, state
 
 // ---- the far side: a stream from a remote site's gateway ----
 
-/// Serves one CONNECT-UDP stream: admitted by `gateway::refusal` (the rule TCP streams pass),
+/// Serves one CONNECT-UDP stream: admitted by `gateway::admission` (the rule TCP streams pass),
 /// then relayed to a UDP socket connected to the target.
 pub(crate) async fn serve_stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer_id: SpiffeId,
     state: Arc<AgentState>,
-    _tunnel: Arc<TunnelStats>,
+    tunnel: Arc<TunnelStats>,
 ) {
     let metrics = &state.metrics;
     let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
@@ -299,7 +299,12 @@ pub(crate) async fn serve_stream(
         }
     };
     let applied = state.applied();
-    if let Some(reason) = crate::gateway::refusal(&applied, &peer_id, target) {
+    let flow = crate::gateway::Flow {
+        destination: target,
+        named_source: crate::gateway::named_source(&request),
+        tunnel_peer: tapproof_audit::canonical(tunnel.peer_addr).ip(),
+    };
+    if let Err(reason) = crate::gateway::admission(&applied, &peer_id, flow) {
         metrics.udp_flow(Side::Inbound, "denied");
         metrics
             .policy_denials
@@ -612,7 +617,7 @@ async fn flow(
         }
     };
     let wait = state.config.tunnel.connect_timeout + state.config.tunnel.handshake_timeout;
-    let opened = match timeout(wait, open(&pool, destination)).await {
+    let opened = match timeout(wait, open(&pool, source, destination)).await {
         Ok(r) => r,
         Err(_) => Err("no stream in time".to_owned()),
     };
@@ -660,6 +665,7 @@ async fn flow(
 /// first turns out gone).
 async fn open(
     pool: &Pool,
+    source: SocketAddr,
     destination: SocketAddr,
 ) -> Result<(SendStream<Bytes>, h2::client::ResponseFuture), String> {
     let mut last = String::new();
@@ -686,6 +692,7 @@ async fn open(
                 path_for(destination)
             ))
             .header("capsule-protocol", "?1")
+            .header(crate::gateway::SOURCE_HEADER, source.to_string())
             .body(())
             .map_err(|e| e.to_string())?;
         request

@@ -196,7 +196,11 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
         EXE,
         pki.path(),
         "gw-b",
-        &gateway(&gb_id, &gb_ip, &site_b, &site_a, &ga_ip, "gw-a"),
+        // Site A's flows may reach only B1's web and DNS ports here.
+        &format!(
+            "{}[[gateway.remote.policy]]\nfrom = [\"{site_a}.0/24\", \"{six_a}:/64\"]\nto = [\"{site_b}.2/32\", \"{six_b}:2/128\"]\nports = [8080, 53]\n",
+            gateway(&gb_id, &gb_ip, &site_b, &site_a, &ga_ip, "gw-a")
+        ),
         &gb.prefix(),
     );
 
@@ -227,6 +231,30 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
         canary,
         "the same over IPv6: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // 1b. A port the site policy does not list: GB refuses the stream, A1 sees it reset.
+    let out = a1
+        .command(&[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            &format!("http://{site_b}.2:8081/"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "A1 reached B1:8081 against GB's site policy"
+    );
+    assert!(
+        metric_value(
+            &metrics(&gb),
+            "tapproof_policy_denials_total",
+            &["reason=\"not_in_site_policy\""]
+        ) >= 1.0,
+        "GB counted the refusal by its site policy\n{}",
+        gb_agent.log()
     );
     // 2. A DNS query from A1 to B1's server: UDP through the gateways (CONNECT-UDP), answered
     //    from B1's address, over IPv4 and IPv6.

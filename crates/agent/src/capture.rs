@@ -264,6 +264,7 @@ pub fn desired(
                         peers: vec![Endpoint::Addr(a.tunnel)],
                         server_id: Some(a.id.clone()),
                         allow_non_loopback: false,
+                        site: None,
                     });
                 }
             }
@@ -914,6 +915,19 @@ impl Keeper {
         }
         // Set after the state the audit reads, so a scrape that sees the new count sees it too.
         let destinations = listed.captured.len() as i64;
+        let gateway = want.plan.gateway.as_ref().map(|_| tapproof_audit::GatewayReport {
+            site: self
+                .state
+                .config
+                .gateway
+                .as_ref()
+                .map(|g| g.site.clone())
+                .unwrap_or_default(),
+            routed_connections: listed.routed_connections,
+            routed_datagrams: listed.routed_datagrams,
+            dropped_packets: listed.routed_dropped,
+            sites: self.state.sites.snapshot(),
+        });
         crate::vouch::sockets().set_capture(CaptureState {
             rules_installed: true,
             captured: listed.captured,
@@ -921,6 +935,7 @@ impl Keeper {
             inbound_ports: listed.inbound_ports,
             attempts: listed.attempts,
             dropped_packets: listed.dropped_packets,
+            gateway,
             ..self.state_of(want)
         });
         m.capture_destinations.set(destinations);

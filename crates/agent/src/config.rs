@@ -316,6 +316,9 @@ pub struct GatewayConfig {
     pub networks: Vec<tapproof_audit::allow::Network>,
     #[serde(default)]
     pub remote: Vec<RemoteSite>,
+    /// This site's name, as the reports and the dashboard show it (default: none).
+    #[serde(default)]
+    pub site: String,
     /// A UDP flow (one source address and port to one destination) ends after this long
     /// without a datagram either way.
     #[serde(default = "default_udp_idle_timeout", deserialize_with = "de_duration")]
@@ -471,6 +474,10 @@ pub struct OutboundConfig {
     /// Permit a `listen` address reachable from the network (plaintext accepted from off-host).
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Set for a route to a remote site's gateways (`gateway::route`): the site's name, the
+    /// metric label and the site ledger's key. Never in a config file.
+    #[serde(skip)]
+    pub site: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

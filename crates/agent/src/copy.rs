@@ -32,8 +32,23 @@ fn h2_error(e: h2::Error) -> io::Error {
     }
 }
 
+/// Payload bytes one stream carried: from the app into the tunnel (`up`) and back (`down`).
+#[derive(Debug, Default)]
+pub struct Carried {
+    pub up: std::sync::atomic::AtomicU64,
+    pub down: std::sync::atomic::AtomicU64,
+}
+
+impl Carried {
+    pub fn totals(&self) -> (u64, u64) {
+        (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed))
+    }
+}
+
 /// Splices one stream and keeps the stream counters (metrics and the tunnel's own) for its lifetime.
 /// `recv` resolves to the peer's half of the stream; an error from it ends the stream like any other.
+/// `carried` counts this stream's bytes (a site gateway reports them per site).
+#[allow(clippy::too_many_arguments)]
 pub async fn carry(
     tcp: TcpStream,
     send: SendStream<Bytes>,
@@ -42,6 +57,7 @@ pub async fn carry(
     service: &str,
     metrics: &Metrics,
     tunnel: &TunnelStats,
+    carried: &Carried,
 ) -> io::Result<()> {
     metrics
         .streams
@@ -54,7 +70,7 @@ pub async fn carry(
     open.inc();
     tunnel.streams_total.fetch_add(1, Ordering::Relaxed);
     tunnel.streams_open.fetch_add(1, Ordering::Relaxed);
-    let result = splice(tcp, send, recv, side, metrics, tunnel).await;
+    let result = splice(tcp, send, recv, side, metrics, tunnel, carried).await;
     tunnel.streams_open.fetch_sub(1, Ordering::Relaxed);
     open.dec();
     if result.is_err() {
@@ -72,6 +88,7 @@ async fn splice(
     side: Side,
     metrics: &Metrics,
     tunnel: &TunnelStats,
+    carried: &Carried,
 ) -> io::Result<()> {
     // Borrowed halves: tokio's owned write half sends shutdown(SHUT_WR) when dropped, one
     // syscall per connection that the close right after makes redundant.
@@ -122,6 +139,7 @@ async fn splice(
             }
             to_tunnel.inc_by(n as u64);
             tunnel.bytes_app_to_tunnel.fetch_add(n as u64, Ordering::Relaxed);
+            carried.up.fetch_add(n as u64, Ordering::Relaxed);
             while !chunk.is_empty() {
                 send.reserve_capacity(chunk.len());
                 let granted = poll_fn(|cx| send.poll_capacity(cx))
@@ -143,6 +161,7 @@ async fn splice(
             tunnel
                 .bytes_tunnel_to_app
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
+            carried.down.fetch_add(data.len() as u64, Ordering::Relaxed);
             recv.flow_control()
                 .release_capacity(data.len())
                 .map_err(h2_error)?;

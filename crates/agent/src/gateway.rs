@@ -28,6 +28,7 @@ pub fn route(site: &RemoteSite, destination: SocketAddr) -> OutboundConfig {
         peers: site.gateways.clone(),
         server_id: Some(site.server_id.clone()),
         allow_non_loopback: false,
+        site: Some(site.name.clone()),
     }
 }
 
@@ -55,23 +56,34 @@ pub fn admission<'a>(
     if !g.networks.iter().any(|n| n.contains(destination.ip())) {
         return Err("not_a_local_network");
     }
-    let (site, admitted, source) = if let Some(site) = g.remote.iter().find(|s| s.server_id == *peer) {
+    let (site, admitted, source) = match peer_site(&g.remote, peer) {
         // A gateway speaks for the hosts behind it: the source it names, if any.
-        (site, Admitted::Gateway { site: &site.name }, flow.named_source)
-    } else if let Some(site) = g
-        .remote
-        .iter()
-        .find(|s| tapproof_identity::pattern::allowed(&s.allow, peer))
-    {
+        Some((site, true)) => (site, Admitted::Gateway { site: &site.name }, flow.named_source),
         // A host speaks for itself: its tunnel's own address.
-        (site, Admitted::Host { site: &site.name }, Some(flow.tunnel_peer))
-    } else {
-        return Err("not_a_remote_gateway_or_host");
+        Some((site, false)) => (site, Admitted::Host { site: &site.name }, Some(flow.tunnel_peer)),
+        None => return Err("not_a_remote_gateway_or_host"),
     };
     if !site.policy.is_empty() && !site.policy.iter().any(|p| p.matches(source, destination)) {
         return Err("not_in_site_policy");
     }
     Ok(admitted)
+}
+
+/// The remote site a peer belongs to, as `admission` recognises it (its gateways' `server_id`,
+/// or a host its `allow` names): the site a refusal is counted against.
+pub fn site_of_peer<'a>(config: &'a AgentConfig, peer: &SpiffeId) -> Option<&'a str> {
+    peer_site(&config.gateway.as_ref()?.remote, peer).map(|(s, _)| s.name.as_str())
+}
+
+/// The site whose gateways prove `peer` (`true`), else the first site whose `allow` names it.
+fn peer_site<'a>(sites: &'a [RemoteSite], peer: &SpiffeId) -> Option<(&'a RemoteSite, bool)> {
+    if let Some(site) = sites.iter().find(|s| s.server_id == *peer) {
+        return Some((site, true));
+    }
+    sites
+        .iter()
+        .find(|s| tapproof_identity::pattern::allowed(&s.allow, peer))
+        .map(|s| (s, false))
 }
 
 /// What `admission` looks at besides the peer's identity.

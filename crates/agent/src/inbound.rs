@@ -6,6 +6,7 @@
 use crate::copy::carry;
 use crate::metrics::{DenialLabels, Side};
 use crate::policy::allowed;
+use crate::sites::{Direction, Protocol};
 use crate::state::{AgentState, TunnelStats};
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -359,13 +360,22 @@ async fn serve_gateway_stream(
         tunnel_peer: tapproof_audit::canonical(tunnel.peer_addr).ip(),
     };
     let admitted = crate::gateway::admission(applied, &peer_id, flow);
-    if let Ok(who) = admitted {
-        let (admitted_as, site) = match who {
-            crate::gateway::Admitted::Gateway { site } => ("gateway", site),
-            crate::gateway::Admitted::Host { site } => ("host", site),
-        };
-        debug!(peer_id = %peer_id, %destination, source = ?flow.named_source, admitted_as, site, "gateway stream admitted");
-    }
+    let site = match admitted {
+        Ok(who) => {
+            let (admitted_as, site) = match who {
+                crate::gateway::Admitted::Gateway { site } => ("gateway", site),
+                crate::gateway::Admitted::Host { site } => ("host", site),
+            };
+            debug!(peer_id = %peer_id, %destination, source = ?flow.named_source, admitted_as, site, "gateway stream admitted");
+            site
+        }
+        Err(_) => {
+            if let Some(site) = crate::gateway::site_of_peer(applied, &peer_id) {
+                state.sites.refused(metrics, site, Direction::From);
+            }
+            ""
+        }
+    };
     if let Err(reason) = admitted {
         metrics
             .policy_denials
@@ -398,13 +408,16 @@ async fn serve_gateway_stream(
         state: &state,
         tunnel: &tunnel,
     };
-    join(stream, &endpoint, connecting).await;
+    state.sites.opened(metrics, site, Direction::From, Protocol::Tcp);
+    let (sent, received) = join(stream, &endpoint, connecting).await;
+    state.sites.ended(metrics, site, Direction::From, sent, received);
 }
 
 /// Connects `forward` (within the connect timeout, with the agent's mark; `connecting`, the
 /// connects-in-progress place, is given back once the connect ends), answers 200, and splices the
-/// stream to it; refusals answer 502/504.
-async fn join<C>(stream: Stream<'_>, forward: &crate::endpoint::Endpoint, connecting: C) {
+/// stream to it; refusals answer 502/504. Returns the payload bytes carried into the tunnel and
+/// out of it.
+async fn join<C>(stream: Stream<'_>, forward: &crate::endpoint::Endpoint, connecting: C) -> (u64, u64) {
     let Stream {
         request,
         mut respond,
@@ -428,12 +441,14 @@ async fn join<C>(stream: Stream<'_>, forward: &crate::endpoint::Endpoint, connec
         Ok(Err(e)) => {
             metrics.stream_failed(Side::Inbound, "forward_unreachable");
             warn!(peer_id = %peer_id, service = %service, forward = %forward, error = %e, "stream refused: cannot reach forward address");
-            return refuse(&mut respond, StatusCode::BAD_GATEWAY);
+            refuse(&mut respond, StatusCode::BAD_GATEWAY);
+            return (0, 0);
         }
         Err(_) => {
             metrics.stream_failed(Side::Inbound, "forward_timeout");
             warn!(peer_id = %peer_id, service = %service, forward = %forward, "stream refused: forward address did not answer in time");
-            return refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT);
+            refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT);
+            return (0, 0);
         }
     };
     let _ = app.set_nodelay(true);
@@ -445,9 +460,10 @@ async fn join<C>(stream: Stream<'_>, forward: &crate::endpoint::Endpoint, connec
         Ok(s) => s,
         Err(e) => {
             debug!(peer_id = %peer_id, error = %e, "stream ended before it was answered");
-            return;
+            return (0, 0);
         }
     };
+    let carried = crate::copy::Carried::default();
     let result = carry(
         app,
         send,
@@ -456,9 +472,11 @@ async fn join<C>(stream: Stream<'_>, forward: &crate::endpoint::Endpoint, connec
         label,
         metrics,
         tunnel,
+        &carried,
     )
     .await;
     if let Err(e) = result {
         debug!(peer_id = %peer_id, service = %service, error = %e, "stream ended with error");
     }
+    carried.totals()
 }

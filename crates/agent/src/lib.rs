@@ -23,6 +23,7 @@ pub mod policy {
 }
 mod pool;
 mod reload;
+pub mod sites;
 mod socket;
 mod state;
 pub mod udp;

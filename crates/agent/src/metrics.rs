@@ -84,6 +84,26 @@ pub const UNKNOWN_SERVICE: &str = "(unknown)";
 pub const GATEWAY_SERVICE: &str = "(gateway)";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabels {
+    pub site: String,
+    pub direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteFlowLabels {
+    pub site: String,
+    pub direction: &'static str,
+    pub protocol: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteBytesLabels {
+    pub site: String,
+    pub direction: &'static str,
+    pub flow: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlowResultLabels {
     pub side: Side,
     pub result: &'static str,
@@ -173,6 +193,9 @@ pub struct Metrics {
     pub gateway_routed: Gauge,
     pub gateway_dropped: Gauge,
     pub gateway_datagrams: Gauge,
+    pub gateway_flows: Family<SiteFlowLabels, Counter>,
+    pub gateway_bytes: Family<SiteBytesLabels, Counter>,
+    pub gateway_refused: Family<SiteLabels, Counter>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -255,6 +278,9 @@ impl Metrics {
             gateway_routed: Gauge::default(),
             gateway_dropped: Gauge::default(),
             gateway_datagrams: Gauge::default(),
+            gateway_flows: Family::default(),
+            gateway_bytes: Family::default(),
+            gateway_refused: Family::default(),
             tunnels: Family::default(),
             tunnels_open: Family::default(),
             streams: Family::default(),
@@ -471,6 +497,21 @@ impl Metrics {
             m.gateway_dropped.clone(),
         );
         registry.register(
+            "gateway_flows",
+            "Flows between this site and another, by remote site, direction (to: carried there; from: brought here) and protocol",
+            m.gateway_flows.clone(),
+        );
+        registry.register(
+            "gateway_bytes",
+            "Payload bytes of flows between this site and another, by remote site, direction and flow (sent: towards that site; received: from it), counted as each flow ends",
+            m.gateway_bytes.clone(),
+        );
+        registry.register(
+            "gateway_refused_flows",
+            "Flows refused, by remote site and direction (from: by identity or site policy here; to: no tunnel to that site)",
+            m.gateway_refused.clone(),
+        );
+        registry.register(
             "gateway_routed_datagrams",
             "Routed UDP datagrams from the local networks to a remote site that the gateway rules handed to the agent (TPROXY) since they were installed (nftables counter)",
             m.gateway_datagrams.clone(),
@@ -544,6 +585,37 @@ impl Metrics {
     pub fn stream_failed(&self, side: Side, reason: &'static str) {
         self.stream_failures
             .get_or_create(&FailureLabels { side, reason })
+            .inc();
+    }
+
+    pub fn gateway_flow(&self, site: &str, direction: &'static str, protocol: &'static str) {
+        self.gateway_flows
+            .get_or_create(&SiteFlowLabels {
+                site: site.to_owned(),
+                direction,
+                protocol,
+            })
+            .inc();
+    }
+
+    pub fn gateway_bytes(&self, site: &str, direction: &'static str, sent: u64, received: u64) {
+        for (flow, n) in [("sent", sent), ("received", received)] {
+            self.gateway_bytes
+                .get_or_create(&SiteBytesLabels {
+                    site: site.to_owned(),
+                    direction,
+                    flow,
+                })
+                .inc_by(n);
+        }
+    }
+
+    pub fn gateway_refused(&self, site: &str, direction: &'static str) {
+        self.gateway_refused
+            .get_or_create(&SiteLabels {
+                site: site.to_owned(),
+                direction,
+            })
             .inc();
     }
 

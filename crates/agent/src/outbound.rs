@@ -2,9 +2,10 @@
 //! CONNECT stream, on the pooled tunnel, to the peer agent that fronts the service.
 
 use crate::config::OutboundConfig;
-use crate::copy::carry;
+use crate::copy::{carry, Carried};
 use crate::metrics::Side;
 use crate::pool::{Pool, Tunnel};
+use crate::sites::{Direction, Protocol};
 use crate::state::AgentState;
 use http::{Method, Request, StatusCode};
 use std::io;
@@ -101,10 +102,21 @@ pub(crate) async fn connection(
     // A stream to an address (a remote site's gateway) names the host it is for: the far
     // gateway's site policy may ask by source network (`gateway::admission`).
     let source = (captured.is_some() && service.parse::<SocketAddr>().is_ok()).then_some(app);
+    // A route to a remote site is counted per site, and labelled by it: a destination address
+    // must not become a metric label.
+    let site = outbound.site.as_deref();
+    let site_label = site.map(|s| format!("(gateway {s})"));
+    let label = site_label.as_deref().unwrap_or(service);
+    if let Some(site) = site {
+        state.sites.opened(metrics, site, Direction::To, Protocol::Tcp);
+    }
     let (tunnel, response, send) = match timeout(wait, open_stream(&pool, service, source)).await {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
             metrics.stream_failed(Side::Outbound, "no_tunnel");
+            if let Some(site) = site {
+                state.sites.refused(metrics, site, Direction::To);
+            }
             warn!(%app, service, destination, error = %e, "outbound: app connection closed, no tunnel");
             refuse(tcp);
             return;
@@ -120,6 +132,7 @@ pub(crate) async fn connection(
     // proved its identity in the handshake and forwards nothing before its own policy check, so
     // waiting would only add a round trip to every app connection.
     let peer_id = tunnel.stats.peer_id.clone();
+    let ledger = &state.sites;
     let answered = async move {
         let response = match timeout(wait, response).await {
             Ok(Ok(r)) => r,
@@ -141,6 +154,9 @@ pub(crate) async fn connection(
                 _ => "refused_by_peer",
             };
             metrics.stream_failed(Side::Outbound, reason);
+            if let Some(site) = site {
+                ledger.refused(metrics, site, Direction::To);
+            }
             warn!(%app, service, status = %response.status(), peer_id = %peer_id, "outbound: peer refused the stream");
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
@@ -152,16 +168,22 @@ pub(crate) async fn connection(
             .observe(started.elapsed().as_secs_f64());
         Ok(response.into_body())
     };
+    let carried = Carried::default();
     let result = carry(
         tcp,
         send,
         answered,
         Side::Outbound,
-        service,
+        label,
         metrics,
         &tunnel.stats,
+        &carried,
     )
     .await;
+    if let Some(site) = site {
+        let (sent, received) = carried.totals();
+        state.sites.ended(metrics, site, Direction::To, sent, received);
+    }
     if let Err(e) = result {
         debug!(%app, service, error = %e, "outbound: stream ended with error");
     }

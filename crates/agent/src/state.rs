@@ -50,6 +50,8 @@ pub struct AgentState {
     capture_inputs: std::sync::RwLock<Option<Arc<crate::capture::Inputs>>>,
     /// Woken when the capture plan's inputs change (feed, reload): `capture.rs` looks again.
     pub capture_changed: tokio::sync::Notify,
+    /// A site gateway's traffic per remote site (`sites.rs`).
+    pub sites: crate::sites::Ledger,
     /// Woken by a reload: the state feed's long-poll starts again at once, announcing the
     /// addresses of the services in force (`control/feed.rs`).
     pub announce_changed: tokio::sync::Notify,
@@ -149,6 +151,7 @@ impl AgentState {
             denials: Default::default(),
             capture_inputs: Default::default(),
             capture_changed: tokio::sync::Notify::new(),
+            sites: Default::default(),
             announce_changed: tokio::sync::Notify::new(),
         }
     }

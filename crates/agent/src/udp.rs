@@ -16,8 +16,10 @@
 //! `FLOWS_PER_SOURCE` flows, a gateway `FLOWS` in all. A flow ends after `udp_idle_timeout`
 //! without a datagram either way.
 
+use crate::copy::Carried;
 use crate::metrics::{Side, GATEWAY_SERVICE};
 use crate::pool::Pool;
+use crate::sites::{Direction, Protocol};
 use crate::state::{AgentState, TunnelStats};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::server::SendResponse;
@@ -26,6 +28,7 @@ use http::{Request, Response, StatusCode};
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tapproof_identity::SpiffeId;
@@ -198,6 +201,7 @@ async fn send_capsule(send: &mut SendStream<Bytes>, capsule: Bytes) -> Result<()
 /// Carries datagrams both ways until the flow is idle for `idle` or either end goes:
 /// `outgoing` into the tunnel, the tunnel's datagrams to `socket` (dropped, and counted, when
 /// the socket cannot take them at once).
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
@@ -206,6 +210,7 @@ async fn relay(
     idle: Duration,
     side: Side,
     state: &AgentState,
+    carried: &Carried,
 ) -> End {
     let metrics = &state.metrics;
     let mut capsules = Capsules::default();
@@ -218,6 +223,7 @@ async fn relay(
                 if let Err(e) = send_capsule(&mut send, capsule(&d)).await {
                     return End::Stream(e);
                 }
+                carried.up.fetch_add(d.len() as u64, Ordering::Relaxed);
                 metrics.udp_datagram(side, crate::metrics::Flow::AppToTunnel);
             }
             chunk = recv.data() => {
@@ -233,7 +239,10 @@ async fn relay(
                         Ok(Some(d)) => {
                             deadline = Instant::now() + idle;
                             match socket.try_send(&d) {
-                                Ok(_) => metrics.udp_datagram(side, crate::metrics::Flow::TunnelToApp),
+                                Ok(_) => {
+                                    carried.down.fetch_add(d.len() as u64, Ordering::Relaxed);
+                                    metrics.udp_datagram(side, crate::metrics::Flow::TunnelToApp);
+                                }
                                 Err(_) => metrics.udp_dropped(side, "send_failed"),
                             }
                         }
@@ -304,7 +313,11 @@ pub(crate) async fn serve_stream(
         named_source: crate::gateway::named_source(&request),
         tunnel_peer: tapproof_audit::canonical(tunnel.peer_addr).ip(),
     };
-    if let Err(reason) = crate::gateway::admission(&applied, &peer_id, flow) {
+    let admitted = crate::gateway::admission(&applied, &peer_id, flow);
+    if let Err(reason) = admitted {
+        if let Some(site) = crate::gateway::site_of_peer(&applied, &peer_id) {
+            state.sites.refused(metrics, site, Direction::From);
+        }
         metrics.udp_flow(Side::Inbound, "denied");
         metrics
             .policy_denials
@@ -346,17 +359,25 @@ pub(crate) async fn serve_stream(
             return;
         }
     };
+    let site = match admitted {
+        Ok(crate::gateway::Admitted::Gateway { site } | crate::gateway::Admitted::Host { site }) => site,
+        Err(_) => "",
+    };
     metrics.udp_flow(Side::Inbound, "opened");
+    state.sites.opened(metrics, site, Direction::From, Protocol::Udp);
     let _open = metrics.udp_flow_open(Side::Inbound);
+    let carried = Carried::default();
     let (queue, outgoing) = mpsc::channel(QUEUE);
     let idle = applied
         .gateway
         .as_ref()
         .map_or(crate::config::DEFAULT_UDP_IDLE_TIMEOUT, |g| g.udp_idle_timeout);
     let end = tokio::select! {
-        end = relay(send, request.into_body(), outgoing, &socket, idle, Side::Inbound, &state) => end,
+        end = relay(send, request.into_body(), outgoing, &socket, idle, Side::Inbound, &state, &carried) => end,
         () = feed(&socket, &queue, Side::Inbound, &state) => End::LocalGone,
     };
+    let (sent, received) = carried.totals();
+    state.sites.ended(metrics, site, Direction::From, sent, received);
     debug!(peer_id = %peer_id, %target, end = %end, "UDP flow ended");
 }
 
@@ -602,6 +623,8 @@ async fn flow(
     state: &Arc<AgentState>,
 ) {
     let metrics = &state.metrics;
+    let outbound = pool.outbound();
+    let site = outbound.site.as_deref().unwrap_or_default();
     // Bound to the destination the host sent to and connected to the host: its answers come
     // from that address, and the flow's next datagrams arrive here.
     let answer = match transparent(destination).and_then(|s| {
@@ -625,6 +648,7 @@ async fn flow(
         Ok(pair) => pair,
         Err(e) => {
             metrics.udp_flow(Side::Outbound, "no_tunnel");
+            state.sites.refused(metrics, site, Direction::To);
             warn!(%source, %destination, error = %e, "routed UDP: no stream to the remote site; the flow's datagrams are dropped");
             return;
         }
@@ -633,6 +657,7 @@ async fn flow(
         Ok(Ok(r)) if r.status() == StatusCode::OK => r.into_body(),
         Ok(Ok(r)) => {
             metrics.udp_flow(Side::Outbound, "refused_by_peer");
+            state.sites.refused(metrics, site, Direction::To);
             warn!(%source, %destination, status = %r.status(), "routed UDP: the remote gateway refused the flow");
             return;
         }
@@ -648,16 +673,20 @@ async fn flow(
         }
     };
     metrics.udp_flow(Side::Outbound, "opened");
+    state.sites.opened(metrics, site, Direction::To, Protocol::Udp);
     let _open = metrics.udp_flow_open(Side::Outbound);
+    let carried = Carried::default();
     let idle = state
         .applied()
         .gateway
         .as_ref()
         .map_or(crate::config::DEFAULT_UDP_IDLE_TIMEOUT, |g| g.udp_idle_timeout);
     let end = tokio::select! {
-        end = relay(send, recv, outgoing, &answer, idle, Side::Outbound, state) => end,
+        end = relay(send, recv, outgoing, &answer, idle, Side::Outbound, state, &carried) => end,
         () = feed(&answer, &queue, Side::Outbound, state) => End::LocalGone,
     };
+    let (sent, received) = carried.totals();
+    state.sites.ended(metrics, site, Direction::To, sent, received);
     debug!(%source, %destination, end = %end, "routed UDP flow ended");
 }
 

@@ -164,6 +164,41 @@ pub struct CaptureState {
     /// Why the rules are not in place, when they are not and the agent knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A site gateway's (or a host's `[[remote]]`) traffic with other sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayReport>,
+}
+
+/// What a site gateway carried between its site and others since the agent started, and what
+/// its rules caught since they were installed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayReport {
+    /// This gateway's own site (`gateway.site`; empty for a host with `[[remote]]`).
+    pub site: String,
+    /// Routed TCP connections and UDP datagrams from the local networks the rules handed to
+    /// the agent, and routed packets to remote sites they dropped (never forwarded).
+    pub routed_connections: u64,
+    pub routed_datagrams: u64,
+    pub dropped_packets: u64,
+    /// Per remote site and direction.
+    pub sites: Vec<SiteTraffic>,
+}
+
+/// Flows between this gateway's site and `site`, in one direction: `to` (this gateway carried
+/// them to that site) or `from` (that site's gateways or hosts brought them here).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteTraffic {
+    pub site: String,
+    pub direction: String,
+    pub tcp_flows: u64,
+    pub udp_flows: u64,
+    /// Payload bytes towards `site` and from it, counted as each flow ends.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Flows from `site` refused here (site policy, identity), or to it that found no tunnel.
+    pub refused: u64,
 }
 
 /// A directory destination that is not captured: it points at this host itself, or two services

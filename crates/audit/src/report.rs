@@ -110,6 +110,8 @@ pub struct Known {
 
 /// What the running agent said it vouches for, or why it could not be asked.
 #[derive(Debug, Clone)]
+// Built once per audit run and moved, never stored in bulk: boxing the sockets would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AgentView {
     /// The agent answered with these sockets.
     Vouched(crate::AgentSockets),

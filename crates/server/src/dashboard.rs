@@ -32,6 +32,58 @@ pub struct Dashboard {
     pub revocations: Vec<tapproof_api::Revocation>,
     /// The CA: roots and intermediates not retired, with their rollover state.
     pub ca: Vec<CaRow>,
+    /// Site gateways (and hosts with `[[remote]]`): what each carried between its site and the
+    /// others, per remote site and direction, from its latest report.
+    pub sites: Vec<SiteRow>,
+}
+
+/// One gateway's traffic with one remote site in one direction, and its rules' counts.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct SiteRow {
+    pub node: String,
+    /// The gateway's own site (`gateway.site`; empty when not named or for a host).
+    pub site: String,
+    pub remote_site: String,
+    /// `to` (carried there from here) or `from` (brought here from there).
+    pub direction: String,
+    pub tcp_flows: u64,
+    pub udp_flows: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub refused: u64,
+    /// The gateway's rules: routed connections and datagrams taken into its tunnels, and routed
+    /// packets to remote sites dropped (never forwarded in plaintext).
+    pub routed_connections: u64,
+    pub routed_datagrams: u64,
+    pub dropped_packets: u64,
+}
+
+/// The site rows of each node's latest report, by node and remote site.
+fn site_rows(uploads: &[(String, CoverageUpload)]) -> Vec<SiteRow> {
+    let mut rows = Vec::new();
+    for (node, upload) in uploads {
+        let Some(g) = upload.report.capture.as_ref().and_then(|c| c.gateway.as_ref()) else {
+            continue;
+        };
+        rows.extend(g.sites.iter().map(|t| SiteRow {
+            node: node.clone(),
+            site: g.site.clone(),
+            remote_site: t.site.clone(),
+            direction: t.direction.clone(),
+            tcp_flows: t.tcp_flows,
+            udp_flows: t.udp_flows,
+            bytes_sent: t.bytes_sent,
+            bytes_received: t.bytes_received,
+            refused: t.refused,
+            routed_connections: g.routed_connections,
+            routed_datagrams: g.routed_datagrams,
+            dropped_packets: g.dropped_packets,
+        }));
+    }
+    rows.sort_by(|a, b| {
+        (&a.node, &a.remote_site, &a.direction).cmp(&(&b.node, &b.remote_site, &b.direction))
+    });
+    rows
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -293,6 +345,7 @@ pub async fn dashboard_data(
             .collect(),
         revocations,
         ca,
+        sites: site_rows(&uploads),
     }))
 }
 

@@ -198,6 +198,36 @@ fn schemas() -> Value {
         json!({ "at": int(), "mode": { "type": ["string", "null"], "enum": ["off", "monitor", "enforce", null] }, "plaintext_attempts": int() }),
         false,
     );
+    all["Dashboard"]["properties"]["sites"] = json!({
+        "type": "array", "items": reference("DashboardSite"),
+        "description": "site gateways' traffic per remote site and direction, from their latest reports",
+    });
+    if let Some(required) = all["Dashboard"]["required"].as_array_mut() {
+        required.push(json!("sites"));
+    }
+    all["DashboardSite"] = object(
+        &[
+            "node",
+            "site",
+            "remote_site",
+            "direction",
+            "tcp_flows",
+            "udp_flows",
+            "bytes_sent",
+            "bytes_received",
+            "refused",
+            "routed_connections",
+            "routed_datagrams",
+            "dropped_packets",
+        ],
+        json!({
+            "node": string(), "site": string(), "remote_site": string(),
+            "direction": { "type": "string", "enum": ["to", "from"] },
+            "tcp_flows": int(), "udp_flows": int(), "bytes_sent": int(), "bytes_received": int(), "refused": int(),
+            "routed_connections": int(), "routed_datagrams": int(), "dropped_packets": int(),
+        }),
+        false,
+    );
     all["NodeEvent"] = object(
         &["kind", "by", "reason"],
         json!({
@@ -581,6 +611,24 @@ mod tests {
                 audit: vec![],
                 revocations: vec![],
                 ca: vec![],
+                sites: vec![],
+            },
+        );
+        same_fields(
+            "DashboardSite",
+            SiteRow {
+                node: String::new(),
+                site: String::new(),
+                remote_site: String::new(),
+                direction: "to".into(),
+                tcp_flows: 0,
+                udp_flows: 0,
+                bytes_sent: 0,
+                bytes_received: 0,
+                refused: 0,
+                routed_connections: 0,
+                routed_datagrams: 0,
+                dropped_packets: 0,
             },
         );
         same_fields(

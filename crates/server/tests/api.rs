@@ -1527,6 +1527,89 @@ async fn the_dashboard_shows_each_nodes_capture_mode_and_plaintext_attempts_over
     assert_eq!(row("web-1")["capture_history"], json!([]), "{d}");
 }
 
+/// A site gateway's report carries its traffic per remote site: the dashboard lists each site
+/// pair and direction with flows, bytes, refusals and what its rules did with routed traffic.
+#[tokio::test]
+async fn the_dashboard_shows_each_gateways_sites_and_interconnect_traffic() {
+    let s = start().await;
+    let admin = s.admin("ops").await;
+    let gw = s.join("gw-a", &[]).await;
+    let traffic = |direction: &str, tcp, udp, sent, received, refused| tapproof_audit::SiteTraffic {
+        site: "dc-b".into(),
+        direction: direction.into(),
+        tcp_flows: tcp,
+        udp_flows: udp,
+        bytes_sent: sent,
+        bytes_received: received,
+        refused,
+    };
+    let capture = tapproof_audit::CaptureState {
+        rules_installed: true,
+        gateway: Some(tapproof_audit::GatewayReport {
+            site: "dc-a".into(),
+            routed_connections: 7,
+            routed_datagrams: 3,
+            dropped_packets: 2,
+            sites: vec![
+                traffic("to", 5, 2, 1000, 90_000, 0),
+                traffic("from", 1, 0, 10, 20, 4),
+            ],
+        }),
+        ..Default::default()
+    };
+    let options = tapproof_audit::Options {
+        agent: tapproof_audit::AgentView::Vouched(tapproof_audit::AgentSockets {
+            capture: Some(capture),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let report = tapproof_audit::classify(&tapproof_audit::scan::Scan::default(), &options, "gw-a".into(), 0);
+    let body = serde_json::to_value(tapproof_audit::CoverageUpload {
+        report,
+        denials: vec![],
+    })
+    .unwrap();
+    assert_eq!(
+        s.call(Some(&gw), "POST", paths::COVERAGE, body).await.unwrap().0,
+        204
+    );
+    let (status, d) = s
+        .call(Some(&admin), "GET", paths::DASHBOARD_DATA, Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{d}");
+    let sites = d["sites"].as_array().unwrap();
+    assert_eq!(sites.len(), 2, "{d}");
+    let from = &sites[0];
+    let to = &sites[1];
+    assert_eq!(
+        (from["direction"].as_str(), to["direction"].as_str()),
+        (Some("from"), Some("to")),
+        "{d}"
+    );
+    assert_eq!(to["node"], "gw-a");
+    assert_eq!(to["site"], "dc-a");
+    assert_eq!(to["remote_site"], "dc-b");
+    assert_eq!(
+        (to["tcp_flows"].as_u64(), to["udp_flows"].as_u64()),
+        (Some(5), Some(2))
+    );
+    assert_eq!(
+        (to["bytes_sent"].as_u64(), to["bytes_received"].as_u64()),
+        (Some(1000), Some(90_000))
+    );
+    assert_eq!(from["refused"], 4);
+    assert_eq!(
+        (
+            to["routed_connections"].as_u64(),
+            to["routed_datagrams"].as_u64(),
+            to["dropped_packets"].as_u64()
+        ),
+        (Some(7), Some(3), Some(2))
+    );
+}
+
 /// Where clients reach a service: a node announces the addresses of the services it is
 /// registered for (others are ignored), the directory lists them for every node, a new
 /// announcement replaces the old, and a malformed one is refused naming the pair and stores

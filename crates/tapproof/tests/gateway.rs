@@ -298,6 +298,34 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
         Duration::from_secs(15),
         || metric_value(&metrics(&ga), "tapproof_gateway_routed_datagrams", &[]) >= 2.0,
     );
+    // What each gateway reports per site (its coverage report's capture.gateway, published at
+    // each look at the rules): GA carried TCP and UDP flows to site "other" with the HTTP bytes
+    // (counted as flows end); GB counted the flow its policy refused.
+    let site_report = |g: &Netns, direction: &str| -> serde_json::Value {
+        let sockets: serde_json::Value =
+            serde_json::from_str(&g.exec_ok(&["curl", "-s", "http://127.0.0.1:15000/v1/sockets"])).unwrap();
+        sockets["capture"]["gateway"]["sites"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|t| t["site"] == "other" && t["direction"] == direction)
+                    .cloned()
+            })
+            .unwrap_or_default()
+    };
+    wait_until("GA's site report", Duration::from_secs(15), || {
+        let t = site_report(&ga, "to");
+        t["tcp_flows"].as_u64() >= Some(3)
+            && t["udp_flows"].as_u64() >= Some(2)
+            && t["bytes_received"].as_u64() >= Some(2 * canary.len() as u64)
+            && t["refused"].as_u64() >= Some(1)
+    });
+    wait_until("GB's site report", Duration::from_secs(15), || {
+        let t = site_report(&gb, "from");
+        t["tcp_flows"].as_u64() >= Some(2)
+            && t["udp_flows"].as_u64() >= Some(2)
+            && t["refused"].as_u64() >= Some(1)
+    });
     // 3. Another IP protocol routed to site B (253, for experiments) is dropped at GA, never
     //    forwarded in plaintext.
     let send_raw = format!(

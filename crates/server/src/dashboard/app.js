@@ -181,6 +181,16 @@ function render(data) {
       el("td", {}, l.process || "?"), el("td", {}, l.detail),
     ];
   });
+  const bytes = (n) => n >= 1e9 ? (n / 1e9).toFixed(1) + " GB" : n >= 1e6 ? (n / 1e6).toFixed(1) + " MB" : n >= 1e3 ? (n / 1e3).toFixed(1) + " kB" : n + " B";
+  fill("sites", data.sites || [], (r) => [
+    el("td", {}, r.node), el("td", {}, r.site || "–"), el("td", {}, r.remote_site),
+    el("td", {}, r.direction === "to" ? `${r.site || r.node} → ${r.remote_site}` : `${r.remote_site} → ${r.site || r.node}`),
+    el("td", {}, String(r.tcp_flows)), el("td", {}, String(r.udp_flows)),
+    el("td", {}, `${bytes(r.bytes_sent)} / ${bytes(r.bytes_received)}`),
+    el("td", { class: r.refused ? "plain" : "" }, String(r.refused)),
+    el("td", { class: "enc" }, `${r.routed_connections} / ${r.routed_datagrams}`),
+    el("td", {}, String(r.dropped_packets)),
+  ]);
   fill("denials", data.denials, (d) => [
     el("td", {}, when(d.at)), el("td", {}, d.node), el("td", { class: "mono" }, d.peer),
     el("td", {}, d.service), el("td", {}, d.reason),

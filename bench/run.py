@@ -9,6 +9,8 @@ Sections (--sections, default all):
   memory      resident memory per idle proxied connection at --idle-conns connections (tapproof, stunnel4)
   handshakes  full mTLS 1.3 handshakes (X25519MLKEM768, ECDSA P-256, no resumption) per second, one core
   veth        two network namespaces + veth: direct, tapproof (listener and captured), Nebula, boringtun (bulk, new conn, keep-alive)
+  sites       site to site, A1 -- GA == GB -- B1 in four namespaces: routed plaintext, tapproof gateways, boringtun,
+              Nebula (bulk with 1 and 32 flows, new conn/s, UDP 1 KiB packets/s and loss, p99 idle and under bulk)
   longfat     two namespaces on a link with a 10 ms delay each way (netem, else bench/delaylink.py);
               one iperf3 stream direct vs tapproof
   control     signings/s on SQLite; --feed-agents simulated agents on the state feed, revocation latency
@@ -18,12 +20,13 @@ section and bench/plot.png (with --write). Every process and namespace started h
 import argparse, datetime, json, os, shutil, signal, subprocess, sys, tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import log, med, raise_fd_limit
-import common, control, longfat, loopback, veth
+import common, control, longfat, loopback, sites, veth
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALL = ["loopback", "clients", "memory", "handshakes", "veth", "longfat", "control"]
+ALL = ["loopback", "clients", "memory", "handshakes", "veth", "sites", "longfat", "control"]
 TOOLS = dict(loopback=["nginx", "wrk", "iperf3", "stunnel4"], clients=["pgbench", "redis-server", "redis-benchmark"],
-             memory=["stunnel4"], veth=["nginx", "wrk", "iperf3", "ip"], longfat=["iperf3", "ip"])
+             memory=["stunnel4"], veth=["nginx", "wrk", "iperf3", "ip"], sites=["nginx", "wrk", "iperf3", "ip"],
+             longfat=["iperf3", "ip"])
 
 
 def f0(x):
@@ -134,6 +137,41 @@ def report(R, a):
             target("keep-alive >= 1.5x best of Nebula/boringtun", rk >= 1.5, f"{rk:.2f}x")
             target("keep-alive p99 < 1 ms (veth)", med(tp["p99"]) < 1, f"{f2(med(tp['p99']))} ms")
         for path, r in V["results"].items():
+            for n in sorted(r["notes"]):
+                p(f"note: {path}: {n}")
+        p("")
+    if "sites" in R:
+        S = R["sites"]
+        p("### Site to site (A1 -- GA == interconnect == GB -- B1, four namespaces)\n")
+        p("| path | bulk MB/s, 1 flow | CPU s/GB (gateways) | bulk MB/s, 32 flows | new conn/s | UDP 1 KiB pkt/s | "
+          "UDP loss % | p99 ms idle | p99 ms under bulk |")
+        p("|---|---|---|---|---|---|---|---|---|")
+        for path, r in S["results"].items():
+            if not r["bulk1"]:
+                continue
+            p(f"| {path} | {f0(med(r['bulk1']))} | {f2(med(r['cpu'])) if r['cpu'] else '-'} | "
+              f"{f0(med(r['bulk32']))} | {f0(med(r['new']))} | {f0(med(r['udp_pps']))} | {f2(med(r['udp_loss']))} | "
+              f"{f2(med(r['p99_idle']))} | {f2(med(r['p99_bulk']))} |")
+        for name, why in S["skipped"].items():
+            p(f"\n{name} not measured: {why}")
+        res = S["results"]
+        tp, floor = res.get("tapproof gateways"), res.get("routed plaintext")
+        if tp and tp["bulk1"] and floor and floor["bulk1"]:
+            p(f"\ntapproof gateways / routed plaintext: bulk 1 flow {ratio(med(tp['bulk1']), med(floor['bulk1'])):.2f}x, "
+              f"32 flows {ratio(med(tp['bulk32']), med(floor['bulk32'])):.2f}x, new conn/s "
+              f"{ratio(med(tp['new']), med(floor['new'])):.2f}x, UDP pkt/s "
+              f"{ratio(med(tp['udp_pps']), med(floor['udp_pps'])):.2f}x")
+            for peer in ("boringtun", "Nebula"):
+                o = res.get(peer)
+                if o and o["bulk1"]:
+                    p(f"tapproof gateways / {peer}: bulk 1 flow {ratio(med(tp['bulk1']), med(o['bulk1'])):.2f}x, "
+                      f"32 flows {ratio(med(tp['bulk32']), med(o['bulk32'])):.2f}x, new conn/s "
+                      f"{ratio(med(tp['new']), med(o['new'])):.2f}x, UDP pkt/s "
+                      f"{ratio(med(tp['udp_pps']), med(o['udp_pps'])):.2f}x")
+            q = ratio(med(tp["p99_bulk"]), med(tp["p99_idle"]))
+            p("")
+            target("sites: p99 under bulk <= 2x idle p99 (tapproof gateways)", q <= 2, f"{q:.2f}x")
+        for path, r in res.items():
             for n in sorted(r["notes"]):
                 p(f"note: {path}: {n}")
         p("")
@@ -248,8 +286,8 @@ def main():
         for tool in TOOLS.get(s, []):
             if not shutil.which(tool):
                 sys.exit(f"{tool} not found (bench/run.sh installs it)")
-    if any(s in sections for s in ("veth", "longfat", "clients")) and os.geteuid() != 0:
-        sys.exit("the veth, longfat and clients sections need root (network namespaces, a throwaway PostgreSQL)")
+    if any(s in sections for s in ("veth", "sites", "longfat", "clients")) and os.geteuid() != 0:
+        sys.exit("the veth, sites, longfat and clients sections need root (network namespaces, a throwaway PostgreSQL)")
     raise_fd_limit()
     # SIGTERM/SIGINT end the run through the finally blocks below, which stop every process and
     # remove the namespaces.
@@ -290,6 +328,13 @@ def main():
                 R["veth"] = dict(results=veth.run_basic(v, a.runs, a.seconds), skipped=v.skipped)
             finally:
                 v.stop()
+        if "sites" in sections:
+            st = sites.Sites(d, a.tapproof)
+            try:
+                st.start()
+                R["sites"] = dict(results=sites.run(st, a.runs, a.seconds), skipped=st.skipped)
+            finally:
+                st.stop()
         if "longfat" in sections:
             lf = longfat.LongFat(d, a.tapproof, a.delay_ms)
             try:

@@ -49,6 +49,8 @@ pub const FLOWS_PER_SOURCE: usize = 256;
 pub const FLOWS: usize = 16_384;
 /// The largest UDP payload (IPv4: 65535 - 20 - 8).
 const MAX_PAYLOAD: usize = 65_507;
+/// The receive buffer of the routed-UDP sockets.
+const ROUTED_RCVBUF: usize = 8 << 20;
 /// RFC 9297 capsule type of a datagram.
 const DATAGRAM: u64 = 0;
 
@@ -417,6 +419,13 @@ pub fn bind_routed(port: u16, ipv6: bool) -> io::Result<Vec<UdpSocket>> {
         } else {
             socket.set_only_v6(true)?;
             nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6OrigDstAddr, &true)?;
+        }
+        // A burst of new flows arrives faster than flows are set up: room for some thousands of
+        // datagrams (SO_RCVBUFFORCE, allowed with CAP_NET_ADMIN, which capture needs anyway; else
+        // as much as net.core.rmem_max allows).
+        if nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBufForce, &ROUTED_RCVBUF).is_err()
+        {
+            let _ = socket.set_recv_buffer_size(ROUTED_RCVBUF);
         }
         socket.bind(&addr.into())?;
         out.push(UdpSocket::from_std(socket.into())?);

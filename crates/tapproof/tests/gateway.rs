@@ -298,6 +298,64 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
         Duration::from_secs(15),
         || metric_value(&metrics(&ga), "tapproof_gateway_routed_datagrams", &[]) >= 2.0,
     );
+    // 2b. A UDP flood from one host: 400 flows (source ports) from A1 meet the 256-flow limit
+    //     per source; the rest are dropped and counted, and another host of site A (A1's second
+    //     address) still gets its DNS answer.
+    let flood = format!(
+        "import socket\nsocks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(400)]\n\
+         for s in socks: s.sendto(b'flood', ('{site_b}.2', 53))\n"
+    );
+    a1.exec_ok(&["python3", "-c", &flood]);
+    let limited = || {
+        metric_value(
+            &metrics(&ga),
+            "tapproof_udp_dropped_datagrams_total",
+            &["reason=\"flow_limit\""],
+        )
+    };
+    for _ in 0..150 {
+        if limited() >= 100.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        limited() >= 100.0,
+        "GA counted the flows over the limit:\n{}\n{}",
+        metrics(&ga)
+            .lines()
+            .filter(|l| l.contains("udp"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        ga_agent
+            .log()
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    a1.exec_ok(&["ip", "addr", "add", &format!("{site_a}.3/24"), "dev", &a1_if]);
+    let out = a1
+        .command(&[
+            "dig",
+            "+short",
+            "+time=3",
+            "+tries=1",
+            "-b",
+            &format!("{site_a}.3"),
+            &format!("@{site_b}.2"),
+            &format!("{qname}.test"),
+            "A",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "10.9.8.7",
+        "another host's DNS during A1's flood: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // What each gateway reports per site (its coverage report's capture.gateway, published at
     // each look at the rules): GA carried TCP and UDP flows to site "other" with the HTTP bytes
     // (counted as flows end); GB counted the flow its policy refused.

@@ -169,6 +169,10 @@ def report(R, a):
                       f"{ratio(med(tp['new']), med(o['new'])):.2f}x, UDP pkt/s "
                       f"{ratio(med(tp['udp_pps']), med(o['udp_pps'])):.2f}x")
             q = ratio(med(tp["p99_bulk"]), med(tp["p99_idle"]))
+            p(f"p99 under bulk / idle: tapproof gateways {q:.1f}x, routed plaintext "
+              f"{ratio(med(floor['p99_bulk']), med(floor['p99_idle'])):.1f}x" + "".join(
+                f", {peer} {ratio(med(res[peer]['p99_bulk']), med(res[peer]['p99_idle'])):.1f}x"
+                for peer in ("boringtun", "Nebula") if res.get(peer) and res[peer]["bulk1"]))
             p("")
             target("sites: p99 under bulk <= 2x idle p99 (tapproof gateways)", q <= 2, f"{q:.2f}x")
         for path, r in res.items():

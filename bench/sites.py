@@ -8,7 +8,7 @@ with 1 KiB datagrams (packets/s received and loss), and the p99 of small keep-al
 and while a 4-flow bulk transfer shares the path.
 Namespaces (tpsite-*), links and addresses (10.240-245.0.0/24) are this harness's own and are
 removed at the end, as is every process and nftables table started here."""
-import os, subprocess, threading, time
+import os, shutil, subprocess, threading, time
 from common import Procs, iperf, log, nginx_conf, ns_run as ns, pki_dir, sh, wait_port, wrk, in_ns
 
 NS = dict(a1="tpsite-a1", ga="tpsite-ga", gb="tpsite-gb", b1="tpsite-b1")
@@ -52,6 +52,11 @@ class Sites:
                              ("gb", "tpsgb", f"{SITE_B}.1/24"), ("b1", "tpsb1", f"{SITE_B}.2/24")):
             ns(NS[n], "ip", "addr", "add", cidr, "dev", dev)
             ns(NS[n], "ip", "link", "set", dev, "up")
+        # A1 is the load generator: wrk's closed connections must not run it out of ports (through
+        # a proxy the client often closes first and holds TIME_WAIT; 28k ports / 60 s would cap
+        # every path near 470 new connections/s).
+        ns(NS["a1"], "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1")
+        ns(NS["a1"], "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535")
         ns(NS["a1"], "ip", "route", "add", f"{SITE_B}.0/24", "via", f"{SITE_A}.1")
         ns(NS["b1"], "ip", "route", "add", f"{SITE_A}.0/24", "via", f"{SITE_B}.1")
         for g in ("ga", "gb"):
@@ -80,6 +85,12 @@ class Sites:
             self.routes_via_interconnect(True)
             return self.start_tapproof()
         self.routes_via_interconnect(False)
+        # The overlays' MTUs (1420, 1300) are below the sites' 1500: clamp the MSS of forwarded
+        # SYNs to the route's MTU, as a site-to-site WireGuard or Nebula setup does.
+        for g in ("ga", "gb"):
+            subprocess.run(in_ns(NS[g], ["nft", "-f", "-"]), check=True, text=True, input=(
+                "table inet tpsbench {\n chain clamp {\n  type filter hook forward priority 0; policy accept;\n"
+                "  tcp flags syn tcp option maxseg size set rt mtu\n }\n}\n"))
         return self.start_boringtun() if path == "boringtun" else self.start_nebula()
 
     def down(self, path):
@@ -90,6 +101,8 @@ class Sites:
         for dev in ("tpswga", "tpswgb", "tpsneb"):
             for n in ("ga", "gb"):
                 ns(NS[n], "ip", "link", "del", dev, check=False)
+        for n in ("ga", "gb"):
+            ns(NS[n], "nft", "delete", "table", "inet", "tpsbench", check=False)
 
     def start_tapproof(self):
         d = pki_dir(self.d, self.tapproof, TD, "sites")
@@ -146,7 +159,8 @@ class Sites:
 
     def start_nebula(self):
         d = f"{self.d}/sites-nebula"
-        os.makedirs(d, exist_ok=True)
+        shutil.rmtree(d, ignore_errors=True)  # nebula-cert will not overwrite the last run's CA
+        os.makedirs(d)
         sh("nebula-cert", "ca", "-name", "tpsites", "-out-crt", f"{d}/ca.crt", "-out-key", f"{d}/ca.key")
         pids = []
         for n, g, ip, other_ip, other_ix, mine, far in (("a", "ga", NEB_A, NEB_B, f"{IX}.2", SITE_A, SITE_B),

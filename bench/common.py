@@ -255,3 +255,29 @@ def stunnel_configs(d, services):
 
 def log(msg):
     print(msg, flush=True, file=sys.stderr)
+
+
+def wg_keys(d, names):
+    """A WireGuard key pair per name: private keys written 0600 as d/<name>.key; the public keys."""
+    os.makedirs(d, exist_ok=True)
+    keys = []
+    for n in names:
+        private = sh("wg", "genkey").stdout.strip()
+        public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        with open(f"{d}/{n}.key", "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(private)
+        keys.append(public)
+    return keys
+
+
+def start_boringtun(procs, name, dev, log, ns):
+    """boringtun-cli on `dev` in `ns`, once its control socket is up (then `wg set` configures it)."""
+    p = procs.start(name, ["boringtun-cli", "--foreground", "--disable-drop-privileges", dev], log, ns=ns)
+    for _ in range(100):
+        if os.path.exists(f"/var/run/wireguard/{dev}.sock"):
+            break
+        time.sleep(0.05)
+    return p.pid
+

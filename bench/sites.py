@@ -9,7 +9,8 @@ and while a 4-flow bulk transfer shares the path.
 Namespaces (tpsite-*), links and addresses (10.240-245.0.0/24) are this harness's own and are
 removed at the end, as is every process and nftables table started here."""
 import os, shutil, subprocess, threading, time
-from common import Procs, iperf, log, nginx_conf, ns_run as ns, pki_dir, sh, wait_port, wrk, in_ns
+from common import (Procs, iperf, in_ns, log, nginx_conf, ns_run as ns, pki_dir, sh, start_boringtun, wait_port,
+                    wg_keys, wrk)
 
 NS = dict(a1="tpsite-a1", ga="tpsite-ga", gb="tpsite-gb", b1="tpsite-b1")
 SITE_A, SITE_B, IX = "10.241.0", "10.242.0", "10.240.0"
@@ -127,26 +128,11 @@ class Sites:
 
     def start_boringtun(self):
         d = f"{self.d}/sites-wg"
-        os.makedirs(d, exist_ok=True)
-        keys = []
-        for n in ("a", "b"):
-            private = sh("wg", "genkey").stdout.strip()
-            public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
-                                    check=True).stdout.strip()
-            with open(f"{d}/{n}.key", "w") as f:
-                os.fchmod(f.fileno(), 0o600)
-                f.write(private)
-            keys.append(public)
+        keys = wg_keys(d, ("a", "b"))
         pids = []
         for i, (n, g, dev, wg_ip, far_net, far_ix) in enumerate(
                 (("a", "ga", "tpswga", WG_A, SITE_B, f"{IX}.2"), ("b", "gb", "tpswgb", WG_B, SITE_A, f"{IX}.1"))):
-            pids.append(self.path_procs.start(f"boringtun-{n}", ["boringtun-cli", "--foreground",
-                                                                 "--disable-drop-privileges", dev],
-                                              f"{d}/{n}.log", ns=NS[g]).pid)
-            for _ in range(100):
-                if os.path.exists(f"/var/run/wireguard/{dev}.sock"):
-                    break
-                time.sleep(0.05)
+            pids.append(start_boringtun(self.path_procs, f"boringtun-{n}", dev, f"{d}/{n}.log", NS[g]))
             other_wg = WG_B if n == "a" else WG_A
             ns(NS[g], "wg", "set", dev, "private-key", f"{d}/{n}.key", "listen-port", str(51830 + i),
                "peer", keys[1 - i], "endpoint", f"{far_ix}:{51830 + 1 - i}",

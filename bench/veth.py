@@ -5,7 +5,8 @@ same nginx and iperf3 in the server namespace to clients in the client namespace
 Namespaces, links and addresses are this harness's own (tpbench-*, 10.231-233.0.0/24) and are
 removed at the end, as is every process started here."""
 import os, subprocess, time
-from common import Procs, log, measure_paths, nginx_conf, ns_run as ns, pki_dir, sh, tapproof_configs, wait_port
+from common import (Procs, log, measure_paths, nginx_conf, ns_run as ns, pki_dir, sh, start_boringtun,
+                    tapproof_configs, wait_port, wg_keys)
 
 NS_C, NS_S = "tpbench-c", "tpbench-s"
 VETH_C, VETH_S = "tpbc0", "tpbs0"
@@ -108,26 +109,11 @@ firewall:
 
     def start_boringtun(self):
         d = f"{self.d}/wg"
-        os.makedirs(d, exist_ok=True)
-        keys = []
-        for n in ("c", "s"):
-            private = sh("wg", "genkey").stdout.strip()
-            public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
-                                    check=True).stdout.strip()
-            with open(f"{d}/{n}.key", "w") as f:
-                os.fchmod(f.fileno(), 0o600)
-                f.write(private)
-            keys.append(public)
+        keys = wg_keys(d, ("c", "s"))
         pids = []
         for i, (n, space, dev) in enumerate((("c", NS_C, "tpbwgc"), ("s", NS_S, "tpbwgs"))):
             other = 1 - i
-            pids.append(self.procs.start(f"boringtun-{n}", ["boringtun-cli", "--foreground",
-                                                            "--disable-drop-privileges", dev], f"{d}/{n}.log",
-                                         ns=space).pid)
-            for _ in range(100):
-                if os.path.exists(f"/var/run/wireguard/{dev}.sock"):
-                    break
-                time.sleep(0.05)
+            pids.append(start_boringtun(self.procs, f"boringtun-{n}", dev, f"{d}/{n}.log", space))
             ns(space, "wg", "set", dev, "private-key", f"{d}/{n}.key", "listen-port", str(51820 + i),
                "peer", keys[other], "endpoint", f"{IP['veth'][other]}:{51820 + other}",
                "allowed-ips", f"{IP['wg'][other]}/32")

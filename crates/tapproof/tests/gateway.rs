@@ -49,6 +49,23 @@ fn addr(ns: &Netns, dev: &str, cidr: &str) {
     ns.exec_ok(&["ip", "link", "set", dev, "up"]);
 }
 
+/// Python's HTTP server on port 8080 (all addresses, IPv4 and IPv6) serving `docroot` in `ns`.
+fn web_server(ns: &Netns, docroot: &std::path::Path) -> tapproof_test_util::netns::Background {
+    let dir = docroot.to_str().unwrap();
+    let args = [
+        "python3",
+        "-u",
+        "-m",
+        "http.server",
+        "8080",
+        "--bind",
+        "::",
+        "--directory",
+        dir,
+    ];
+    spawn_ready(ns, &args, "Serving HTTP").0
+}
+
 fn metrics(ns: &Netns) -> String {
     ns.exec_ok(&["curl", "-s", "http://127.0.0.1:15000/metrics"])
 }
@@ -146,22 +163,7 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
     let docroot = pki.path().join("www");
     std::fs::create_dir_all(&docroot).unwrap();
     std::fs::write(docroot.join("canary.txt"), &canary).unwrap();
-    let _web = spawn_ready(
-        &b1,
-        &[
-            "python3",
-            "-u",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "::",
-            "--directory",
-            docroot.to_str().unwrap(),
-        ],
-        "Serving HTTP",
-    )
-    .0;
+    let _web = web_server(&b1, &docroot);
     // A DNS server on B1 (dnsmasq, in the foreground, logging to stdout): every name under
     // .test is 10.9.8.7 / fd00::9.
     let dnsmasq = format!(
@@ -583,34 +585,8 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     std::fs::write(docroot.join("small.txt"), "ok").unwrap();
     let big = tapproof_test_util::traffic::random_bytes(4 * 1024 * 1024);
     std::fs::write(docroot.join("big.bin"), &big).unwrap();
-    let _web = spawn_ready(
-        &a1,
-        &[
-            "python3",
-            "-u",
-            "-m",
-            "http.server",
-            "8080",
-            "--directory",
-            docroot.to_str().unwrap(),
-        ],
-        "Serving HTTP",
-    )
-    .0;
-    let _b1_web = spawn_ready(
-        &b1,
-        &[
-            "python3",
-            "-u",
-            "-m",
-            "http.server",
-            "8080",
-            "--directory",
-            docroot.to_str().unwrap(),
-        ],
-        "Serving HTTP",
-    )
-    .0;
+    let _web = web_server(&a1, &docroot);
+    let _b1_web = web_server(&b1, &docroot);
     // Quick liveness so a silent gateway is noticed in about two seconds.
     let tunnel = |listen: &str| {
         format!("[tunnel]\nlisten = \"{listen}:15008\"\nping_interval = \"1s\"\nping_timeout = \"1s\"\n")

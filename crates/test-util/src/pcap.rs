@@ -21,8 +21,9 @@ fn u32be(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// TCP segments with a payload, in capture order. Panics on a file that is not pcap/Ethernet.
-pub fn tcp_segments(file: &[u8]) -> Vec<Segment> {
+/// The Ethernet frames of a classic pcap file, in capture order. Panics on a file that is not
+/// pcap/Ethernet.
+fn frames(file: &[u8]) -> Vec<&[u8]> {
     let magic = u32::from_le_bytes(file[0..4].try_into().expect("pcap header"));
     let le = match magic {
         0xa1b2c3d4 | 0xa1b23c4d => true,
@@ -46,6 +47,15 @@ pub fn tcp_segments(file: &[u8]) -> Vec<Segment> {
             break;
         };
         at = start + caplen as usize;
+        out.push(frame);
+    }
+    out
+}
+
+/// TCP segments with a payload, in capture order. Panics on a file that is not pcap/Ethernet.
+pub fn tcp_segments(file: &[u8]) -> Vec<Segment> {
+    let mut out = Vec::new();
+    for frame in frames(file) {
         if u16be(frame, 12) != Some(0x0800) {
             continue;
         }
@@ -82,34 +92,11 @@ pub fn tcp_segments(file: &[u8]) -> Vec<Segment> {
 /// The IP protocol number of every IPv4 packet in the capture, in order (6 TCP, 17 UDP, 1
 /// ICMP, ...). Panics on a file that is not pcap/Ethernet.
 pub fn ipv4_protocols(file: &[u8]) -> Vec<u8> {
-    let le = match u32::from_le_bytes(file[0..4].try_into().expect("pcap header")) {
-        0xa1b2c3d4 | 0xa1b23c4d => true,
-        0xd4c3b2a1 | 0x4d3cb2a1 => false,
-        m => panic!("not a pcap file (magic {m:08x})"),
-    };
-    let rd32 = |at: usize| -> Option<u32> {
-        let b: [u8; 4] = file.get(at..at + 4)?.try_into().ok()?;
-        Some(if le {
-            u32::from_le_bytes(b)
-        } else {
-            u32::from_be_bytes(b)
-        })
-    };
-    let mut out = Vec::new();
-    let mut at = 24;
-    while let Some(caplen) = rd32(at + 8) {
-        let start = at + 16;
-        let Some(frame) = file.get(start..start + caplen as usize) else {
-            break;
-        };
-        at = start + caplen as usize;
-        if u16be(frame, 12) == Some(0x0800) {
-            if let Some(&p) = frame.get(14 + 9) {
-                out.push(p);
-            }
-        }
-    }
-    out
+    frames(file)
+        .into_iter()
+        .filter(|f| u16be(f, 12) == Some(0x0800))
+        .filter_map(|f| f.get(14 + 9).copied())
+        .collect()
 }
 
 /// The bytes sent by `src` on its connection(s) to port `dst_port`... as one stream, in sequence

@@ -61,7 +61,7 @@ pub struct Tunnel {
     pub sender: SendRequest<Bytes>,
     pub stats: Arc<TunnelStats>,
     alive: Arc<AtomicBool>,
-    /// Dropped because the peer stopped answering PINGs: the next dial starts with another peer.
+    /// Retired because the peer stopped answering PINGs: the next dial starts with another peer.
     unanswered: Arc<AtomicBool>,
     /// When the first of the two certificates this tunnel was authenticated with expires (Unix
     /// seconds). No new streams go on it after that: the next app connection dials afresh, with
@@ -316,17 +316,25 @@ impl Pool {
         let (interval, wait) = (cfg.ping_interval, cfg.ping_timeout);
         let state = self.state.clone();
         tokio::spawn(async move {
-            let result = tokio::select! {
-                r = connection => r,
-                // Revoked peer: drop the connection (and every stream on it) at once.
-                _ = close.cancelled() => Ok(()),
-                // A peer that stopped answering (host gone, link cut): no FIN or RST will come
-                // for minutes; drop the tunnel now so new streams go to a peer that answers.
-                () = liveness(pings, interval, wait) => {
-                    unanswered.store(true, Ordering::Release);
-                    state.metrics.tunnel_errors.get_or_create(&crate::metrics::FailureLabels { side: Side::Outbound, reason: "ping_timeout" }).inc();
-                    warn!(service = %service, %peer, timeout = ?wait, "outbound: peer did not answer a PING in time; tunnel dropped, its streams reset");
-                    Ok(())
+            let liveness = liveness(pings, interval, wait);
+            tokio::pin!(connection, liveness);
+            let mut pinging = true;
+            let result = loop {
+                tokio::select! {
+                    r = &mut connection => break r,
+                    // Revoked peer: drop the connection (and every stream on it) at once.
+                    _ = close.cancelled() => break Ok(()),
+                    // A peer that stopped answering (host gone, link cut): no FIN or RST will
+                    // come for up to TCP_USER_TIMEOUT. New streams go to a peer that answers
+                    // (the next dial starts with another); open ones stay here, and go on if the
+                    // link comes back.
+                    () = &mut liveness, if pinging => {
+                        pinging = false;
+                        unanswered.store(true, Ordering::Release);
+                        alive.store(false, Ordering::Release);
+                        state.metrics.tunnel_errors.get_or_create(&crate::metrics::FailureLabels { side: Side::Outbound, reason: "ping_timeout" }).inc();
+                        warn!(service = %service, %peer, timeout = ?wait, "outbound: peer did not answer a PING in time; new streams go to another tunnel, open ones stay on this one");
+                    }
                 }
             };
             alive.store(false, Ordering::Release);

@@ -186,6 +186,14 @@ enum End {
     Capsule(CapsuleError),
 }
 
+/// How long a flow lives without a datagram: `gateway.udp_idle_timeout`.
+fn idle_timeout(config: &crate::config::AgentConfig) -> Duration {
+    config
+        .gateway
+        .as_ref()
+        .map_or(crate::config::DEFAULT_UDP_IDLE_TIMEOUT, |g| g.udp_idle_timeout)
+}
+
 /// Waits until the stream may send `len` bytes, then sends them.
 async fn send_capsule(send: &mut SendStream<Bytes>, capsule: Bytes) -> Result<(), h2::Error> {
     let len = capsule.len();
@@ -370,10 +378,7 @@ pub(crate) async fn serve_stream(
     let _open = metrics.udp_flow_open(Side::Inbound);
     let carried = Carried::default();
     let (queue, outgoing) = mpsc::channel(QUEUE);
-    let idle = applied
-        .gateway
-        .as_ref()
-        .map_or(crate::config::DEFAULT_UDP_IDLE_TIMEOUT, |g| g.udp_idle_timeout);
+    let idle = idle_timeout(&applied);
     let end = tokio::select! {
         end = relay(send, request.into_body(), outgoing, &socket, idle, Side::Inbound, &state, &carried) => end,
         () = feed(&socket, &queue, Side::Inbound, &state) => End::LocalGone,
@@ -685,11 +690,7 @@ async fn flow(
     state.sites.opened(metrics, site, Direction::To, Protocol::Udp);
     let _open = metrics.udp_flow_open(Side::Outbound);
     let carried = Carried::default();
-    let idle = state
-        .applied()
-        .gateway
-        .as_ref()
-        .map_or(crate::config::DEFAULT_UDP_IDLE_TIMEOUT, |g| g.udp_idle_timeout);
+    let idle = idle_timeout(&state.applied());
     let end = tokio::select! {
         end = relay(send, recv, outgoing, &answer, idle, Side::Outbound, state, &carried) => end,
         () = feed(&answer, &queue, Side::Outbound, state) => End::LocalGone,

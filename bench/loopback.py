@@ -1,25 +1,61 @@
-"""Loopback sections: direct plaintext, a tapproof agent pair, a stunnel4 pair and a plain relay
-pair in front of the same nginx, iperf3, PostgreSQL, Redis and echo servers; all on 127.0.0.1.
+"""Loopback sections: direct plaintext, a tapproof agent pair, a stunnel4 pair, an HAProxy TLS 1.3
+mutual-auth pair, a plain relay pair and a plain HAProxy pair (`option splice-auto`) in front of the
+same nginx, iperf3, PostgreSQL, Redis and echo servers; all on 127.0.0.1.
 
 The plain relay pair (`tapproof-bench relay` twice, chained: no TLS, no HTTP/2, one upstream TCP
 connection per app connection, one worker thread each like the agents) is the floor under any
-two-process proxy on this machine: what the two extra socket hops cost with nothing else."""
+two-process proxy on this machine: what the two extra socket hops cost with nothing else. The plain
+HAProxy pair (mode tcp, splice-auto: the kernel moves bytes between sockets without copying them
+through user space) is the stronger floor. Each proxy process runs one thread, like the agents on
+this 2-core machine (one runtime worker per four cores, at least one)."""
 import os, re, shutil, socket, subprocess, time
 from common import (Procs, bench_tools, log, measure_paths, nginx_conf, rss_kib, stunnel_configs, tapproof_configs,
                     wait_port)
 
 TD = "bench.example"
-# backend, tapproof outbound, stunnel client accept, stunnel server accept, relay front, relay back
+# backend, tapproof outbound, stunnel client accept, stunnel server accept, relay front, relay back,
+# HAProxy TLS client accept, HAProxy TLS server accept, HAProxy plain front, HAProxy plain back.
 # All below the ephemeral range (32768-60999), where a busy run's own connections would collide.
-PORTS = dict(http=(18080, 28080, 29080, 30080, 31080, 32080), iperf=(15201, 25201, 29201, 30201, 31201, 32201),
-             pg=(15432, 25432, 29432, 30432, 31432, 32432), redis=(16379, 26379, 29379, 30379, 31379, 32379),
-             echo=(17007, 27007, 29007, 30007, 31007, 32007))
+PORTS = dict(http=(18080, 28080, 29080, 30080, 31080, 32080, 20080, 21080, 22080, 23080),
+             iperf=(15201, 25201, 29201, 30201, 31201, 32201, 20201, 21201, 22201, 23201),
+             pg=(15432, 25432, 29432, 30432, 31432, 32432, 20432, 21432, 22432, 23432),
+             redis=(16379, 26379, 29379, 30379, 31379, 32379, 20379, 21379, 22379, 23379),
+             echo=(17007, 27007, 29007, 30007, 31007, 32007, 20007, 21007, 22007, 23007))
 TUNNEL, ADMIN = 25008, (25000, 25001)
-PATHS = ("direct plaintext", "tapproof pair", "stunnel4 pair", "plain relay pair (no TLS)")
+PATHS = ("direct plaintext", "tapproof pair", "stunnel4 pair", "HAProxy TLS pair", "plain relay pair (no TLS)",
+         "HAProxy plain pair (splice, no TLS)")
+# The path a service is reached on: the index of its client-facing port in PORTS.
+ENTRY = {"direct plaintext": 0, "tapproof pair": 1, "stunnel4 pair": 2, "HAProxy TLS pair": 6,
+         "plain relay pair (no TLS)": 4, "HAProxy plain pair (splice, no TLS)": 8}
 
 
 def port(service, path):
-    return PORTS[service][(0, 1, 2, 4)[PATHS.index(path)]]
+    return PORTS[service][ENTRY[path]]
+
+
+def haproxy_configs(d, services):
+    """Writes ha-tls-server.cfg, ha-tls-client.cfg (TLS 1.3 only, both sides present a certificate
+    of the bench CA and require the other's; HAProxy checks the chain, not the SPIFFE ID) and
+    ha-plain-front.cfg, ha-plain-back.cfg (mode tcp, splice-auto). services: {name: ports}."""
+    for n in ("server", "client"):
+        with open(f"{d}/{n}.pem") as c, open(f"{d}/{n}.key") as k, open(f"{d}/ha-{n}.pem", "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(c.read() + k.read())
+    head = ("global\n  nbthread 1\n  maxconn 5000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n"
+            "  ssl-default-server-options ssl-min-ver TLSv1.3\n"
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
+            "  maxconn 5000\n")
+    tls = f"ssl crt {d}/ha-{{n}}.pem ca-file {d}/bundle.pem verify required"
+    configs = {"tls-server": "", "tls-client": "", "plain-front": "", "plain-back": ""}
+    for name, p in services.items():
+        configs["tls-client"] += f"listen {name}\n  bind 127.0.0.1:{p[6]}\n  server s 127.0.0.1:{p[7]} {tls.format(n='client')}\n"
+        configs["tls-server"] += f"listen {name}\n  bind 127.0.0.1:{p[7]} {tls.format(n='server')}\n  server s 127.0.0.1:{p[0]}\n"
+        splice = "  option splice-auto\n"
+        configs["plain-front"] += f"listen {name}\n{splice}  bind 127.0.0.1:{p[8]}\n  server s 127.0.0.1:{p[9]}\n"
+        configs["plain-back"] += f"listen {name}\n{splice}  bind 127.0.0.1:{p[9]}\n  server s 127.0.0.1:{p[0]}\n"
+    for n, body in configs.items():
+        with open(f"{d}/ha-{n}.cfg", "w") as f:
+            f.write(head + body)
 
 
 class Loopback:
@@ -54,6 +90,9 @@ class Loopback:
                             for s in services})
         st = [self.procs.start(f"stunnel-{n}", ["stunnel4", f"{d}/st-{n}.conf"], f"{d}/st-{n}.log")
               for n in ("server", "client")]
+        haproxy_configs(d, {s: PORTS[s] for s in services})
+        ha = {n: self.procs.start(f"haproxy-{n}", ["haproxy", "-db", "-f", f"{d}/ha-{n}.cfg"], f"{d}/ha-{n}.log")
+              for n in ("tls-server", "tls-client", "plain-back", "plain-front")}
         relays = []
         for s in services:
             for name, listen, to in (("back", PORTS[s][5], PORTS[s][0]), ("front", PORTS[s][4], PORTS[s][5])):
@@ -64,8 +103,12 @@ class Loopback:
             wait_port(PORTS[s][1], "tapproof")
             wait_port(PORTS[s][2], "stunnel")
             wait_port(PORTS[s][4], "relay")
+            wait_port(PORTS[s][6], "haproxy")
+            wait_port(PORTS[s][8], "haproxy")
         self.pids = {"direct plaintext": [], "tapproof pair": [p.pid for p in agents],
-                     "stunnel4 pair": [p.pid for p in st], "plain relay pair (no TLS)": [p.pid for p in relays]}
+                     "stunnel4 pair": [p.pid for p in st], "plain relay pair (no TLS)": [p.pid for p in relays],
+                     "HAProxy TLS pair": [ha["tls-server"].pid, ha["tls-client"].pid],
+                     "HAProxy plain pair (splice, no TLS)": [ha["plain-back"].pid, ha["plain-front"].pid]}
 
     def start_postgres(self):
         """A throwaway cluster owned by the postgres user, trust auth on loopback only, Debian's

@@ -2,14 +2,16 @@
 """tapproof's benchmark: every figure of the performance issue, side by side with the peers, in one run.
 
 Sections (--sections, default all):
-  loopback    direct / tapproof pair / stunnel4 pair / plain relay pair (no TLS, the floor of any
+  loopback    direct / tapproof pair / stunnel4 pair / HAProxy TLS 1.3 mutual-auth pair / plain relay
+              pair and HAProxy splice pair (no TLS, the floors of any
               two-process proxy) on 127.0.0.1: iperf3 bulk MB/s and proxy CPU seconds per GB,
               wrk new connections/s (Connection: close), wrk keep-alive req/s, p50, p99
   clients     pgbench (8 clients, TPC-B-like) and redis-benchmark GET (16 clients) through each path
   memory      resident memory per idle proxied connection at --idle-conns connections (tapproof, stunnel4)
   handshakes  full mTLS 1.3 handshakes (X25519MLKEM768, ECDSA P-256, no resumption) per second, one core
   veth        two network namespaces + veth: direct, tapproof (listener and captured), Nebula, boringtun (bulk, new conn, keep-alive)
-  sites       site to site, A1 -- GA == GB -- B1 in four namespaces: routed plaintext, tapproof gateways, boringtun,
+  sites       site to site, A1 -- GA == GB -- B1 in four namespaces: routed plaintext, tapproof gateways, stunnel4
+              gateways (TCP only), boringtun,
               Nebula (bulk with 1 and 32 flows, new conn/s, UDP 1 KiB packets/s and loss, p99 idle and under bulk)
   longfat     two namespaces on a link with a 10 ms delay each way (netem, else bench/delaylink.py);
               one iperf3 stream direct vs tapproof
@@ -24,8 +26,8 @@ import common, control, longfat, loopback, sites, veth
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ALL = ["loopback", "clients", "memory", "handshakes", "veth", "sites", "longfat", "control"]
-TOOLS = dict(loopback=["nginx", "wrk", "iperf3", "stunnel4"], clients=["pgbench", "redis-server", "redis-benchmark"],
-             memory=["stunnel4"], veth=["nginx", "wrk", "iperf3", "ip"], sites=["nginx", "wrk", "iperf3", "ip"],
+TOOLS = dict(loopback=["nginx", "wrk", "iperf3", "stunnel4", "haproxy"], clients=["pgbench", "redis-server", "redis-benchmark"],
+             memory=["stunnel4"], veth=["nginx", "wrk", "iperf3", "ip"], sites=["nginx", "wrk", "iperf3", "ip", "stunnel4"],
              longfat=["iperf3", "ip"])
 
 
@@ -67,6 +69,20 @@ def report(R, a):
         if rl:
             p(f"tapproof / plain relay pair: bulk {ratio(med(tp['bulk']), med(rl['bulk'])):.2f}x, new conn/s "
               f"{ratio(med(tp['new']), med(rl['new'])):.2f}x, keep-alive {ratio(med(tp['ka']), med(rl['ka'])):.2f}x")
+        hf, ht = L.get("HAProxy plain pair (splice, no TLS)"), L.get("HAProxy TLS pair")
+        if hf and ht:
+            r = lambda m, o: ratio(med(tp[m]), med(o[m]))
+            p(f"tapproof / HAProxy splice pair (floor): bulk {r('bulk', hf):.2f}x, new conn/s {r('new', hf):.2f}x, "
+              f"keep-alive {r('ka', hf):.2f}x, p99 {r('p99', hf):.2f}x")
+            p(f"tapproof / HAProxy TLS pair: bulk {r('bulk', ht):.2f}x, new conn/s {r('new', ht):.2f}x, "
+              f"keep-alive {r('ka', ht):.2f}x, p99 {r('p99', ht):.2f}x")
+            target("keep-alive >= 1.0x HAProxy splice floor", r("ka", hf) >= 1.0, f"{r('ka', hf):.2f}x")
+            target("keep-alive >= 1.5x HAProxy TLS", r("ka", ht) >= 1.5, f"{r('ka', ht):.2f}x")
+            target("bulk >= 0.85x HAProxy splice floor", r("bulk", hf) >= 0.85, f"{r('bulk', hf):.2f}x")
+            target("bulk >= 1.5x HAProxy TLS", r("bulk", ht) >= 1.5, f"{r('bulk', ht):.2f}x")
+            target("new conn/s >= HAProxy splice floor's", r("new", hf) >= 1.0, f"{r('new', hf):.2f}x")
+            target("p99 no worse than HAProxy splice floor's", r("p99", hf) <= 1.0,
+                   f"{f2(med(tp['p99']))} vs {f2(med(hf['p99']))} ms")
         p("")
         target("bulk >= 2x stunnel4", b >= 2, f"{b:.2f}x")
         target("CPU s/GB below stunnel4's", c < 1, f"{c:.2f}x")
@@ -161,7 +177,7 @@ def report(R, a):
               f"32 flows {ratio(med(tp['bulk32']), med(floor['bulk32'])):.2f}x, new conn/s "
               f"{ratio(med(tp['new']), med(floor['new'])):.2f}x, UDP pkt/s "
               f"{ratio(med(tp['udp_pps']), med(floor['udp_pps'])):.2f}x")
-            for peer in ("boringtun", "Nebula"):
+            for peer in ("stunnel4 gateways", "boringtun", "Nebula"):
                 o = res.get(peer)
                 if o and o["bulk1"]:
                     p(f"tapproof gateways / {peer}: bulk 1 flow {ratio(med(tp['bulk1']), med(o['bulk1'])):.2f}x, "
@@ -172,9 +188,14 @@ def report(R, a):
             p(f"p99 under bulk / idle: tapproof gateways {q:.1f}x, routed plaintext "
               f"{ratio(med(floor['p99_bulk']), med(floor['p99_idle'])):.1f}x" + "".join(
                 f", {peer} {ratio(med(res[peer]['p99_bulk']), med(res[peer]['p99_idle'])):.1f}x"
-                for peer in ("boringtun", "Nebula") if res.get(peer) and res[peer]["bulk1"]))
+                for peer in ("stunnel4 gateways", "boringtun", "Nebula") if res.get(peer) and res[peer]["bulk1"]))
             p("")
             target("sites: p99 under bulk <= 2x idle p99 (tapproof gateways)", q <= 2, f"{q:.2f}x")
+            st = res.get("stunnel4 gateways")
+            if st and st["bulk1"]:
+                target("sites: p99 under bulk better than stunnel4's separate connections",
+                       med(tp["p99_bulk"]) < med(st["p99_bulk"]),
+                       f"{f2(med(tp['p99_bulk']))} vs {f2(med(st['p99_bulk']))} ms")
         for path, r in res.items():
             for n in sorted(r["notes"]):
                 p(f"note: {path}: {n}")
@@ -236,7 +257,7 @@ def plot(R, path):
     for ax, (title, data, key) in zip(axes.flat, panels):
         names = list(data)
         vals = [med(data[n][key]) for n in names]
-        colors = ["#2a7" if "tapproof" in n else ("#999" if "direct" in n or "relay" in n else "#c55")
+        colors = ["#2a7" if "tapproof" in n else ("#999" if "direct" in n or "no TLS" in n else "#c55")
                   for n in names]
         ax.bar(range(len(names)), [0 if v != v else v for v in vals], color=colors)
         ax.set_xticks(range(len(names)), [n.replace(" plaintext", "").replace(" pair", "").replace(" (no TLS)", "")
@@ -247,7 +268,7 @@ def plot(R, path):
                 ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("tapproof vs peers (green: tapproof, grey: direct plaintext and the no-TLS relay floor, red: peers); "
+    fig.suptitle("tapproof vs peers (green: tapproof, grey: direct plaintext and the no-TLS relay floors, red: peers); "
                  "median of runs")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

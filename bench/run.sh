@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for the benchmark: installs the peers and load tools when missing (Debian packages:
-# nginx-light, wrk, iperf3, stunnel4, nebula, wireguard-tools, postgresql, redis, matplotlib;
+# nginx-light, wrk, iperf3, stunnel4, haproxy, nebula, wireguard-tools, postgresql, redis, matplotlib;
 # crates.io: boringtun-cli), builds tapproof in release mode, and runs bench/run.py, which
 # measures tapproof and the peers side by side (see its --help). Extra arguments go to run.py,
 # e.g. `--runs 5 --seconds 10`, `--sections loopback,veth`, `--write` (update bench/README.md).
@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in nginx:nginx-light wrk:wrk iperf3:iperf3 stunnel4:stunnel4 nebula:nebula wg:wireguard-tools \
+for pair in nginx:nginx-light wrk:wrk iperf3:iperf3 stunnel4:stunnel4 haproxy:haproxy nebula:nebula wg:wireguard-tools \
             pgbench:postgresql redis-server:redis-server redis-benchmark:redis-tools tc:iproute2 ip:iproute2; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
@@ -18,7 +18,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# Debian starts its own redis and postgres services on install; the benchmark runs its own.
+# Debian starts its own redis, postgres and haproxy services on install; the benchmark runs its own.
 if ! command -v boringtun-cli >/dev/null 2>&1; then
   cargo install --locked boringtun-cli
 fi

@@ -2,15 +2,17 @@
 namespaces (the interconnect is the GA-GB veth). A1 reaches nginx and iperf3 on B1 by B1's real
 address through, in turn: plain routing (the floor: the gateways forward, nothing encrypts),
 tapproof gateways (`[gateway]`: TCP in CONNECT streams, UDP in CONNECT-UDP, on one pooled mTLS
-tunnel), boringtun (userspace WireGuard between the gateways) and Nebula (unsafe_routes between
-the gateways). Per path: iperf3 bulk with 1 and 32 TCP flows, wrk new connections/s, iperf3 UDP
+tunnel), stunnel4 between the gateways (one TLS connection per app connection: GA's nftables
+redirects A1's connections to B1's web and iperf3 ports to a stunnel client per port, whose stunnel
+server on GB connects to B1; TCP only), boringtun (userspace WireGuard between the gateways) and
+Nebula (unsafe_routes between the gateways). Per path: iperf3 bulk with 1 and 32 TCP flows, wrk new connections/s, iperf3 UDP
 with 1 KiB datagrams (packets/s received and loss), and the p99 of small keep-alive requests idle
 and while a 4-flow bulk transfer shares the path.
 Namespaces (tpsite-*), links and addresses (10.240-245.0.0/24) are this harness's own and are
 removed at the end, as is every process and nftables table started here."""
 import os, shutil, subprocess, threading, time
-from common import (Procs, iperf, in_ns, log, nginx_conf, ns_run as ns, pki_dir, sh, start_boringtun, wait_port,
-                    wg_keys, wrk)
+from common import (Procs, iperf, in_ns, log, nginx_conf, ns_run as ns, pki_dir, sh, start_boringtun,
+                    stunnel_configs, wait_port, wg_keys, wrk)
 
 NS = dict(a1="tpsite-a1", ga="tpsite-ga", gb="tpsite-gb", b1="tpsite-b1")
 SITE_A, SITE_B, IX = "10.241.0", "10.242.0", "10.240.0"
@@ -18,8 +20,13 @@ NEB_A, NEB_B = "10.243.0.1", "10.243.0.2"
 WG_A, WG_B = "10.244.0.1", "10.244.0.2"
 HTTP, IPERF = 18080, 15201
 B1 = f"{SITE_B}.2"
-PATHS = ("routed plaintext", "tapproof gateways", "boringtun", "Nebula")
+PATHS = ("routed plaintext", "tapproof gateways", "stunnel4 gateways", "boringtun", "Nebula")
+# stunnel4 gateways: the port on GA each of B1's services is redirected to, and GB's accept port.
+STUNNEL = {"http": (HTTP, 28080, 30080), "iperf": (IPERF, 25201, 30201)}
 TD = "bench.example"
+# More [tunnel] lines for both tapproof gateways (say "stream_window = 1048576"), for measuring a
+# lever: set by a script that imports this module; the benchmark runs the defaults.
+TUNNEL_EXTRA = ""
 
 
 def cleanup():
@@ -86,6 +93,8 @@ class Sites:
             self.routes_via_interconnect(True)
             return self.start_tapproof()
         self.routes_via_interconnect(False)
+        if path == "stunnel4 gateways":
+            return self.start_stunnel()
         # The overlays' MTUs (1420, 1300) are below the sites' 1500: clamp the MSS of forwarded
         # SYNs to the route's MTU, as a site-to-site WireGuard or Nebula setup does.
         for g in ("ga", "gb"):
@@ -114,7 +123,7 @@ class Sites:
             conf = f"{d}/gw-{g}.toml"
             with open(conf, "w") as f:
                 f.write(f'trust_domain = "{TD}"\n[identity]\ncert = "{d}/{me}.pem"\nkey = "{d}/{me}.key"\n'
-                        f'bundle = "{d}/bundle.pem"\n[tunnel]\nlisten = "{listen}:15008"\n'
+                        f'bundle = "{d}/bundle.pem"\n[tunnel]\nlisten = "{listen}:15008"\n{TUNNEL_EXTRA}'
                         f'[gateway]\nnetworks = ["{local}.0/24"]\n[[gateway.remote]]\nname = "other"\n'
                         f'networks = ["{remote}.0/24"]\ngateways = ["{peer}:15008"]\n'
                         f'server_id = "spiffe://{TD}/node/{other}"\n')
@@ -124,6 +133,22 @@ class Sites:
         wait_port(15008, "tapproof", NS["gb"])
         wait_port(15006, "tapproof", NS["ga"])
         self.wait_reachable("tapproof gateways")
+        return pids
+
+    def start_stunnel(self):
+        """No route to site B on GA: what the redirect does not take (UDP) goes nowhere."""
+        d = pki_dir(self.d, self.tapproof, TD, "sites-stunnel")
+        stunnel_configs(d, {n: (f"0.0.0.0:{ga}", f"{IX}.2:{gb}", f"{B1}:{b1}") for n, (b1, ga, gb) in STUNNEL.items()})
+        rules = "".join(f"  ip daddr {B1} tcp dport {b1} redirect to :{ga}\n" for b1, ga, _ in STUNNEL.values())
+        subprocess.run(in_ns(NS["ga"], ["nft", "-f", "-"]), check=True, text=True, input=(
+            "table inet tpsbench {\n chain redirect {\n  type nat hook prerouting priority dstnat; policy accept;\n"
+            f"{rules} }}\n}}\n"))
+        pids = [self.path_procs.start(f"stunnel-{n}", ["stunnel4", f"{d}/st-{n}.conf"], f"{d}/st-{n}.log",
+                                      ns=NS[g]).pid for n, g in (("server", "gb"), ("client", "ga"))]
+        for _, ga, gb in STUNNEL.values():
+            wait_port(gb, "stunnel", NS["gb"])
+            wait_port(ga, "stunnel", NS["ga"])
+        self.wait_reachable("stunnel4 gateways")
         return pids
 
     def start_boringtun(self):
@@ -249,7 +274,7 @@ def run(s, runs, seconds):
                 if err:
                     r["notes"].add("new-conn: " + err)
                 time.sleep(1)
-                pps, loss = udp(seconds)
+                pps, loss = udp(seconds) if path != "stunnel4 gateways" else (float("nan"), float("nan"))
                 r["udp_pps"].append(pps)
                 r["udp_loss"].append(loss)
                 time.sleep(1)

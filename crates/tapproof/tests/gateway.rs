@@ -5,7 +5,9 @@
 //! CONNECT-UDP) and opened to B1 by GB, over IPv4 and IPv6; the interconnect carries only TLS
 //! between the gateways and never the HTTP canary or the DNS query name; another IP protocol
 //! routed to site B is dropped at GA, not forwarded in plaintext. A second test puts two gateways in site A and stops, kills and silences
-//! them in turn while B1 opens new connections. (Issue 14: UDP is not built yet.)
+//! them in turn while B1 opens new connections. A third runs the gateways on control-plane
+//! certificates (30 s leaves) through rotations and a root rollover while A1 keeps connecting and
+//! one download outlives the certificates its tunnel was made with.
 //!
 //! Needs root, nft, tcpdump, curl, python3, dig and dnsmasq. Under CI (CI=true) it runs and fails loudly.
 
@@ -15,6 +17,7 @@ use tapproof_test_util::netns::{spawn_ready, Netns, Tcpdump};
 use tapproof_test_util::pcap::{contains, tcp_segments};
 use tapproof_test_util::pki::TestPki;
 use tapproof_test_util::process::{identity_section, metric_value, run_tapproof_in, AgentProcess};
+use tapproof_test_util::server::{control_section, init, ServerProcess};
 use tapproof_test_util::wait_until;
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
@@ -70,22 +73,41 @@ fn metrics(ns: &Netns) -> String {
     ns.exec_ok(&["curl", "-s", "http://127.0.0.1:15000/metrics"])
 }
 
-#[test]
-fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
-    if !can_run() {
-        return;
-    }
+/// Host A1 -- gateway GA == interconnect == gateway GB -- host B1, IPv4: site A
+/// 10.71.N.0/24, site B 10.72.N.0/24, the interconnect 10.79.N.0/30 (GA .1, GB .2). The hosts
+/// route the other site's network via their gateway and the gateways route it across the
+/// interconnect, as ordinary static routes (so anything the gateways' rules did not take would be
+/// forwarded there in plaintext). `tag` tells apart the namespaces and links of two tests of one
+/// process.
+struct Line {
+    a1: Netns,
+    ga: Netns,
+    gb: Netns,
+    b1: Netns,
+    a1_if: String,
+    ga_a: String,
+    ga_x: String,
+    gb_b: String,
+    b1_if: String,
+    n: u32,
+    site_a: String,
+    site_b: String,
+    ga_ip: String,
+    gb_ip: String,
+}
+
+fn line(tag: &str) -> Line {
     let pid = std::process::id();
     let t = pid % 10_000;
-    let ns = |n: &str| Netns::create(format!("tp-gw-{pid}-{n}"));
+    let ns = |n: &str| Netns::create(format!("tp-gw{tag}-{pid}-{n}"));
     let (a1, ga, gb, b1) = (ns("a1"), ns("ga"), ns("gb"), ns("b1"));
     let (a1_if, ga_a, ga_x, gb_x, gb_b, b1_if) = (
-        format!("gwa1{t}"),
-        format!("gwgaa{t}"),
-        format!("gwgax{t}"),
-        format!("gwgbx{t}"),
-        format!("gwgbb{t}"),
-        format!("gwb1{t}"),
+        format!("gw{tag}a1{t}"),
+        format!("gw{tag}gaa{t}"),
+        format!("gw{tag}gax{t}"),
+        format!("gw{tag}gbx{t}"),
+        format!("gw{tag}gbb{t}"),
+        format!("gw{tag}b1{t}"),
     );
     link(&a1, &a1_if, &ga, &ga_a);
     link(&ga, &ga_x, &gb, &gb_x);
@@ -99,6 +121,72 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
     addr(&gb, &gb_x, &format!("{gb_ip}/30"));
     addr(&gb, &gb_b, &format!("{site_b}.1/24"));
     addr(&b1, &b1_if, &format!("{site_b}.2/24"));
+    // Ordinary static routes: the hosts send the other site's network to their gateway, and the
+    // gateways route it across the interconnect (so anything the rules did not take would be
+    // forwarded there in plaintext).
+    a1.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{site_b}.0/24"),
+        "via",
+        &format!("{site_a}.1"),
+    ]);
+    b1.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{site_a}.0/24"),
+        "via",
+        &format!("{site_b}.1"),
+    ]);
+    ga.exec_ok(&["ip", "route", "add", &format!("{site_b}.0/24"), "via", &gb_ip]);
+    gb.exec_ok(&["ip", "route", "add", &format!("{site_a}.0/24"), "via", &ga_ip]);
+    for g in [&ga, &gb] {
+        g.exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    }
+
+    Line {
+        a1,
+        ga,
+        gb,
+        b1,
+        a1_if,
+        ga_a,
+        ga_x,
+        gb_b,
+        b1_if,
+        n,
+        site_a,
+        site_b,
+        ga_ip,
+        gb_ip,
+    }
+}
+
+#[test]
+fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
+    if !can_run() {
+        return;
+    }
+    let pid = std::process::id();
+    let Line {
+        a1,
+        ga,
+        gb,
+        b1,
+        a1_if,
+        ga_a,
+        ga_x,
+        gb_b,
+        b1_if,
+        n,
+        site_a,
+        site_b,
+        ga_ip,
+        gb_ip,
+        ..
+    } = line("");
     // IPv6 on the same links: site A fd71:N::/64, site B fd72:N::/64 (the interconnect stays
     // IPv4: the tunnel runs over it either way).
     let (six_a, six_b) = (format!("fd71:{n:x}:"), format!("fd72:{n:x}:"));
@@ -131,31 +219,6 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
     for g in [&ga, &gb] {
         g.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
     }
-    // Ordinary static routes: the hosts send the other site's network to their gateway, and the
-    // gateways route it across the interconnect (so anything the rules did not take would be
-    // forwarded there in plaintext).
-    a1.exec_ok(&[
-        "ip",
-        "route",
-        "add",
-        &format!("{site_b}.0/24"),
-        "via",
-        &format!("{site_a}.1"),
-    ]);
-    b1.exec_ok(&[
-        "ip",
-        "route",
-        "add",
-        &format!("{site_a}.0/24"),
-        "via",
-        &format!("{site_b}.1"),
-    ]);
-    ga.exec_ok(&["ip", "route", "add", &format!("{site_b}.0/24"), "via", &gb_ip]);
-    gb.exec_ok(&["ip", "route", "add", &format!("{site_a}.0/24"), "via", &ga_ip]);
-    for g in [&ga, &gb] {
-        g.exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-    }
-
     let pki = TestPki::new();
     let td = pki.td.clone();
     let (ga_id, gb_id) = (pki.node("gw-a"), pki.node("gw-b"));
@@ -785,4 +848,235 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
         );
         assert_eq!(code, 0, "{}: {out}{err}", g.name);
     }
+}
+
+/// The admin API of the agent in `ns` (default admin address), as JSON.
+fn status(ns: &Netns) -> serde_json::Value {
+    serde_json::from_str(&ns.exec_ok(&["curl", "-s", "http://127.0.0.1:15000/v1/status"])).unwrap()
+}
+
+/// Gateways whose identities come from the control plane (30 s leaves; the server runs on GB's
+/// interconnect address, GA reaches it across the interconnect). Web servers on A1 and B1; new
+/// connections alternate A1 -> B1 and B1 -> A1 every 100 ms while the gateways' certificates
+/// rotate, then while the root rolls over (prepare, activate, retire), and one rate-limited
+/// download outlives the certificates its tunnel was made with: no connection fails, the download
+/// arrives whole, and both gateways make new tunnels under the rotated certificates and, at the
+/// end, under the new root alone.
+#[test]
+fn gateway_tunnels_follow_rotation_and_a_root_rollover_without_a_failed_connection() {
+    if !can_run() {
+        return;
+    }
+    let Line {
+        a1,
+        ga,
+        gb,
+        b1,
+        site_a,
+        site_b,
+        ga_ip,
+        gb_ip,
+        ..
+    } = line("r");
+    let pki = TestPki::new();
+    let td = "example.org";
+    let docroot = pki.path().join("www");
+    std::fs::create_dir_all(&docroot).unwrap();
+    std::fs::write(docroot.join("small.txt"), "small").unwrap();
+    // 12 MiB at 256 KiB/s: ~48 s, longer than a 30 s certificate.
+    let big: Vec<u8> = (0..12u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(docroot.join("big.bin"), &big).unwrap();
+    let _web_b = web_server(&b1, &docroot);
+    let _web_a = web_server(&a1, &docroot);
+
+    let data = init(EXE, pki.path(), td);
+    let data_s = data.to_str().unwrap().to_owned();
+    let server = ServerProcess::start_in(
+        &gb.prefix(),
+        EXE,
+        &data,
+        &format!("{gb_ip}:15443"),
+        "30s",
+        None,
+        &[],
+    );
+    let gateway = |me: &str,
+                   token: &str,
+                   listen: &str,
+                   local: &str,
+                   remote: &str,
+                   peer: &str,
+                   peer_name: &str| {
+        format!(
+            "trust_domain = \"{td}\"\n{}[tunnel]\nlisten = \"{listen}:15008\"\n\
+             [gateway]\nnetworks = [\"{local}.0/24\"]\n\
+             [[gateway.remote]]\nname = \"other\"\nnetworks = [\"{remote}.0/24\"]\ngateways = [\"{peer}:15008\"]\nserver_id = \"spiffe://{td}/node/{peer_name}\"\n",
+            control_section(&pki.path().join(format!("{me}-data")), token)
+        )
+    };
+    let ga_token = server.token(EXE, "gw-a", &[], "5m");
+    let gb_token = server.token(EXE, "gw-b", &[], "5m");
+    let ga_agent = AgentProcess::start_with(
+        EXE,
+        pki.path(),
+        "gw-a",
+        &gateway("gw-a", &ga_token, &ga_ip, &site_a, &site_b, &gb_ip, "gw-b"),
+        &ga.prefix(),
+    );
+    let gb_agent = AgentProcess::start_with(
+        EXE,
+        pki.path(),
+        "gw-b",
+        &gateway("gw-b", &gb_token, &gb_ip, &site_b, &site_a, &ga_ip, "gw-a"),
+        &gb.prefix(),
+    );
+    let to_b = format!("http://{site_b}.2:8080/small.txt");
+    let to_a = format!("http://{site_a}.2:8080/small.txt");
+    for (from, url) in [(&a1, &to_b), (&b1, &to_a)] {
+        assert!(
+            until_a_fetch_succeeds(from, url, Duration::from_secs(30)).is_some(),
+            "{url} through the joined gateways\nGA: {}\nGB: {}",
+            ga_agent.log(),
+            gb_agent.log()
+        );
+    }
+    let counter = |ns: &Netns, name: &str, labels: &[&str]| metric_value(&metrics(ns), name, labels);
+    let outbound = ["side=\"outbound\""];
+    let renewals = |ns: &Netns| counter(ns, "tapproof_renewals_total", &[]);
+    let roots = |ns: &Netns| status(ns)["certificate"]["bundle_roots"].as_u64().unwrap_or(0);
+    let rotate =
+        |step: &str| run_tapproof_in(&[], EXE, &["server", "ca", "rotate", step, "--data-dir", &data_s]);
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed) = (
+        std::sync::atomic::AtomicU64::new(0),
+        std::sync::Mutex::new(Vec::new()),
+    );
+    let fetched = pki.path().join("big.fetched");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let started = std::time::Instant::now();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (from, url) = if i % 2 == 0 { (&a1, &to_b) } else { (&b1, &to_a) };
+                if fetch(from, url, "3") {
+                    ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("{url} at {:?}", started.elapsed()));
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let download = scope.spawn(|| {
+            a1.command(&[
+                "curl",
+                "-s",
+                "-S",
+                "--limit-rate",
+                "256k",
+                "--max-time",
+                "180",
+                "-o",
+                fetched.to_str().unwrap(),
+                &format!("http://{site_b}.2:8080/big.bin"),
+            ])
+            .output()
+            .unwrap()
+        });
+
+        // 1. Rotations: two renewals on each side, and GA dials a new tunnel once the
+        //    certificates of its first one expired (the download stays on the old one).
+        let (ga_dials, gb_dials) = (
+            counter(&ga, "tapproof_handshakes_total", &outbound),
+            counter(&gb, "tapproof_handshakes_total", &outbound),
+        );
+        let (ga_renewed, gb_renewed) = (renewals(&ga), renewals(&gb));
+        wait_until("two renewals on each gateway", Duration::from_secs(90), || {
+            renewals(&ga) >= ga_renewed + 2.0 && renewals(&gb) >= gb_renewed + 2.0
+        });
+        wait_until(
+            "both gateways to dial new tunnels with rotated certificates",
+            Duration::from_secs(40),
+            || {
+                counter(&ga, "tapproof_handshakes_total", &outbound) > ga_dials
+                    && counter(&gb, "tapproof_handshakes_total", &outbound) > gb_dials
+            },
+        );
+
+        // 2. Root rollover through the interconnect.
+        let (code, out, err) = rotate("prepare");
+        assert_eq!(code, 0, "{out}{err}");
+        wait_until(
+            "the new root in both gateways' bundles",
+            Duration::from_secs(30),
+            || roots(&ga) == 2 && roots(&gb) == 2,
+        );
+        let (code, out, err) = rotate("activate");
+        assert_eq!(code, 0, "{out}{err}");
+        let (ga_renewed, gb_renewed) = (renewals(&ga), renewals(&gb));
+        wait_until(
+            "a renewal under the new root on each gateway",
+            Duration::from_secs(40),
+            || renewals(&ga) > ga_renewed && renewals(&gb) > gb_renewed,
+        );
+        wait_until(
+            "the old root's certificates to expire",
+            Duration::from_secs(60),
+            || {
+                let (code, out, err) = rotate("retire");
+                assert!(code == 0 || err.contains("still valid"), "{out}{err}");
+                code == 0
+            },
+        );
+        wait_until(
+            "the old root out of both bundles",
+            Duration::from_secs(30),
+            || roots(&ga) == 1 && roots(&gb) == 1,
+        );
+        let (ga_dials, gb_dials) = (
+            counter(&ga, "tapproof_handshakes_total", &outbound),
+            counter(&gb, "tapproof_handshakes_total", &outbound),
+        );
+        wait_until(
+            "new tunnels under the new root alone",
+            Duration::from_secs(40),
+            || {
+                counter(&ga, "tapproof_handshakes_total", &outbound) > ga_dials
+                    && counter(&gb, "tapproof_handshakes_total", &outbound) > gb_dials
+            },
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let out = download.join().unwrap();
+        assert!(
+            out.status.success(),
+            "the download across the rotations: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    let failed = failed.into_inner().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed across rotations and the rollover: {failed:?}\nGA: {}\nGB: {}",
+        failed.len(),
+        failed.len() as u64 + ok.load(std::sync::atomic::Ordering::Relaxed),
+        ga_agent.log(),
+        gb_agent.log()
+    );
+    assert!(ok.load(std::sync::atomic::Ordering::Relaxed) > 100);
+    let got = std::fs::read(&fetched).unwrap();
+    assert!(
+        got == big,
+        "the download arrived whole ({} of {} bytes)",
+        got.len(),
+        big.len()
+    );
+    let (_, log, _) = run_tapproof_in(&[], EXE, &["server", "audit-log", "show", "--data-dir", &data_s]);
+    assert!(log.contains("ca.activate") && log.contains("ca.retire"), "{log}");
 }

@@ -141,7 +141,7 @@ class Sites:
         stunnel_configs(d, {n: (f"0.0.0.0:{ga}", f"{IX}.2:{gb}", f"{B1}:{b1}") for n, (b1, ga, gb) in STUNNEL.items()})
         rules = "".join(f"  ip daddr {B1} tcp dport {b1} redirect to :{ga}\n" for b1, ga, _ in STUNNEL.values())
         subprocess.run(in_ns(NS["ga"], ["nft", "-f", "-"]), check=True, text=True, input=(
-            "table inet tpsbench {\n chain redirect {\n  type nat hook prerouting priority dstnat; policy accept;\n"
+            "table inet tpsbench {\n chain to_stunnel {\n  type nat hook prerouting priority dstnat; policy accept;\n"
             f"{rules} }}\n}}\n"))
         pids = [self.path_procs.start(f"stunnel-{n}", ["stunnel4", f"{d}/st-{n}.conf"], f"{d}/st-{n}.log",
                                       ns=NS[g]).pid for n, g in (("server", "gb"), ("client", "ga"))]

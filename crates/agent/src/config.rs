@@ -237,6 +237,11 @@ pub struct TunnelConfig {
     /// stay on it.
     #[serde(default = "default_ping_timeout", deserialize_with = "de_duration")]
     pub ping_timeout: Duration,
+    /// The receive buffer of each tunnel socket, bytes; 0: the kernel's autotuning (up to
+    /// net.ipv4.tcp_rmem's maximum). A receiver busier than the link lets this much queue up
+    /// ahead of every stream's next frame; see the README's tuning table.
+    #[serde(default)]
+    pub receive_buffer: u32,
 }
 
 impl TunnelConfig {
@@ -272,6 +277,7 @@ impl Default for TunnelConfig {
             key_update_interval: DEFAULT_KEY_UPDATE_INTERVAL,
             ping_interval: DEFAULT_PING_INTERVAL,
             ping_timeout: DEFAULT_PING_TIMEOUT,
+            receive_buffer: 0,
         }
     }
 }
@@ -870,6 +876,12 @@ impl AgentConfig {
             if v < Duration::from_millis(100) {
                 return Err(invalid(key.into(), "must be at least 100ms".into()));
             }
+        }
+        if t.receive_buffer != 0 && !(65_536..=1 << 30).contains(&t.receive_buffer) {
+            return Err(invalid(
+                "tunnel.receive_buffer".into(),
+                "must be 0 (the kernel's autotuning) or between 65536 and 1073741824".into(),
+            ));
         }
         if t.max_concurrent_streams == 0 {
             return Err(invalid(

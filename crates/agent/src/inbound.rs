@@ -57,7 +57,7 @@ async fn connection(
             return;
         }
     };
-    crate::socket::tune_tunnel(&tcp);
+    crate::socket::tune_tunnel(&tcp, state.config.tunnel.receive_buffer);
     // Only TLS is read or written on this socket, from the first byte: the audit may count it.
     let vouched = crate::vouch::sockets().register(&tcp, tapproof_audit::VouchedKind::TunnelIn);
     let tls = match state.server_tls() {

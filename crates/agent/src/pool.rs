@@ -247,7 +247,7 @@ impl Pool {
             Ok(Err(e)) => return Err(DialError::Connect(e)),
             Err(_) => return Err(DialError::ConnectTimeout),
         };
-        crate::socket::tune_tunnel(&tcp);
+        crate::socket::tune_tunnel(&tcp, cfg.receive_buffer);
         let vouched = crate::vouch::sockets().register(&tcp, tapproof_audit::VouchedKind::TunnelOut);
         let started = std::time::Instant::now();
         let stream = match timeout(

@@ -205,9 +205,22 @@ pub fn nodelay_inherited(listener: &tokio::net::TcpListener) {
     }
 }
 
-/// TCP_NODELAY (the tunnel batches writes itself), keepalive and a user timeout. Failures are
-/// logged, not fatal: the tunnel still works, only dead-peer detection is slower.
-pub fn tune_tunnel(tcp: &TcpStream) {
+/// Sets a socket's receive buffer to `bytes`: SO_RCVBUFFORCE (allowed with CAP_NET_ADMIN, which
+/// capture needs anyway), else SO_RCVBUF (capped by net.core.rmem_max). Either stops the
+/// kernel's autotuning of that socket.
+pub fn force_receive_buffer(sock: &SockRef<'_>, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let forced = nix::sys::socket::setsockopt(&sock.as_fd(), nix::sys::socket::sockopt::RcvBufForce, &bytes);
+    match forced {
+        Ok(()) => Ok(()),
+        Err(_) => sock.set_recv_buffer_size(bytes),
+    }
+}
+
+/// TCP_NODELAY (the tunnel batches writes itself), keepalive, a user timeout, the unsent-bytes
+/// limit and `tunnel.receive_buffer` (0: autotuning). Failures are logged, not fatal: the tunnel
+/// still works, only dead-peer detection is slower or the queues longer.
+pub fn tune_tunnel(tcp: &TcpStream, receive_buffer: u32) {
     let sock = SockRef::from(tcp);
     let keepalive = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
@@ -217,7 +230,11 @@ pub fn tune_tunnel(tcp: &TcpStream) {
         .set_nodelay(true)
         .and_then(|()| sock.set_tcp_keepalive(&keepalive))
         .and_then(|()| sock.set_tcp_user_timeout(Some(USER_TIMEOUT)))
-        .and_then(|()| sock.set_tcp_notsent_lowat(NOTSENT_LOWAT));
+        .and_then(|()| sock.set_tcp_notsent_lowat(NOTSENT_LOWAT))
+        .and_then(|()| match receive_buffer {
+            0 => Ok(()),
+            n => force_receive_buffer(&sock, n as usize),
+        });
     if let Err(e) = result {
         tracing::debug!(error = %e, "cannot set tunnel socket options");
     }
@@ -284,13 +301,40 @@ mod tests {
     async fn tunnel_sockets_get_keepalive_and_user_timeout() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        tune_tunnel(&tcp);
+        let autotuned = SockRef::from(&tcp).recv_buffer_size().unwrap();
+        tune_tunnel(&tcp, 0);
         let sock = SockRef::from(&tcp);
+        assert_eq!(
+            sock.recv_buffer_size().unwrap(),
+            autotuned,
+            "0 leaves the receive buffer to the kernel"
+        );
         assert!(tcp.nodelay().unwrap());
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
         assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
         assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
         assert_eq!(sock.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+        assert_eq!(sock.tcp_notsent_lowat().unwrap(), NOTSENT_LOWAT);
+    }
+
+    /// `tunnel.receive_buffer` reaches the socket (Linux reports twice the size asked, its
+    /// bookkeeping share included; without CAP_NET_ADMIN net.core.rmem_max caps it).
+    #[tokio::test]
+    async fn tunnel_receive_buffer_is_set_when_asked() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        tune_tunnel(&tcp, 100_000);
+        let got = SockRef::from(&tcp).recv_buffer_size().unwrap();
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Forced (root), or as much as rmem_max lets an unprivileged process ask for.
+        assert!(
+            got == 200_000 || got == 2 * rmem_max.min(100_000),
+            "receive buffer {got}"
+        );
     }
 }

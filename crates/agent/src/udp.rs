@@ -426,12 +426,8 @@ pub fn bind_routed(port: u16, ipv6: bool) -> io::Result<Vec<UdpSocket>> {
             nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6OrigDstAddr, &true)?;
         }
         // A burst of new flows arrives faster than flows are set up: room for some thousands of
-        // datagrams (SO_RCVBUFFORCE, allowed with CAP_NET_ADMIN, which capture needs anyway; else
-        // as much as net.core.rmem_max allows).
-        if nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBufForce, &ROUTED_RCVBUF).is_err()
-        {
-            let _ = socket.set_recv_buffer_size(ROUTED_RCVBUF);
-        }
+        // datagrams.
+        let _ = crate::socket::force_receive_buffer(&(&socket).into(), ROUTED_RCVBUF);
         socket.bind(&addr.into())?;
         out.push(UdpSocket::from_std(socket.into())?);
     }

@@ -377,3 +377,18 @@ fn key_update_schedule_has_defaults_and_floors() {
         "{e}"
     );
 }
+
+#[test]
+fn tunnel_receive_buffer_is_autotuned_unless_set_within_bounds() {
+    assert_eq!(parse(EXAMPLE).unwrap().tunnel.receive_buffer, 0);
+    let set = |lines: &str| EXAMPLE.replace("require_post_quantum = false", lines);
+    let c = parse(&set("receive_buffer = 262144")).unwrap();
+    assert_eq!(c.tunnel.receive_buffer, 262_144);
+    for bad in ["receive_buffer = 4096", "receive_buffer = 2147483647"] {
+        let e = err(&set(bad));
+        assert!(
+            e.contains("tunnel.receive_buffer") && e.contains("65536"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -28,13 +28,13 @@ pub const DEFAULT_MAX_PENDING_RESETS: usize = 20;
 /// A tunnel's sending keys are replaced (TLS 1.3 KeyUpdate) after this much payload...
 pub const DEFAULT_KEY_UPDATE_BYTES: u64 = 1 << 30;
 /// ...or after this long, whichever comes first.
+pub const DEFAULT_KEY_UPDATE_INTERVAL: Duration = Duration::from_secs(3600);
 /// An opened tunnel PINGs its peer this often...
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
 /// ...and takes no new streams once an answer takes longer than this. Long enough for TCP's
 /// retransmissions on a lossy link (at 20% loss a 3 s timeout retired healthy tunnels); gateways
 /// in pairs on a clean interconnect may go lower (the HA test runs 1 s / 1 s).
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_KEY_UPDATE_INTERVAL: Duration = Duration::from_secs(3600);
 /// HTTP/2 flow-control windows. Data a stream's backend has not taken yet holds its stream's
 /// window and the same bytes of the tunnel's, so the tunnel stalls for every stream once
 /// connection_window / stream_window streams have backends that stopped reading (issue 11: at

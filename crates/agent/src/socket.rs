@@ -210,11 +210,8 @@ pub fn nodelay_inherited(listener: &tokio::net::TcpListener) {
 /// kernel's autotuning of that socket.
 pub fn force_receive_buffer(sock: &SockRef<'_>, bytes: usize) -> io::Result<()> {
     use std::os::fd::AsFd;
-    let forced = nix::sys::socket::setsockopt(&sock.as_fd(), nix::sys::socket::sockopt::RcvBufForce, &bytes);
-    match forced {
-        Ok(()) => Ok(()),
-        Err(_) => sock.set_recv_buffer_size(bytes),
-    }
+    nix::sys::socket::setsockopt(&sock.as_fd(), nix::sys::socket::sockopt::RcvBufForce, &bytes)
+        .or_else(|_| sock.set_recv_buffer_size(bytes))
 }
 
 /// TCP_NODELAY (the tunnel batches writes itself), keepalive, a user timeout, the unsent-bytes

@@ -73,6 +73,32 @@ fn metrics(ns: &Netns) -> String {
     ns.exec_ok(&["curl", "-s", "http://127.0.0.1:15000/metrics"])
 }
 
+/// A `[gateway]` section fronting `local`, with one `[[gateway.remote]]` site `name`: its
+/// `networks`, its gateways' tunnel addresses and the identity they prove. Keys of that site
+/// (`allow`, `[[gateway.remote.policy]]`) may follow.
+fn gateway_section(
+    local: &[&str],
+    name: &str,
+    networks: &[&str],
+    gateways: &[&str],
+    server_id: &str,
+) -> String {
+    let list = |items: &[&str]| {
+        items
+            .iter()
+            .map(|i| format!("\"{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "[gateway]\nnetworks = [{}]\n[[gateway.remote]]\nname = \"{name}\"\nnetworks = [{}]\n\
+         gateways = [{}]\nserver_id = \"{server_id}\"\n",
+        list(local),
+        list(networks),
+        list(gateways)
+    )
+}
+
 /// Host A1 -- gateway GA == interconnect == gateway GB -- host B1, IPv4: site A
 /// 10.71.N.0/24, site B 10.72.N.0/24, the interconnect 10.79.N.0/30 (GA .1, GB .2). The hosts
 /// route the other site's network via their gateway and the gateways route it across the
@@ -241,13 +267,17 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
                    remote: &str,
                    peer: &str,
                    peer_name: &str| {
+        let six = |site: &str| if site == site_a { &six_a } else { &six_b };
         format!(
-            "trust_domain = \"{td}\"\n{}[tunnel]\nlisten = \"{listen}:15008\"\n\
-             [gateway]\nnetworks = [\"{local}.0/24\", \"{local6}:/64\"]\n\
-             [[gateway.remote]]\nname = \"other\"\nnetworks = [\"{remote}.0/24\", \"{remote6}:/64\"]\ngateways = [\"{peer}:15008\"]\nserver_id = \"spiffe://{td}/node/{peer_name}\"\n",
+            "trust_domain = \"{td}\"\n{}[tunnel]\nlisten = \"{listen}:15008\"\n{}",
             identity_section(me),
-            local6 = if local == site_a { &six_a } else { &six_b },
-            remote6 = if remote == site_a { &six_a } else { &six_b },
+            gateway_section(
+                &[&format!("{local}.0/24"), &format!("{}:/64", six(local))],
+                "other",
+                &[&format!("{remote}.0/24"), &format!("{}:/64", six(remote))],
+                &[&format!("{peer}:15008")],
+                &format!("spiffe://{td}/node/{peer_name}"),
+            )
         )
     };
     let ga_agent = AgentProcess::start_with(
@@ -656,10 +686,16 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     };
     let site_a_gateway = |me: &tapproof_test_util::pki::IdentityPaths, listen: &str| {
         format!(
-            "trust_domain = \"{td}\"\n{}{}[gateway]\nnetworks = [\"{site_a}.0/24\"]\n\
-             [[gateway.remote]]\nname = \"dc-b\"\nnetworks = [\"{site_b}.0/24\"]\ngateways = [\"{ix}.1:15008\"]\nserver_id = \"spiffe://{td}/node/gw-b\"\n",
+            "trust_domain = \"{td}\"\n{}{}{}",
             identity_section(me),
             tunnel(listen),
+            gateway_section(
+                &[&format!("{site_a}.0/24")],
+                "dc-b",
+                &[&format!("{site_b}.0/24")],
+                &[&format!("{ix}.1:15008")],
+                &format!("spiffe://{td}/node/gw-b"),
+            )
         )
     };
     let start = |ns: &Netns, name: &str, config: &str| {
@@ -673,11 +709,16 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
         &gb,
         "gw-b",
         &format!(
-            "trust_domain = \"{td}\"\n{}{}[gateway]\nnetworks = [\"{site_b}.0/24\"]\n\
-             [[gateway.remote]]\nname = \"dc-a\"\nnetworks = [\"{site_a}.0/24\"]\ngateways = [\"{ix}.11:15008\", \"{ix}.12:15008\"]\nserver_id = \"spiffe://{td}/node/gw-a\"\n\
-             allow = [\"spiffe://{td}/node/host-a2\"]\n",
+            "trust_domain = \"{td}\"\n{}{}{}allow = [\"spiffe://{td}/node/host-a2\"]\n",
             identity_section(&gb_id),
             tunnel(&format!("{ix}.1")),
+            gateway_section(
+                &[&format!("{site_b}.0/24")],
+                "dc-a",
+                &[&format!("{site_a}.0/24")],
+                &[&format!("{ix}.11:15008"), &format!("{ix}.12:15008")],
+                &format!("spiffe://{td}/node/gw-a"),
+            )
         ),
     );
     let carried = |g: &Netns| metric_value(&metrics(g), "tapproof_streams_total", &["service=\"(gateway)\""]);
@@ -902,20 +943,20 @@ fn gateway_tunnels_follow_rotation_and_a_root_rollover_without_a_failed_connecti
         None,
         &[],
     );
-    let gateway = |me: &str,
-                   token: &str,
-                   listen: &str,
-                   local: &str,
-                   remote: &str,
-                   peer: &str,
-                   peer_name: &str| {
-        format!(
-            "trust_domain = \"{td}\"\n{}[tunnel]\nlisten = \"{listen}:15008\"\n\
-             [gateway]\nnetworks = [\"{local}.0/24\"]\n\
-             [[gateway.remote]]\nname = \"other\"\nnetworks = [\"{remote}.0/24\"]\ngateways = [\"{peer}:15008\"]\nserver_id = \"spiffe://{td}/node/{peer_name}\"\n",
-            control_section(&pki.path().join(format!("{me}-data")), token)
-        )
-    };
+    let gateway =
+        |me: &str, token: &str, listen: &str, local: &str, remote: &str, peer: &str, peer_name: &str| {
+            format!(
+                "trust_domain = \"{td}\"\n{}[tunnel]\nlisten = \"{listen}:15008\"\n{}",
+                control_section(&pki.path().join(format!("{me}-data")), token),
+                gateway_section(
+                    &[&format!("{local}.0/24")],
+                    "other",
+                    &[&format!("{remote}.0/24")],
+                    &[&format!("{peer}:15008")],
+                    &format!("spiffe://{td}/node/{peer_name}"),
+                )
+            )
+        };
     let ga_token = server.token(EXE, "gw-a", &[], "5m");
     let gb_token = server.token(EXE, "gw-b", &[], "5m");
     let ga_agent = AgentProcess::start_with(

@@ -62,7 +62,7 @@ pub struct GatewayPlan {
     /// Every remote site's networks: routed traffic to them is captured (TCP and UDP from
     /// `local`) or dropped (everything else).
     pub remote: Vec<String>,
-    /// The mark routed UDP gets with TPROXY (`gateway.udp_mark`).
+    /// The mark UDP to remote sites gets on its way to the agent (`AgentConfig::udp_capture`).
     pub udp_mark: u32,
 }
 
@@ -81,17 +81,15 @@ impl GatewayPlan {
             return None;
         }
         let remote = text(&mut sites.iter().flat_map(|s| s.networks.iter()));
-        Some(match &config.gateway {
-            Some(g) => Self {
-                local: text(&mut g.networks.iter()),
-                remote,
-                udp_mark: g.udp_mark,
-            },
-            None => Self {
-                local: Vec::new(),
-                remote,
-                udp_mark: 0,
-            },
+        let (udp_mark, _) = config.udp_capture()?;
+        Some(Self {
+            local: config
+                .gateway
+                .as_ref()
+                .map(|g| text(&mut g.networks.iter()))
+                .unwrap_or_default(),
+            remote,
+            udp_mark,
         })
     }
 
@@ -376,7 +374,8 @@ pub struct Capture {
     /// The rules this process installed at start (`None`: dormant until the policy asks).
     installed: Option<Plan>,
     listeners: Vec<TcpListener>,
-    /// A gateway's sockets for routed UDP (`udp.rs`).
+    /// The sockets UDP to remote sites is handed to, a gateway's routed or a host's own
+    /// (`udp.rs`).
     udp: Vec<tokio::net::UdpSocket>,
     routes: Routes,
 }
@@ -437,18 +436,23 @@ impl Capture {
             listeners.push(listener);
         }
         let mut udp = Vec::new();
-        if let Some(g) = &config.gateway {
+        if let Some((mark, table)) = config.udp_capture() {
             udp = crate::udp::bind_routed(plan.port, host.ipv6).map_err(|error| CaptureError::Bind {
                 addr: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), plan.port),
                 error,
             })?;
-            let (mark, table, ipv6) = (g.udp_mark, g.udp_route_table, host.ipv6);
+            let ipv6 = host.ipv6;
             tokio::task::spawn_blocking(move || route::ensure(mark, table, ipv6))
                 .await
                 .map_err(|e| CaptureError::Kernel(e.to_string()))?
                 .map_err(|e| {
+                    let keys = if config.gateway.is_some() {
+                        "gateway.udp_mark, gateway.udp_route_table"
+                    } else {
+                        "a host with [[remote]] uses their defaults"
+                    };
                     CaptureError::Kernel(format!(
-                        "the gateway's UDP policy route (gateway.udp_mark, gateway.udp_route_table): {e}"
+                        "the UDP policy route to remote sites (mark {mark:#x}, table {table}; {keys}): {e}"
                     ))
                 })?;
         }

@@ -732,6 +732,17 @@ impl AgentConfig {
         }
     }
 
+    /// The mark and routing table that bring UDP to remote sites' networks to the agent
+    /// (`capture/route.rs`): a gateway's `udp_mark` and `udp_route_table`, the defaults of both
+    /// for a host with `[[remote]]`; `None` when this agent carries no UDP.
+    pub fn udp_capture(&self) -> Option<(u32, u32)> {
+        match &self.gateway {
+            Some(g) => Some((g.udp_mark, g.udp_route_table)),
+            None if !self.remote.is_empty() => Some((DEFAULT_UDP_MARK, DEFAULT_UDP_ROUTE_TABLE)),
+            None => None,
+        }
+    }
+
     /// Whether the tunnel listener runs: there are inbound services, or remote sites' gateways
     /// connect to this one.
     pub fn serves_tunnels(&self) -> bool {
@@ -1040,6 +1051,12 @@ impl AgentConfig {
                 return Err(invalid(
                     format!("remote[{i}].{what}"),
                     "only a gateway admits a site's flows; a host's [[remote]] has no allow or policy".into(),
+                ));
+            }
+            if !self.remote.is_empty() && self.capture.mark == DEFAULT_UDP_MARK {
+                return Err(invalid(
+                    "capture.mark".into(),
+                    format!("must differ from {DEFAULT_UDP_MARK:#x}: with [[remote]] that mark sends this host's UDP to remote sites through the agent"),
                 ));
             }
         }

@@ -10,8 +10,12 @@
 //! plaintext across the interconnect.
 
 use crate::config::{AgentConfig, OutboundConfig, RemoteSite};
+use crate::metrics::{DenialLabels, GATEWAY_SERVICE};
+use crate::sites::{Direction, Protocol};
+use crate::state::AgentState;
 use std::net::{IpAddr, SocketAddr};
 use tapproof_identity::SpiffeId;
+use tracing::{debug, warn};
 
 /// The remote site whose networks hold `ip`, among `sites` (`AgentConfig::remote_sites`).
 pub fn site_for(sites: &[RemoteSite], ip: IpAddr) -> Option<&RemoteSite> {
@@ -67,6 +71,51 @@ pub fn admission<'a>(
         return Err("not_in_site_policy");
     }
     Ok(admitted)
+}
+
+/// Decides a peer's stream by `admission`, and accounts for the decision alike for TCP and
+/// UDP: an admitted stream is logged (debug, with what the peer was admitted as); a refused one
+/// is counted against the peer's site and in `tapproof_policy_denials_total`, kept in the denial
+/// log and warned. The admitted peer's site, or the refusal's reason.
+pub(crate) fn decide<'a>(
+    state: &AgentState,
+    config: &'a AgentConfig,
+    peer: &SpiffeId,
+    flow: Flow,
+    protocol: Protocol,
+) -> Result<&'a str, &'static str> {
+    let destination = flow.destination;
+    let protocol_name = protocol.as_str();
+    match admission(config, peer, flow) {
+        Ok(who) => {
+            let (admitted_as, site) = match who {
+                Admitted::Gateway { site } => ("gateway", site),
+                Admitted::Host { site } => ("host", site),
+            };
+            debug!(peer_id = %peer, %destination, protocol = protocol_name, source = ?flow.named_source, admitted_as, site, "gateway stream admitted");
+            Ok(site)
+        }
+        Err(reason) => {
+            let metrics = &state.metrics;
+            if let Some(site) = site_of_peer(config, peer) {
+                state.sites.refused(metrics, site, Direction::From);
+            }
+            metrics
+                .policy_denials
+                .get_or_create(&DenialLabels {
+                    service: GATEWAY_SERVICE.to_owned(),
+                    reason,
+                })
+                .inc();
+            let what = match protocol {
+                Protocol::Tcp => destination.to_string(),
+                Protocol::Udp => format!("udp {destination}"),
+            };
+            state.record_denial(peer, &what, reason);
+            warn!(peer_id = %peer, %destination, protocol = protocol_name, reason, "gateway stream refused");
+            Err(reason)
+        }
+    }
 }
 
 /// The remote site a peer belongs to, as `admission` recognises it (its gateways' `server_id`,
@@ -200,6 +249,17 @@ server_id = "spiffe://example.org/node/gw-b"
             "dc-b"
         );
         assert_eq!(admission(&h, &gw_b, to), Err("not_a_gateway"));
+        // Its own UDP to them comes to the agent by the gateway defaults' mark and table.
+        assert_eq!(
+            h.udp_capture(),
+            Some((
+                crate::config::DEFAULT_UDP_MARK,
+                crate::config::DEFAULT_UDP_ROUTE_TABLE
+            ))
+        );
+        assert_eq!(parse(head).unwrap().udp_capture(), None);
+        let e = parse(&format!("{head}{site}[capture]\nmark = 0x74700002\n")).unwrap_err();
+        assert!(e.contains("capture.mark: must differ from 0x74700002"), "{e}");
         let e = parse(&format!("{CONTRACT}{site}")).unwrap_err();
         assert!(
             e.contains("remote: a gateway lists its remote sites in [[gateway.remote]]"),

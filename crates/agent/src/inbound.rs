@@ -341,8 +341,8 @@ struct Stream<'a> {
 }
 
 /// A stream from a remote site's gateway to `destination` on a local network: admitted only as
-/// `gateway::refusal` says, then joined like a service's forward (metrics under the label
-/// `gateway`, so addresses do not become metric labels).
+/// `gateway::decide` says, then joined like a service's forward (metrics under the label
+/// `(gateway)`, so addresses do not become metric labels).
 async fn serve_gateway_stream(
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -359,35 +359,9 @@ async fn serve_gateway_stream(
         named_source: crate::gateway::named_source(&request),
         tunnel_peer: tapproof_audit::canonical(tunnel.peer_addr).ip(),
     };
-    let admitted = crate::gateway::admission(applied, &peer_id, flow);
-    let site = match admitted {
-        Ok(who) => {
-            let (admitted_as, site) = match who {
-                crate::gateway::Admitted::Gateway { site } => ("gateway", site),
-                crate::gateway::Admitted::Host { site } => ("host", site),
-            };
-            debug!(peer_id = %peer_id, %destination, source = ?flow.named_source, admitted_as, site, "gateway stream admitted");
-            site
-        }
-        Err(_) => {
-            if let Some(site) = crate::gateway::site_of_peer(applied, &peer_id) {
-                state.sites.refused(metrics, site, Direction::From);
-            }
-            ""
-        }
-    };
-    if let Err(reason) = admitted {
-        metrics
-            .policy_denials
-            .get_or_create(&DenialLabels {
-                service: label.to_owned(),
-                reason,
-            })
-            .inc();
-        state.record_denial(&peer_id, &destination.to_string(), reason);
-        warn!(peer_id = %peer_id, %destination, reason, "gateway stream refused");
+    let Ok(site) = crate::gateway::decide(&state, applied, &peer_id, flow, Protocol::Tcp) else {
         return refuse(&mut respond, StatusCode::FORBIDDEN);
-    }
+    };
     let (_stream_place, connecting) = match state.limits.stream(&peer_id.to_string(), label) {
         Ok(places) => places,
         Err(limit) => {

@@ -67,6 +67,9 @@ pub struct Tunnel {
     /// seconds). No new streams go on it after that: the next app connection dials afresh, with
     /// the rotated certificates, while open streams finish on the old connection.
     expires_at: i64,
+    /// `true` once the answer to the first PING came, so the peer's SETTINGS (sent before it)
+    /// have been read.
+    settled: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Tunnel {
@@ -76,6 +79,12 @@ impl Tunnel {
 
     pub fn mark_dead(&self) {
         self.alive.store(false, Ordering::Release);
+    }
+
+    /// Waits until the peer's first SETTINGS have been read: what the peer offers (extended
+    /// CONNECT, for UDP) is known only then. Returns at once after that, or when the tunnel ends.
+    pub async fn settled(&self) {
+        let _ = self.settled.clone().wait_for(|s| *s).await;
     }
 }
 
@@ -303,12 +312,14 @@ impl Pool {
         let ours = self.state.material.current().svid().not_after;
         let expires_at = session.peer_not_after.map_or(ours, |theirs| theirs.min(ours));
         let unanswered = Arc::new(AtomicBool::new(false));
+        let (settle, settled) = tokio::sync::watch::channel(false);
         let tunnel = Tunnel {
             sender,
             stats: guard.stats.clone(),
             alive: alive.clone(),
             unanswered: unanswered.clone(),
             expires_at,
+            settled,
         };
         let service = self.outbound().service.clone();
         let close = tunnel.stats.close.clone();
@@ -316,7 +327,7 @@ impl Pool {
         let (interval, wait) = (cfg.ping_interval, cfg.ping_timeout);
         let state = self.state.clone();
         tokio::spawn(async move {
-            let liveness = liveness(pings, interval, wait);
+            let liveness = liveness(pings, interval, wait, settle);
             tokio::pin!(connection, liveness);
             let mut pinging = true;
             let result = loop {
@@ -349,16 +360,29 @@ impl Pool {
     }
 }
 
-/// Returns once the peer leaves a PING unanswered for `wait`; one PING every `interval`. Never
+/// Returns once the peer leaves a PING unanswered for `wait`; one PING at once (its answer
+/// marks `settle`: the peer's SETTINGS came before it), then one every `interval`. Never
 /// returns when the connection gave no ping handle (it always does once).
-async fn liveness(pings: Option<h2::PingPong>, interval: Duration, wait: Duration) {
+async fn liveness(
+    pings: Option<h2::PingPong>,
+    interval: Duration,
+    wait: Duration,
+    settle: tokio::sync::watch::Sender<bool>,
+) {
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };
+    let mut first = true;
     loop {
-        tokio::time::sleep(interval).await;
+        if !first {
+            tokio::time::sleep(interval).await;
+        }
         match timeout(wait, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
+            Ok(Ok(_pong)) => {
+                if std::mem::take(&mut first) {
+                    settle.send_replace(true);
+                }
+            }
             // The connection ended: its own branch reports why.
             Ok(Err(_)) => return std::future::pending().await,
             Err(_) => return,

@@ -4,7 +4,8 @@
 //!
 //! A gateway's rules hand routed UDP from its local networks to a remote site (TPROXY, marked,
 //! `capture/nft.rs`; `capture/route.rs` delivers the mark locally) to the sockets `bind_routed`
-//! makes. `serve_routed` keeps one flow per (source, original destination): a stream to that
+//! makes; a host with `[[remote]]` hands them its own UDP to those networks the same way (marked
+//! on its way out, it comes round through lo), and its flows prove its own identity. `serve_routed` keeps one flow per (source, original destination): a stream to that
 //! site's gateways, and a transparent socket bound to the original destination and connected to
 //! the source, which both sends the answers (so they come from the address the host asked) and
 //! catches the flow's next datagrams. On the far side `serve_stream` admits the stream by the one
@@ -323,23 +324,10 @@ pub(crate) async fn serve_stream(
         named_source: crate::gateway::named_source(&request),
         tunnel_peer: tapproof_audit::canonical(tunnel.peer_addr).ip(),
     };
-    let admitted = crate::gateway::admission(&applied, &peer_id, flow);
-    if let Err(reason) = admitted {
-        if let Some(site) = crate::gateway::site_of_peer(&applied, &peer_id) {
-            state.sites.refused(metrics, site, Direction::From);
-        }
+    let Ok(site) = crate::gateway::decide(&state, &applied, &peer_id, flow, Protocol::Udp) else {
         metrics.udp_flow(Side::Inbound, "denied");
-        metrics
-            .policy_denials
-            .get_or_create(&crate::metrics::DenialLabels {
-                service: GATEWAY_SERVICE.to_owned(),
-                reason,
-            })
-            .inc();
-        state.record_denial(&peer_id, &format!("udp {target}"), reason);
-        warn!(peer_id = %peer_id, %target, reason, "UDP stream refused");
         return refuse(&mut respond, StatusCode::FORBIDDEN);
-    }
+    };
     let (_place, connecting) = match state.limits.stream(&peer_id.to_string(), GATEWAY_SERVICE) {
         Ok(places) => places,
         Err(limit) => {
@@ -368,10 +356,6 @@ pub(crate) async fn serve_stream(
             debug!(peer_id = %peer_id, error = %e, "UDP stream ended before it was answered");
             return;
         }
-    };
-    let site = match admitted {
-        Ok(crate::gateway::Admitted::Gateway { site } | crate::gateway::Admitted::Host { site }) => site,
-        Err(_) => "",
     };
     metrics.udp_flow(Side::Inbound, "opened");
     state.sites.opened(metrics, site, Direction::From, Protocol::Udp);
@@ -714,6 +698,11 @@ async fn open(
                 continue;
             }
         };
+        // On a tunnel just made, the peer's SETTINGS (which offer extended CONNECT) may not
+        // have been read yet.
+        if !sender.is_extended_connect_protocol_enabled() {
+            tunnel.settled().await;
+        }
         if !sender.is_extended_connect_protocol_enabled() {
             return Err(
                 "the remote gateway does not offer extended CONNECT (a tapproof without UDP support)".into(),

@@ -4,8 +4,9 @@
 //! B1's real address are carried GA -> GB through the tunnel (TCP as CONNECT streams, UDP as
 //! CONNECT-UDP) and opened to B1 by GB, over IPv4 and IPv6; the interconnect carries only TLS
 //! between the gateways and never the HTTP canary or the DNS query name; another IP protocol
-//! routed to site B is dropped at GA, not forwarded in plaintext. A second test puts two gateways in site A and stops, kills and silences
-//! them in turn while B1 opens new connections. A third runs the gateways on control-plane
+//! routed to site B is dropped at GA, not forwarded in plaintext. A second test puts two gateways
+//! in site A and stops, kills and silences them in turn while B1 opens new connections; in it a
+//! host of site A with its own agent (`[[remote]]`) reaches B1 by TCP and UDP as itself. A third runs the gateways on control-plane
 //! certificates (30 s leaves) through rotations and a root rollover while A1 keeps connecting and
 //! one download outlives the certificates its tunnel was made with.
 //!
@@ -67,6 +68,43 @@ fn web_server(ns: &Netns, docroot: &std::path::Path) -> tapproof_test_util::netn
         dir,
     ];
     spawn_ready(ns, &args, "Serving HTTP").0
+}
+
+/// A DNS server in `ns` on `addresses` (dnsmasq, in the foreground, logging to stdout): every
+/// name under .test is 10.9.8.7 / fd00::9.
+fn dns_server(ns: &Netns, addresses: &[&str]) -> tapproof_test_util::netns::Background {
+    let listen: Vec<String> = addresses
+        .iter()
+        .map(|a| format!("--listen-address={a}"))
+        .collect();
+    let dnsmasq = format!(
+        "exec dnsmasq -k --log-facility=- --user=root --no-resolv --no-hosts --bind-interfaces \
+         {} --port=53 --address=/test/10.9.8.7 --address=/test/fd00::9 2>&1",
+        listen.join(" ")
+    );
+    spawn_ready(ns, &["sh", "-c", &dnsmasq], "dnsmasq[").0
+}
+
+/// `dig +short` in `ns` for `name` (type A) at `server`: the answer, or why there is none.
+fn dig(ns: &Netns, server: &str, name: &str) -> Result<String, String> {
+    let out = ns
+        .command(&[
+            "dig",
+            "+short",
+            "+time=3",
+            "+tries=1",
+            &format!("@{server}"),
+            name,
+            "A",
+        ])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if out.status.success() && !answer.is_empty() {
+        Ok(answer)
+    } else {
+        Err(format!("{answer} {}", String::from_utf8_lossy(&out.stderr)))
+    }
 }
 
 fn metrics(ns: &Netns) -> String {
@@ -253,14 +291,7 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
     std::fs::create_dir_all(&docroot).unwrap();
     std::fs::write(docroot.join("canary.txt"), &canary).unwrap();
     let _web = web_server(&b1, &docroot);
-    // A DNS server on B1 (dnsmasq, in the foreground, logging to stdout): every name under
-    // .test is 10.9.8.7 / fd00::9.
-    let dnsmasq = format!(
-        "exec dnsmasq -k --log-facility=- --user=root --no-resolv --no-hosts --bind-interfaces \
-         --listen-address={site_b}.2 --listen-address={six_b}:2 --port=53 \
-         --address=/test/10.9.8.7 --address=/test/fd00::9 2>&1"
-    );
-    let (_dns, _) = spawn_ready(&b1, &["sh", "-c", &dnsmasq], "dnsmasq[");
+    let _dns = dns_server(&b1, &[&format!("{site_b}.2"), &format!("{six_b}:2")]);
     let gateway = |me: &tapproof_test_util::pki::IdentityPaths,
                    listen: &str,
                    local: &str,
@@ -610,8 +641,8 @@ fn bridge(ns: &Netns, ports: &[&str], cidr: &str) {
 }
 
 /// Two gateways in site A (GA1, GA2, one LAN and one interconnect), one in site B. A host of
-/// site A with its own agent (A2, `[[remote]]`) reaches B1 as itself, admitted by GB under its
-/// node identity. Site B's gateway lists both site-A gateways and B1 opens new connections to
+/// site A with its own agent (A2, `[[remote]]`) reaches B1 as itself (a curl and a dig),
+/// admitted by GB under its node identity. Site B's gateway lists both site-A gateways and B1 opens new connections to
 /// A1 all along: a planned restart of GA1
 /// (SIGTERM) drains its open download to the end with no new connection failing; a GA1 killed
 /// outright (SIGKILL) and a GA2 whose link goes silent (no FIN, no RST: a dead host) are each
@@ -680,6 +711,7 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     std::fs::write(docroot.join("big.bin"), &big).unwrap();
     let _web = web_server(&a1, &docroot);
     let _b1_web = web_server(&b1, &docroot);
+    let _b1_dns = dns_server(&b1, &[&format!("{site_b}.2")]);
     // Quick liveness so a silent gateway is noticed in about two seconds.
     let tunnel = |listen: &str| {
         format!("[tunnel]\nlisten = \"{listen}:15008\"\nping_interval = \"1s\"\nping_timeout = \"1s\"\n")
@@ -786,18 +818,88 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
         decisions[0]
     );
     assert_eq!(carried(&ga1), 1.0, "GA1 carried no stream for A2\n{}", logs());
+    // 1c. A2's own DNS query to B1 (UDP): marked on its way out, round through lo to A2's agent,
+    //     a CONNECT-UDP stream in A2's tunnel, admitted by GB as A2 again.
+    let qname = format!("tapproof-a2-udp-{pid}.test");
+    assert_eq!(
+        dig(&a2, &format!("{site_b}.2"), &qname).as_deref(),
+        Ok("10.9.8.7"),
+        "A2's dig to B1 as itself\nA2:\n{}\n{}",
+        a2_agent.log(),
+        logs()
+    );
+    let udp_decisions = logs()
+        .lines()
+        .filter(|l| {
+            l.contains("gateway stream admitted")
+                && l.contains("udp")
+                && l.contains(&format!("spiffe://{td}/node/host-a2"))
+                && l.contains("host")
+        })
+        .count();
+    assert_eq!(udp_decisions, 1, "GB's UDP decision names A2\n{}", logs());
+    assert_eq!(
+        metric_value(
+            &metrics(&a2),
+            "tapproof_udp_flows_total",
+            &["side=\"outbound\"", "result=\"opened\""]
+        ),
+        1.0,
+        "A2's agent carried the flow"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics(&ga1),
+            "tapproof_udp_flows_total",
+            &["side=\"outbound\"", "result=\"opened\""]
+        ),
+        0.0,
+        "GA1 carried no flow for A2's UDP (it routed A2's tunnel only)"
+    );
     wait_until(
         "A2's rules to count its captured connection to site B (read every 5 s)",
         Duration::from_secs(15),
         || metric_value(&metrics(&a2), "tapproof_gateway_routed_connections", &[]) >= 1.0,
     );
     drop(a2_agent);
+    // With A2's agent gone its rules stay: its UDP to site B meets no socket and is dropped on
+    // A2 (fails closed), it does not leave A2 for GA1 in plaintext.
+    assert!(
+        dig(&a2, &format!("{site_b}.2"), &qname).is_err(),
+        "A2's dig without its agent"
+    );
     let (code, out, err) = run_tapproof_in(
         &a2.prefix(),
         EXE,
         &["capture", "remove", "--reason", "test teardown"],
     );
     assert_eq!(code, 0, "A2: {out}{err}");
+    let rules = a2.command(&["ip", "rule", "show"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains("lookup 15006"),
+        "capture remove took A2's policy route: {}",
+        String::from_utf8_lossy(&rules.stdout)
+    );
+    // Without tapproof on A2, its UDP is an ordinary routed flow: GA1 carries it.
+    assert_eq!(
+        dig(&a2, &format!("{site_b}.2"), &qname).as_deref(),
+        Ok("10.9.8.7"),
+        "A2's dig through GA1\n{}\nGA1 metrics:\n{}\nA2 nft: {:?}",
+        logs(),
+        metrics(&ga1),
+        a2.command(&["nft", "list", "ruleset"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    );
+    assert_eq!(
+        metric_value(
+            &metrics(&ga1),
+            "tapproof_udp_flows_total",
+            &["side=\"outbound\"", "result=\"opened\""]
+        ),
+        1.0,
+        "GA1 carried A2's UDP once A2's rules were gone"
+    );
 
     // 2. Planned restart: SIGTERM to GA1 while B1 downloads 4 MiB through it at 1 MB/s. The
     //    download finishes whole, no new connection fails meanwhile (they go to GA2), and GA1

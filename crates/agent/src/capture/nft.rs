@@ -17,6 +17,7 @@ const INPUT_CHAIN: &str = "inbound_input";
 const GATEWAY_PREROUTING: &str = "gateway_prerouting";
 const GATEWAY_FORWARD: &str = "gateway_forward";
 const GATEWAY_UDP: &str = "gateway_udp";
+const HOST_UDP_OUTPUT: &str = "remote_udp_output";
 /// The mangle priority: TPROXY must see a packet before routing decides to forward it.
 const MANGLE_PRIORITY: i32 = -150;
 /// NAT chains run in priority order and the first to map a connection wins: -110 runs before
@@ -152,9 +153,11 @@ fn network_set(name: &str, addr_type: &str, networks: &[&String]) -> Value {
 }
 
 /// A site gateway's rules: routed TCP from the local networks to a remote site's networks is
-/// redirected to the capture listener (NAT prerouting, before Docker's and firewalld's DNAT);
-/// anything else routed to a remote site's networks is dropped (filter forward), so nothing but
-/// the tunnel crosses the interconnect.
+/// redirected to the capture listener (NAT prerouting, before Docker's and firewalld's DNAT),
+/// routed UDP handed to the agent's UDP socket (TPROXY); anything else routed to a remote site's
+/// networks is dropped (filter forward), so nothing but the tunnel crosses the interconnect. A
+/// host with `[[remote]]` gets the same for its own TCP and UDP to those networks, nothing for
+/// routed traffic.
 fn gateway_part(plan: &Plan) -> Vec<Value> {
     let Some(g) = &plan.gateway else {
         return Vec::new();
@@ -181,6 +184,31 @@ fn gateway_part(plan: &Plan) -> Vec<Value> {
                 ],
             ));
         }
+        // Its own UDP to their networks: TPROXY works only where packets come in, so a route
+        // chain marks the datagram on its way out (not the agent's own sockets), the mark's
+        // policy route (`route.rs`) sends it round through lo, and it comes in there to the
+        // agent's UDP socket like a gateway's routed UDP.
+        cmds.push(json!({"add": {"chain": {
+            "family": FAMILY, "table": TABLE, "name": HOST_UDP_OUTPUT,
+            "type": "route", "hook": "output", "prio": MANGLE_PRIORITY, "policy": "accept"}}}));
+        for (family, proto) in [("4", "ip"), ("6", "ip6")] {
+            cmds.push(rule(
+                HOST_UDP_OUTPUT,
+                vec![
+                    json!({"match": {"op": "!=", "left": {"meta": {"key": "mark"}}, "right": plan.mark}}),
+                    matches(payload(proto, "daddr"), json!(format!("@gw_remote{family}"))),
+                    matches(json!({"meta": {"key": "l4proto"}}), json!("udp")),
+                    json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": g.udp_mark}}),
+                ],
+            ));
+        }
+        let from_lo = |_: &str, _: &str| {
+            vec![
+                matches(json!({"meta": {"key": "iifname"}}), json!("lo")),
+                matches(json!({"meta": {"key": "mark"}}), json!(g.udp_mark)),
+            ]
+        };
+        cmds.extend(udp_tproxy(plan, g, &from_lo));
         return cmds;
     }
     cmds.push(json!({"add": {"chain": {
@@ -201,26 +229,14 @@ fn gateway_part(plan: &Plan) -> Vec<Value> {
             ],
         ));
     }
-    // Routed UDP from a local network to a remote one goes to the agent's UDP socket on the
-    // capture port (TPROXY keeps the packet's destination), marked so that the policy route
-    // (`route.rs`) delivers it to this host instead of forwarding it.
-    cmds.push(json!({"add": {"chain": {
-        "family": FAMILY, "table": TABLE, "name": GATEWAY_UDP,
-        "type": "filter", "hook": "prerouting", "prio": MANGLE_PRIORITY, "policy": "accept"}}}));
-    for (family, proto) in [("4", "ip"), ("6", "ip6")] {
-        cmds.push(rule(
-            GATEWAY_UDP,
-            vec![
-                matches(payload(proto, "saddr"), json!(format!("@gw_local{family}"))),
-                matches(payload(proto, "daddr"), json!(format!("@gw_remote{family}"))),
-                matches(json!({"meta": {"key": "l4proto"}}), json!("udp")),
-                json!({"counter": null}),
-                json!({"tproxy": {"family": proto, "port": plan.port}}),
-                json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": g.udp_mark}}),
-                json!({"accept": null}),
-            ],
-        ));
-    }
+    // Routed UDP from a local network to a remote one goes to the agent's UDP socket.
+    let from_local = |family: &str, proto: &str| {
+        vec![matches(
+            payload(proto, "saddr"),
+            json!(format!("@gw_local{family}")),
+        )]
+    };
+    cmds.extend(udp_tproxy(plan, g, &from_local));
     for (family, proto) in [("4", "ip"), ("6", "ip6")] {
         cmds.push(rule(
             GATEWAY_FORWARD,
@@ -230,6 +246,29 @@ fn gateway_part(plan: &Plan) -> Vec<Value> {
                 json!({"drop": null}),
             ],
         ));
+    }
+    cmds
+}
+
+/// The chain that hands UDP to remote sites' networks, matched by `first` (per family: "4" and
+/// "ip", "6" and "ip6"), to the agent's UDP socket on the capture port: TPROXY keeps the
+/// packet's destination, and the mark makes the policy route (`route.rs`) deliver it to this
+/// host instead of forwarding it.
+fn udp_tproxy(plan: &Plan, g: &super::GatewayPlan, first: &dyn Fn(&str, &str) -> Vec<Value>) -> Vec<Value> {
+    let mut cmds = vec![json!({"add": {"chain": {
+        "family": FAMILY, "table": TABLE, "name": GATEWAY_UDP,
+        "type": "filter", "hook": "prerouting", "prio": MANGLE_PRIORITY, "policy": "accept"}}})];
+    for (family, proto) in [("4", "ip"), ("6", "ip6")] {
+        let mut expr = first(family, proto);
+        expr.extend([
+            matches(payload(proto, "daddr"), json!(format!("@gw_remote{family}"))),
+            matches(json!({"meta": {"key": "l4proto"}}), json!("udp")),
+            json!({"counter": null}),
+            json!({"tproxy": {"family": proto, "port": plan.port}}),
+            json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": g.udp_mark}}),
+            json!({"accept": null}),
+        ]);
+        cmds.push(rule(GATEWAY_UDP, expr));
     }
     cmds
 }
@@ -426,7 +465,7 @@ pub fn check_kernel(plan: &Plan) -> Result<(), String> {
     )?;
     if plan.gateway.is_some() {
         step(
-            "routed traffic: NAT prerouting redirect, TPROXY for UDP, the forward hook and interval sets (nft_chain_nat, nft_redirect, nft_tproxy, nf_tproxy_ipv4/6, nft_set_rbtree)",
+            "remote sites: NAT redirect, TPROXY for UDP, a route chain (a host's own UDP), the forward hook and interval sets (nft_chain_nat, nft_redirect, nft_tproxy, nf_tproxy_ipv4/6, nf_tables route chains, nft_set_rbtree)",
             doc({
                 // A host's rules go into the output chain, which comes with the outbound part.
                 let mut part = outbound_part(plan);
@@ -713,6 +752,59 @@ mod tests {
             "{text}"
         );
         assert!(!l.is(&plan()), "a gateway table is not a plain one");
+    }
+
+    #[test]
+    fn a_hosts_own_tcp_and_udp_to_remote_sites_are_captured_and_nothing_routed() {
+        let host = Plan {
+            gateway: Some(crate::capture::GatewayPlan {
+                local: Vec::new(),
+                remote: vec!["10.72.0.0/16".into()],
+                udp_mark: 0x7470_0002,
+            }),
+            ..plan()
+        };
+        let doc = ruleset(&host);
+        let text = doc.to_string();
+        assert!(!text.contains(GATEWAY_PREROUTING) && !text.contains(GATEWAY_FORWARD));
+        let cmds = doc["nftables"].as_array().unwrap();
+        let rules = |chain: &str| -> Vec<String> {
+            cmds.iter()
+                .filter(|c| c["add"]["rule"]["chain"] == chain)
+                .map(|c| c["add"]["rule"]["expr"].to_string())
+                .collect()
+        };
+        // Out: the host's UDP to the remote networks is marked, unless it is the agent's own.
+        let chain = cmds
+            .iter()
+            .find(|c| c["add"]["chain"]["name"] == HOST_UDP_OUTPUT)
+            .unwrap();
+        assert_eq!(chain["add"]["chain"]["type"], "route");
+        assert_eq!(chain["add"]["chain"]["hook"], "output");
+        let out = rules(HOST_UDP_OUTPUT);
+        assert_eq!(out.len(), 2);
+        assert!(
+            out[0].contains(r#""op":"!=""#) && out[0].contains("1953497089"),
+            "{}",
+            out[0]
+        );
+        assert!(
+            out[0].contains("@gw_remote4") && out[0].contains("1953497090"),
+            "{}",
+            out[0]
+        );
+        // Back in over lo with that mark: to the agent's UDP socket.
+        let back = rules(GATEWAY_UDP);
+        assert!(
+            back[0].contains(r#""right":"lo""#) && back[0].contains("tproxy"),
+            "{}",
+            back[0]
+        );
+        assert!(back[1].contains("@gw_remote6"), "{}", back[1]);
+        // And its TCP to them is redirected to the capture listener.
+        assert!(rules(OUTPUT_CHAIN)
+            .iter()
+            .any(|r| r.contains("@gw_remote4") && r.contains("redirect")));
     }
 
     #[test]

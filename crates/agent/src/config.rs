@@ -178,9 +178,13 @@ pub struct TunnelConfig {
     /// default: `listen`, when that is a specific address.
     #[serde(default)]
     pub advertise: Option<SocketAddr>,
-    /// Refuse handshakes that did not use X25519MLKEM768.
+    /// Refuse handshakes that did not use a post-quantum group (X25519MLKEM768 or ML-KEM-1024).
     #[serde(default)]
     pub require_post_quantum: bool,
+    /// `default`, `cnsa2` (AES-256-GCM, ML-KEM-1024 and ML-DSA-87 only) or `fips` (not in this
+    /// build: refused).
+    #[serde(default, deserialize_with = "de_profile")]
+    pub crypto_profile: tapproof_tls::CryptoProfile,
     #[serde(default = "default_handshake_timeout", deserialize_with = "de_duration")]
     pub handshake_timeout: Duration,
     /// For TCP connects, to peers and to `forward` addresses.
@@ -278,6 +282,7 @@ impl Default for TunnelConfig {
             ping_interval: DEFAULT_PING_INTERVAL,
             ping_timeout: DEFAULT_PING_TIMEOUT,
             receive_buffer: 0,
+            crypto_profile: tapproof_tls::CryptoProfile::Default,
         }
     }
 }
@@ -679,6 +684,23 @@ where
     de_from_str(d).map(Some)
 }
 
+impl TunnelConfig {
+    /// What the TLS configs allow: `crypto_profile`, and `require_post_quantum` on the default.
+    pub fn crypto_policy(&self) -> tapproof_tls::CryptoPolicy {
+        use tapproof_tls::{CryptoPolicy, CryptoProfile};
+        match self.crypto_profile {
+            CryptoProfile::Cnsa2 => CryptoPolicy::Cnsa2,
+            _ if self.require_post_quantum => CryptoPolicy::RequirePostQuantum,
+            _ => CryptoPolicy::PreferPostQuantum,
+        }
+    }
+}
+
+fn de_profile<'de, D: Deserializer<'de>>(d: D) -> Result<tapproof_tls::CryptoProfile, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| {
@@ -892,6 +914,15 @@ impl AgentConfig {
             return Err(invalid(
                 "tunnel.receive_buffer".into(),
                 "must be 0 (the kernel's autotuning) or between 65536 and 1073741824".into(),
+            ));
+        }
+        if let Err(why) = t.crypto_profile.available() {
+            return Err(invalid("tunnel.crypto_profile".into(), why.into()));
+        }
+        if t.crypto_profile == tapproof_tls::CryptoProfile::Cnsa2 && self.control.is_some() {
+            return Err(invalid(
+                "tunnel.crypto_profile".into(),
+                "\"cnsa2\" needs [identity] files from an ML-DSA-87 CA (`tapproof pki mint --profile cnsa2` or your own PKI); with [control] it is not supported yet: the control plane's CA and the agent's CSR key are ECDSA P-256".into(),
             ));
         }
         if t.max_concurrent_streams == 0 {

@@ -150,6 +150,9 @@ pub async fn run(
         vouch::sockets().listening(addr);
     }
     let state = Arc::new(AgentState::new(config, material, foreign, options.fd_limit));
+    // The identity must fit `tunnel.crypto_profile` (`cnsa2` signs with ML-DSA-87 only): a
+    // node that could not shake hands refuses to start instead.
+    state.server_tls()?;
     federation::record_loaded(&state);
     let advertise = state
         .config

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tapproof_identity::{RevocationSet, SpiffeId};
-use tapproof_tls::{ClientTls, KxPolicy, MaterialError, ReloadingMaterial, ServerTls, SessionInfo};
+use tapproof_tls::{ClientTls, CryptoPolicy, MaterialError, ReloadingMaterial, ServerTls, SessionInfo};
 
 pub struct AgentState {
     /// The config the agent started with. `[[inbound]]`, `[[outbound]]` and `[audit]` may change
@@ -191,12 +191,8 @@ impl AgentState {
         self.announce_changed.notify_one();
     }
 
-    pub fn kx_policy(&self) -> KxPolicy {
-        if self.config.tunnel.require_post_quantum {
-            KxPolicy::RequirePostQuantum
-        } else {
-            KxPolicy::PreferPostQuantum
-        }
+    pub fn crypto_policy(&self) -> CryptoPolicy {
+        self.config.tunnel.crypto_policy()
     }
 
     /// The inbound TLS config for the current material and federated bundles, rebuilt after
@@ -212,7 +208,7 @@ impl AgentState {
         let tls = ServerTls::federated(
             &self.material.current(),
             &self.federation.current(),
-            self.kx_policy(),
+            self.crypto_policy(),
         )?;
         *cached = Some((generation, tls.clone()));
         Ok(tls)
@@ -225,7 +221,7 @@ impl AgentState {
             &self.material.current(),
             &self.federation.current(),
             peer.clone(),
-            self.kx_policy(),
+            self.crypto_policy(),
         )?;
         Ok((generation, tls))
     }

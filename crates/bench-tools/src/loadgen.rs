@@ -14,7 +14,7 @@ use tapproof_identity::csr::new_csr;
 use tapproof_identity::{SpiffeId, TrustDomain};
 use tapproof_tls::ControlClientTls;
 use tapproof_tls::{
-    accept, client_session, connect, ClientTls, IdentityFiles, KxPolicy, Material, ServerTls,
+    accept, client_session, connect, ClientTls, CryptoPolicy, IdentityFiles, Material, ServerTls,
 };
 
 /// Both ends of each handshake run here, on this thread: the rate is a lower bound for one core
@@ -33,9 +33,9 @@ pub async fn handshakes(pki: &Path, trust_domain: &str, seconds: f64) -> anyhow:
         .with_context(|| format!("{node} identity in {}", pki.display()))
     };
     let (server, client) = (load("server")?, load("client")?);
-    let server_tls = ServerTls::new(&server, KxPolicy::PreferPostQuantum)?;
+    let server_tls = ServerTls::new(&server, CryptoPolicy::PreferPostQuantum)?;
     let client_tls =
-        ClientTls::without_resumption(&client, server.id().clone(), KxPolicy::PreferPostQuantum)?;
+        ClientTls::without_resumption(&client, server.id().clone(), CryptoPolicy::PreferPostQuantum)?;
     let addr = "127.0.0.1:1".parse()?;
     let (mut count, mut group, mut resumed) = (0u64, String::new(), 0u64);
     let (server_time, client_time) = (

@@ -5,7 +5,8 @@
 use crate::spiffe::{SpiffeId, TrustDomain};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+    PKCS_ECDSA_P256_SHA256, PKCS_ML_DSA_87,
 };
 use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
@@ -18,6 +19,33 @@ pub enum CaError {
     BadLifetime,
     #[error("could not build certificate: {0}")]
     Build(#[from] rcgen::Error),
+}
+
+/// The key algorithm of a CA, and of the keys it makes for leaves (`issue_with_new_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyAlgorithm {
+    /// ECDSA P-256 with SHA-256: what every tapproof CA used before profiles.
+    #[default]
+    EcdsaP256,
+    /// ML-DSA-87 (FIPS 204, security category 5): the `cnsa2` profile.
+    MlDsa87,
+}
+
+impl KeyAlgorithm {
+    fn rcgen(self) -> &'static SignatureAlgorithm {
+        match self {
+            Self::EcdsaP256 => &PKCS_ECDSA_P256_SHA256,
+            Self::MlDsa87 => &PKCS_ML_DSA_87,
+        }
+    }
+
+    /// The name operators read (`ecdsa-p256`, `ml-dsa-87`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EcdsaP256 => "ecdsa-p256",
+            Self::MlDsa87 => "ml-dsa-87",
+        }
+    }
 }
 
 /// A CSR's public key, as the CA signs it.
@@ -43,6 +71,7 @@ pub struct Authority {
     not_after: OffsetDateTime,
     is_root: bool,
     key_pem: String,
+    algorithm: KeyAlgorithm,
 }
 
 /// A freshly issued leaf and the key made for it.
@@ -83,10 +112,20 @@ fn ca_params(
 }
 
 impl Authority {
-    /// Makes a self-signed root for `trust_domain`.
+    /// Makes a self-signed root for `trust_domain` (ECDSA P-256).
     pub fn new_root(trust_domain: TrustDomain, lifetime: Duration) -> Result<Self, CaError> {
+        Self::new_root_with(trust_domain, lifetime, KeyAlgorithm::EcdsaP256)
+    }
+
+    /// Makes a self-signed root for `trust_domain` with a key of `algorithm`; its intermediates
+    /// and the keys it makes for leaves use the same.
+    pub fn new_root_with(
+        trust_domain: TrustDomain,
+        lifetime: Duration,
+        algorithm: KeyAlgorithm,
+    ) -> Result<Self, CaError> {
         let params = ca_params(&trust_domain, "tapproof root CA", lifetime)?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let key = KeyPair::generate_for(algorithm.rcgen())?;
         let cert = params.self_signed(&key)?;
         let not_after = params.not_after;
         Ok(Self {
@@ -97,6 +136,7 @@ impl Authority {
             is_root: true,
             key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
+            algorithm,
         })
     }
 
@@ -104,7 +144,7 @@ impl Authority {
     pub fn new_intermediate(&self, lifetime: Duration) -> Result<Self, CaError> {
         let mut params = ca_params(&self.trust_domain, "tapproof intermediate CA", lifetime)?;
         params.not_after = params.not_after.min(self.not_after);
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let key = KeyPair::generate_for(self.algorithm.rcgen())?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Self {
             trust_domain: self.trust_domain.clone(),
@@ -114,6 +154,7 @@ impl Authority {
             is_root: false,
             key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
+            algorithm: self.algorithm,
         })
     }
 
@@ -142,6 +183,9 @@ impl Authority {
             not_after,
             is_root,
             key_pem: key_pem.to_owned(),
+            // rcgen 0.14 reads back classical keys only (`KeyPair::from_pem` does not try
+            // ML-DSA), so a CA loaded here is ECDSA: an ML-DSA CA cannot be stored and loaded yet.
+            algorithm: KeyAlgorithm::EcdsaP256,
         })
     }
 
@@ -195,9 +239,15 @@ impl Authority {
         Ok((chain, params.not_after))
     }
 
-    /// Generates a key here and signs a leaf for it. For demos and tests, where "here" is the node.
+    /// This CA's key algorithm.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    /// Generates a key here (of this CA's algorithm) and signs a leaf for it. For demos and
+    /// tests, where "here" is the node.
     pub fn issue_with_new_key(&self, id: &SpiffeId, lifetime: Duration) -> Result<IssuedIdentity, CaError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let key = KeyPair::generate_for(self.algorithm.rcgen())?;
         let (chain_pem, not_after) = self.sign_leaf(id, &key, lifetime)?;
         Ok(IssuedIdentity {
             id: id.clone(),

@@ -12,7 +12,7 @@ pub mod svid;
 pub mod token;
 pub mod when;
 
-pub use ca::{Authority, CaError, IssuedIdentity};
+pub use ca::{Authority, CaError, IssuedIdentity, KeyAlgorithm};
 pub use csr::{check_csr, new_csr, CsrError};
 pub use pattern::{allowed, AllowPattern, PatternError};
 pub use revocation::{node_name, normalize_serial, Covered, RevocationSet, RevokedBy};

@@ -204,6 +204,10 @@ pub enum PkiCommand {
         /// Leaf lifetime, e.g. 24h, 10m.
         #[arg(long, default_value = "24h")]
         lifetime: humantime_arg::Duration,
+        /// Crypto profile of the keys: `default` (ECDSA P-256) or `cnsa2` (ML-DSA-87 root,
+        /// intermediate and leaves, for agents with `[tunnel] crypto_profile = "cnsa2"`).
+        #[arg(long, default_value = "default", value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<tapproof_tls::CryptoProfile>()))]
+        profile: tapproof_tls::CryptoProfile,
     },
 }
 

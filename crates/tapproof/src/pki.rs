@@ -5,7 +5,7 @@
 use crate::cli::{PkiArgs, PkiCommand};
 use anyhow::Context;
 use std::path::Path;
-use tapproof_identity::{Authority, TrustDomain};
+use tapproof_identity::{Authority, KeyAlgorithm, TrustDomain};
 
 pub fn run(args: PkiArgs) -> anyhow::Result<()> {
     match args.command {
@@ -14,11 +14,15 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
             out,
             nodes,
             lifetime,
+            profile,
         } => {
             let td = TrustDomain::new(&trust_domain)
                 .map_err(|e| crate::exit::ConfigProblem(format!("--trust-domain {trust_domain:?}: {e}")))?;
             let lifetime = time::Duration::try_from(lifetime.0).context("--lifetime is too long")?;
-            mint(&td, &out, &nodes, lifetime)?;
+            profile
+                .available()
+                .map_err(|e| crate::exit::ConfigProblem(format!("--profile {}: {e}", profile.as_str())))?;
+            mint_with(&td, &out, &nodes, lifetime, profile.key_algorithm())?;
             println!(
                 "wrote bundle.pem and {} identities to {}",
                 nodes.len(),
@@ -29,11 +33,18 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Writes `bundle.pem`, and `<node>.pem` + `<node>.key` (0600) for each node.
-pub fn mint(td: &TrustDomain, out: &Path, nodes: &[String], lifetime: time::Duration) -> anyhow::Result<()> {
+/// Writes `bundle.pem`, and `<node>.pem` + `<node>.key` (0600) for each node, every key (root,
+/// intermediate, leaves) of `algorithm`.
+pub fn mint_with(
+    td: &TrustDomain,
+    out: &Path,
+    nodes: &[String],
+    lifetime: time::Duration,
+    algorithm: KeyAlgorithm,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let root =
-        Authority::new_root(td.clone(), time::Duration::days(365)).context("cannot make the root CA")?;
+    let root = Authority::new_root_with(td.clone(), time::Duration::days(365), algorithm)
+        .context("cannot make the root CA")?;
     let ca = root
         .new_intermediate(time::Duration::days(30))
         .context("cannot make the intermediate CA")?;

@@ -66,9 +66,13 @@ pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
         }
     }
     let material = Material::load(&files, &config.trust_domain).map_err(|e| ConfigProblem(e.to_string()))?;
+    // The identity must fit the crypto profile, as the agent checks at start.
+    tapproof_tls::ServerTls::new(&material, config.tunnel.crypto_policy())
+        .map_err(|e| ConfigProblem(e.to_string()))?;
     tapproof_agent::federation::load_files(&config.federation).map_err(|e| ConfigProblem(e.to_string()))?;
     println!("config {}: ok", args.config.display());
     println!("  identity        {}", material.id());
+    println!("  crypto profile  {}", config.tunnel.crypto_profile.as_str());
     println!("  expires in      {} s", material.seconds_to_expiry());
     println!("  bundle roots    {}", material.root_count());
     println!(

@@ -38,7 +38,7 @@ async fn tunnel(
     let tls = tapproof_tls::ClientTls::new(
         &material,
         pki.id(server),
-        tapproof_tls::KxPolicy::PreferPostQuantum,
+        tapproof_tls::CryptoPolicy::PreferPostQuantum,
     )
     .unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();

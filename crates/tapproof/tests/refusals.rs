@@ -9,7 +9,7 @@ use tapproof_test_util::tls_client::{
 };
 use tapproof_test_util::traffic::round_trip;
 use tapproof_tls::rustls::version::{TLS12, TLS13};
-use tapproof_tls::KxPolicy;
+use tapproof_tls::CryptoPolicy;
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapproof");
 
@@ -57,13 +57,13 @@ fn every_bad_client_is_refused_and_the_agent_keeps_serving() {
     });
 
     refused(&pair, "tls_version", || {
-        let config = raw_config(Some(&pair.web_id), &[&TLS12], KxPolicy::PreferPostQuantum);
+        let config = raw_config(Some(&pair.web_id), &[&TLS12], CryptoPolicy::PreferPostQuantum);
         let e = attempt(tunnel, config).unwrap_err();
         assert!(e.contains("handshake"), "{e}");
     });
 
     refused(&pair, "no_client_cert", || {
-        let config = raw_config(None, &[&TLS13], KxPolicy::PreferPostQuantum);
+        let config = raw_config(None, &[&TLS13], CryptoPolicy::PreferPostQuantum);
         attempt(tunnel, config).unwrap_err();
     });
 
@@ -72,7 +72,7 @@ fn every_bad_client_is_refused_and_the_agent_keeps_serving() {
         let config = raw_config(
             Some(&stranger.node("web-1")),
             &[&TLS13],
-            KxPolicy::PreferPostQuantum,
+            CryptoPolicy::PreferPostQuantum,
         );
         attempt(tunnel, config).unwrap_err();
     });
@@ -81,7 +81,7 @@ fn every_bad_client_is_refused_and_the_agent_keeps_serving() {
         let config = raw_config(
             Some(&pair.pki.foreign_domain("web-1")),
             &[&TLS13],
-            KxPolicy::PreferPostQuantum,
+            CryptoPolicy::PreferPostQuantum,
         );
         attempt(tunnel, config).unwrap_err();
     });
@@ -90,7 +90,7 @@ fn every_bad_client_is_refused_and_the_agent_keeps_serving() {
         let config = raw_config(
             Some(&pair.pki.expired("web-1")),
             &[&TLS13],
-            KxPolicy::PreferPostQuantum,
+            CryptoPolicy::PreferPostQuantum,
         );
         attempt(tunnel, config).unwrap_err();
     });
@@ -99,7 +99,7 @@ fn every_bad_client_is_refused_and_the_agent_keeps_serving() {
         let config = raw_config(
             Some(&pair.pki.without_spiffe_id("web-1")),
             &[&TLS13],
-            KxPolicy::PreferPostQuantum,
+            CryptoPolicy::PreferPostQuantum,
         );
         attempt(tunnel, config).unwrap_err();
     });

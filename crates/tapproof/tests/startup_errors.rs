@@ -54,6 +54,19 @@ fn bad_config_and_identity_files_are_named() {
         &["nope.pem", "No such file"],
     );
     refuses(&pki, "not-a-config", "this is not toml", &["not-a-config.toml"]);
+    // An ECDSA identity on the cnsa2 profile, and a profile this build cannot honour.
+    refuses(
+        &pki,
+        "cnsa2-with-ecdsa",
+        &good.replace("[tunnel]\n", "[tunnel]\ncrypto_profile = \"cnsa2\"\n"),
+        &["does not fit crypto profile cnsa2", "ML-DSA-87"],
+    );
+    refuses(
+        &pki,
+        "fips-without-module",
+        &good.replace("[tunnel]\n", "[tunnel]\ncrypto_profile = \"fips\"\n"),
+        &["tunnel.crypto_profile", "no FIPS module"],
+    );
 
     // Key not matching the certificate.
     let other = pki.node("other");

@@ -134,7 +134,8 @@ impl RawH2 {
             bundle: identity.bundle.clone(),
         };
         let material = tapproof_tls::Material::load(&files, td)?;
-        let tls = tapproof_tls::ClientTls::new(&material, server, tapproof_tls::KxPolicy::PreferPostQuantum)?;
+        let tls =
+            tapproof_tls::ClientTls::new(&material, server, tapproof_tls::CryptoPolicy::PreferPostQuantum)?;
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let stream = tapproof_tls::connect(&tls, tcp, addr).await?;
         let (mut r, mut w) = tokio::io::split(stream);

@@ -114,34 +114,87 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The named group of the key_share in the first TLS ServerHello of `stream`.
-pub fn server_hello_group(stream: &[u8]) -> Option<u16> {
-    // TLS record: type 22 (handshake), version, length; then handshake type 2 (ServerHello).
+/// A hello's extensions: (type, data).
+type Extensions<'a> = Vec<(u16, &'a [u8])>;
+
+/// The body and extensions of the first handshake message of `stream` (one TLS connection's
+/// bytes from one side) when it is of type `kind` (1 ClientHello, 2 ServerHello): the cipher
+/// suite(s) and the (type, data) of each extension.
+fn hello(stream: &[u8], kind: u8) -> Option<(Vec<u16>, Extensions<'_>)> {
+    // TLS record: type 22 (handshake), version, length; then the handshake message.
     if *stream.first()? != 22 {
         return None;
     }
     let len = u16be(stream, 3)? as usize;
     let hs = stream.get(5..5 + len)?;
-    if *hs.first()? != 2 {
+    if *hs.first()? != kind {
         return None;
     }
     let body = hs.get(4..)?;
     let mut at = 2 + 32; // legacy_version, random
     let sid_len = *body.get(at)? as usize;
-    at += 1 + sid_len + 2 + 1; // session id, cipher suite, compression
+    at += 1 + sid_len;
+    let suites = if kind == 1 {
+        let n = u16be(body, at)? as usize;
+        let list = (0..n / 2)
+            .map(|i| u16be(body, at + 2 + 2 * i))
+            .collect::<Option<Vec<_>>>()?;
+        at += 2 + n;
+        let compression = *body.get(at)? as usize;
+        at += 1 + compression;
+        list
+    } else {
+        let suite = u16be(body, at)?;
+        at += 2 + 1; // cipher suite, compression
+        vec![suite]
+    };
     let ext_len = u16be(body, at)? as usize;
     at += 2;
     let end = at + ext_len;
+    let mut extensions = Vec::new();
     while at + 4 <= end {
         let ty = u16be(body, at)?;
         let len = u16be(body, at + 2)? as usize;
-        if ty == 0x0033 {
-            return u16be(body, at + 4);
-        }
+        extensions.push((ty, body.get(at + 4..at + 4 + len)?));
         at += 4 + len;
     }
-    None
+    Some((suites, extensions))
+}
+
+/// The named group of the key_share in the first TLS ServerHello of `stream`.
+pub fn server_hello_group(stream: &[u8]) -> Option<u16> {
+    let (_, extensions) = hello(stream, 2)?;
+    let (_, data) = extensions.into_iter().find(|(ty, _)| *ty == 0x0033)?;
+    u16be(data, 0)
+}
+
+/// The cipher suite the first TLS ServerHello of `stream` chose.
+pub fn server_hello_cipher(stream: &[u8]) -> Option<u16> {
+    hello(stream, 2)?.0.first().copied()
+}
+
+/// What the first TLS ClientHello of `stream` offers: its cipher suites, its supported groups
+/// and its signature algorithms.
+pub fn client_hello_offers(stream: &[u8]) -> Option<(Vec<u16>, Vec<u16>, Vec<u16>)> {
+    let (suites, extensions) = hello(stream, 1)?;
+    let list = |ty: u16| -> Vec<u16> {
+        extensions
+            .iter()
+            .find(|(t, _)| *t == ty)
+            .map(|(_, d)| {
+                let n = u16be(d, 0).unwrap_or(0) as usize;
+                (0..n / 2).filter_map(|i| u16be(d, 2 + 2 * i)).collect()
+            })
+            .unwrap_or_default()
+    };
+    Some((suites, list(0x000a), list(0x000d)))
 }
 
 /// IANA code point of X25519MLKEM768.
 pub const X25519MLKEM768: u16 = 0x11ec;
+/// IANA code point of ML-KEM-1024 (a named group).
+pub const MLKEM1024: u16 = 0x0202;
+/// IANA code point of TLS_AES_256_GCM_SHA384.
+pub const TLS_AES_256_GCM_SHA384: u16 = 0x1302;
+/// IANA code point of the ML-DSA-87 signature scheme.
+pub const ML_DSA_87: u16 = 0x0906;

@@ -34,12 +34,17 @@ impl TestPki {
     }
 
     pub fn for_domain(td: &str) -> Self {
+        Self::with(td, tapproof_identity::KeyAlgorithm::EcdsaP256)
+    }
+
+    /// A PKI whose root, intermediate and leaf keys are all of `algorithm`.
+    pub fn with(td: &str, algorithm: tapproof_identity::KeyAlgorithm) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tapproof-test-")
             .tempdir()
             .unwrap();
         let td = TrustDomain::new(td).unwrap();
-        let root = Authority::new_root(td.clone(), Duration::days(1)).unwrap();
+        let root = Authority::new_root_with(td.clone(), Duration::days(1), algorithm).unwrap();
         let ca = root.new_intermediate(Duration::hours(12)).unwrap();
         write_file(&dir.path().join("bundle.pem"), root.cert_pem(), 0o644);
         Self { dir, td, root, ca }

@@ -14,7 +14,7 @@ use tapproof_tls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName,
 use tapproof_tls::rustls::{
     self, ClientConfig, DigitallySignedStruct, SignatureScheme, SupportedProtocolVersion,
 };
-use tapproof_tls::{ClientTls, IdentityFiles, KxPolicy, Material};
+use tapproof_tls::{ClientTls, CryptoPolicy, IdentityFiles, Material};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -66,7 +66,7 @@ fn runtime() -> tokio::runtime::Runtime {
 pub fn raw_config(
     identity: Option<&IdentityPaths>,
     versions: &[&'static SupportedProtocolVersion],
-    kx: KxPolicy,
+    kx: CryptoPolicy,
 ) -> Arc<ClientConfig> {
     let provider = if versions
         .iter()
@@ -85,7 +85,7 @@ pub fn raw_config_with_groups(
     identity: Option<&IdentityPaths>,
     groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
 ) -> Arc<ClientConfig> {
-    let mut provider = (*tapproof_tls::crypto_provider(KxPolicy::PreferPostQuantum)).clone();
+    let mut provider = (*tapproof_tls::crypto_provider(CryptoPolicy::PreferPostQuantum)).clone();
     provider.kx_groups = groups;
     build(identity, &[&rustls::version::TLS13], provider)
 }
@@ -158,7 +158,7 @@ async fn handshake(addr: SocketAddr, identity: &IdentityPaths) -> tokio_rustls::
     let config = raw_config(
         Some(identity),
         &[&rustls::version::TLS13],
-        KxPolicy::PreferPostQuantum,
+        CryptoPolicy::PreferPostQuantum,
     );
     let tcp = TcpStream::connect(addr).await.unwrap();
     let connector = tokio_rustls::TlsConnector::from(config);
@@ -209,7 +209,7 @@ pub fn connect_status(
         bundle: identity.bundle.clone(),
     };
     let material = Material::load(&files, td).unwrap();
-    let tls = ClientTls::new(&material, server_id.clone(), KxPolicy::PreferPostQuantum).unwrap();
+    let tls = ClientTls::new(&material, server_id.clone(), CryptoPolicy::PreferPostQuantum).unwrap();
     let service = service.to_owned();
     runtime().block_on(async move {
         let tcp = TcpStream::connect(addr).await.unwrap();

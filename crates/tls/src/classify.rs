@@ -22,6 +22,11 @@ pub fn failure_reason(err: &io::Error) -> &'static str {
         | Error::PeerIncompatible(PeerIncompatible::KeyShareExtensionRequired)
         | Error::PeerIncompatible(PeerIncompatible::NamedGroupsExtensionRequired) => "no_common_key_exchange",
         Error::PeerIncompatible(PeerIncompatible::NoCipherSuitesInCommon) => "no_common_cipher",
+        // A `cnsa2` peer and one whose key cannot sign ML-DSA-87 (or the other way round).
+        Error::PeerIncompatible(
+            PeerIncompatible::NoSignatureSchemesInCommon
+            | PeerIncompatible::NoCertificateRequestSignatureSchemesInCommon,
+        ) => "no_common_signature",
         Error::PeerIncompatible(_) => "tls_version",
         Error::NoCertificatesPresented => "no_client_cert",
         Error::InvalidCertificate(cert) => match cert {

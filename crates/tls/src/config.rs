@@ -3,7 +3,7 @@
 
 use crate::federation::ForeignRoots;
 use crate::material::{Material, MaterialError};
-use crate::provider::{crypto_provider, KxPolicy};
+use crate::provider::{crypto_provider, CryptoPolicy};
 use crate::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -49,6 +49,24 @@ fn build_error(e: impl std::fmt::Display) -> MaterialError {
     }
 }
 
+/// Whether `material` can serve under `policy`: the `cnsa2` profile signs handshakes with
+/// ML-DSA-87 only, so a node whose key cannot is refused here, before any peer sees it.
+fn fit(material: &Material, policy: CryptoPolicy) -> Result<(), MaterialError> {
+    if policy == CryptoPolicy::Cnsa2
+        && material
+            .certified
+            .key
+            .choose_scheme(&[SignatureScheme::ML_DSA_87])
+            .is_none()
+    {
+        return Err(MaterialError::Profile {
+            profile: "cnsa2",
+            detail: "its key cannot sign with ML-DSA-87; make it an ML-DSA-87 identity from an ML-DSA-87 CA (`tapproof pki mint --profile cnsa2`, or your own PKI)".into(),
+        });
+    }
+    Ok(())
+}
+
 /// The inbound (tunnel listener) side.
 #[derive(Clone)]
 pub struct ServerTls {
@@ -56,7 +74,7 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
-    pub fn new(material: &Material, kx: KxPolicy) -> Result<Self, MaterialError> {
+    pub fn new(material: &Material, kx: CryptoPolicy) -> Result<Self, MaterialError> {
         Self::federated(material, &ForeignRoots::default(), kx)
     }
 
@@ -64,8 +82,9 @@ impl ServerTls {
     pub fn federated(
         material: &Material,
         foreign: &ForeignRoots,
-        kx: KxPolicy,
+        kx: CryptoPolicy,
     ) -> Result<Self, MaterialError> {
+        fit(material, kx)?;
         let provider = crypto_provider(kx);
         let verifier = SpiffeClientVerifier::new(
             material.roots.clone(),
@@ -93,7 +112,11 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    pub fn new(material: &Material, expected_peer: SpiffeId, kx: KxPolicy) -> Result<Self, MaterialError> {
+    pub fn new(
+        material: &Material,
+        expected_peer: SpiffeId,
+        kx: CryptoPolicy,
+    ) -> Result<Self, MaterialError> {
         Self::federated(material, &ForeignRoots::default(), expected_peer, kx)
     }
 
@@ -103,8 +126,9 @@ impl ClientTls {
         material: &Material,
         foreign: &ForeignRoots,
         expected_peer: SpiffeId,
-        kx: KxPolicy,
+        kx: CryptoPolicy,
     ) -> Result<Self, MaterialError> {
+        fit(material, kx)?;
         let provider = crypto_provider(kx);
         let td = expected_peer.trust_domain();
         let roots = if *td == material.trust_domain {
@@ -135,7 +159,7 @@ impl ClientTls {
     pub fn without_resumption(
         material: &Material,
         expected_peer: SpiffeId,
-        kx: KxPolicy,
+        kx: CryptoPolicy,
     ) -> Result<Self, MaterialError> {
         let tls = Self::new(material, expected_peer, kx)?;
         let mut config = (*tls.connector.config().clone()).clone();

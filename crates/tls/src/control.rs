@@ -4,7 +4,7 @@
 //! they hold one (join), against the SHA-256 pin of the root carried in the join token.
 
 use crate::material::IdentityFiles;
-use crate::provider::{crypto_provider, KxPolicy};
+use crate::provider::{crypto_provider, CryptoPolicy};
 use crate::verify::{check_svid, reject, SpiffeCheckError, SpiffeClientVerifier};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -92,7 +92,7 @@ impl ControlServerTls {
         td: &TrustDomain,
         expired_grace: std::time::Duration,
     ) -> Result<Self, ControlTlsError> {
-        let provider = crypto_provider(KxPolicy::PreferPostQuantum);
+        let provider = crypto_provider(CryptoPolicy::PreferPostQuantum);
         let chain = pem_certs("server certificate", chain_pem)?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| ControlTlsError::Pem {
             what: "server key",
@@ -167,7 +167,7 @@ impl ControlClientTls {
         server_id: SpiffeId,
         identity: Option<(&str, &str)>,
     ) -> Result<Self, ControlTlsError> {
-        let provider = crypto_provider(KxPolicy::PreferPostQuantum);
+        let provider = crypto_provider(CryptoPolicy::PreferPostQuantum);
         let roots = match &trust {
             ServerTrust::Pin(_) => None,
             ServerTrust::Bundle(pems) => Some(roots_from(pems)?),

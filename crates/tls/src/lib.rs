@@ -22,7 +22,7 @@ pub use federation::ForeignRoots;
 pub use material::{
     write_identity_file, ExportError, ExportedSvid, IdentityFiles, Material, MaterialError, ReloadingMaterial,
 };
-pub use provider::{crypto_provider, KxPolicy, POST_QUANTUM_GROUP};
+pub use provider::{crypto_provider, CryptoPolicy, CryptoProfile, POST_QUANTUM_GROUP};
 pub use rekey::{KeySchedule, KeyUpdateReason, OnKeyUpdate, RefreshKeys, Rekeying};
 pub use session::{client_session, server_session, SessionInfo};
 pub use verify::SpiffeCheckError;

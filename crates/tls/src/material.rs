@@ -3,7 +3,7 @@
 //! needs no restart. A half-written rotation (new cert, old key) fails the checks and the previous
 //! material stays in use until the files agree again.
 
-use crate::provider::{crypto_provider, KxPolicy};
+use crate::provider::{crypto_provider, CryptoPolicy};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::ParsedCertificate;
@@ -49,6 +49,8 @@ pub enum MaterialError {
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("key file {path} is not a usable private key: {detail}")]
     BadKey { path: PathBuf, detail: String },
+    #[error("the identity does not fit crypto profile {profile}: {detail}")]
+    Profile { profile: &'static str, detail: String },
     #[error("key file {key} does not match the leaf certificate in {cert}")]
     KeyMismatch { key: PathBuf, cert: PathBuf },
     #[error("certificate {path} is not a valid X509-SVID: {source}")]
@@ -233,7 +235,7 @@ impl Material {
             path: files.key.clone(),
             detail: e.to_string(),
         })?;
-        let provider = crypto_provider(KxPolicy::PreferPostQuantum);
+        let provider = crypto_provider(CryptoPolicy::PreferPostQuantum);
         let signing_key = provider
             .key_provider
             .load_private_key(key)

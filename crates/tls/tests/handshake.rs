@@ -3,9 +3,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use tapproof_identity::{Authority, TrustDomain};
+use tapproof_identity::{Authority, KeyAlgorithm, TrustDomain};
 use tapproof_tls::{
-    accept, client_session, connect, failure_reason, ClientTls, ForeignRoots, IdentityFiles, KxPolicy,
+    accept, client_session, connect, failure_reason, ClientTls, CryptoPolicy, ForeignRoots, IdentityFiles,
     Material, MaterialError, ServerTls,
 };
 use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -31,8 +31,12 @@ impl Pki {
     }
 
     fn of(trust_domain: &str) -> Self {
+        Self::with(trust_domain, KeyAlgorithm::EcdsaP256)
+    }
+
+    fn with(trust_domain: &str, algorithm: KeyAlgorithm) -> Self {
         let td = TrustDomain::new(trust_domain).unwrap();
-        let root = Authority::new_root(td.clone(), time::Duration::days(1)).unwrap();
+        let root = Authority::new_root_with(td.clone(), time::Duration::days(1), algorithm).unwrap();
         let ca = root.new_intermediate(time::Duration::hours(2)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         write(&dir.path().join("bundle.pem"), root.cert_pem(), 0o644);
@@ -65,7 +69,7 @@ impl Pki {
     }
 
     fn server(&self, node: &str) -> ServerTls {
-        ServerTls::new(&self.material(node), KxPolicy::PreferPostQuantum).unwrap()
+        ServerTls::new(&self.material(node), CryptoPolicy::PreferPostQuantum).unwrap()
     }
 
     /// A client of this PKI's `node` that trusts `other`'s root (besides its own) and requires
@@ -82,7 +86,7 @@ impl Pki {
         ClientTls::new(
             &material,
             self.td.node_id(expect).unwrap(),
-            KxPolicy::PreferPostQuantum,
+            CryptoPolicy::PreferPostQuantum,
         )
         .unwrap()
     }
@@ -90,7 +94,7 @@ impl Pki {
     /// A client identified as `node` that requires the server to be `expect`.
     fn client(&self, node: &str, expect: &str) -> ClientTls {
         let expected = self.td.node_id(expect).unwrap();
-        ClientTls::new(&self.material(node), expected, KxPolicy::PreferPostQuantum).unwrap()
+        ClientTls::new(&self.material(node), expected, CryptoPolicy::PreferPostQuantum).unwrap()
     }
 }
 
@@ -398,7 +402,7 @@ async fn federated_trust_domains_shake_hands_and_each_root_vouches_only_for_its_
     let server = ServerTls::federated(
         &partner.material("db-1"),
         &foreign("example.org", &ours),
-        KxPolicy::PreferPostQuantum,
+        CryptoPolicy::PreferPostQuantum,
     )
     .unwrap();
     let db = partner.td.node_id("db-1").unwrap();
@@ -406,7 +410,7 @@ async fn federated_trust_domains_shake_hands_and_each_root_vouches_only_for_its_
         &ours.material("web-1"),
         &foreign("partner.org", &partner),
         db.clone(),
-        KxPolicy::PreferPostQuantum,
+        CryptoPolicy::PreferPostQuantum,
     )
     .unwrap();
     let (a, b) = duplex(64 * 1024);
@@ -423,8 +427,12 @@ async fn federated_trust_domains_shake_hands_and_each_root_vouches_only_for_its_
     let (a, b) = duplex(64 * 1024);
     let (s, _) = tokio::join!(accept(&unfederated_server, a), connect(&client, b, peer()));
     assert_eq!(failure_reason(&s.err().unwrap()), "unknown_ca");
-    let unfederated_client =
-        ClientTls::new(&ours.material("web-1"), db.clone(), KxPolicy::PreferPostQuantum).unwrap();
+    let unfederated_client = ClientTls::new(
+        &ours.material("web-1"),
+        db.clone(),
+        CryptoPolicy::PreferPostQuantum,
+    )
+    .unwrap();
     let (a, b) = duplex(64 * 1024);
     let (_, c) = tokio::join!(accept(&server, a), connect(&unfederated_client, b, peer()));
     assert_eq!(failure_reason(&c.err().unwrap()), "unknown_ca");
@@ -437,7 +445,7 @@ async fn federated_trust_domains_shake_hands_and_each_root_vouches_only_for_its_
     let server = ServerTls::federated(
         &ours.material("db-1"),
         &foreign("partner.org", &impostor),
-        KxPolicy::PreferPostQuantum,
+        CryptoPolicy::PreferPostQuantum,
     )
     .unwrap();
     let client = impostor.client_trusting("web-1", &ours, "db-1");
@@ -448,7 +456,7 @@ async fn federated_trust_domains_shake_hands_and_each_root_vouches_only_for_its_
         &ours.material("web-1"),
         &foreign("partner.org", &impostor),
         ours.td.node_id("db-1").unwrap(),
-        KxPolicy::PreferPostQuantum,
+        CryptoPolicy::PreferPostQuantum,
     )
     .unwrap();
     let (a, b) = duplex(64 * 1024);
@@ -459,7 +467,7 @@ async fn federated_trust_domains_shake_hands_and_each_root_vouches_only_for_its_
     let server = ServerTls::federated(
         &ours.material("db-1"),
         &foreign("example.org", &impostor),
-        KxPolicy::PreferPostQuantum,
+        CryptoPolicy::PreferPostQuantum,
     )
     .unwrap();
     let (a, b) = duplex(64 * 1024);
@@ -536,4 +544,91 @@ where
         sha2::Sha256::digest(&got)
     };
     tokio::join!(send, recv).1
+}
+
+/// A pair on the `cnsa2` profile: ML-DSA-87 identities from an ML-DSA-87 CA, and the handshake
+/// can only be TLS 1.3 with TLS_AES_256_GCM_SHA384 and ML-KEM-1024.
+#[tokio::test]
+async fn cnsa2_peers_use_aes_256_ml_kem_1024_and_ml_dsa_87() {
+    let pki = Pki::with("example.org", KeyAlgorithm::MlDsa87);
+    let server = ServerTls::new(&pki.material("db-1"), CryptoPolicy::Cnsa2).unwrap();
+    let expected = pki.td.node_id("db-1").unwrap();
+    let client = ClientTls::new(&pki.material("web-1"), expected, CryptoPolicy::Cnsa2).unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let (s, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
+    let (mut s, mut c) = (s.unwrap(), c.unwrap());
+    for seen in [client_session(&c), tapproof_tls::server_session(&s)] {
+        assert_eq!(
+            (seen.version.as_str(), seen.cipher.as_str(), seen.group.as_str()),
+            ("TLSv1.3", "TLS_AES_256_GCM_SHA384", "MLKEM1024")
+        );
+    }
+    c.write_all(b"cnsa").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"cnsa");
+}
+
+/// Mixed fleets: a `cnsa2` node and a `default` one agree on what both allow (ML-KEM-1024,
+/// AES-256-GCM, ML-DSA-87) when the default one has an ML-DSA-87 identity, and otherwise the
+/// handshake fails with a named reason; never anything weaker than `cnsa2` allows.
+#[tokio::test]
+async fn a_cnsa2_node_and_a_default_one_agree_on_cnsa2_or_refuse_naming_why() {
+    let pq = Pki::with("example.org", KeyAlgorithm::MlDsa87);
+    // A default-profile node with an ML-DSA-87 identity: the cnsa2 server's terms.
+    let server = ServerTls::new(&pq.material("db-1"), CryptoPolicy::Cnsa2).unwrap();
+    let client = ClientTls::new(
+        &pq.material("web-1"),
+        pq.td.node_id("db-1").unwrap(),
+        CryptoPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let (s, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
+    let (_s, c) = (s.unwrap(), c.unwrap());
+    let seen = client_session(&c);
+    assert_eq!(
+        (seen.cipher.as_str(), seen.group.as_str()),
+        ("TLS_AES_256_GCM_SHA384", "MLKEM1024")
+    );
+
+    // A default node with an ECDSA identity, trusting both roots (a fleet mid-rollover).
+    let ec = Pki::new();
+    let mut files = ec.files("web-2");
+    files.bundle = ec.dir.path().join("both.pem");
+    write(&files.bundle, &format!("{}{}", ec.root_pem, pq.root_pem), 0o644);
+    let ecdsa = Material::load(&files, &ec.td).unwrap();
+    // As the client of a cnsa2 server: it cannot sign what the server asks.
+    let client = ClientTls::new(
+        &ecdsa,
+        pq.td.node_id("db-1").unwrap(),
+        CryptoPolicy::PreferPostQuantum,
+    )
+    .unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let (s, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
+    let s = s.expect_err("the cnsa2 server refuses an ECDSA client");
+    assert_eq!(failure_reason(&s), "no_client_cert", "{s}");
+    // (TLS 1.3: the client finishes before the server's verdict; its first read gets it.)
+    if let Ok(mut c) = c {
+        let mut one = [0u8; 1];
+        assert!(!matches!(c.read(&mut one).await, Ok(n) if n > 0));
+    }
+    // As the server of a cnsa2 client: no signature scheme the client accepts.
+    let server = ServerTls::new(&ecdsa, CryptoPolicy::PreferPostQuantum).unwrap();
+    let client = ClientTls::new(
+        &pq.material("web-1"),
+        ec.td.node_id("web-2").unwrap(),
+        CryptoPolicy::Cnsa2,
+    )
+    .unwrap();
+    let (a, b) = duplex(64 * 1024);
+    let (s, c) = tokio::join!(accept(&server, a), connect(&client, b, peer()));
+    let s = s.expect_err("no common signature");
+    assert_eq!(failure_reason(&s), "no_common_signature", "{s}");
+    assert_eq!(failure_reason(&c.err().unwrap()), "alert_received");
+
+    // A cnsa2 config refuses an identity whose key cannot sign ML-DSA-87, naming the profile.
+    let e = ServerTls::new(&ecdsa, CryptoPolicy::Cnsa2).err().unwrap();
+    assert!(e.to_string().contains("does not fit crypto profile cnsa2"), "{e}");
 }

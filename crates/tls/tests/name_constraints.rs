@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tapproof_identity::{SpiffeId, TrustDomain};
-use tapproof_tls::{accept, connect, ClientTls, IdentityFiles, KxPolicy, Material, MaterialError, ServerTls};
+use tapproof_tls::{
+    accept, connect, ClientTls, CryptoPolicy, IdentityFiles, Material, MaterialError, ServerTls,
+};
 use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -210,11 +212,11 @@ async fn nodes_under_a_constrained_intermediate_shake_hands() {
     write(&pki.path("host-td2.chain.pem"), &chain, 0o644);
     let client_material = Material::load(&pki.files("host-td2"), &td).unwrap();
 
-    let server = ServerTls::new(&server_material, KxPolicy::PreferPostQuantum).unwrap();
+    let server = ServerTls::new(&server_material, CryptoPolicy::PreferPostQuantum).unwrap();
     let client = ClientTls::new(
         &client_material,
         td.node_id("a").unwrap(),
-        KxPolicy::PreferPostQuantum,
+        CryptoPolicy::PreferPostQuantum,
     )
     .unwrap();
     let (a, b) = duplex(64 * 1024);

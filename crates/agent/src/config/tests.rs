@@ -392,3 +392,29 @@ fn tunnel_receive_buffer_is_autotuned_unless_set_within_bounds() {
         );
     }
 }
+
+#[test]
+fn crypto_profiles_are_named_and_one_this_build_cannot_honour_is_refused() {
+    let set = |lines: &str| EXAMPLE.replace("require_post_quantum = false", lines);
+    assert_eq!(
+        parse(EXAMPLE).unwrap().tunnel.crypto_profile,
+        tapproof_tls::CryptoProfile::Default
+    );
+    let c = parse(&set("crypto_profile = \"cnsa2\"")).unwrap();
+    assert_eq!(c.tunnel.crypto_profile, tapproof_tls::CryptoProfile::Cnsa2);
+    let e = err(&set("crypto_profile = \"fips\""));
+    assert!(
+        e.contains("tunnel.crypto_profile") && e.contains("no FIPS module"),
+        "{e}"
+    );
+    let e = err("trust_domain = \"example.org\"\n[control]\ndata_dir = \"/d\"\n[tunnel]\ncrypto_profile = \"cnsa2\"\n");
+    assert!(
+        e.contains("tunnel.crypto_profile") && e.contains("with [control] it is not supported yet"),
+        "{e}"
+    );
+    let e = err(&set("crypto_profile = \"suite-b\""));
+    assert!(
+        e.contains("crypto_profile") && e.contains("\"default\", \"cnsa2\" or \"fips\""),
+        "{e}"
+    );
+}

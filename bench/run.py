@@ -9,6 +9,8 @@ Sections (--sections, default all):
   clients     pgbench (8 clients, TPC-B-like) and redis-benchmark GET (16 clients) through each path
   memory      resident memory per idle proxied connection at --idle-conns connections (tapproof, stunnel4)
   handshakes  full mTLS 1.3 handshakes (X25519MLKEM768, ECDSA P-256, no resumption) per second, one core
+  profiles    the crypto profiles side by side (default, cnsa2): handshakes/s on one core, one iperf3
+              stream through an agent pair on loopback (MB/s, CPU s/GB)
   veth        two network namespaces + veth: direct, tapproof (listener and captured), Nebula, boringtun (bulk, new conn, keep-alive)
   sites       site to site, A1 -- GA == GB -- B1 in four namespaces: routed plaintext, tapproof gateways, stunnel4
               gateways (TCP only), boringtun,
@@ -22,13 +24,13 @@ section and bench/plot.png (with --write). Every process and namespace started h
 import argparse, datetime, json, os, shutil, signal, subprocess, sys, tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import log, med, raise_fd_limit
-import common, control, longfat, loopback, sites, veth
+import common, control, longfat, loopback, profiles, sites, veth
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALL = ["loopback", "clients", "memory", "handshakes", "veth", "sites", "longfat", "control"]
+ALL = ["loopback", "clients", "memory", "handshakes", "profiles", "veth", "sites", "longfat", "control"]
 TOOLS = dict(loopback=["nginx", "wrk", "iperf3", "stunnel4", "haproxy"], clients=["pgbench", "redis-server", "redis-benchmark"],
              memory=["stunnel4"], veth=["nginx", "wrk", "iperf3", "ip"], sites=["nginx", "wrk", "iperf3", "ip", "stunnel4"],
-             longfat=["iperf3", "ip"])
+             longfat=["iperf3", "ip"], profiles=["iperf3", "taskset"])
 
 
 def f0(x):
@@ -123,6 +125,8 @@ def report(R, a):
           f"{f0(H['server_side_rate'])}/s per core; client side {f0(H['client_side_rate'])}/s per core.\n")
         target(">= 2,000 full handshakes/s on one core (server side)", H["server_side_rate"] >= 2000,
                f"{f0(H['server_side_rate'])}/s")
+    if "profiles" in R:
+        profiles.report(R["profiles"], p, f0, f2)
     if "veth" in R:
         V = R["veth"]
         p("### Across two network namespaces (veth)\n")
@@ -246,6 +250,8 @@ def plot(R, path):
     if "loopback" in R:
         panels += [("loopback: bulk MB/s", R["loopback"], "bulk"), ("loopback: new conn/s", R["loopback"], "new"),
                    ("loopback: keep-alive req/s", R["loopback"], "ka")]
+    if "profiles" in R:
+        profiles.report(R["profiles"], p, f0, f2)
     if "veth" in R:
         V = R["veth"]["results"]
         panels += [("veth: bulk MB/s", V, "bulk"), ("veth: new conn/s", V, "new"), ("veth: keep-alive req/s", V, "ka")]
@@ -346,6 +352,13 @@ def main():
                 log(f"handshakes: {out.strip()}")
             R["handshakes"] = {k: med([float(r[k]) for r in runs]) for k in ("rate", "server_side_rate",
                                                                            "client_side_rate", "resumed")}
+        if "profiles" in sections:
+            pr = profiles.Profiles(d, a.tapproof)
+            try:
+                pr.start()
+                R["profiles"] = profiles.run(pr, a.runs, a.seconds)
+            finally:
+                pr.stop()
         if "veth" in sections:
             v = veth.Veth(d, a.tapproof)
             try:

@@ -687,12 +687,7 @@ where
 impl TunnelConfig {
     /// What the TLS configs allow: `crypto_profile`, and `require_post_quantum` on the default.
     pub fn crypto_policy(&self) -> tapproof_tls::CryptoPolicy {
-        use tapproof_tls::{CryptoPolicy, CryptoProfile};
-        match self.crypto_profile {
-            CryptoProfile::Cnsa2 => CryptoPolicy::Cnsa2,
-            _ if self.require_post_quantum => CryptoPolicy::RequirePostQuantum,
-            _ => CryptoPolicy::PreferPostQuantum,
-        }
+        self.crypto_profile.policy(self.require_post_quantum)
     }
 }
 

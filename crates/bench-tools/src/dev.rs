@@ -51,7 +51,8 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
             pki,
             trust_domain,
             seconds,
-        } => crate::loadgen::handshakes(&pki, &trust_domain, seconds).await,
+            profile,
+        } => crate::loadgen::handshakes(&pki, &trust_domain, seconds, profile).await,
         DevCommand::SignLoad {
             node,
             concurrency,

@@ -13,13 +13,16 @@ use tapproof_agent::control::identity_files;
 use tapproof_identity::csr::new_csr;
 use tapproof_identity::{SpiffeId, TrustDomain};
 use tapproof_tls::ControlClientTls;
-use tapproof_tls::{
-    accept, client_session, connect, ClientTls, CryptoPolicy, IdentityFiles, Material, ServerTls,
-};
+use tapproof_tls::{accept, client_session, connect, ClientTls, IdentityFiles, Material, ServerTls};
 
 /// Both ends of each handshake run here, on this thread: the rate is a lower bound for one core
 /// serving only the server side.
-pub async fn handshakes(pki: &Path, trust_domain: &str, seconds: f64) -> anyhow::Result<()> {
+pub async fn handshakes(
+    pki: &Path,
+    trust_domain: &str,
+    seconds: f64,
+    profile: tapproof_tls::CryptoProfile,
+) -> anyhow::Result<()> {
     let td = TrustDomain::new(trust_domain)?;
     let load = |node: &str| {
         Material::load(
@@ -33,11 +36,12 @@ pub async fn handshakes(pki: &Path, trust_domain: &str, seconds: f64) -> anyhow:
         .with_context(|| format!("{node} identity in {}", pki.display()))
     };
     let (server, client) = (load("server")?, load("client")?);
-    let server_tls = ServerTls::new(&server, CryptoPolicy::PreferPostQuantum)?;
-    let client_tls =
-        ClientTls::without_resumption(&client, server.id().clone(), CryptoPolicy::PreferPostQuantum)?;
+    profile.available().map_err(anyhow::Error::msg)?;
+    let policy = profile.policy(false);
+    let server_tls = ServerTls::new(&server, policy)?;
+    let client_tls = ClientTls::without_resumption(&client, server.id().clone(), policy)?;
     let addr = "127.0.0.1:1".parse()?;
-    let (mut count, mut group, mut resumed) = (0u64, String::new(), 0u64);
+    let (mut count, mut group, mut cipher, mut resumed) = (0u64, String::new(), String::new(), 0u64);
     let (server_time, client_time) = (
         std::cell::Cell::new(Duration::ZERO),
         std::cell::Cell::new(Duration::ZERO),
@@ -53,11 +57,12 @@ pub async fn handshakes(pki: &Path, trust_domain: &str, seconds: f64) -> anyhow:
         let info = client_session(&c);
         resumed += u64::from(info.resumed);
         group = info.group;
+        cipher = info.cipher;
         count += 1;
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "handshakes={count} seconds={secs:.2} rate={:.0} server_side_rate={:.0} client_side_rate={:.0} group={group} resumed={resumed}",
+        "handshakes={count} seconds={secs:.2} rate={:.0} server_side_rate={:.0} client_side_rate={:.0} group={group} cipher={cipher} resumed={resumed}",
         count as f64 / secs,
         count as f64 / server_time.get().as_secs_f64(),
         count as f64 / client_time.get().as_secs_f64(),

@@ -65,6 +65,9 @@ pub enum DevCommand {
         trust_domain: String,
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// `default` or `cnsa2` (the pki must then be `pki mint --profile cnsa2`).
+        #[arg(long, default_value = "default", value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<tapproof_tls::CryptoProfile>()))]
+        profile: tapproof_tls::CryptoProfile,
     },
     /// Benchmark: certificate signings per second against a running server, as a joined node.
     SignLoad {

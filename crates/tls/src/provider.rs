@@ -55,6 +55,16 @@ impl CryptoProfile {
         }
     }
 
+    /// What the TLS configs of this profile allow; `require_post_quantum` drops X25519 from the
+    /// default profile (`cnsa2` has only ML-KEM-1024 anyway).
+    pub fn policy(self, require_post_quantum: bool) -> CryptoPolicy {
+        match self {
+            Self::Cnsa2 => CryptoPolicy::Cnsa2,
+            _ if require_post_quantum => CryptoPolicy::RequirePostQuantum,
+            _ => CryptoPolicy::PreferPostQuantum,
+        }
+    }
+
     /// The key algorithm of identities on this profile (what `pki mint --profile` makes).
     pub fn key_algorithm(self) -> tapproof_identity::KeyAlgorithm {
         match self {

@@ -914,12 +914,6 @@ impl AgentConfig {
         if let Err(why) = t.crypto_profile.available() {
             return Err(invalid("tunnel.crypto_profile".into(), why.into()));
         }
-        if t.crypto_profile == tapproof_tls::CryptoProfile::Cnsa2 && self.control.is_some() {
-            return Err(invalid(
-                "tunnel.crypto_profile".into(),
-                "\"cnsa2\" needs [identity] files from an ML-DSA-87 CA (`tapproof pki mint --profile cnsa2` or your own PKI); with [control] it is not supported yet: the control plane's CA and the agent's CSR key are ECDSA P-256".into(),
-            ));
-        }
         if t.max_concurrent_streams == 0 {
             return Err(invalid(
                 "tunnel.max_concurrent_streams".into(),

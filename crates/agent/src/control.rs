@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tapproof_api::{ErrorCode, JoinRequest, SignItem, SignRequest};
-use tapproof_identity::{new_csr, JoinToken, SpiffeId, TrustDomain};
+use tapproof_identity::{new_csr, new_csr_with, JoinToken, SpiffeId, TrustDomain};
 use tapproof_tls::{ControlClientTls, IdentityFiles, ServerTrust};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -145,7 +145,12 @@ async fn join_with_retry(
     }
 }
 
-pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<IdentityFiles, ControlError> {
+/// The node's key is of `algorithm` (`CryptoProfile::key_algorithm` of `tunnel.crypto_profile`).
+pub async fn bootstrap(
+    cfg: &ControlConfig,
+    td: &TrustDomain,
+    algorithm: tapproof_identity::KeyAlgorithm,
+) -> Result<IdentityFiles, ControlError> {
     let files = identity_files(&cfg.data_dir);
     if read_state(&cfg.data_dir).is_some() && files.cert.exists() && files.key.exists() {
         info!(data_dir = %cfg.data_dir.display(), "using the identity kept in the data dir (no join needed)");
@@ -173,7 +178,7 @@ pub async fn bootstrap(cfg: &ControlConfig, td: &TrustDomain) -> Result<Identity
 
     let tls = ControlClientTls::new(ServerTrust::Pin(token.root_pin), server_id(td), None)
         .map_err(|e| ControlError::Token(e.to_string()))?;
-    let (csr, key) = new_csr(None).map_err(|e| data_err(&cfg.data_dir, e))?;
+    let (csr, key) = new_csr_with(None, algorithm).map_err(|e| data_err(&cfg.data_dir, e))?;
     let request = JoinRequest {
         token: text.trim().to_owned(),
         csr,
@@ -353,7 +358,8 @@ async fn renew(
     let client = ControlClient::new(current.server.clone(), node_tls(&cfg.data_dir, td)?)
         .observed(state.metrics.control_plane_observer());
     let id = SpiffeId::parse(&current.id).map_err(|e| data_err(&state_path(&cfg.data_dir), e))?;
-    let (csr, new_key) = new_csr(Some(&id)).map_err(|e| data_err(&cfg.data_dir, e))?;
+    let algorithm = state.config.tunnel.crypto_profile.key_algorithm();
+    let (csr, new_key) = new_csr_with(Some(&id), algorithm).map_err(|e| data_err(&cfg.data_dir, e))?;
     let signed = client
         .sign(&SignRequest {
             csrs: vec![SignItem {

@@ -114,7 +114,10 @@ pub async fn run(
             key: id.key.clone(),
             bundle: id.bundle.clone(),
         },
-        (None, Some(control)) => control::bootstrap(control, &config.trust_domain).await?,
+        (None, Some(control)) => {
+            let algorithm = config.tunnel.crypto_profile.key_algorithm();
+            control::bootstrap(control, &config.trust_domain, algorithm).await?
+        }
         (None, None) => unreachable!("config checks guarantee an identity source"),
     };
     let material = ReloadingMaterial::load(files, config.trust_domain.clone())?;

@@ -32,7 +32,7 @@ pub enum KeyAlgorithm {
 }
 
 impl KeyAlgorithm {
-    fn rcgen(self) -> &'static SignatureAlgorithm {
+    pub(crate) fn rcgen(self) -> &'static SignatureAlgorithm {
         match self {
             Self::EcdsaP256 => &PKCS_ECDSA_P256_SHA256,
             Self::MlDsa87 => &PKCS_ML_DSA_87,
@@ -44,6 +44,91 @@ impl KeyAlgorithm {
         match self {
             Self::EcdsaP256 => "ecdsa-p256",
             Self::MlDsa87 => "ml-dsa-87",
+        }
+    }
+}
+
+/// The key algorithm of the certificate in `cert_pem` (ML-DSA-87, else taken as ECDSA P-256: the
+/// only two tapproof makes).
+pub fn key_algorithm_of(cert_pem: &str) -> Result<KeyAlgorithm, CaError> {
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| CaError::Build(rcgen::Error::PemError(e.to_string())))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| CaError::Build(rcgen::Error::PemError(e.to_string())))?;
+    Ok(
+        if cert.public_key().algorithm.algorithm.to_id_string() == ML_DSA_87_OID {
+            KeyAlgorithm::MlDsa87
+        } else {
+            KeyAlgorithm::EcdsaP256
+        },
+    )
+}
+
+/// Whether every certificate of `chain` (DER) is signed with ML-DSA-87: a `cnsa2` node's own
+/// chain, up to a root of the same kind.
+pub fn signed_with_ml_dsa_87<'a>(chain: impl IntoIterator<Item = &'a [u8]>) -> bool {
+    chain.into_iter().all(|der| {
+        x509_parser::parse_x509_certificate(der)
+            .is_ok_and(|(_, c)| c.signature_algorithm.algorithm.to_id_string() == ML_DSA_87_OID)
+    })
+}
+
+const ML_DSA_87_OID: &str = "2.16.840.1.101.3.4.3.19";
+
+/// A CA's signing key: rcgen's own, or an ML-DSA-87 key read back from PKCS#8, which rcgen 0.14
+/// cannot do (`KeyPair::from_pem` tries classical algorithms only), through aws-lc-rs as rcgen
+/// itself signs with it.
+pub enum CaKey {
+    Rcgen(KeyPair),
+    MlDsa87(aws_lc_rs::signature::PqdsaKeyPair),
+}
+
+impl CaKey {
+    /// A key from its PEM (PKCS#8 for ML-DSA-87; PKCS#8, SEC1 or PKCS#1 for the rest).
+    fn from_pem(pem: &str) -> Result<(Self, KeyAlgorithm), CaError> {
+        match KeyPair::from_pem(pem) {
+            Ok(key) => Ok((Self::Rcgen(key), KeyAlgorithm::EcdsaP256)),
+            Err(classical) => {
+                let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
+                    .map_err(|_| CaError::Build(classical.clone()))?;
+                aws_lc_rs::signature::PqdsaKeyPair::from_pkcs8(
+                    &aws_lc_rs::signature::ML_DSA_87_SIGNING,
+                    der.secret_pkcs8_der(),
+                )
+                .map(|k| (Self::MlDsa87(k), KeyAlgorithm::MlDsa87))
+                .map_err(|_| CaError::Build(classical))
+            }
+        }
+    }
+}
+
+impl PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        use aws_lc_rs::signature::KeyPair as _;
+        match self {
+            Self::Rcgen(k) => k.der_bytes(),
+            Self::MlDsa87(k) => k.public_key().as_ref(),
+        }
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        match self {
+            Self::Rcgen(k) => k.algorithm(),
+            Self::MlDsa87(_) => &PKCS_ML_DSA_87,
+        }
+    }
+}
+
+impl rcgen::SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        match self {
+            Self::Rcgen(k) => k.sign(msg),
+            Self::MlDsa87(k) => {
+                let mut signature = vec![0; k.algorithm().signature_len()];
+                k.sign(msg, &mut signature)
+                    .map_err(|_| rcgen::Error::RingUnspecified)?;
+                Ok(signature)
+            }
         }
     }
 }
@@ -64,7 +149,7 @@ pub const BACKDATE: Duration = Duration::minutes(5);
 /// A signing CA: its certificate, its key, and the chain up to (not including) the root.
 pub struct Authority {
     trust_domain: TrustDomain,
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, CaKey>,
     cert_pem: String,
     /// PEM of intermediates between this CA and the root, nearest first.
     parents_pem: String,
@@ -135,7 +220,7 @@ impl Authority {
             not_after,
             is_root: true,
             key_pem: key.serialize_pem(),
-            issuer: Issuer::new(params, key),
+            issuer: Issuer::new(params, CaKey::Rcgen(key)),
             algorithm,
         })
     }
@@ -153,7 +238,7 @@ impl Authority {
             not_after: params.not_after,
             is_root: false,
             key_pem: key.serialize_pem(),
-            issuer: Issuer::new(params, key),
+            issuer: Issuer::new(params, CaKey::Rcgen(key)),
             algorithm: self.algorithm,
         })
     }
@@ -167,7 +252,7 @@ impl Authority {
         parents_pem: &str,
         is_root: bool,
     ) -> Result<Self, CaError> {
-        let key = KeyPair::from_pem(key_pem)?;
+        let (key, algorithm) = CaKey::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| CaError::Build(rcgen::Error::PemError(e.to_string())))?;
@@ -183,9 +268,7 @@ impl Authority {
             not_after,
             is_root,
             key_pem: key_pem.to_owned(),
-            // rcgen 0.14 reads back classical keys only (`KeyPair::from_pem` does not try
-            // ML-DSA), so a CA loaded here is ECDSA: an ML-DSA CA cannot be stored and loaded yet.
-            algorithm: KeyAlgorithm::EcdsaP256,
+            algorithm,
         })
     }
 
@@ -213,7 +296,7 @@ impl Authority {
     }
 
     /// The signing certificate, for callers (tests) that need to mint unusual certificates.
-    pub fn issuer(&self) -> &Issuer<'static, KeyPair> {
+    pub fn issuer(&self) -> &Issuer<'static, CaKey> {
         &self.issuer
     }
 
@@ -364,6 +447,48 @@ mod tests {
             issued.chain_pem.ends_with(inter.cert_pem()),
             "the chain carries the intermediate"
         );
+    }
+
+    /// An ML-DSA-87 CA is stored and read back (rcgen cannot read the key: `CaKey`), and signs
+    /// a leaf for an ML-DSA-87 CSR with a signature that verifies under the intermediate's key.
+    #[test]
+    fn an_ml_dsa_87_authority_loads_back_and_signs_an_ml_dsa_87_csr() {
+        use x509_parser::prelude::FromDer;
+        let td = TrustDomain::new("example.org").unwrap();
+        let root = Authority::new_root_with(td.clone(), Duration::days(1), KeyAlgorithm::MlDsa87).unwrap();
+        let inter = root.new_intermediate(Duration::hours(2)).unwrap();
+        let again = Authority::load(td.clone(), inter.cert_pem(), inter.key_pem(), "", false).unwrap();
+        assert_eq!(again.algorithm(), KeyAlgorithm::MlDsa87);
+        let id = td.node_id("pq-1").unwrap();
+        let (csr, _key) = crate::csr::new_csr_with(Some(&id), KeyAlgorithm::MlDsa87).unwrap();
+        let public = crate::csr::check_csr(csr.as_bytes(), &id).unwrap();
+        let (chain, _) = again.sign_leaf(&id, &public, Duration::minutes(5)).unwrap();
+        let ders: Vec<_> = CertificateDer::pem_slice_iter(chain.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&ders[0]).unwrap();
+        let (_, issuer) = x509_parser::certificate::X509Certificate::from_der(&ders[1]).unwrap();
+        assert_eq!(
+            leaf.signature_algorithm.algorithm.to_id_string(),
+            "2.16.840.1.101.3.4.3.19"
+        );
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ML_DSA_87,
+            issuer.public_key().subject_public_key.data.as_ref(),
+        )
+        .verify(leaf.tbs_certificate.as_ref(), leaf.signature_value.data.as_ref())
+        .expect("the leaf's ML-DSA-87 signature verifies under the intermediate");
+        // A CSR whose signature was tampered with is refused.
+        let mut der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        let last = der.len() - 1;
+        der[last] ^= 1;
+        assert!(matches!(
+            crate::csr::check_csr(&der, &id),
+            Err(crate::csr::CsrError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -12,8 +12,8 @@ pub mod svid;
 pub mod token;
 pub mod when;
 
-pub use ca::{Authority, CaError, IssuedIdentity, KeyAlgorithm};
-pub use csr::{check_csr, new_csr, CsrError};
+pub use ca::{key_algorithm_of, signed_with_ml_dsa_87, Authority, CaError, IssuedIdentity, KeyAlgorithm};
+pub use csr::{check_csr, new_csr, new_csr_with, CsrError};
 pub use pattern::{allowed, AllowPattern, PatternError};
 pub use revocation::{node_name, normalize_serial, Covered, RevocationSet, RevokedBy};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -3,7 +3,7 @@
 
 use crate::kek::Kek;
 use crate::ServerError;
-use tapproof_identity::{Authority, TrustDomain};
+use tapproof_identity::{Authority, KeyAlgorithm, TrustDomain};
 use tapproof_store::{CaKind, CaState, Store};
 
 /// Associated data for sealed CA keys: a sealed blob cannot be reused for anything else.
@@ -50,15 +50,18 @@ impl Ca {
 }
 
 /// A new root and an intermediate under it, keys sealed, recorded in `state`; returns their ids
-/// and the root's SHA-256 pin. Used by `init` (active) and by rollover's prepare (prepared).
+/// and the root's SHA-256 pin. Used by `init` (active) and by rollover's prepare (prepared); every
+/// key of `algorithm` (ML-DSA-87 for a `cnsa2` fleet).
 pub(crate) async fn create_pair(
     store: &dyn Store,
     kek: &Kek,
     trust_domain: &TrustDomain,
     state: CaState,
+    algorithm: KeyAlgorithm,
 ) -> Result<(i64, i64, [u8; 32]), ServerError> {
     let ca_err = |e: tapproof_identity::CaError| ServerError::Ca(e.to_string());
-    let root = Authority::new_root(trust_domain.clone(), crate::ROOT_LIFETIME).map_err(ca_err)?;
+    let root =
+        Authority::new_root_with(trust_domain.clone(), crate::ROOT_LIFETIME, algorithm).map_err(ca_err)?;
     let inter = root
         .new_intermediate(crate::INTERMEDIATE_LIFETIME)
         .map_err(ca_err)?;

@@ -57,7 +57,7 @@ async fn issue(
     ca: &Ca,
     id: &SpiffeId,
     node: &str,
-    public_key: &tapproof_identity::ca::PublicKey,
+    public_key: &tapproof_identity::csr::CsrKey,
 ) -> Result<IssuedIdentity, ApiError> {
     let lifetime = time::Duration::try_from(s.leaf_ttl).unwrap_or(time::Duration::HOUR);
     let (chain_pem, not_after) = ca

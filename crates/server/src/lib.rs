@@ -108,6 +108,24 @@ pub async fn init(
     store_url: Option<String>,
     kek_file: Option<PathBuf>,
 ) -> Result<InitReport, ServerError> {
+    init_with(
+        trust_domain,
+        data_dir,
+        store_url,
+        kek_file,
+        tapproof_identity::KeyAlgorithm::EcdsaP256,
+    )
+    .await
+}
+
+/// `init` with CA keys of `algorithm` (`server init --profile cnsa2`: ML-DSA-87).
+pub async fn init_with(
+    trust_domain: TrustDomain,
+    data_dir: &Path,
+    store_url: Option<String>,
+    kek_file: Option<PathBuf>,
+    algorithm: tapproof_identity::KeyAlgorithm,
+) -> Result<InitReport, ServerError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -121,7 +139,7 @@ pub async fn init(
         return Err(ServerError::AlreadyInitialised);
     }
     let (root_id, inter_id, root_pin) =
-        ca::create_pair(&*store, &kek, &trust_domain, CaState::Active).await?;
+        ca::create_pair(&*store, &kek, &trust_domain, CaState::Active, algorithm).await?;
     let t = now();
     store
         .audit_append(
@@ -133,6 +151,7 @@ pub async fn init(
                     "root_id": root_id,
                     "intermediate_id": inter_id,
                     "root_sha256": hex::encode(root_pin),
+                    "key_algorithm": algorithm.as_str(),
                 }),
             },
             t,

@@ -14,9 +14,14 @@ use tapproof_store::{CaKind, CaState, NewAudit, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RotateStep {
-    Prepare,
+    /// A new root and intermediate with keys of `algorithm` (default: the active CA's).
+    Prepare {
+        algorithm: Option<tapproof_identity::KeyAlgorithm>,
+    },
     Activate,
-    Retire { force: bool },
+    Retire {
+        force: bool,
+    },
 }
 
 /// Records the step and wakes every replica's state feed.
@@ -50,15 +55,24 @@ pub async fn rotate(
         .filter(|c| c.kind == CaKind::Intermediate && c.state == CaState::Active)
         .max_by_key(|c| c.id);
     match step {
-        RotateStep::Prepare => {
+        RotateStep::Prepare { algorithm } => {
             if !prepared.is_empty() {
                 return Err(ServerError::Invalid(
                     "a new root is already prepared; run `tapproof server ca rotate activate`".into(),
                 ));
             }
-            let (root_id, inter_id, pin) = crate::ca::create_pair(store, kek, td, CaState::Prepared).await?;
-            audit(store, "ca.prepare", serde_json::json!({ "root_id": root_id, "intermediate_id": inter_id, "root_sha256": hex::encode(pin) })).await?;
-            Ok(format!("prepared root {root_id} (sha256 {}): it is in every bundle now and signs nothing yet; activate once agents have it", hex::encode(pin)))
+            // Without a choice, the new root keeps the active one's algorithm: a rollover never
+            // changes it unasked.
+            let algorithm = match (algorithm, active_inter) {
+                (Some(a), _) => a,
+                (None, Some(inter)) => tapproof_identity::key_algorithm_of(&inter.cert_pem)
+                    .map_err(|e| ServerError::Ca(e.to_string()))?,
+                (None, None) => tapproof_identity::KeyAlgorithm::EcdsaP256,
+            };
+            let (root_id, inter_id, pin) =
+                crate::ca::create_pair(store, kek, td, CaState::Prepared, algorithm).await?;
+            audit(store, "ca.prepare", serde_json::json!({ "root_id": root_id, "intermediate_id": inter_id, "root_sha256": hex::encode(pin), "key_algorithm": algorithm.as_str() })).await?;
+            Ok(format!("prepared root {root_id} ({}, sha256 {}): it is in every bundle now and signs nothing yet; activate once agents have it", algorithm.as_str(), hex::encode(pin)))
         }
         RotateStep::Activate => {
             let inter = prepared
@@ -183,7 +197,9 @@ pub async fn scheduled_step(
     }
     match signing_root {
         Some(root) if t - root.created_at >= schedule.root_max_age.as_secs() as i64 => {
-            rotate(store, kek, td, RotateStep::Prepare).await.map(Some)
+            rotate(store, kek, td, RotateStep::Prepare { algorithm: None })
+                .await
+                .map(Some)
         }
         _ => Ok(None),
     }

@@ -254,6 +254,10 @@ pub enum ServerCommand {
         /// TAPPROOF_KEK (hex) takes precedence. Default: <data-dir>/kek.key.
         #[arg(long, env = "TAPPROOF_KEK_FILE")]
         kek_file: Option<PathBuf>,
+        /// Crypto profile of the CA: `default` (ECDSA P-256 root and intermediate) or `cnsa2`
+        /// (ML-DSA-87 root and intermediate; agents then run `[tunnel] crypto_profile = "cnsa2"`).
+        #[arg(long, default_value = "default", value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<tapproof_tls::CryptoProfile>()))]
+        profile: tapproof_tls::CryptoProfile,
     },
     /// Serve the HTTPS API (mTLS) and the admin endpoint (metrics, health, readiness).
     #[command(
@@ -468,6 +472,10 @@ pub enum CaCommand {
         /// retire: even though certificates from before the activation are still valid.
         #[arg(long)]
         force: bool,
+        /// prepare: the new root's crypto profile (`default`: ECDSA P-256, `cnsa2`: ML-DSA-87);
+        /// without it, the active root's.
+        #[arg(long, value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<tapproof_tls::CryptoProfile>()))]
+        profile: Option<tapproof_tls::CryptoProfile>,
     },
 }
 

@@ -18,12 +18,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             trust_domain,
             store,
             kek_file,
+            profile,
         } => {
             let td = TrustDomain::new(&trust_domain)
                 .map_err(|e| ConfigProblem(format!("--trust-domain {trust_domain:?}: {e}")))?;
-            let report = tapproof_server::init(td, &store.data_dir, store.store, kek_file)
-                .await
-                .map_err(classify)?;
+            profile
+                .available()
+                .map_err(|e| ConfigProblem(format!("--profile {}: {e}", profile.as_str())))?;
+            let report = tapproof_server::init_with(
+                td,
+                &store.data_dir,
+                store.store,
+                kek_file,
+                profile.key_algorithm(),
+            )
+            .await
+            .map_err(classify)?;
             println!(
                 "initialised trust domain {} in {}",
                 report.trust_domain,
@@ -121,12 +131,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     store,
                     kek_file,
                     force,
+                    profile,
                 },
         } => {
             use tapproof_server::rollover::{rotate, RotateStep};
+            if let Some(p) = profile {
+                p.available()
+                    .map_err(|e| ConfigProblem(format!("--profile {}: {e}", p.as_str())))?;
+            }
             let (td, db, kek) = open_with_kek(&store, kek_file).await?;
             let step = match step {
-                RotateStepArg::Prepare => RotateStep::Prepare,
+                RotateStepArg::Prepare => RotateStep::Prepare {
+                    algorithm: profile.map(tapproof_tls::CryptoProfile::key_algorithm),
+                },
                 RotateStepArg::Activate => RotateStep::Activate,
                 RotateStepArg::Retire => RotateStep::Retire { force },
             };

@@ -800,9 +800,37 @@ fn rcgen_csr(p384: bool, uri: Option<&str>) -> String {
 /// both agents end on the new root alone, and new tunnels are made under it.
 #[test]
 fn root_rollover_under_load_without_a_failed_request() {
+    rollover_under_load(None);
+}
+
+/// The same rollover from the ECDSA P-256 root `server init` makes to an ML-DSA-87 one
+/// (`prepare --profile cnsa2`): zero failed requests, and the agents end on chains signed with
+/// ML-DSA-87 throughout.
+#[test]
+fn root_rollover_from_ecdsa_to_ml_dsa_87_under_load_without_a_failed_request() {
+    rollover_under_load(Some("cnsa2"));
+}
+
+/// The certificate chain an agent with `[control]` holds in its data dir.
+fn chain_of(data_dir: &std::path::Path) -> Vec<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(tapproof_agent::control::identity_files(data_dir).cert)
+        .expect("the agent's certificate file");
+    rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+        .map(|c| c.unwrap().as_ref().to_vec())
+        .collect()
+}
+
+fn rollover_under_load(profile: Option<&str>) {
     let s = setup("30s");
     let data = s.server.data_dir.to_str().unwrap().to_owned();
-    let rotate = |step: &str| run_tapproof(EXE, &["server", "ca", "rotate", step, "--data-dir", &data]);
+    let rotate = |step: &str| {
+        let mut args = vec!["server", "ca", "rotate", step, "--data-dir", &data];
+        if let (Some(p), "prepare") = (profile, step) {
+            args.extend(["--profile", p]);
+        }
+        run_tapproof(EXE, &args)
+    };
     let roots = |a: &AgentProcess| a.status()["certificate"]["bundle_roots"].as_u64().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed, handle) = load(s.web.outbound(0), stop.clone());
@@ -868,6 +896,78 @@ fn root_rollover_under_load_without_a_failed_request() {
         out.contains("ca.prepare") && out.contains("ca.activate") && out.contains("ca.retire"),
         "{out}"
     );
+    let ml_dsa = profile == Some("cnsa2");
+    for name in ["db-1", "web-1"] {
+        let chain = chain_of(&s.dir.path().join(name));
+        assert_eq!(
+            tapproof_identity::signed_with_ml_dsa_87(chain.iter().map(Vec::as_slice)),
+            ml_dsa,
+            "{name}'s chain after the rollover"
+        );
+    }
+}
+
+/// A fleet on the `cnsa2` profile from the start: `server init --profile cnsa2` (ML-DSA-87
+/// root and intermediate, the key sealed and read back by `server run`), agents with `[control]`
+/// and `crypto_profile = "cnsa2"` join with ML-DSA-87 CSRs, talk on ML-KEM-1024 and
+/// TLS_AES_256_GCM_SHA384, and renew (new ML-DSA-87 keys) without a failed request.
+#[test]
+fn a_cnsa2_fleet_joins_renews_and_talks_on_ml_kem_1024() {
+    let dir = tempfile::Builder::new()
+        .prefix("tapproof-cnsa2-")
+        .tempdir()
+        .unwrap();
+    let data = dir.path().join("server");
+    let (code, out, err) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "init",
+            "--trust-domain",
+            TD,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--profile",
+            "cnsa2",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let server = ServerProcess::start(EXE, &data, "127.0.0.1:0", "30s");
+    let echo = EchoServer::start();
+    let cnsa2 = |config: String| config.replace("[admin]", "[tunnel]\ncrypto_profile = \"cnsa2\"\n[admin]");
+    let db_token = server.token(EXE, "db-1", &["db"], "5m");
+    let db_text = db_config(&dir.path().join("db-1"), &db_token, echo.addr, "127.0.0.1:0")
+        .replace("[tunnel]\n", "[tunnel]\ncrypto_profile = \"cnsa2\"\n");
+    let db = AgentProcess::start(EXE, dir.path(), "db-1", &db_text);
+    let web_token = server.token(EXE, "web-1", &[], "5m");
+    let web = AgentProcess::start(
+        EXE,
+        dir.path(),
+        "web-1",
+        &cnsa2(web_config(&dir.path().join("web-1"), &web_token, db.tunnel())),
+    );
+    assert_eq!(round_trip(web.outbound(0), b"pq").unwrap(), b"pq");
+    let tunnel = &web.status()["tunnels"][0];
+    assert_eq!(tunnel["key_exchange"], "MLKEM1024", "{tunnel}");
+    assert_eq!(tunnel["cipher"], "TLS_AES_256_GCM_SHA384", "{tunnel}");
+    for name in ["db-1", "web-1"] {
+        let chain = chain_of(&dir.path().join(name));
+        assert!(
+            tapproof_identity::signed_with_ml_dsa_87(chain.iter().map(Vec::as_slice)),
+            "{name}"
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed, handle) = load(web.outbound(0), stop.clone());
+    let before = web.metric("tapproof_renewals_total", &[]);
+    web.wait_for("a renewal", Duration::from_secs(40), |a| {
+        a.metric("tapproof_renewals_total", &[]) > before
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    handle.join().unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "{}", web.log());
+    assert!(ok.load(Ordering::Relaxed) > 10);
 }
 
 /// An outbound that names only a service finds its peer and the identity to expect in the

@@ -61,7 +61,15 @@ fn fit(material: &Material, policy: CryptoPolicy) -> Result<(), MaterialError> {
     {
         return Err(MaterialError::Profile {
             profile: "cnsa2",
-            detail: "its key cannot sign with ML-DSA-87; make it an ML-DSA-87 identity from an ML-DSA-87 CA (`tapproof pki mint --profile cnsa2`, or your own PKI)".into(),
+            detail: "its key cannot sign with ML-DSA-87; make it an ML-DSA-87 identity from an ML-DSA-87 CA (`tapproof pki mint --profile cnsa2`, `tapproof server init --profile cnsa2`, or your own PKI)".into(),
+        });
+    }
+    if policy == CryptoPolicy::Cnsa2
+        && !tapproof_identity::signed_with_ml_dsa_87(material.certified.cert.iter().map(|c| c.as_ref()))
+    {
+        return Err(MaterialError::Profile {
+            profile: "cnsa2",
+            detail: "its certificate chain is not signed with ML-DSA-87 throughout, so cnsa2 peers would refuse it; it needs an ML-DSA-87 CA (`tapproof server init --profile cnsa2`, or `server ca rotate prepare --profile cnsa2` to roll an existing fleet over)".into(),
         });
     }
     Ok(())

@@ -407,11 +407,6 @@ fn crypto_profiles_are_named_and_one_this_build_cannot_honour_is_refused() {
         e.contains("tunnel.crypto_profile") && e.contains("no FIPS module"),
         "{e}"
     );
-    let e = err("trust_domain = \"example.org\"\n[control]\ndata_dir = \"/d\"\n[tunnel]\ncrypto_profile = \"cnsa2\"\n");
-    assert!(
-        e.contains("tunnel.crypto_profile") && e.contains("with [control] it is not supported yet"),
-        "{e}"
-    );
     let e = err(&set("crypto_profile = \"suite-b\""));
     assert!(
         e.contains("crypto_profile") && e.contains("\"default\", \"cnsa2\" or \"fips\""),

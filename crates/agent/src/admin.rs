@@ -2,7 +2,8 @@
 //! `/readyz` (listeners bound, identity loaded, not draining) and `/v1/status` (JSON: identity,
 //! listeners, open tunnels with what their handshakes negotiated), which `tapproof status` and the
 //! quickstart read, and `/v1/sockets` (the TLS sockets this agent vouches for, which the coverage
-//! audit matches socket by socket).
+//! audit matches socket by socket), `/v1/selftest` (GET the latest self-test round, POST to run
+//! one now: `selftest.rs`).
 
 use crate::state::AgentState;
 use axum::extract::State;
@@ -53,12 +54,41 @@ pub async fn serve(
             "/v1/sockets",
             get(|| async { Json(crate::vouch::sockets().snapshot()) }),
         )
+        .route("/v1/selftest", get(selftest_last).post(selftest_now))
         .with_state(AdminState { agent, bound });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
     if let Err(e) = served {
         tracing::warn!(error = %e, "admin endpoint stopped");
+    }
+}
+
+/// The latest self-test round (`selftest.rs`), or 404 before the first.
+async fn selftest_last(State(s): State<AdminState>) -> axum::response::Response {
+    let last = s.agent.selftest.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    match last {
+        Some(round) => Json(round).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no self-test round yet; POST /v1/selftest runs one\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Runs a self-test round now and answers with it; 409 when this agent has no tunnel listener.
+async fn selftest_now(State(s): State<AdminState>) -> axum::response::Response {
+    let listen = s.bound.read().unwrap_or_else(|p| p.into_inner()).tunnel;
+    match listen {
+        Some(listen) => {
+            Json(crate::selftest::round(&s.agent, crate::selftest::target(listen)).await).into_response()
+        }
+        None => (
+            StatusCode::CONFLICT,
+            "this agent has no tunnel listener to probe (no [[inbound]], not a gateway)\n",
+        )
+            .into_response(),
     }
 }
 

@@ -185,6 +185,10 @@ pub struct TunnelConfig {
     /// build: refused).
     #[serde(default, deserialize_with = "de_profile")]
     pub crypto_profile: tapproof_tls::CryptoProfile,
+    /// How often the self-test probes run against the tunnel listener (`selftest.rs`); 0: only
+    /// on demand (`POST /v1/selftest`).
+    #[serde(default = "default_selftest_interval", deserialize_with = "de_duration")]
+    pub selftest_interval: Duration,
     #[serde(default = "default_handshake_timeout", deserialize_with = "de_duration")]
     pub handshake_timeout: Duration,
     /// For TCP connects, to peers and to `forward` addresses.
@@ -283,6 +287,7 @@ impl Default for TunnelConfig {
             ping_timeout: DEFAULT_PING_TIMEOUT,
             receive_buffer: 0,
             crypto_profile: tapproof_tls::CryptoProfile::Default,
+            selftest_interval: DEFAULT_SELFTEST_INTERVAL,
         }
     }
 }
@@ -691,6 +696,11 @@ impl TunnelConfig {
     }
 }
 
+pub const DEFAULT_SELFTEST_INTERVAL: Duration = Duration::from_secs(3600);
+fn default_selftest_interval() -> Duration {
+    DEFAULT_SELFTEST_INTERVAL
+}
+
 fn de_profile<'de, D: Deserializer<'de>>(d: D) -> Result<tapproof_tls::CryptoProfile, D::Error> {
     let text = String::deserialize(d)?;
     text.parse().map_err(serde::de::Error::custom)
@@ -909,6 +919,12 @@ impl AgentConfig {
             return Err(invalid(
                 "tunnel.receive_buffer".into(),
                 "must be 0 (the kernel's autotuning) or between 65536 and 1073741824".into(),
+            ));
+        }
+        if !t.selftest_interval.is_zero() && t.selftest_interval < Duration::from_secs(10) {
+            return Err(invalid(
+                "tunnel.selftest_interval".into(),
+                "must be 0 (on demand only) or at least 10s".into(),
             ));
         }
         if let Err(why) = t.crypto_profile.available() {

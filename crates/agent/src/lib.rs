@@ -17,6 +17,7 @@ mod inbound;
 pub mod limits;
 pub mod metrics;
 mod outbound;
+pub mod selftest;
 /// Allow patterns live in `tapproof-identity` (the control plane checks them too).
 pub mod policy {
     pub use tapproof_identity::pattern::*;
@@ -201,6 +202,16 @@ pub async fn run(
         admin_stop.clone(),
     ));
     tokio::spawn(drain::reload_loop(state.clone(), stop.clone()));
+    if let (Some(listen), false) = (bound.tunnel, state.config.tunnel.selftest_interval.is_zero()) {
+        let target = selftest::target(listen);
+        let (state, stop, every) = (state.clone(), stop.clone(), state.config.tunnel.selftest_interval);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = selftest::schedule(state, target, every, every) => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
     for f in state.config.federation.iter().filter(|f| f.endpoint.is_some()) {
         tokio::spawn(federation::refresh_loop(state.clone(), f.clone(), stop.clone()));
     }

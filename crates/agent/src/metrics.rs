@@ -67,6 +67,12 @@ pub struct FailureLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub probe: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub side: Side,
     pub flow: Flow,
@@ -161,6 +167,9 @@ pub struct Metrics {
     pub handshake_failures: Family<FailureLabels, Counter>,
     pub tunnel_errors: Family<FailureLabels, Counter>,
     pub key_updates: Family<FailureLabels, Counter>,
+    pub selftest_probes: Family<ProbeLabels, Counter>,
+    pub selftest_accepted: Gauge,
+    pub selftest_last_round: Gauge,
     pub udp_flows: Family<FlowResultLabels, Counter>,
     pub udp_flows_open: Family<SideLabel, Gauge>,
     pub udp_datagrams: Family<DatagramLabels, Counter>,
@@ -291,6 +300,9 @@ impl Metrics {
             handshake_failures: Family::default(),
             tunnel_errors: Family::default(),
             key_updates: Family::default(),
+            selftest_probes: Family::default(),
+            selftest_accepted: Gauge::default(),
+            selftest_last_round: Gauge::default(),
             udp_flows: Family::default(),
             udp_flows_open: Family::default(),
             udp_datagrams: Family::default(),
@@ -333,6 +345,21 @@ impl Metrics {
             "tunnel_errors",
             "Tunnels closed by a protocol error after the handshake",
             m.tunnel_errors.clone(),
+        );
+        registry.register(
+            "selftest_probes",
+            "Self-test probes run against this agent's own tunnel listener (plaintext, tls12, no_client_cert, foreign_ca, wrong_identity, classical_key_exchange), by result: refused (as it must be), accepted (an alarm), not_applicable, error",
+            m.selftest_probes.clone(),
+        );
+        registry.register(
+            "selftest_accepted",
+            "Probes of the latest self-test round that the tunnel listener accepted: anything above 0 is an alarm",
+            m.selftest_accepted.clone(),
+        );
+        registry.register(
+            "selftest_last_round_timestamp_seconds",
+            "When the latest self-test round ran (Unix seconds; 0: none yet)",
+            m.selftest_last_round.clone(),
         );
         registry.register(
             "tunnel_key_updates",

@@ -43,6 +43,8 @@ pub struct AgentState {
     pub limits: crate::limits::Limits,
     /// Refused handshakes are logged at most once per 10 s (the rest at debug).
     pub refused_log: tapproof_tls::admission::LogThrottle,
+    /// The latest self-test round (`selftest.rs`).
+    pub selftest: Mutex<Option<crate::selftest::Round>>,
     /// Forward addresses given as host names, resolved at most every 30 s.
     pub forwards: crate::endpoint::ForwardCache,
     /// What the control plane says about capture (directory addresses, the policy's modes);
@@ -134,6 +136,7 @@ impl AgentState {
             limits: crate::limits::Limits::new(&config.tunnel, fd_limit),
             applied: std::sync::RwLock::new(Arc::new(config.clone())),
             refused_log: tapproof_tls::admission::LogThrottle::new(std::time::Duration::from_secs(10)),
+            selftest: Mutex::new(None),
             forwards: Default::default(),
             config,
             material,

@@ -21,10 +21,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
 pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 
-const ALPN_H2: &[u8] = b"h2";
+pub(crate) const ALPN_H2: &[u8] = b"h2";
 
 #[derive(Debug)]
-struct FixedCert(Arc<CertifiedKey>);
+pub(crate) struct FixedCert(pub(crate) Arc<CertifiedKey>);
 
 impl ResolvesServerCert for FixedCert {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {

@@ -12,6 +12,7 @@ mod material;
 pub mod probe;
 mod provider;
 mod rekey;
+pub mod selftest;
 mod session;
 mod verify;
 

@@ -632,3 +632,114 @@ async fn a_cnsa2_node_and_a_default_one_agree_on_cnsa2_or_refuse_naming_why() {
     let e = ServerTls::new(&ecdsa, CryptoPolicy::Cnsa2).err().unwrap();
     assert!(e.to_string().contains("does not fit crypto profile cnsa2"), "{e}");
 }
+
+/// Serves `tls` on a loopback port: after a handshake it answers with an HTTP/2 SETTINGS frame,
+/// as a tunnel listener does. Returns the address.
+async fn tunnel_like_listener(tls: ServerTls) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                if let Ok(mut s) = accept(&tls, tcp).await {
+                    let _ = s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                    let mut sink = [0u8; 256];
+                    let _ = s.read(&mut sink).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The self-test probes against a real tapproof listener: each is refused, for its own reason;
+/// the classical-only key exchange is refused where post-quantum is required and not run where
+/// it is not.
+#[tokio::test]
+async fn self_test_probes_are_refused_by_a_tapproof_listener() {
+    use tapproof_tls::selftest::{run, Probe, Verdict};
+    let pki = Pki::new();
+    let material = pki.material("db-1");
+    let wait = std::time::Duration::from_secs(5);
+    for policy in [CryptoPolicy::PreferPostQuantum, CryptoPolicy::RequirePostQuantum] {
+        let addr = tunnel_like_listener(ServerTls::new(&material, policy).unwrap()).await;
+        for probe in Probe::ALL {
+            let verdict = run(probe, addr, &material, policy, wait).await;
+            let want = if probe == Probe::ClassicalKeyExchange && policy == CryptoPolicy::PreferPostQuantum {
+                "not_applicable"
+            } else {
+                "refused"
+            };
+            assert_eq!(verdict.result(), want, "{policy:?} {}: {verdict:?}", probe.name());
+            if probe == Probe::WrongIdentity {
+                assert_eq!(verdict, Verdict::Refused("wrong_peer_id".into()));
+            }
+        }
+    }
+}
+
+/// A listener that takes what it must refuse makes the probes say `accepted` (the alarm): here
+/// a TLS server that asks no client certificate and speaks TLS 1.2 too, and a plaintext one.
+#[tokio::test]
+async fn self_test_probes_report_a_listener_that_accepts_them() {
+    use tapproof_tls::selftest::{run, Probe, Verdict};
+    let pki = Pki::new();
+    let material = pki.material("db-1");
+    let wait = std::time::Duration::from_secs(5);
+    let issued = pki
+        .ca
+        .issue_with_new_key(&pki.td.node_id("lax").unwrap(), time::Duration::minutes(5))
+        .unwrap();
+    use tapproof_tls::rustls::pki_types::pem::PemObject;
+    let chain = tapproof_tls::rustls::pki_types::CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key =
+        tapproof_tls::rustls::pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+    let config = tapproof_tls::rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        tapproof_tls::rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(tapproof_tls::rustls::ALL_VERSIONS)
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lax = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut s) = acceptor.accept(tcp).await {
+                    let _ = s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                    let mut sink = [0u8; 256];
+                    let _ = s.read(&mut sink).await;
+                }
+            });
+        }
+    });
+    for probe in [Probe::Tls12, Probe::NoClientCert, Probe::ForeignCa] {
+        let verdict = run(probe, lax, &material, CryptoPolicy::PreferPostQuantum, wait).await;
+        assert_eq!(verdict, Verdict::Accepted, "{}", probe.name());
+    }
+    // A plaintext HTTP/2 server answers the preface with its SETTINGS.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let _ = tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+        let mut sink = [0u8; 256];
+        let _ = tcp.read(&mut sink).await;
+    });
+    let verdict = run(
+        Probe::Plaintext,
+        plain,
+        &material,
+        CryptoPolicy::PreferPostQuantum,
+        wait,
+    )
+    .await;
+    assert_eq!(verdict, Verdict::Accepted);
+}

@@ -413,3 +413,22 @@ fn crypto_profiles_are_named_and_one_this_build_cannot_honour_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn selftest_interval_is_an_hour_or_set_or_off() {
+    let set = |lines: &str| EXAMPLE.replace("require_post_quantum = false", lines);
+    assert_eq!(
+        parse(EXAMPLE).unwrap().tunnel.selftest_interval,
+        std::time::Duration::from_secs(3600)
+    );
+    assert!(parse(&set("selftest_interval = \"0s\""))
+        .unwrap()
+        .tunnel
+        .selftest_interval
+        .is_zero());
+    let e = err(&set("selftest_interval = \"2s\""));
+    assert!(
+        e.contains("tunnel.selftest_interval") && e.contains("at least 10s"),
+        "{e}"
+    );
+}

@@ -85,8 +85,9 @@ fn dns_server(ns: &Netns, addresses: &[&str]) -> tapproof_test_util::netns::Back
     spawn_ready(ns, &["sh", "-c", &dnsmasq], "dnsmasq[").0
 }
 
-/// `dig +short` in `ns` for `name` (type A) at `server`: the answer, or why there is none.
-fn dig(ns: &Netns, server: &str, name: &str) -> Result<String, String> {
+/// `dig +short` in `ns` for `name` (record type `kind`) at `server`: the answer, or why there
+/// is none.
+fn dig(ns: &Netns, server: &str, name: &str, kind: &str) -> Result<String, String> {
     let out = ns
         .command(&[
             "dig",
@@ -95,7 +96,7 @@ fn dig(ns: &Netns, server: &str, name: &str) -> Result<String, String> {
             "+tries=1",
             &format!("@{server}"),
             name,
-            "A",
+            kind,
         ])
         .output()
         .unwrap();
@@ -389,23 +390,10 @@ fn routed_tcp_crosses_the_interconnect_only_inside_the_gateways_tunnel() {
         (format!("{site_b}.2"), "A", "10.9.8.7"),
         (format!("{six_b}:2"), "AAAA", "fd00::9"),
     ] {
-        let out = a1
-            .command(&[
-                "dig",
-                "+short",
-                "+time=3",
-                "+tries=1",
-                &format!("@{server}"),
-                &format!("{qname}.test"),
-                kind,
-            ])
-            .output()
-            .unwrap();
         assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            want,
-            "dig @{server} through the gateways: {}\nGA: {}\nGB: {}",
-            String::from_utf8_lossy(&out.stderr),
+            dig(&a1, &server, &format!("{qname}.test"), kind).as_deref(),
+            Ok(want),
+            "dig @{server} through the gateways\nGA: {}\nGB: {}",
             ga_agent.log(),
             gb_agent.log()
         );
@@ -822,7 +810,7 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     //     a CONNECT-UDP stream in A2's tunnel, admitted by GB as A2 again.
     let qname = format!("tapproof-a2-udp-{pid}.test");
     assert_eq!(
-        dig(&a2, &format!("{site_b}.2"), &qname).as_deref(),
+        dig(&a2, &format!("{site_b}.2"), &qname, "A").as_deref(),
         Ok("10.9.8.7"),
         "A2's dig to B1 as itself\nA2:\n{}\n{}",
         a2_agent.log(),
@@ -865,7 +853,7 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     // With A2's agent gone its rules stay: its UDP to site B meets no socket and is dropped on
     // A2 (fails closed), it does not leave A2 for GA1 in plaintext.
     assert!(
-        dig(&a2, &format!("{site_b}.2"), &qname).is_err(),
+        dig(&a2, &format!("{site_b}.2"), &qname, "A").is_err(),
         "A2's dig without its agent"
     );
     let (code, out, err) = run_tapproof_in(
@@ -882,7 +870,7 @@ fn a_second_gateway_takes_over_when_one_drains_dies_or_goes_silent() {
     );
     // Without tapproof on A2, its UDP is an ordinary routed flow: GA1 carries it.
     assert_eq!(
-        dig(&a2, &format!("{site_b}.2"), &qname).as_deref(),
+        dig(&a2, &format!("{site_b}.2"), &qname, "A").as_deref(),
         Ok("10.9.8.7"),
         "A2's dig through GA1\n{}\nGA1 metrics:\n{}\nA2 nft: {:?}",
         logs(),

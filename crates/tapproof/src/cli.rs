@@ -58,6 +58,12 @@ pub enum Command {
     /// Show a running agent's identity, listeners and tunnels (reads its admin endpoint).
     #[command(after_help = "Example:\n  tapproof status --admin 127.0.0.1:15000")]
     Status(StatusArgs),
+    /// Run a running agent's self-test now: connections to its own tunnel listener that must
+    /// fail (plaintext, TLS 1.2, no client certificate, a foreign CA, a wrong identity, a
+    /// classical-only key exchange where post-quantum is required). Exit code 1 when one was
+    /// accepted.
+    #[command(after_help = "Example:\n  tapproof selftest --admin 127.0.0.1:15000")]
+    Selftest(StatusArgs),
     /// Which TCP links of this host are encrypted, and which are plaintext. Exit code 1 when a
     /// link is plaintext (and not an accepted exception): a deploy gate.
     #[command(after_help = "Example:\n  tapproof audit --config /etc/tapproof/agent.toml --probe")]

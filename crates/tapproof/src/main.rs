@@ -62,6 +62,7 @@ fn main() -> ExitCode {
             cli::Command::Quickstart(args) => quickstart::run(args).await,
             cli::Command::Pki(args) => pki::run(args),
             cli::Command::Status(args) => status::run(args).await,
+            cli::Command::Selftest(args) => status::selftest(args).await,
             cli::Command::Audit(args) => audit_cmd::run(args).await,
             cli::Command::Capture(cmd) => capture_cmd::run(cmd).await,
             cli::Command::Completions { shell } => {

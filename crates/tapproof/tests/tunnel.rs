@@ -427,6 +427,37 @@ fn status_command_and_json_logs() {
         }
     }
     assert!(accepted, "{log}");
+
+    // `tapproof selftest` against db-1 (which has the tunnel listener): every probe refused,
+    // exit 0; the round is kept on GET /v1/selftest and counted. web-1 has no listener to probe.
+    let db_admin = db.admin().to_string();
+    let (code, out, err) =
+        tapproof_test_util::process::run_tapproof(EXE, &["selftest", "--admin", &db_admin]);
+    assert_eq!(code, 0, "{out}{err}");
+    for probe in [
+        "plaintext",
+        "tls12",
+        "no_client_cert",
+        "foreign_ca",
+        "wrong_identity",
+    ] {
+        assert!(
+            out.lines().any(|l| l.contains(probe) && l.contains("refused")),
+            "{probe}: {out}"
+        );
+    }
+    assert!(
+        out.contains("classical_key_exchange") && out.contains("not_applicable"),
+        "{out}"
+    );
+    assert_eq!(db.metric("tapproof_selftest_accepted", &[]), 0.0);
+    assert_eq!(
+        db.metric("tapproof_selftest_probes_total", &["result=\"refused\""]),
+        5.0
+    );
+    let (code, _, err) = tapproof_test_util::process::run_tapproof(EXE, &["selftest", "--admin", &admin]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no tunnel listener"), "{err}");
 }
 
 /// SIGHUP re-reads the config: an outbound listener added and removed, a broken file refused

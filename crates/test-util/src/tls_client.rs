@@ -7,53 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tapproof_identity::{SpiffeId, TrustDomain};
-use tapproof_tls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use tapproof_tls::rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use tapproof_tls::rustls::crypto::CryptoProvider;
 use tapproof_tls::rustls::pki_types::pem::PemObject;
-use tapproof_tls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use tapproof_tls::rustls::{
-    self, ClientConfig, DigitallySignedStruct, SignatureScheme, SupportedProtocolVersion,
-};
+use tapproof_tls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tapproof_tls::rustls::{self, ClientConfig, SupportedProtocolVersion};
 use tapproof_tls::{ClientTls, CryptoPolicy, IdentityFiles, Material};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// The client side of these tests does not judge the server: it only plays the client whose
-/// treatment by the server is under test.
-#[derive(Debug)]
-struct AcceptAnyServer(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -100,7 +60,7 @@ fn build(
         .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)));
+        .with_custom_certificate_verifier(Arc::new(tapproof_tls::selftest::AnyServer::new(provider)));
     let mut config = match identity {
         Some(id) => {
             let chain: Vec<_> = CertificateDer::pem_file_iter(&id.cert)

@@ -229,9 +229,17 @@ fn foreign(material: &Material) -> Result<(Vec<CertificateDer<'static>>, Private
     Ok((chain, key))
 }
 
-/// The probes judge the listener by whether it refuses them, not by its certificate.
+/// A verifier for clients that do not judge the server, only play the client whose treatment
+/// by the server is under test (the probes here; the test clients of `tapproof-test-util`): any
+/// certificate, with a signature that verifies under `provider`'s algorithms.
 #[derive(Debug)]
-struct AnyServer(Arc<CryptoProvider>);
+pub struct AnyServer(Arc<CryptoProvider>);
+
+impl AnyServer {
+    pub fn new(provider: Arc<CryptoProvider>) -> Self {
+        Self(provider)
+    }
+}
 
 impl ServerCertVerifier for AnyServer {
     fn verify_server_cert(

@@ -46,7 +46,7 @@ pub fn target(listen: SocketAddr) -> SocketAddr {
 pub async fn round(state: &AgentState, target: SocketAddr) -> Round {
     let at = tapproof_identity::when::now();
     let material = state.material.current();
-    let policy = state.crypto_policy();
+    let policy = state.config.tunnel.crypto_policy();
     let mut probes = Vec::new();
     let mut accepted = 0;
     for probe in Probe::ALL {

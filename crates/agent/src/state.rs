@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tapproof_identity::{RevocationSet, SpiffeId};
-use tapproof_tls::{ClientTls, CryptoPolicy, MaterialError, ReloadingMaterial, ServerTls, SessionInfo};
+use tapproof_tls::{ClientTls, MaterialError, ReloadingMaterial, ServerTls, SessionInfo};
 
 pub struct AgentState {
     /// The config the agent started with. `[[inbound]]`, `[[outbound]]` and `[audit]` may change
@@ -194,10 +194,6 @@ impl AgentState {
         self.announce_changed.notify_one();
     }
 
-    pub fn crypto_policy(&self) -> CryptoPolicy {
-        self.config.tunnel.crypto_policy()
-    }
-
     /// The inbound TLS config for the current material and federated bundles, rebuilt after
     /// either changes.
     pub fn server_tls(&self) -> Result<ServerTls, MaterialError> {
@@ -211,7 +207,7 @@ impl AgentState {
         let tls = ServerTls::federated(
             &self.material.current(),
             &self.federation.current(),
-            self.crypto_policy(),
+            self.config.tunnel.crypto_policy(),
         )?;
         *cached = Some((generation, tls.clone()));
         Ok(tls)
@@ -224,7 +220,7 @@ impl AgentState {
             &self.material.current(),
             &self.federation.current(),
             peer.clone(),
-            self.crypto_policy(),
+            self.config.tunnel.crypto_policy(),
         )?;
         Ok((generation, tls))
     }

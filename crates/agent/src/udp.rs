@@ -5,11 +5,12 @@
 //! A gateway's rules hand routed UDP from its local networks to a remote site (TPROXY, marked,
 //! `capture/nft.rs`; `capture/route.rs` delivers the mark locally) to the sockets `bind_routed`
 //! makes; a host with `[[remote]]` hands them its own UDP to those networks the same way (marked
-//! on its way out, it comes round through lo), and its flows prove its own identity. `serve_routed` keeps one flow per (source, original destination): a stream to that
-//! site's gateways, and a transparent socket bound to the original destination and connected to
-//! the source, which both sends the answers (so they come from the address the host asked) and
+//! on its way out, it comes round through lo), and its flows prove its own identity.
+//! `serve_routed` keeps one flow per (source, original destination): a stream to that site's
+//! gateways, and a transparent socket bound to the original destination and connected to the
+//! source, which both sends the answers (so they come from the address the host asked) and
 //! catches the flow's next datagrams. On the far side `serve_stream` admits the stream by the one
-//! gateway rule (`gateway::admission`) and relays to a UDP socket connected to the destination.
+//! gateway rule (`gateway::decide`) and relays to a UDP socket connected to the destination.
 //!
 //! Bounds: a flow queues at most `QUEUE` datagrams towards the tunnel and drops the rest
 //! (`tapproof_udp_dropped_datagrams_total{reason="queue_full"}`): a flooding source loses its own

@@ -73,7 +73,8 @@ pub fn signed_with_ml_dsa_87<'a>(chain: impl IntoIterator<Item = &'a [u8]>) -> b
     })
 }
 
-const ML_DSA_87_OID: &str = "2.16.840.1.101.3.4.3.19";
+/// The OID of ML-DSA-87 (FIPS 204), as a key and as a signature algorithm.
+pub(crate) const ML_DSA_87_OID: &str = "2.16.840.1.101.3.4.3.19";
 
 /// A CA's signing key: rcgen's own, or an ML-DSA-87 key read back from PKCS#8, which rcgen 0.14
 /// cannot do (`KeyPair::from_pem` tries classical algorithms only), through aws-lc-rs as rcgen

@@ -3,6 +3,7 @@
 //! well formed, self-signed by that key, uses a key type we accept, and asks for nothing beyond
 //! the one identity being issued.
 
+use crate::ca::ML_DSA_87_OID;
 use crate::spiffe::SpiffeId;
 use rcgen::{CertificateSigningRequestParams, PublicKeyData, SanType, PKCS_ECDSA_P256_SHA256, PKCS_ED25519};
 use rustls_pki_types::CertificateSigningRequestDer;
@@ -81,9 +82,6 @@ pub fn check_csr(csr: &[u8], expected: &SpiffeId) -> Result<CsrKey, CsrError> {
     check_sans(&sans, expected)?;
     Ok(key)
 }
-
-/// The OID of ML-DSA-87 (FIPS 204), as a CSR's signature algorithm and key algorithm.
-const ML_DSA_87_OID: &str = "2.16.840.1.101.3.4.3.19";
 
 /// A CSR signed with ML-DSA-87, checked here: rcgen verifies CSRs through x509-parser, which
 /// knows no ML-DSA, so the signature is verified with aws-lc-rs (as rcgen signs). `None` for a

@@ -19,9 +19,6 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
             let td = TrustDomain::new(&trust_domain)
                 .map_err(|e| crate::exit::ConfigProblem(format!("--trust-domain {trust_domain:?}: {e}")))?;
             let lifetime = time::Duration::try_from(lifetime.0).context("--lifetime is too long")?;
-            profile
-                .available()
-                .map_err(|e| crate::exit::ConfigProblem(format!("--profile {}: {e}", profile.as_str())))?;
             mint_with(&td, &out, &nodes, lifetime, profile.key_algorithm())?;
             println!(
                 "wrote bundle.pem and {} identities to {}",

@@ -22,9 +22,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         } => {
             let td = TrustDomain::new(&trust_domain)
                 .map_err(|e| ConfigProblem(format!("--trust-domain {trust_domain:?}: {e}")))?;
-            profile
-                .available()
-                .map_err(|e| ConfigProblem(format!("--profile {}: {e}", profile.as_str())))?;
             let report = tapproof_server::init_with(
                 td,
                 &store.data_dir,
@@ -135,10 +132,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 },
         } => {
             use tapproof_server::rollover::{rotate, RotateStep};
-            if let Some(p) = profile {
-                p.available()
-                    .map_err(|e| ConfigProblem(format!("--profile {}: {e}", p.as_str())))?;
-            }
             let (td, db, kek) = open_with_kek(&store, kek_file).await?;
             let step = match step {
                 RotateStepArg::Prepare => RotateStep::Prepare {

@@ -27,6 +27,29 @@ fn echo_server(ns: &Netns, listen: &str) -> Background {
     spawn_ready(ns, &[&bench, "echo-server", "--listen", listen], "listening").0
 }
 
+/// Agent db-1 on host B (its tunnel on the fibre address, inbound `db` to an echo service on
+/// B's 127.0.0.1:7000) and agent web-1 on host A (outbound `db` on A's 127.0.0.1:15432), both
+/// with `tunnel` lines in their `[tunnel]` section.
+fn agents(hosts: &TwoHosts, pki: &TestPki, tunnel: &str) -> (AgentProcess, AgentProcess) {
+    let td = &pki.td;
+    let (db_id, web_id) = (pki.node("db-1"), pki.node("web-1"));
+    let db_config = format!(
+        "trust_domain = \"{td}\"\n{}[admin]\nlisten = \"127.0.0.1:15000\"\n[tunnel]\nlisten = \"{}:15008\"\n{tunnel}\
+         [[inbound]]\nservice = \"db\"\nforward = \"127.0.0.1:7000\"\nallow = [\"spiffe://{td}/node/web-1\"]\n",
+        identity_section(&db_id),
+        hosts.b_ip
+    );
+    let db = AgentProcess::start_with(EXE, pki.path(), "db-1", &db_config, &hosts.b.prefix());
+    let web_config = format!(
+        "trust_domain = \"{td}\"\n{}[admin]\nlisten = \"127.0.0.1:15000\"\n[tunnel]\n{tunnel}\
+         [[outbound]]\nlisten = \"127.0.0.1:15432\"\nservice = \"db\"\npeers = [\"{}:15008\"]\nserver_id = \"spiffe://{td}/node/db-1\"\n",
+        identity_section(&web_id),
+        hosts.b_ip
+    );
+    let web = AgentProcess::start_with(EXE, pki.path(), "web-1", &web_config, &hosts.a.prefix());
+    (db, web)
+}
+
 fn send(ns: &Netns, to: &str, data: &str) -> String {
     ns.exec_ok(&[
         &tapproof_test_util::bench_exe(EXE),
@@ -47,29 +70,14 @@ fn a_tap_on_the_fibre_sees_no_canary_through_tapproof() {
     }
     let hosts = TwoHosts::new("tap");
     let pki = TestPki::new();
-    let (db_id, web_id) = (pki.node("db-1"), pki.node("web-1"));
     let canary = format!("TAPPROOF-CANARY-{:016x}", rand_u64());
 
     // Host B: the service on its loopback, fronted by agent db-1 on the fibre address; and a
     // plaintext echo listening on the fibre for the control capture.
     let _service = echo_server(&hosts.b, "127.0.0.1:7000");
     let _plain = echo_server(&hosts.b, &format!("{}:7001", hosts.b_ip));
-    let td = &pki.td;
-    let db_config = format!(
-        "trust_domain = \"{td}\"\n{}[admin]\nlisten = \"127.0.0.1:15000\"\n[tunnel]\nlisten = \"{}:15008\"\n\
-         [[inbound]]\nservice = \"db\"\nforward = \"127.0.0.1:7000\"\nallow = [\"spiffe://{td}/node/web-1\"]\n",
-        identity_section(&db_id),
-        hosts.b_ip
-    );
-    let _db = AgentProcess::start_with(EXE, pki.path(), "db-1", &db_config, &hosts.b.prefix());
     // Host A: agent web-1 with an outbound for db.
-    let web_config = format!(
-        "trust_domain = \"{td}\"\n{}[admin]\nlisten = \"127.0.0.1:15000\"\n\
-         [[outbound]]\nlisten = \"127.0.0.1:15432\"\nservice = \"db\"\npeers = [\"{}:15008\"]\nserver_id = \"spiffe://{td}/node/db-1\"\n",
-        identity_section(&web_id),
-        hosts.b_ip
-    );
-    let _web = AgentProcess::start_with(EXE, pki.path(), "web-1", &web_config, &hosts.a.prefix());
+    let (_db, _web) = agents(&hosts, &pki, "");
 
     // 1. Through tapproof: the canary arrives, and the fibre never carries it.
     let tunnel_pcap = pki.path().join("tunnel.pcap");
@@ -127,24 +135,9 @@ fn a_cnsa2_tunnel_offers_and_picks_only_ml_kem_1024_aes_256_and_ml_dsa_87() {
         tapproof_test_util::pki::TD,
         tapproof_identity::KeyAlgorithm::MlDsa87,
     );
-    let (db_id, web_id) = (pki.node("db-1"), pki.node("web-1"));
     let canary = format!("TAPPROOF-CNSA2-CANARY-{:016x}", rand_u64());
     let _service = echo_server(&hosts.b, "127.0.0.1:7000");
-    let td = &pki.td;
-    let db_config = format!(
-        "trust_domain = \"{td}\"\n{}[admin]\nlisten = \"127.0.0.1:15000\"\n[tunnel]\nlisten = \"{}:15008\"\ncrypto_profile = \"cnsa2\"\n\
-         [[inbound]]\nservice = \"db\"\nforward = \"127.0.0.1:7000\"\nallow = [\"spiffe://{td}/node/web-1\"]\n",
-        identity_section(&db_id),
-        hosts.b_ip
-    );
-    let _db = AgentProcess::start_with(EXE, pki.path(), "db-1", &db_config, &hosts.b.prefix());
-    let web_config = format!(
-        "trust_domain = \"{td}\"\n{}[admin]\nlisten = \"127.0.0.1:15000\"\n[tunnel]\ncrypto_profile = \"cnsa2\"\n\
-         [[outbound]]\nlisten = \"127.0.0.1:15432\"\nservice = \"db\"\npeers = [\"{}:15008\"]\nserver_id = \"spiffe://{td}/node/db-1\"\n",
-        identity_section(&web_id),
-        hosts.b_ip
-    );
-    let web = AgentProcess::start_with(EXE, pki.path(), "web-1", &web_config, &hosts.a.prefix());
+    let (_db, web) = agents(&hosts, &pki, "crypto_profile = \"cnsa2\"\n");
     let pcap = pki.path().join("cnsa2.pcap");
     let capture = Capture::start(&hosts.a, &hosts.a_if, &pcap);
     assert_eq!(

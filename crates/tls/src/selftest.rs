@@ -97,6 +97,11 @@ pub async fn run(
     policy: CryptoPolicy,
     wait: Duration,
 ) -> Verdict {
+    // Decided before connecting: a connection opened only to be dropped would count as a
+    // failed handshake on the listener.
+    if probe == Probe::ClassicalKeyExchange && policy == CryptoPolicy::PreferPostQuantum {
+        return Verdict::NotApplicable("this node accepts X25519 (no require_post_quantum, default profile)");
+    }
     let tcp = match timeout(wait, TcpStream::connect(addr)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return Verdict::Error(format!("cannot connect to {addr}: {e}")),
@@ -138,11 +143,6 @@ pub async fn run(
             Err(e) => return Verdict::Error(format!("cannot make the probe's foreign CA: {e}")),
         },
         Probe::ClassicalKeyExchange => {
-            if policy == CryptoPolicy::PreferPostQuantum {
-                return Verdict::NotApplicable(
-                    "this node accepts X25519 (no require_post_quantum, default profile)",
-                );
-            }
             let mut provider = (*crypto_provider(CryptoPolicy::PreferPostQuantum)).clone();
             provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
             let (chain, key) = own();

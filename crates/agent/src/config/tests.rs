@@ -30,6 +30,12 @@ fn err(text: &str) -> String {
     parse(text).unwrap_err().to_string()
 }
 
+/// The documented example with `lines` in its `[tunnel]` section (in place of its
+/// `require_post_quantum = false`).
+fn tunnel_with(lines: &str) -> String {
+    EXAMPLE.replace("require_post_quantum = false", lines)
+}
+
 #[test]
 fn parses_the_documented_example() {
     let c = parse(EXAMPLE).unwrap();
@@ -61,7 +67,7 @@ fn parses_durations() {
     let c = parse(&text).unwrap();
     assert_eq!(c.tunnel.drain_timeout, Duration::from_secs(90));
     assert_eq!(c.tunnel.handshake_timeout, Duration::from_millis(250));
-    let e = err(&EXAMPLE.replace("require_post_quantum = false", "drain_timeout = \"soon\""));
+    let e = err(&tunnel_with("drain_timeout = \"soon\""));
     assert!(e.contains("drain_timeout") && e.contains("30s"), "{e}");
 }
 
@@ -362,16 +368,18 @@ fn key_update_schedule_has_defaults_and_floors() {
     let c = parse(EXAMPLE).unwrap();
     assert_eq!(c.tunnel.key_update_bytes, DEFAULT_KEY_UPDATE_BYTES);
     assert_eq!(c.tunnel.key_update_interval, DEFAULT_KEY_UPDATE_INTERVAL);
-    let set = |lines: &str| EXAMPLE.replace("require_post_quantum = false", lines);
-    let c = parse(&set("key_update_bytes = 1048576\nkey_update_interval = \"10m\"")).unwrap();
+    let c = parse(&tunnel_with(
+        "key_update_bytes = 1048576\nkey_update_interval = \"10m\"",
+    ))
+    .unwrap();
     assert_eq!(c.tunnel.key_update_bytes, 1 << 20);
     assert_eq!(c.tunnel.key_update_interval, Duration::from_secs(600));
-    let e = err(&set("key_update_bytes = 100"));
+    let e = err(&tunnel_with("key_update_bytes = 100"));
     assert!(
         e.contains("tunnel.key_update_bytes") && e.contains("16384"),
         "{e}"
     );
-    let e = err(&set("key_update_interval = \"10ms\""));
+    let e = err(&tunnel_with("key_update_interval = \"10ms\""));
     assert!(
         e.contains("tunnel.key_update_interval") && e.contains("1s"),
         "{e}"
@@ -381,11 +389,10 @@ fn key_update_schedule_has_defaults_and_floors() {
 #[test]
 fn tunnel_receive_buffer_is_autotuned_unless_set_within_bounds() {
     assert_eq!(parse(EXAMPLE).unwrap().tunnel.receive_buffer, 0);
-    let set = |lines: &str| EXAMPLE.replace("require_post_quantum = false", lines);
-    let c = parse(&set("receive_buffer = 262144")).unwrap();
+    let c = parse(&tunnel_with("receive_buffer = 262144")).unwrap();
     assert_eq!(c.tunnel.receive_buffer, 262_144);
     for bad in ["receive_buffer = 4096", "receive_buffer = 2147483647"] {
-        let e = err(&set(bad));
+        let e = err(&tunnel_with(bad));
         assert!(
             e.contains("tunnel.receive_buffer") && e.contains("65536"),
             "{bad}: {e}"
@@ -395,19 +402,18 @@ fn tunnel_receive_buffer_is_autotuned_unless_set_within_bounds() {
 
 #[test]
 fn crypto_profiles_are_named_and_one_this_build_cannot_honour_is_refused() {
-    let set = |lines: &str| EXAMPLE.replace("require_post_quantum = false", lines);
     assert_eq!(
         parse(EXAMPLE).unwrap().tunnel.crypto_profile,
         tapproof_tls::CryptoProfile::Default
     );
-    let c = parse(&set("crypto_profile = \"cnsa2\"")).unwrap();
+    let c = parse(&tunnel_with("crypto_profile = \"cnsa2\"")).unwrap();
     assert_eq!(c.tunnel.crypto_profile, tapproof_tls::CryptoProfile::Cnsa2);
-    let e = err(&set("crypto_profile = \"fips\""));
+    let e = err(&tunnel_with("crypto_profile = \"fips\""));
     assert!(
         e.contains("tunnel.crypto_profile") && e.contains("no FIPS module"),
         "{e}"
     );
-    let e = err(&set("crypto_profile = \"suite-b\""));
+    let e = err(&tunnel_with("crypto_profile = \"suite-b\""));
     assert!(
         e.contains("crypto_profile") && e.contains("\"default\", \"cnsa2\" or \"fips\""),
         "{e}"
@@ -416,17 +422,16 @@ fn crypto_profiles_are_named_and_one_this_build_cannot_honour_is_refused() {
 
 #[test]
 fn selftest_interval_is_an_hour_or_set_or_off() {
-    let set = |lines: &str| EXAMPLE.replace("require_post_quantum = false", lines);
     assert_eq!(
         parse(EXAMPLE).unwrap().tunnel.selftest_interval,
         std::time::Duration::from_secs(3600)
     );
-    assert!(parse(&set("selftest_interval = \"0s\""))
+    assert!(parse(&tunnel_with("selftest_interval = \"0s\""))
         .unwrap()
         .tunnel
         .selftest_interval
         .is_zero());
-    let e = err(&set("selftest_interval = \"2s\""));
+    let e = err(&tunnel_with("selftest_interval = \"2s\""));
     assert!(
         e.contains("tunnel.selftest_interval") && e.contains("at least 10s"),
         "{e}"

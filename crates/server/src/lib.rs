@@ -476,8 +476,16 @@ pub async fn issue_admin(
 }
 
 /// Parses a policy document (TOML, or JSON when it starts with `{`) and checks every service
-/// name and pattern against `td`.
+/// name and pattern against `td`. A blank document is refused: it would replace the fleet's
+/// policy with an empty one by accident (an empty body, a file truncated on the way); clearing
+/// the policy stays possible, on purpose, with `{}` or `[services]`.
 pub fn parse_policy(text: &str, td: &TrustDomain) -> Result<Policy, ServerError> {
+    if text.trim().is_empty() {
+        return Err(ServerError::Invalid(
+            "policy: the document is empty; to clear the policy on purpose send `{}` (JSON) or `[services]` (TOML)"
+                .into(),
+        ));
+    }
     let policy: Policy = if text.trim_start().starts_with('{') {
         serde_json::from_str(text).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?
     } else {

@@ -530,6 +530,12 @@ async fn bad_input_gets_a_code_and_changes_nothing() {
     let admin = s.admin("ops").await;
     let node = s.join("web-1", &["web"]).await;
     let node_id = format!("spiffe://{TD}/node/web-1");
+    let kept = json!({ "services": { "db": { "allow": [node_id.clone()] } } });
+    let (status, _) = s
+        .call(Some(&admin), "POST", paths::POLICY, kept.clone())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
     let cases: Vec<BadCase> = vec![
         (None, "GET", "/v1/nothing-here", vec![], 404, "not_found"),
         (None, "POST", paths::JOIN, b"{".to_vec(), 400, "bad_json"),
@@ -649,6 +655,15 @@ async fn bad_input_gets_a_code_and_changes_nothing() {
         (
             Some(&admin),
             "POST",
+            paths::POLICY,
+            b"\t".to_vec(),
+            400,
+            "bad_policy",
+        ),
+        (Some(&admin), "POST", paths::POLICY, vec![], 400, "bad_policy"),
+        (
+            Some(&admin),
+            "POST",
             paths::REGISTRATIONS,
             br#"{"node":"../x","service":"s","add":true}"#.to_vec(),
             400,
@@ -691,6 +706,26 @@ async fn bad_input_gets_a_code_and_changes_nothing() {
         s.store.revocations().await.unwrap().is_empty(),
         "no refused revocation was stored"
     );
+    let (_, v) = s
+        .conn(Some(&admin))
+        .await
+        .unwrap()
+        .call("GET", paths::POLICY, vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        v["services"], kept["services"],
+        "no refused policy replaced the stored one"
+    );
+    // Clearing the policy stays possible, on purpose.
+    let (status, v) = s
+        .conn(Some(&admin))
+        .await
+        .unwrap()
+        .call("POST", paths::POLICY, b"[services]\n".to_vec())
+        .await
+        .unwrap();
+    assert_eq!((status, v["services"].clone()), (200, json!({})), "{v}");
     assert_eq!(
         s.store.cert_list("web-1").await.unwrap().len(),
         1,

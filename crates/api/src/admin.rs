@@ -69,6 +69,32 @@ impl Default for RevokeRequest {
     }
 }
 
+/// `GET /v1/revocations/propagation`: one revocation and how far it reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationPropagation {
+    pub revocation: crate::feed::Revocation,
+    /// The state-feed version of the first document that carried it (None: no agent has asked
+    /// the feed since it was made).
+    pub version: Option<i64>,
+    /// The nodes that applied it, first first.
+    pub applied: Vec<NodeApplied>,
+    /// Nodes in the fleet (not revoked) that have not acknowledged it yet: offline, partitioned,
+    /// or an agent without `[control]` feed.
+    pub pending: Vec<String>,
+}
+
+/// When one node applied one revocation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeApplied {
+    pub node: String,
+    /// Unix seconds.
+    pub applied_at: i64,
+    /// `applied_at - revoked_at`: the propagation time.
+    pub seconds: i64,
+    /// The node joined after the revocation (it applied it on joining: not a propagation time).
+    pub joined_after: bool,
+}
+
 /// The query of `GET /v1/audit-log`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,8 +13,9 @@ pub mod error;
 pub mod feed;
 
 pub use admin::{
-    AuditEntry, AuditQuery, CapturePolicy, Changed, InboundMode, NodeEvent, NodeEventKind, NodeView, Policy,
-    Registration, RegistrationChange, RevokeRequest, ServicePolicy, MAX_EVENT_TEXT,
+    AuditEntry, AuditQuery, CapturePolicy, Changed, InboundMode, NodeApplied, NodeEvent, NodeEventKind,
+    NodeView, Policy, Registration, RegistrationChange, RevocationPropagation, RevokeRequest, ServicePolicy,
+    MAX_EVENT_TEXT,
 };
 pub use enrol::{
     BundleResponse, IssuedIdentity, JoinRequest, JoinResponse, SignItem, SignRequest, SignResponse,
@@ -44,6 +45,8 @@ pub mod paths {
     pub const NODES: &str = "/v1/nodes";
     pub const REGISTRATIONS: &str = "/v1/registrations";
     pub const REVOCATIONS: &str = "/v1/revocations";
+    /// Per revocation, which nodes applied it and when (admin).
+    pub const REVOCATION_PROPAGATION: &str = "/v1/revocations/propagation";
     pub const AUDIT_LOG: &str = "/v1/audit-log";
     pub const POLICY: &str = "/v1/policy";
     pub const COVERAGE: &str = "/v1/coverage";

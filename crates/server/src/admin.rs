@@ -14,8 +14,8 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use std::sync::Arc;
 use tapproof_api::{
-    AuditEntry, AuditQuery, Changed, ErrorCode, NodeView, Policy, Registration, RegistrationChange,
-    Revocation, RevocationKind, RevokeRequest,
+    AuditEntry, AuditQuery, Changed, ErrorCode, NodeApplied, NodeView, Policy, Registration,
+    RegistrationChange, Revocation, RevocationKind, RevocationPropagation, RevokeRequest,
 };
 use tapproof_store::Store;
 
@@ -81,6 +81,48 @@ pub async fn list_registrations(store: &dyn Store) -> Result<Vec<Registration>, 
 /// Every revocation in force.
 pub async fn list_revocations(store: &dyn Store) -> Result<Vec<Revocation>, ServerError> {
     Ok(store.revocations().await?.into_iter().map(revocation).collect())
+}
+
+/// Every revocation with the nodes that applied it (and when) and the live nodes that have not.
+pub async fn revocation_propagation(store: &dyn Store) -> Result<Vec<RevocationPropagation>, ServerError> {
+    let rows = store.revocations().await?;
+    let revoked = crate::app::revocation_set(&rows);
+    let nodes = store.node_list().await?;
+    let mut live = Vec::new();
+    for node in &nodes {
+        if crate::app::node_is_live(store, &revoked, node).await? {
+            live.push(node.name.clone());
+        }
+    }
+    let acks = store.revocation_acks().await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let applied: Vec<NodeApplied> = acks
+                .iter()
+                .filter(|a| a.revocation_id == r.id)
+                .map(|a| NodeApplied {
+                    node: a.node.clone(),
+                    applied_at: a.applied_at,
+                    seconds: a.applied_at - r.revoked_at,
+                    joined_after: nodes
+                        .iter()
+                        .any(|n| n.name == a.node && n.created_at > r.revoked_at),
+                })
+                .collect();
+            let pending = live
+                .iter()
+                .filter(|n| !applied.iter().any(|a| &a.node == *n))
+                .cloned()
+                .collect();
+            RevocationPropagation {
+                version: r.version,
+                revocation: revocation(r),
+                applied,
+                pending,
+            }
+        })
+        .collect())
 }
 
 /// Audit-log rows after `q.after`, at most `q.limit` (1 to 1000).
@@ -155,6 +197,14 @@ pub(crate) async fn revocations(
 ) -> Result<Json<Vec<Revocation>>, ApiError> {
     authorize(&s, &peer, Need::Admin, "admin.revocations").await?;
     list_revocations(&*s.store).await.map(Json).map_err(refused)
+}
+
+pub(crate) async fn revocation_propagation_view(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Json<Vec<RevocationPropagation>>, ApiError> {
+    authorize(&s, &peer, Need::Admin, "admin.revocation_propagation").await?;
+    revocation_propagation(&*s.store).await.map(Json).map_err(refused)
 }
 
 pub(crate) async fn revoke(

@@ -46,6 +46,8 @@ pub struct AppState {
     pub limits: crate::limits::Limits,
     pub rate: crate::limits::RateLimits,
     pub metrics: crate::metrics::ServerMetrics,
+    /// What this replica already recorded of nodes' revocation acknowledgements.
+    pub acks: crate::feed::Acks,
 }
 
 impl AppState {
@@ -77,6 +79,27 @@ pub(crate) fn revocation_set(rows: &[tapproof_store::Revocation]) -> RevocationS
         set.insert(revoked_by(r.kind), &r.value);
     }
     set
+}
+
+/// Whether `node` is still in the fleet under `revoked`: not revoked by name or ID, and its
+/// newest node certificate not revoked by serial (it cannot renew past that). The directory and
+/// the revocation-propagation report both ask this.
+pub(crate) async fn node_is_live(
+    store: &dyn Store,
+    revoked: &RevocationSet,
+    node: &tapproof_store::Node,
+) -> Result<bool, StoreError> {
+    let newest = store
+        .cert_list(&node.name)
+        .await?
+        .into_iter()
+        .filter(|c| c.spiffe_id == node.spiffe_id)
+        .max_by_key(|c| c.issued_at);
+    Ok(SpiffeId::parse(&node.spiffe_id).is_ok_and(|id| {
+        revoked
+            .covers(&id, newest.as_ref().map(|c| c.serial.as_str()))
+            .is_none()
+    }))
 }
 
 fn revoked_by(kind: RevocationKind) -> RevokedBy {

@@ -4,7 +4,7 @@
 //! addresses where clients reach its services, when given, go into the service directory; nodes
 //! revoked by any kind leave it.
 
-use crate::app::{query, revocation_set, ApiError, AppState, Peer};
+use crate::app::{node_is_live, query, revocation_set, ApiError, AppState, Peer};
 use crate::auth::{authorize, Need};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -13,7 +13,6 @@ use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 use tapproof_api::{DirectoryEntry, ErrorCode, StateQuery, StateResponse};
-use tapproof_identity::SpiffeId;
 use tracing::info;
 
 const LONG_POLL: Duration = Duration::from_secs(tapproof_api::LONG_POLL_SECS);
@@ -56,6 +55,11 @@ pub(crate) async fn state_feed(
             s.store.notify_change().await?;
             info!(node = %caller.name, addresses = %text, "directory: service addresses announced");
         }
+    }
+    if let Some(since) = since {
+        // Never past the newest version: a node cannot acknowledge what no document carried.
+        let newest = *s.version.borrow();
+        acknowledge(&s, &caller.name, since.min(newest)).await?;
     }
     let mut version = s.version.clone();
     let mut waited_since = None;
@@ -104,9 +108,56 @@ pub(crate) async fn state_feed(
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
-/// The state feed's answer at `current`, from the store.
+/// Revocation acknowledgements this replica already recorded: per node, the highest `since` it
+/// recorded. A node's polls record once per feed version, not once per long-poll; another
+/// replica's records of the same are idempotent (the store keeps the first).
+#[derive(Default)]
+pub struct Acks {
+    recorded: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+}
+
+/// `node` asks the feed with `since`: an agent does so only after applying that version's
+/// document, so it has applied every revocation the documents up to `since` carried.
+async fn acknowledge(s: &AppState, node: &str, since: i64) -> Result<(), ApiError> {
+    let last = s
+        .acks
+        .recorded
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(node)
+        .copied();
+    // Nothing new since this node's last record here (after a restart `last` is unknown: one
+    // idempotent write).
+    if last.is_some_and(|last| since <= last) {
+        return Ok(());
+    }
+    let now = crate::now();
+    let added = s.store.revocation_ack(node, since, now).await?;
+    if !added.is_empty() {
+        let joined = s.store.node_get(node).await?.map(|n| n.created_at);
+        for r in s.store.revocations().await? {
+            // A node that joined after the revocation applied it on joining: not a propagation.
+            if added.contains(&r.id) && joined.is_none_or(|joined| joined <= r.revoked_at) {
+                s.metrics.revocation_applied(now - r.revoked_at);
+            }
+        }
+        info!(%node, revocations = ?added, "revocations applied by the node (acknowledged)");
+    }
+    s.acks
+        .recorded
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(node.to_owned(), since);
+    Ok(())
+}
+
+/// The state feed's answer at `current`, from the store. Revocations it carries for the first
+/// time are stamped with `current` (what nodes' acknowledgements are measured against).
 async fn build_state(s: &AppState, current: i64) -> Result<StateResponse, ApiError> {
     let rows = s.store.revocations().await?;
+    if let Some(newest) = rows.iter().filter(|r| r.version.is_none()).map(|r| r.id).max() {
+        s.store.revocations_stamp(current, newest).await?;
+    }
     let revoked = revocation_set(&rows);
     let revocations = rows.into_iter().map(crate::admin::revocation).collect();
     let nodes = s.store.node_list().await?;
@@ -124,18 +175,7 @@ async fn build_state(s: &AppState, current: i64) -> Result<StateResponse, ApiErr
         let live = match listed.get(&node.name) {
             Some(live) => *live,
             None => {
-                let newest = s
-                    .store
-                    .cert_list(&node.name)
-                    .await?
-                    .into_iter()
-                    .filter(|c| c.spiffe_id == node.spiffe_id)
-                    .max_by_key(|c| c.issued_at);
-                let live = SpiffeId::parse(&node.spiffe_id).is_ok_and(|id| {
-                    revoked
-                        .covers(&id, newest.as_ref().map(|c| c.serial.as_str()))
-                        .is_none()
-                });
+                let live = node_is_live(&*s.store, &revoked, node).await?;
                 listed.insert(node.name.clone(), live);
                 live
             }

@@ -67,6 +67,7 @@ pub struct ServerMetrics {
     feed_watchers: Gauge,
     feed_fanout: Histogram,
     store_probe: Histogram,
+    revocation_propagation: Histogram,
     store_up: Gauge,
     ca_not_after: Family<CaLabels, Gauge>,
     /// The newest feed version the change watcher published, and when it noticed it.
@@ -87,6 +88,11 @@ impl ServerMetrics {
             feed_watchers: Gauge::default(),
             feed_fanout: latency(),
             store_probe: latency(),
+            // From a second to ten minutes: agents apply a revocation in about a second when
+            // connected; the tail is agents that were offline or partitioned.
+            revocation_propagation: Histogram::new([
+                0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+            ]),
             store_up: Gauge::default(),
             ca_not_after: Family::default(),
             changed: Mutex::new(None),
@@ -147,6 +153,12 @@ impl ServerMetrics {
             "Time of the store probe (one read, every 10 s and per /readyz)",
             Unit::Seconds,
             m.store_probe.clone(),
+        );
+        r.register_with_unit(
+            "revocation_propagation",
+            "Time from a revocation to each node's acknowledgement that it applied it (the node asked the state feed past the revocation's version); nodes that joined after the revocation are not counted",
+            Unit::Seconds,
+            m.revocation_propagation.clone(),
         );
         r.register(
             "store_up",
@@ -217,6 +229,11 @@ impl ServerMetrics {
         if let Some((_, at)) = noticed.filter(|(seen, _)| *seen == v) {
             self.feed_fanout.observe(at.elapsed().as_secs_f64());
         }
+    }
+
+    /// A node applied a revocation `seconds` after it was made.
+    pub(crate) fn revocation_applied(&self, seconds: i64) {
+        self.revocation_propagation.observe(seconds.max(0) as f64);
     }
 
     /// Times one store read (bounded by `PROBE_TIMEOUT`) and re-reads the CAs' expiry; the

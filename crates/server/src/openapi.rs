@@ -239,6 +239,24 @@ fn schemas() -> Value {
         }),
         true,
     );
+    all["NodeApplied"] = object(
+        &["node", "applied_at", "seconds", "joined_after"],
+        json!({
+            "node": string(), "applied_at": int(), "seconds": { "type": "integer", "description": "applied_at - revoked_at" },
+            "joined_after": { "type": "boolean", "description": "the node joined after the revocation (applied it on joining)" },
+        }),
+        false,
+    );
+    all["RevocationPropagation"] = object(
+        &["revocation", "applied", "pending"],
+        json!({
+            "revocation": reference("Revocation"),
+            "version": { "type": ["integer", "null"], "description": "the state-feed version of the first document that carried it" },
+            "applied": list_of("NodeApplied"),
+            "pending": { "type": "array", "items": { "type": "string" }, "description": "live nodes that have not acknowledged it" },
+        }),
+        false,
+    );
     all
 }
 
@@ -352,6 +370,12 @@ pub fn document() -> Value {
             "get": { "summary": "Admin: every revocation", "responses": { "200": ok_list("revocations", "Revocation"), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } },
             "post": { "summary": "Admin: revoke a node, a SPIFFE ID or a certificate serial; in force on this server at once, on agents within seconds", "requestBody": body("RevokeRequest"),
                 "responses": { "200": ok("the revocation", "Revocation"), "400": error_response(&[E::BadRequest, E::BadJson]), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } }
+        }),
+    );
+    add(
+        paths::REVOCATION_PROPAGATION,
+        json!({
+            "get": { "summary": "Admin: per revocation, when each node applied it (acknowledged through the state feed) and which live nodes have not yet", "responses": { "200": ok_list("revocations with their propagation", "RevocationPropagation"), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } }
         }),
     );
     add(
@@ -487,6 +511,14 @@ mod tests {
         same_fields("SignRequest", SignRequest::default());
         same_fields("SignResponse", SignResponse::default());
         same_fields("Revocation", Revocation::default());
+        same_fields("NodeApplied", tapproof_api::NodeApplied::default());
+        same_fields(
+            "RevocationPropagation",
+            tapproof_api::RevocationPropagation {
+                version: Some(3),
+                ..Default::default()
+            },
+        );
         let capture = tapproof_api::CapturePolicy {
             inbound: Some(tapproof_api::InboundMode::Monitor),
             nodes: [("db-1".to_owned(), tapproof_api::InboundMode::Enforce)].into(),

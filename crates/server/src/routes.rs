@@ -23,6 +23,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(admin::registrations).post(admin::register),
         )
         .route(paths::REVOCATIONS, get(admin::revocations).post(admin::revoke))
+        .route(
+            paths::REVOCATION_PROPAGATION,
+            get(admin::revocation_propagation_view),
+        )
         .route(paths::AUDIT_LOG, get(admin::audit_log))
         .route(paths::POLICY, get(admin::policy).post(admin::set_policy))
         .route(

@@ -96,6 +96,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
         metrics: crate::metrics::ServerMetrics::new(&rate.refusals),
         rate,
         limits: limits.clone(),
+        acks: Default::default(),
     });
     let admission = crate::limits::Admission::new(limits.max_connections, limits.max_connections_per_source);
     let refused_log = Arc::new(crate::limits::LogThrottle::new(Duration::from_secs(10)));

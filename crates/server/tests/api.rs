@@ -412,6 +412,7 @@ fn admin_calls() -> Vec<(&'static str, &'static str, Value)> {
         ("POST", paths::REGISTRATIONS, change),
         ("GET", paths::REVOCATIONS, Value::Null),
         ("POST", paths::REVOCATIONS, revoke),
+        ("GET", paths::REVOCATION_PROPAGATION, Value::Null),
         ("GET", "/v1/audit-log?after=0&limit=5", Value::Null),
         ("GET", paths::POLICY, Value::Null),
         ("POST", paths::POLICY, policy),
@@ -516,6 +517,90 @@ async fn admins_nodes_and_strangers_on_the_admin_endpoints() {
             .iter()
             .any(|r| r.actor == node_id && r.details.contains("admin_required")),
         "a node's attempt on an admin endpoint is audited"
+    );
+    s.stop().await;
+}
+
+/// A node that asks the state feed past the version that first carried a revocation has applied
+/// it (agents ask again only after applying a document): the server records when, per node, and
+/// reports per revocation who applied it, after how long, and which live nodes have not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_propagation_is_recorded_per_node() {
+    let s = start().await;
+    let admin = s.admin("ops").await;
+    let a = s.join("app-1", &[]).await;
+    let b = s.join("app-2", &[]).await;
+    let _offline = s.join("app-3", &[]).await;
+    let _gone = s.join("gone-1", &[]).await;
+    let (_, doc) = s.call(Some(&a), "GET", paths::STATE, Value::Null).await.unwrap();
+    let v0 = doc["version"].as_i64().unwrap();
+    s.revoke(&admin, RevocationKind::Node, "gone-1").await;
+
+    // app-1 follows the feed: the next document carries the revocation, then it asks past it
+    // (a long-poll, dropped here: the acknowledgement is taken when the request arrives).
+    async fn follow(s: &Server, who: &Identity, v0: i64) -> i64 {
+        let state = |since: i64| format!("{}?since={since}", paths::STATE);
+        let mut conn = s.conn(Some(who)).await.unwrap();
+        let (status, doc) = conn.call("GET", &state(v0), vec![]).await.unwrap();
+        assert_eq!(status, 200, "{doc}");
+        assert!(doc["revocations"].to_string().contains("gone-1"), "{doc}");
+        let v1 = doc["version"].as_i64().unwrap();
+        let path = state(v1);
+        let held = conn.call("GET", &path, vec![]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), held)
+                .await
+                .is_err(),
+            "a long-poll"
+        );
+        v1
+    }
+    let v1 = follow(&s, &a, v0).await;
+    let propagation = || async {
+        let (status, v) = s
+            .call(Some(&admin), "GET", paths::REVOCATION_PROPAGATION, Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+        v[0].clone()
+    };
+    let p = propagation().await;
+    assert_eq!(p["revocation"]["value"], "gone-1");
+    assert!(
+        p["version"].as_i64().unwrap() > v0 && p["version"].as_i64().unwrap() <= v1,
+        "{p}"
+    );
+    assert_eq!(p["applied"].as_array().unwrap().len(), 1, "{p}");
+    assert_eq!(p["applied"][0]["node"], "app-1");
+    assert!(
+        (0..=5).contains(&p["applied"][0]["seconds"].as_i64().unwrap()),
+        "{p}"
+    );
+    assert_eq!(p["applied"][0]["joined_after"], false);
+    assert_eq!(
+        p["pending"],
+        json!(["app-2", "app-3"]),
+        "the revoked node is not expected"
+    );
+
+    // Asking again records nothing twice; app-2 catches up; app-3 stays pending.
+    follow(&s, &a, v0).await;
+    follow(&s, &b, v0).await;
+    let p = propagation().await;
+    let applied: Vec<&str> = p["applied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(applied, ["app-1", "app-2"], "{p}");
+    assert_eq!(p["pending"], json!(["app-3"]));
+
+    let (_, _, metrics) = admin_get(&s, "/metrics", None).await;
+    assert!(
+        metrics.contains("tapproof_server_revocation_propagation_seconds_count 2"),
+        "{metrics}"
     );
     s.stop().await;
 }

@@ -81,6 +81,7 @@ macro_rules! impl_store {
                 value: row.try_get("value").map_err(q)?,
                 reason: row.try_get("reason").map_err(q)?,
                 revoked_at: row.try_get("revoked_at").map_err(q)?,
+                version: row.try_get("version").map_err(q)?,
             })
         }
 
@@ -473,6 +474,50 @@ macro_rules! impl_store {
                     .await
                     .map_err(q)?;
                 rows.iter().map(revocation_from).collect()
+            }
+
+            async fn revocations_stamp(&self, version: i64, up_to_id: i64) -> Result<()> {
+                sqlx::query("UPDATE revocations SET version = $1 WHERE version IS NULL AND id <= $2")
+                    .bind(version)
+                    .bind(up_to_id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(q)?;
+                Ok(())
+            }
+
+            async fn revocation_ack(&self, node: &str, since: i64, now: i64) -> Result<Vec<i64>> {
+                // SQLite parses `INSERT ... SELECT ... ON CONFLICT` only with a WHERE in the SELECT.
+                let rows = sqlx::query(
+                    "INSERT INTO revocation_acks (revocation_id, node, applied_at) \
+                     SELECT id, $1, $2 FROM revocations WHERE version IS NOT NULL AND version <= $3 \
+                     ON CONFLICT (revocation_id, node) DO NOTHING RETURNING revocation_id",
+                )
+                .bind(node)
+                .bind(now)
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q)?;
+                rows.iter().map(|r| r.try_get("revocation_id").map_err(q)).collect()
+            }
+
+            async fn revocation_acks(&self) -> Result<Vec<RevocationAck>> {
+                let rows = sqlx::query(
+                    "SELECT revocation_id, node, applied_at FROM revocation_acks ORDER BY revocation_id, applied_at, node",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(RevocationAck {
+                            revocation_id: r.try_get("revocation_id").map_err(q)?,
+                            node: r.try_get("node").map_err(q)?,
+                            applied_at: r.try_get("applied_at").map_err(q)?,
+                        })
+                    })
+                    .collect()
             }
 
             async fn policy_get(&self) -> Result<Option<String>> {

@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 use std::sync::Arc;
 
 /// The newest schema version this build knows (the number of the last migration).
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -100,6 +100,14 @@ pub trait Store: Send + Sync {
     /// Idempotent: revoking the same thing twice keeps the first record.
     async fn revoke(&self, kind: RevocationKind, value: &str, reason: &str, now: i64) -> Result<Revocation>;
     async fn revocations(&self) -> Result<Vec<Revocation>>;
+    /// Marks revocations with id <= `up_to_id` that no feed document carried yet as first carried
+    /// by the document of `version` (a revocation keeps its first version).
+    async fn revocations_stamp(&self, version: i64, up_to_id: i64) -> Result<()>;
+    /// Records that `node` applied every revocation carried by a document of version <= `since`
+    /// (first time only; idempotent across replicas). Returns the revocations newly acknowledged.
+    async fn revocation_ack(&self, node: &str, since: i64, now: i64) -> Result<Vec<i64>>;
+    /// Every acknowledgement, by revocation then time.
+    async fn revocation_acks(&self) -> Result<Vec<RevocationAck>>;
 
     /// The policy document (JSON: service -> allowed SPIFFE ID patterns), if one was set.
     async fn policy_get(&self) -> Result<Option<String>>;

@@ -136,6 +136,17 @@ pub struct Revocation {
     pub value: String,
     pub reason: String,
     pub revoked_at: i64,
+    /// The state-feed version of the first document that carried it (None until one did).
+    pub version: Option<i64>,
+}
+
+/// When one node applied one revocation (it asked the state feed again past the revocation's
+/// version, which an agent does only after applying it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationAck {
+    pub revocation_id: i64,
+    pub node: String,
+    pub applied_at: i64,
 }
 
 #[derive(Debug, Clone)]

@@ -368,6 +368,42 @@ async fn nodes_registrations_revocations(db: &Db) {
         .unwrap();
     assert_eq!(s.revocations().await.unwrap().len(), 2);
     assert_eq!(s.node_get("web-1").await.unwrap().unwrap().revoked_at, Some(40));
+
+    // Propagation: a revocation keeps the version of the first document that carried it, and a
+    // node acknowledges each one once.
+    assert!(s.revocations().await.unwrap().iter().all(|r| r.version.is_none()));
+    assert!(
+        s.revocation_ack("db-1", 99, 60).await.unwrap().is_empty(),
+        "nothing carried yet"
+    );
+    s.revocations_stamp(5, r.id).await.unwrap();
+    s.revocations_stamp(6, i64::MAX).await.unwrap();
+    s.revocations_stamp(7, i64::MAX).await.unwrap();
+    let versions: Vec<_> = s.revocations().await.unwrap().iter().map(|r| r.version).collect();
+    assert_eq!(
+        versions,
+        [Some(5), Some(6)],
+        "first carrier kept, id bound honoured"
+    );
+    assert_eq!(s.revocation_ack("db-1", 5, 61).await.unwrap(), [r.id]);
+    assert!(s.revocation_ack("db-1", 5, 62).await.unwrap().is_empty(), "once");
+    let serial = s.revocations().await.unwrap()[1].id;
+    assert_eq!(s.revocation_ack("db-1", 9, 63).await.unwrap(), [serial]);
+    assert_eq!(s.revocation_ack("db-2", 9, 64).await.unwrap().len(), 2);
+    let acks = s.revocation_acks().await.unwrap();
+    let seen: Vec<_> = acks
+        .iter()
+        .map(|a| (a.revocation_id, a.node.as_str(), a.applied_at))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (r.id, "db-1", 61),
+            (r.id, "db-2", 64),
+            (serial, "db-1", 63),
+            (serial, "db-2", 64)
+        ]
+    );
     assert_eq!(s.node_list().await.unwrap().len(), 1);
 
     assert_eq!(s.policy_get().await.unwrap(), None);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tapproof_agent::control::{ClientError, ControlClient};
 use tapproof_api::{
     AuditEntry, AuditQuery, NodeView, Policy, Registration, RegistrationChange, Revocation, RevocationKind,
-    RevokeRequest,
+    RevocationPropagation, RevokeRequest,
 };
 use tapproof_identity::TrustDomain;
 use tapproof_store::Store;
@@ -75,6 +75,15 @@ impl Admin {
                 local(tapproof_server::admin::revoke_request(&**store, request, "cli").await)
             }
             Self::Remote(c) => c.revoke(request).await.map_err(remote),
+        }
+    }
+
+    async fn revocation_propagation(&self) -> anyhow::Result<Vec<RevocationPropagation>> {
+        match self {
+            Self::Local { store, .. } => {
+                local(tapproof_server::admin::revocation_propagation(&**store).await)
+            }
+            Self::Remote(c) => c.revocation_propagation().await.map_err(remote),
         }
     }
 
@@ -190,6 +199,69 @@ pub async fn revoke(
         r.value,
         r.id
     );
+    Ok(())
+}
+
+/// `server revocation show`: per revocation, when each node applied it, the slowest and median
+/// propagation time, and the live nodes that have not applied it yet.
+pub async fn revocation_show(admin: &Admin, id: Option<i64>, json: bool) -> anyhow::Result<()> {
+    let all = admin.revocation_propagation().await?;
+    let shown: Vec<_> = all
+        .into_iter()
+        .filter(|p| id.is_none_or(|id| p.revocation.id == id))
+        .collect();
+    if let (Some(id), true) = (id, shown.is_empty()) {
+        return Err(ConfigProblem(format!(
+            "there is no revocation {id} (see `tapproof server revocation show`)"
+        ))
+        .into());
+    }
+    for p in &shown {
+        if json {
+            println!("{}", serde_json::to_string(p)?);
+            continue;
+        }
+        let r = &p.revocation;
+        let mut times: Vec<i64> = p
+            .applied
+            .iter()
+            .filter(|a| !a.joined_after)
+            .map(|a| a.seconds)
+            .collect();
+        times.sort_unstable();
+        let spread = match (times.get(times.len() / 2), times.last()) {
+            (Some(median), Some(max)) => format!("median {median} s, slowest {max} s"),
+            _ => "no propagation measured".to_owned(),
+        };
+        println!(
+            "revocation {} {} {} ({}) at {}: applied by {} node(s), {}; pending: {}",
+            r.id,
+            r.kind.as_str(),
+            r.value,
+            r.reason,
+            tapproof_identity::when::rfc3339(r.revoked_at),
+            p.applied.len(),
+            spread,
+            if p.pending.is_empty() {
+                "none".to_owned()
+            } else {
+                p.pending.join(", ")
+            }
+        );
+        for a in &p.applied {
+            println!(
+                "  {:<24} applied {} after {} s{}",
+                a.node,
+                tapproof_identity::when::rfc3339(a.applied_at),
+                a.seconds,
+                if a.joined_after {
+                    " (joined after the revocation)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     Ok(())
 }
 

@@ -341,6 +341,11 @@ pub enum ServerCommand {
         #[arg(long, default_value = "revoked by operator")]
         reason: String,
     },
+    /// Revocations: how far each one reached (which nodes applied it, when, which not yet).
+    Revocation {
+        #[command(subcommand)]
+        command: RevocationCommand,
+    },
     /// Nodes: list them with their certificates' expiry.
     Node {
         #[command(subcommand)]
@@ -382,6 +387,27 @@ pub enum ServerCommand {
     AuditLog {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RevocationCommand {
+    /// Every revocation (or one) with when each node applied it (acknowledged through the state
+    /// feed), the median and slowest propagation time, and the live nodes that have not yet.
+    #[command(
+        after_help = "Example:\n  tapproof server revocation show --id 3\n  tapproof server revocation show --json --server 10.0.0.1:15443 --admin-dir ~/alice"
+    )]
+    Show {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Only this revocation (the number `server revoke` printed).
+        #[arg(long)]
+        id: Option<i64>,
+        /// One JSON document per revocation instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -4,8 +4,8 @@
 
 use crate::admin_cmd::{self, Admin};
 use crate::cli::{
-    AuditCommand, CaCommand, NodeCommand, PolicyCommand, RegistrationCommand, RotateStepArg, ServerArgs,
-    ServerCommand, TokenCommand,
+    AuditCommand, CaCommand, NodeCommand, PolicyCommand, RegistrationCommand, RevocationCommand,
+    RotateStepArg, ServerArgs, ServerCommand, TokenCommand,
 };
 use crate::exit::{classify, ConfigProblem};
 use anyhow::{bail, Context};
@@ -108,6 +108,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         ServerCommand::Node {
             command: NodeCommand::List { store, remote, json },
         } => admin_cmd::node_list(&Admin::open(&store, &remote).await?, json).await,
+        ServerCommand::Revocation {
+            command:
+                RevocationCommand::Show {
+                    store,
+                    remote,
+                    id,
+                    json,
+                },
+        } => admin_cmd::revocation_show(&Admin::open(&store, &remote).await?, id, json).await,
         ServerCommand::Policy {
             command: PolicyCommand::Set { store, remote, file },
         } => admin_cmd::policy_set(&Admin::open(&store, &remote).await?, &file).await,

@@ -461,6 +461,29 @@ fn revoke_and_check(kind: &str) {
     );
     let (_, out, _) = run_tapproof(EXE, &["server", "audit-log", "show", "--data-dir", &data]);
     assert!(out.contains("revocation.add") && out.contains("stolen"), "{out}");
+    // The other agent acknowledged it through the state feed within the same five seconds; the
+    // revoked node is not expected to; nobody is pending.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let show = ["server", "revocation", "show", "--data-dir", &data, "--json"];
+    let report = loop {
+        let (code, out, err) = run_tapproof(EXE, &show);
+        assert_eq!(code, 0, "{out}{err}");
+        let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        if !report["applied"].as_array().unwrap().is_empty() || Instant::now() > deadline {
+            break report;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let applied = report["applied"].as_array().unwrap();
+    assert_eq!(applied.len(), 1, "{kind}: {report}");
+    assert_ne!(applied[0]["node"], "web-1", "{report}");
+    assert!(applied[0]["seconds"].as_i64().unwrap() <= 5, "{kind}: {report}");
+    assert_eq!(report["pending"], serde_json::json!([]), "{kind}: {report}");
+    let (_, text, _) = run_tapproof(EXE, &show[..5]);
+    assert!(
+        text.contains("applied by 1 node(s)") && text.contains("pending: none"),
+        "{text}"
+    );
     // The revoked node's renewal (and every other call) is refused and audited: the agent's
     // state feed asks again within seconds.
     s.server_refuses_web(kind, &data);

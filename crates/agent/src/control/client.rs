@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tapproof_api::{
     paths, AuditEntry, AuditQuery, Changed, ErrorBody, ErrorCode, JoinRequest, JoinResponse, NodeView,
-    Policy, Registration, RegistrationChange, Revocation, RevokeRequest, SignRequest, SignResponse,
-    StateResponse,
+    Policy, Registration, RegistrationChange, Revocation, RevocationPropagation, RevokeRequest, SignRequest,
+    SignResponse, StateResponse,
 };
 use tapproof_tls::ControlClientTls;
 use tokio::net::TcpStream;
@@ -184,6 +184,11 @@ impl ControlClient {
 
     pub async fn revocations(&self) -> Result<Vec<Revocation>, ClientError> {
         self.json(http::Method::GET, paths::REVOCATIONS, None).await
+    }
+
+    pub async fn revocation_propagation(&self) -> Result<Vec<RevocationPropagation>, ClientError> {
+        self.json(http::Method::GET, paths::REVOCATION_PROPAGATION, None)
+            .await
     }
 
     pub async fn revoke(&self, request: &RevokeRequest) -> Result<Revocation, ClientError> {

@@ -120,6 +120,14 @@ struct Status {
     certificate: CertificateStatus,
     listeners: BoundAddresses,
     tunnels: Vec<Arc<crate::state::TunnelStats>>,
+    handshake_records: HandshakeRecords,
+}
+
+/// Handshake records waiting for the control plane, and those lost because too many waited.
+#[derive(Serialize)]
+struct HandshakeRecords {
+    unshipped: usize,
+    dropped: u64,
 }
 
 #[derive(Serialize)]
@@ -149,5 +157,9 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
         },
         listeners: s.bound.read().unwrap_or_else(|p| p.into_inner()).clone(),
         tunnels: s.agent.tunnels(),
+        handshake_records: {
+            let (unshipped, dropped) = s.agent.handshakes.counts();
+            HandshakeRecords { unshipped, dropped }
+        },
     })
 }

@@ -48,6 +48,8 @@ pub enum ControlError {
     Unreachable { server: String, detail: String },
     #[error("control.data_dir {path}: {detail}")]
     DataDir { path: PathBuf, detail: String },
+    #[error("cannot encode the request: {0}")]
+    Encode(String),
 }
 
 impl From<ClientError> for ControlError {

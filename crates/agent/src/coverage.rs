@@ -2,11 +2,12 @@
 //! (and its recent denials) to the control plane, which keeps the history for the dashboard.
 
 use crate::config::ControlConfig;
+use crate::control::ControlError;
 use crate::state::AgentState;
 use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
-use tapproof_audit::{AgentView, CoverageUpload, Options, MAX_UPLOAD_LINKS};
+use tapproof_audit::{AgentView, CoverageUpload, Options, MAX_UPLOAD_HANDSHAKES, MAX_UPLOAD_LINKS};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -19,6 +20,9 @@ pub async fn report_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cance
         return;
     }
     let mut wait = FIRST_REPORT;
+    // A server older than handshake records refuses the field (its upload type refuses unknown
+    // fields): then reports go without them, and the field is tried again an hour later.
+    let mut records_after: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -48,24 +52,47 @@ pub async fn report_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cance
         };
         let mut report = report;
         report.links.truncate(MAX_UPLOAD_LINKS);
-        let upload = CoverageUpload {
+        let with_records = records_after.is_none_or(|at| tokio::time::Instant::now() >= at);
+        let mut upload = CoverageUpload {
             report,
             denials: state.recent_denials(),
+            handshakes: if with_records {
+                state.handshakes.unshipped(MAX_UPLOAD_HANDSHAKES)
+            } else {
+                Vec::new()
+            },
         };
-        let body = match serde_json::to_vec(&upload) {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(error = %e, "coverage: cannot encode the report");
-                continue;
+        let mut outcome = send(&state, &cfg, &upload).await;
+        if let Err(ControlError::Refused {
+            code: tapproof_api::ErrorCode::BadJson,
+            message,
+            ..
+        }) = &outcome
+        {
+            if !upload.handshakes.is_empty() && message.contains("unknown field `handshakes`") {
+                warn!(%message, "coverage: the control plane does not take handshake records (an older server?); reporting without them, trying again in an hour; they stay on this node meanwhile");
+                records_after = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
+                upload.handshakes.clear();
+                outcome = send(&state, &cfg, &upload).await;
             }
-        };
-        match crate::control::post_coverage(&state, &cfg, body).await {
-            Ok(()) => debug!(
-                links = upload.report.summary.links,
-                plaintext = upload.report.summary.plaintext,
-                "coverage report sent"
-            ),
+        }
+        match outcome {
+            Ok(()) => {
+                state.handshakes.shipped(&upload.handshakes);
+                debug!(
+                    links = upload.report.summary.links,
+                    plaintext = upload.report.summary.plaintext,
+                    handshakes = upload.handshakes.len(),
+                    "coverage report sent"
+                )
+            }
             Err(e) => warn!(error = %e, "coverage: report not accepted"),
         }
     }
+}
+
+async fn send(state: &AgentState, cfg: &ControlConfig, upload: &CoverageUpload) -> Result<(), ControlError> {
+    let body =
+        serde_json::to_vec(upload).map_err(|e| ControlError::Encode(format!("coverage report: {e}")))?;
+    crate::control::post_coverage(state, cfg, body).await
 }

@@ -68,6 +68,7 @@ async fn connection(
         }
     };
     let tunnel_cfg = &state.config.tunnel;
+    let local = tcp.local_addr().ok();
     let started = std::time::Instant::now();
     let stream = match timeout(
         tunnel_cfg.handshake_timeout,
@@ -76,13 +77,13 @@ async fn connection(
     .await
     {
         Err(_) => {
-            metrics.handshake_failed(Side::Inbound, "timeout");
+            state.handshake_refused(Side::Inbound, local, peer, "timeout", None);
             refused(&state, peer, "timeout", None);
             return;
         }
         Ok(Err(e)) => {
             let reason = failure_reason(&e);
-            metrics.handshake_failed(Side::Inbound, reason);
+            state.handshake_refused(Side::Inbound, local, peer, reason, None);
             refused(&state, peer, reason, Some(&e));
             return;
         }
@@ -91,12 +92,12 @@ async fn connection(
     let session = server_session(&stream);
     let Some(peer_id) = session.peer_id.clone() else {
         // Our verifier only accepts SVIDs, so this means a bug, not a hostile peer.
-        metrics.handshake_failed(Side::Inbound, "not_svid");
+        state.handshake_refused(Side::Inbound, local, peer, "not_svid", Some(&session));
         warn!(%peer, "tunnel: peer certificate carried no SPIFFE ID");
         return;
     };
     if state.is_revoked(&session) {
-        metrics.handshake_failed(Side::Inbound, "revoked");
+        state.handshake_refused(Side::Inbound, local, peer, "revoked", Some(&session));
         warn!(%peer, peer_id = %peer_id, reason = "revoked", "tunnel: handshake refused");
         return;
     }
@@ -108,7 +109,7 @@ async fn connection(
             return;
         }
     };
-    metrics.handshake_done(Side::Inbound, started.elapsed());
+    state.handshake_succeeded(Side::Inbound, local, peer, &session, started.elapsed());
     if let Some(v) = &vouched {
         v.describe(&session, None);
     }

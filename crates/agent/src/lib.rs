@@ -13,6 +13,7 @@ mod drain;
 pub mod endpoint;
 pub mod federation;
 pub mod gateway;
+pub mod handshakes;
 mod inbound;
 pub mod limits;
 pub mod metrics;
@@ -306,6 +307,7 @@ pub mod fuzzing {
             resumed: false,
             peer_not_after: None,
             peer_serial: None,
+            peer_signature: None,
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         let tracker = tokio_util::task::TaskTracker::new();

@@ -258,6 +258,7 @@ impl Pool {
         };
         crate::socket::tune_tunnel(&tcp, cfg.receive_buffer);
         let vouched = crate::vouch::sockets().register(&tcp, tapproof_audit::VouchedKind::TunnelOut);
+        let local = tcp.local_addr().ok();
         let started = std::time::Instant::now();
         let stream = match timeout(
             cfg.handshake_timeout,
@@ -268,20 +269,24 @@ impl Pool {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = failure_reason(&e);
-                metrics.handshake_failed(Side::Outbound, reason);
+                self.state
+                    .handshake_refused(Side::Outbound, local, peer, reason, None);
                 return Err(DialError::Handshake { reason, source: e });
             }
             Err(_) => {
-                metrics.handshake_failed(Side::Outbound, "timeout");
+                self.state
+                    .handshake_refused(Side::Outbound, local, peer, "timeout", None);
                 return Err(DialError::HandshakeTimeout);
             }
         };
         let session = client_session(&stream);
         if self.state.is_revoked(&session) {
-            metrics.handshake_failed(Side::Outbound, "revoked");
+            self.state
+                .handshake_refused(Side::Outbound, local, peer, "revoked", Some(&session));
             return Err(DialError::Revoked);
         }
-        metrics.handshake_done(Side::Outbound, started.elapsed());
+        self.state
+            .handshake_succeeded(Side::Outbound, local, peer, &session, started.elapsed());
         if let Some(v) = &vouched {
             v.describe(&session, Some(&self.outbound().service));
         }

@@ -57,6 +57,8 @@ pub struct AgentState {
     /// Woken by a reload: the state feed's long-poll starts again at once, announcing the
     /// addresses of the services in force (`control/feed.rs`).
     pub announce_changed: tokio::sync::Notify,
+    /// Every tunnel handshake's record, until the control plane stored it (`handshakes.rs`).
+    pub handshakes: crate::handshakes::HandshakeLog,
 }
 
 /// One TLS connection between two agents and what it has carried.
@@ -132,7 +134,15 @@ impl AgentState {
         fd_limit: Option<u64>,
     ) -> Self {
         let metrics = Metrics::new(config.control.is_some());
+        let handshakes = match &config.control {
+            Some(control) => crate::handshakes::HandshakeLog::open(&control.data_dir).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, dir = %control.data_dir.display(), "handshake records: cannot open the file in the data dir; keeping them in memory only");
+                crate::handshakes::HandshakeLog::in_memory()
+            }),
+            None => crate::handshakes::HandshakeLog::in_memory(),
+        };
         Self {
+            handshakes,
             limits: crate::limits::Limits::new(&config.tunnel, fd_limit),
             applied: std::sync::RwLock::new(Arc::new(config.clone())),
             refused_log: tapproof_tls::admission::LogThrottle::new(std::time::Duration::from_secs(10)),
@@ -157,6 +167,62 @@ impl AgentState {
             sites: Default::default(),
             announce_changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// A tunnel handshake succeeded: counted, timed and recorded.
+    pub fn handshake_succeeded(
+        &self,
+        side: Side,
+        local: Option<SocketAddr>,
+        remote: SocketAddr,
+        session: &tapproof_tls::SessionInfo,
+        took: std::time::Duration,
+    ) {
+        self.metrics.handshake_done(side, took);
+        self.record_handshake(side, local, remote, Some(session), None);
+    }
+
+    /// A tunnel handshake was refused (`reason`: the `handshake_failures_total` label): counted
+    /// and recorded, with the session when TLS itself completed (revoked, not an SVID).
+    pub fn handshake_refused(
+        &self,
+        side: Side,
+        local: Option<SocketAddr>,
+        remote: SocketAddr,
+        reason: &'static str,
+        session: Option<&tapproof_tls::SessionInfo>,
+    ) {
+        self.metrics.handshake_failed(side, reason);
+        self.record_handshake(side, local, remote, session, Some(reason));
+    }
+
+    fn record_handshake(
+        &self,
+        side: Side,
+        local: Option<SocketAddr>,
+        remote: SocketAddr,
+        session: Option<&tapproof_tls::SessionInfo>,
+        refused: Option<&'static str>,
+    ) {
+        let material = self.material.current();
+        let ours = material.svid();
+        self.handshakes.record(tapproof_audit::HandshakeRecord {
+            side: side.as_str().to_owned(),
+            local: local.map(|a| a.to_string()).unwrap_or_default(),
+            remote: remote.to_string(),
+            local_id: ours.id.to_string(),
+            local_serial: ours.serial.clone(),
+            peer_id: session.and_then(|s| s.peer_id.as_ref()).map(ToString::to_string),
+            peer_serial: session.and_then(|s| s.peer_serial.clone()),
+            tls_version: session.map(|s| s.version.clone()),
+            cipher: session.map(|s| s.cipher.clone()),
+            group: session.map(|s| s.group.clone()),
+            signature_scheme: session.and_then(|s| s.peer_signature).map(str::to_owned),
+            resumed: session.is_some_and(|s| s.resumed),
+            outcome: if refused.is_some() { "refused" } else { "ok" }.to_owned(),
+            reason: refused.map(str::to_owned),
+            ..Default::default()
+        });
     }
 
     /// The mark on the agent's own connections when capture is on (`capture.rs`), else none.

@@ -95,6 +95,63 @@ pub struct NodeApplied {
     pub joined_after: bool,
 }
 
+/// The query of `GET /v1/handshakes`: records with `from_ms <= at_ms < to_ms`, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandshakeQuery {
+    #[serde(default)]
+    pub from_ms: i64,
+    #[serde(default = "far_future")]
+    pub to_ms: i64,
+    /// At most this many (1 to 10000).
+    #[serde(default = "default_handshake_limit")]
+    pub limit: i64,
+}
+
+impl Default for HandshakeQuery {
+    fn default() -> Self {
+        Self {
+            from_ms: 0,
+            to_ms: far_future(),
+            limit: default_handshake_limit(),
+        }
+    }
+}
+
+fn far_future() -> i64 {
+    i64::MAX
+}
+
+fn default_handshake_limit() -> i64 {
+    1000
+}
+
+/// One tunnel handshake as an agent reported it (`GET /v1/handshakes`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handshake {
+    /// The node that reported it (its agent's end: `side` says which).
+    pub node: String,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub seq: i64,
+    /// `inbound` or `outbound`.
+    pub side: String,
+    pub local: String,
+    pub remote: String,
+    pub local_id: String,
+    pub local_serial: String,
+    pub peer_id: Option<String>,
+    pub peer_serial: Option<String>,
+    pub tls_version: Option<String>,
+    pub cipher: Option<String>,
+    pub group: Option<String>,
+    pub signature_scheme: Option<String>,
+    pub resumed: bool,
+    /// `ok` or `refused`.
+    pub outcome: String,
+    pub reason: Option<String>,
+}
+
 /// The query of `GET /v1/audit-log`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,9 +13,9 @@ pub mod error;
 pub mod feed;
 
 pub use admin::{
-    AuditEntry, AuditQuery, CapturePolicy, Changed, InboundMode, NodeApplied, NodeEvent, NodeEventKind,
-    NodeView, Policy, Registration, RegistrationChange, RevocationPropagation, RevokeRequest, ServicePolicy,
-    MAX_EVENT_TEXT,
+    AuditEntry, AuditQuery, CapturePolicy, Changed, Handshake, HandshakeQuery, InboundMode, NodeApplied,
+    NodeEvent, NodeEventKind, NodeView, Policy, Registration, RegistrationChange, RevocationPropagation,
+    RevokeRequest, ServicePolicy, MAX_EVENT_TEXT,
 };
 pub use enrol::{
     BundleResponse, IssuedIdentity, JoinRequest, JoinResponse, SignItem, SignRequest, SignResponse,
@@ -48,6 +48,8 @@ pub mod paths {
     /// Per revocation, which nodes applied it and when (admin).
     pub const REVOCATION_PROPAGATION: &str = "/v1/revocations/propagation";
     pub const AUDIT_LOG: &str = "/v1/audit-log";
+    /// Agents' handshake records (admin).
+    pub const HANDSHAKES: &str = "/v1/handshakes";
     pub const POLICY: &str = "/v1/policy";
     pub const COVERAGE: &str = "/v1/coverage";
     /// What an operator did on a node (`NodeEvent`), for the audit log.

@@ -255,6 +255,39 @@ pub struct Denial {
     pub reason: String,
 }
 
+/// One tunnel handshake as an agent saw it (either end), accepted or refused: the evidence that
+/// a link was encrypted, with what, between whom. A refused handshake carries what was known
+/// before the refusal (no TLS parameters when TLS itself failed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandshakeRecord {
+    /// When it ended (Unix milliseconds).
+    pub at_ms: i64,
+    /// Per agent process, increasing; with `at_ms` it names the record (uploads are idempotent).
+    pub seq: u64,
+    /// `inbound` (this agent accepted) or `outbound` (this agent dialled).
+    pub side: String,
+    /// This end's address and the peer's (`ADDR:PORT`).
+    pub local: String,
+    pub remote: String,
+    /// This end's SPIFFE ID and certificate serial (hex).
+    pub local_id: String,
+    pub local_serial: String,
+    /// The peer's, when its certificate was seen.
+    pub peer_id: Option<String>,
+    pub peer_serial: Option<String>,
+    /// `TLSv1.3`; the IANA suite, key-exchange group and the peer's signature scheme.
+    pub tls_version: Option<String>,
+    pub cipher: Option<String>,
+    pub group: Option<String>,
+    pub signature_scheme: Option<String>,
+    pub resumed: bool,
+    /// `ok` or `refused`.
+    pub outcome: String,
+    /// Why it was refused (the `tapproof_handshake_failures_total` reason).
+    pub reason: Option<String>,
+}
+
 /// What an agent sends to `POST /v1/coverage`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -263,8 +296,14 @@ pub struct CoverageUpload {
     /// The agent's most recent denials, newest last.
     #[serde(default)]
     pub denials: Vec<Denial>,
+    /// Handshake records not yet shipped, oldest first. Omitted when empty, so an agent with no
+    /// records still reports to a server older than this field (whose upload type refuses it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handshakes: Vec<HandshakeRecord>,
 }
 
-/// Links and denials an agent sends at most: a busy host's report stays a bounded request.
+/// Links, denials and handshake records an agent sends at most: a busy host's report stays a
+/// bounded request (the records left over go with the next report).
 pub const MAX_UPLOAD_LINKS: usize = 2000;
 pub const MAX_UPLOAD_DENIALS: usize = 50;
+pub const MAX_UPLOAD_HANDSHAKES: usize = 2000;

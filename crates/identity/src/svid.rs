@@ -40,6 +40,31 @@ pub struct SvidInfo {
     /// certificate lacks the purpose of its side.
     pub server_auth: bool,
     pub client_auth: bool,
+    /// The TLS 1.3 signature scheme this certificate's key signs a handshake with (its name as
+    /// IANA writes it, `ecdsa_secp256r1_sha256`, `mldsa87`, ...): TLS 1.3 fixes it by the key for
+    /// ECDSA, EdDSA and ML-DSA; for RSA only the family is known (`rsa_pss_rsae`).
+    pub signature_scheme: &'static str,
+}
+
+/// The TLS 1.3 signature scheme of a certificate's key (see `SvidInfo::signature_scheme`).
+fn signature_scheme(cert: &X509Certificate) -> &'static str {
+    let spki = &cert.public_key().algorithm;
+    let curve = spki
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|o| o.to_id_string());
+    match (spki.algorithm.to_id_string().as_str(), curve.as_deref()) {
+        ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => "ecdsa_secp256r1_sha256",
+        ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => "ecdsa_secp384r1_sha384",
+        ("1.2.840.10045.2.1", Some("1.3.132.0.35")) => "ecdsa_secp521r1_sha512",
+        ("1.3.101.112", _) => "ed25519",
+        ("1.2.840.113549.1.1.1", _) => "rsa_pss_rsae",
+        ("2.16.840.1.101.3.4.3.17", _) => "mldsa44",
+        ("2.16.840.1.101.3.4.3.18", _) => "mldsa65",
+        (crate::ca::ML_DSA_87_OID, _) => "mldsa87",
+        _ => "unknown",
+    }
 }
 
 /// Applies the leaf X509-SVID rules to `der` and returns the identity it carries.
@@ -100,6 +125,7 @@ pub fn inspect_svid(der: &[u8]) -> Result<SvidInfo, SvidError> {
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         serial,
+        signature_scheme: signature_scheme(&cert),
     })
 }
 

@@ -14,8 +14,8 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use std::sync::Arc;
 use tapproof_api::{
-    AuditEntry, AuditQuery, Changed, ErrorCode, NodeApplied, NodeView, Policy, Registration,
-    RegistrationChange, Revocation, RevocationKind, RevocationPropagation, RevokeRequest,
+    AuditEntry, AuditQuery, Changed, ErrorCode, Handshake, HandshakeQuery, NodeApplied, NodeView, Policy,
+    Registration, RegistrationChange, Revocation, RevocationKind, RevocationPropagation, RevokeRequest,
 };
 use tapproof_store::Store;
 
@@ -125,6 +125,40 @@ pub async fn revocation_propagation(store: &dyn Store) -> Result<Vec<RevocationP
         .collect())
 }
 
+/// Handshake records in `q`'s window, oldest first (at most `q.limit`, 1 to 10000).
+pub async fn handshakes(store: &dyn Store, q: &HandshakeQuery) -> Result<Vec<Handshake>, ServerError> {
+    if !(1..=10_000).contains(&q.limit) || q.from_ms > q.to_ms {
+        return Err(ServerError::Invalid(format!(
+            "limit must be 1 to 10000 and from_ms at most to_ms (got limit={}, from_ms={}, to_ms={})",
+            q.limit, q.from_ms, q.to_ms
+        )));
+    }
+    let rows = store.handshakes_list(q.from_ms, q.to_ms, q.limit).await?;
+    Ok(rows.into_iter().map(handshake).collect())
+}
+
+pub(crate) fn handshake(r: tapproof_store::HandshakeRow) -> Handshake {
+    Handshake {
+        node: r.node,
+        at_ms: r.at_ms,
+        seq: r.seq,
+        side: r.side,
+        local: r.local_addr,
+        remote: r.remote_addr,
+        local_id: r.local_id,
+        local_serial: r.local_serial,
+        peer_id: r.peer_id,
+        peer_serial: r.peer_serial,
+        tls_version: r.tls_version,
+        cipher: r.cipher,
+        group: r.group,
+        signature_scheme: r.signature_scheme,
+        resumed: r.resumed,
+        outcome: r.outcome,
+        reason: r.reason,
+    }
+}
+
 /// Audit-log rows after `q.after`, at most `q.limit` (1 to 1000).
 pub async fn audit_rows(store: &dyn Store, q: &AuditQuery) -> Result<Vec<AuditEntry>, ServerError> {
     let rows = store.audit_list(q.after, q.limit.clamp(1, 1000)).await?;
@@ -197,6 +231,19 @@ pub(crate) async fn revocations(
 ) -> Result<Json<Vec<Revocation>>, ApiError> {
     authorize(&s, &peer, Need::Admin, "admin.revocations").await?;
     list_revocations(&*s.store).await.map(Json).map_err(refused)
+}
+
+pub(crate) async fn handshakes_view(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    q: Result<Query<HandshakeQuery>, QueryRejection>,
+) -> Result<Json<Vec<Handshake>>, ApiError> {
+    authorize(&s, &peer, Need::Admin, "admin.handshakes").await?;
+    let q: HandshakeQuery = query(q)?;
+    handshakes(&*s.store, &q).await.map(Json).map_err(|e| match e {
+        ServerError::Invalid(m) => ApiError::new(ErrorCode::BadQuery, m),
+        other => refused(other),
+    })
 }
 
 pub(crate) async fn revocation_propagation_view(

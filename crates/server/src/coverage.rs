@@ -10,12 +10,14 @@ use axum::Extension;
 use bytes::Bytes;
 use std::sync::Arc;
 use tapproof_api::ErrorCode;
-use tapproof_audit::{Class, CoverageUpload, MAX_UPLOAD_DENIALS, MAX_UPLOAD_LINKS};
-use tapproof_store::NewCoverage;
+use tapproof_audit::{
+    Class, CoverageUpload, HandshakeRecord, MAX_UPLOAD_DENIALS, MAX_UPLOAD_HANDSHAKES, MAX_UPLOAD_LINKS,
+};
+use tapproof_store::{HandshakeRow, NewCoverage};
 use tracing::info;
 
 /// A coverage upload may be larger than other requests (up to MAX_UPLOAD_LINKS links).
-pub const MAX_COVERAGE_BODY: usize = 2 * 1024 * 1024;
+pub const MAX_COVERAGE_BODY: usize = 4 * 1024 * 1024;
 
 pub async fn report(
     State(s): State<Arc<AppState>>,
@@ -23,13 +25,25 @@ pub async fn report(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let node = authorize(&s, &peer, Need::Node, "coverage").await?.name;
-    let upload: CoverageUpload = parse(body)?;
-    if upload.report.links.len() > MAX_UPLOAD_LINKS || upload.denials.len() > MAX_UPLOAD_DENIALS {
+    let mut upload: CoverageUpload = parse(body)?;
+    if upload.report.links.len() > MAX_UPLOAD_LINKS
+        || upload.denials.len() > MAX_UPLOAD_DENIALS
+        || upload.handshakes.len() > MAX_UPLOAD_HANDSHAKES
+    {
         return Err(ApiError::new(
             ErrorCode::ReportTooLarge,
-            format!("send at most {MAX_UPLOAD_LINKS} links and {MAX_UPLOAD_DENIALS} denials"),
+            format!("send at most {MAX_UPLOAD_LINKS} links, {MAX_UPLOAD_DENIALS} denials and {MAX_UPLOAD_HANDSHAKES} handshake records"),
         ));
     }
+    // The records are kept on their own (`handshakes`), not in the report's history.
+    let handshakes = std::mem::take(&mut upload.handshakes)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            handshake_row(&node, r)
+                .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("handshakes[{i}]: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let summary = &upload.report.summary;
     let encrypted = upload.report.links.iter().filter(|l| l.class.encrypted()).count();
     let plaintext = upload
@@ -56,13 +70,69 @@ pub async fn report(
                 .map_err(|e| ApiError::new(ErrorCode::BadBody, e.to_string()))?,
         })
         .await?;
+    let recorded = s.store.handshakes_add(&handshakes, at).await?;
     s.store.node_seen(&node, at).await?;
     info!(
         node,
         links = summary.links,
         plaintext,
         coverage = summary.coverage_percent,
+        handshakes = handshakes.len(),
+        new_handshakes = recorded,
         "coverage report"
     );
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Longest text a handshake record's field may hold (a SPIFFE ID is at most 2048 bytes).
+/// Counted in characters, as the OpenAPI document's `maxLength` counts.
+const MAX_FIELD: usize = 2048;
+
+/// A reported handshake record as the store keeps it, or what is wrong with it.
+fn handshake_row(node: &str, r: HandshakeRecord) -> Result<HandshakeRow, String> {
+    if !matches!(r.side.as_str(), "inbound" | "outbound") {
+        return Err(format!("side {:?}: inbound or outbound", r.side));
+    }
+    if !matches!(r.outcome.as_str(), "ok" | "refused") {
+        return Err(format!("outcome {:?}: ok or refused", r.outcome));
+    }
+    let seq = i64::try_from(r.seq).map_err(|_| format!("seq {} is out of range", r.seq))?;
+    let texts = [
+        ("local", Some(&r.local)),
+        ("remote", Some(&r.remote)),
+        ("local_id", Some(&r.local_id)),
+        ("local_serial", Some(&r.local_serial)),
+        ("peer_id", r.peer_id.as_ref()),
+        ("peer_serial", r.peer_serial.as_ref()),
+        ("tls_version", r.tls_version.as_ref()),
+        ("cipher", r.cipher.as_ref()),
+        ("group", r.group.as_ref()),
+        ("signature_scheme", r.signature_scheme.as_ref()),
+        ("reason", r.reason.as_ref()),
+    ];
+    if let Some((field, _)) = texts
+        .iter()
+        .find(|(_, v)| v.is_some_and(|v| v.chars().count() > MAX_FIELD))
+    {
+        return Err(format!("{field} is longer than {MAX_FIELD} characters"));
+    }
+    Ok(HandshakeRow {
+        node: node.to_owned(),
+        at_ms: r.at_ms,
+        seq,
+        side: r.side,
+        local_addr: r.local,
+        remote_addr: r.remote,
+        local_id: r.local_id,
+        local_serial: r.local_serial,
+        peer_id: r.peer_id,
+        peer_serial: r.peer_serial,
+        tls_version: r.tls_version,
+        cipher: r.cipher,
+        group: r.group,
+        signature_scheme: r.signature_scheme,
+        resumed: r.resumed,
+        outcome: r.outcome,
+        reason: r.reason,
+    })
 }

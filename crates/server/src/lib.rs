@@ -23,7 +23,7 @@ mod serve;
 
 pub use ca::Ca;
 pub use limits::Limits;
-pub use serve::{run, RunOptions};
+pub use serve::{run, RunOptions, DEFAULT_HANDSHAKE_RETENTION};
 
 use kek::{Kek, KekError};
 use serde::{Deserialize, Serialize};

@@ -177,6 +177,7 @@ fn schemas() -> Value {
         "CoverageUpload": object(&["report"], json!({
             "report": { "type": "object", "description": "the report as `tapproof audit --json` prints it" },
             "denials": { "type": "array", "maxItems": tapproof_audit::MAX_UPLOAD_DENIALS, "items": { "type": "object" } },
+            "handshakes": { "type": "array", "maxItems": tapproof_audit::MAX_UPLOAD_HANDSHAKES, "items": reference("HandshakeRecord") },
         }), true),
     });
     // Apart from the map above, which is at json!'s recursion limit.
@@ -238,6 +239,55 @@ fn schemas() -> Value {
             "inbound": reference("InboundMode"),
         }),
         true,
+    );
+    let text = || json!({ "type": "string", "maxLength": 2048 });
+    let maybe = || json!({ "type": ["string", "null"], "maxLength": 2048 });
+    all["HandshakeRecord"] = object(
+        &[
+            "at_ms",
+            "seq",
+            "side",
+            "local",
+            "remote",
+            "local_id",
+            "local_serial",
+            "resumed",
+            "outcome",
+        ],
+        json!({
+            "at_ms": int(), "seq": { "type": "integer", "minimum": 0, "maximum": i64::MAX },
+            "side": { "type": "string", "enum": ["inbound", "outbound"] },
+            "local": text(), "remote": text(), "local_id": text(), "local_serial": text(),
+            "peer_id": maybe(), "peer_serial": maybe(), "tls_version": maybe(), "cipher": maybe(),
+            "group": maybe(), "signature_scheme": maybe(), "resumed": { "type": "boolean" },
+            "outcome": { "type": "string", "enum": ["ok", "refused"] },
+            "reason": maybe(),
+        }),
+        true,
+    );
+    all["Handshake"] = object(
+        &[
+            "node",
+            "at_ms",
+            "seq",
+            "side",
+            "local",
+            "remote",
+            "local_id",
+            "local_serial",
+            "resumed",
+            "outcome",
+        ],
+        json!({
+            "node": string(), "at_ms": int(), "seq": int(),
+            "side": { "type": "string", "enum": ["inbound", "outbound"] },
+            "local": string(), "remote": string(), "local_id": string(), "local_serial": string(),
+            "peer_id": nullable_string(), "peer_serial": nullable_string(), "tls_version": nullable_string(),
+            "cipher": nullable_string(), "group": nullable_string(), "signature_scheme": nullable_string(),
+            "resumed": { "type": "boolean" }, "outcome": { "type": "string", "enum": ["ok", "refused"] },
+            "reason": nullable_string(),
+        }),
+        false,
     );
     all["NodeApplied"] = object(
         &["node", "applied_at", "seconds", "joined_after"],
@@ -379,6 +429,12 @@ pub fn document() -> Value {
         }),
     );
     add(
+        paths::HANDSHAKES,
+        json!({ "get": { "summary": "Admin: agents' tunnel handshake records (both ends, accepted and refused) with from_ms <= at_ms < to_ms, oldest first, at most `limit`",
+        "parameters": [{ "name": "from_ms", "in": "query", "schema": { "type": "integer" } }, { "name": "to_ms", "in": "query", "schema": { "type": "integer" } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 10000 } }],
+        "responses": { "200": ok_list("handshake records", "Handshake"), "400": error_response(&[E::BadQuery]), "401": error_response(&node), "429": error_response(&[E::RateLimited]), "403": error_response(&admin_refused) } } }),
+    );
+    add(
         paths::AUDIT_LOG,
         json!({ "get": { "summary": "Admin: audit-log rows after `after`, at most `limit`",
         "parameters": [{ "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 } }, { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000 } }],
@@ -414,7 +470,7 @@ pub fn document() -> Value {
         "requestBody": body("CoverageUpload"),
         "responses": {
             "204": { "description": "kept" },
-            "400": error_response(&[E::BadJson, E::BadBody, E::ReportTooLarge]),
+            "400": error_response(&[E::BadJson, E::BadBody, E::BadRequest, E::ReportTooLarge]),
             "401": error_response(&node), "429": error_response(&[E::RateLimited]),
             "403": error_response(&node_refused),
             "413": error_response(&[E::BodyTooLarge])
@@ -513,6 +569,13 @@ mod tests {
         same_fields("Revocation", Revocation::default());
         same_fields("NodeApplied", tapproof_api::NodeApplied::default());
         same_fields(
+            "Handshake",
+            tapproof_api::Handshake {
+                peer_id: Some(String::new()),
+                ..Default::default()
+            },
+        );
+        same_fields(
             "RevocationPropagation",
             tapproof_api::RevocationPropagation {
                 version: Some(3),
@@ -564,6 +627,14 @@ mod tests {
             tapproof_audit::CoverageUpload {
                 report,
                 denials: vec![],
+                handshakes: vec![Default::default()],
+            },
+        );
+        same_fields(
+            "HandshakeRecord",
+            tapproof_audit::HandshakeRecord {
+                peer_id: Some(String::new()),
+                ..Default::default()
             },
         );
         use crate::dashboard::*;

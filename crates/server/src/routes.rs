@@ -28,6 +28,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(admin::revocation_propagation_view),
         )
         .route(paths::AUDIT_LOG, get(admin::audit_log))
+        .route(paths::HANDSHAKES, get(admin::handshakes_view))
         .route(paths::POLICY, get(admin::policy).post(admin::set_policy))
         .route(
             paths::COVERAGE,

@@ -43,7 +43,13 @@ pub struct RunOptions {
     pub rollover: Option<crate::rollover::Schedule>,
     /// Connection caps, timeouts and rate limits.
     pub limits: crate::limits::Limits,
+    /// How long handshake records are kept (pruned hourly).
+    pub handshake_retention: Duration,
 }
+
+/// Handshake records are kept this long unless `--handshake-retention` says otherwise: PCI DSS
+/// 10.5.1 asks a year of audit history; a bit more covers a yearly audit's window.
+pub const DEFAULT_HANDSHAKE_RETENTION: Duration = Duration::from_secs(400 * 24 * 3600);
 
 fn server_tls(ca: &Ca, expired_grace: Duration) -> Result<ControlServerTls, ServerError> {
     let id = tapproof_identity::SpiffeId::new(ca.trust_domain.clone(), "/server")
@@ -127,6 +133,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
         None => None,
     };
     let prober = tokio::spawn(crate::metrics::probe_loop(state.clone()));
+    let pruner = tokio::spawn(prune_loop(store.clone(), options.handshake_retention));
     info!(listen = %bound, admin = %admin_bound.map_or_else(|| "off".to_owned(), |a| a.to_string()), trust_domain = %td, store = store.backend(), leaf_ttl_s = options.leaf_ttl.as_secs(), "control plane serving");
     if let Some(path) = &options.ready_file {
         let tmp = path.with_extension("tmp");
@@ -385,6 +392,7 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     refresher.abort();
     watcher.abort();
     prober.abort();
+    pruner.abort();
     admin_stop.cancel();
     if let Some(admin) = admin {
         let _ = admin.await;
@@ -397,4 +405,22 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     }
     info!("control plane stopped");
     Ok(())
+}
+
+/// Removes handshake records older than `retention`, at start and every hour (each replica does
+/// it; the deletes are idempotent).
+async fn prune_loop(store: Arc<dyn tapproof_store::Store>, retention: Duration) {
+    loop {
+        let before = (crate::now() - retention.as_secs() as i64).saturating_mul(1000);
+        match store.handshakes_prune(before).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                removed = n,
+                retention_s = retention.as_secs(),
+                "handshake records past retention removed"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot prune handshake records"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
 }

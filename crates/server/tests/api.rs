@@ -65,6 +65,7 @@ async fn start_with(limits: tapproof_server::Limits, leaf_ttl: Duration) -> Serv
         ready_file: Some(ready.clone()),
         rollover: None,
         limits,
+        handshake_retention: tapproof_server::DEFAULT_HANDSHAKE_RETENTION,
     };
     let task = tokio::spawn(tapproof_server::run(options, async move {
         let _ = stopped.await;
@@ -246,6 +247,7 @@ fn coverage_body() -> Value {
     serde_json::to_value(tapproof_audit::CoverageUpload {
         report,
         denials: vec![],
+        handshakes: vec![],
     })
     .unwrap()
 }
@@ -414,6 +416,7 @@ fn admin_calls() -> Vec<(&'static str, &'static str, Value)> {
         ("POST", paths::REVOCATIONS, revoke),
         ("GET", paths::REVOCATION_PROPAGATION, Value::Null),
         ("GET", "/v1/audit-log?after=0&limit=5", Value::Null),
+        ("GET", paths::HANDSHAKES, Value::Null),
         ("GET", paths::POLICY, Value::Null),
         ("POST", paths::POLICY, policy),
         ("GET", paths::DASHBOARD_DATA, Value::Null),
@@ -601,6 +604,87 @@ async fn revocation_propagation_is_recorded_per_node() {
     assert!(
         metrics.contains("tapproof_server_revocation_propagation_seconds_count 2"),
         "{metrics}"
+    );
+    s.stop().await;
+}
+
+/// Handshake records ride with coverage reports: kept once per record (an upload sent again adds
+/// nothing), apart from the report's history; a bad record is refused naming it, and nothing of
+/// that upload is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_records_are_kept_once_and_checked() {
+    let s = start().await;
+    let node = s.join("db-1", &["db"]).await;
+    let record = |seq: u64, outcome: &str| tapproof_audit::HandshakeRecord {
+        at_ms: 1_700_000_000_000 + seq as i64,
+        seq,
+        side: "inbound".into(),
+        local: "10.0.0.1:15008".into(),
+        remote: "10.0.0.2:40000".into(),
+        local_id: format!("spiffe://{TD}/node/db-1"),
+        local_serial: "AB".into(),
+        peer_id: (outcome == "ok").then(|| format!("spiffe://{TD}/node/web-1")),
+        tls_version: (outcome == "ok").then(|| "TLSv1.3".into()),
+        group: (outcome == "ok").then(|| "X25519MLKEM768".into()),
+        outcome: outcome.into(),
+        reason: (outcome == "refused").then(|| "unknown_ca".into()),
+        ..Default::default()
+    };
+    let upload = |records: Vec<tapproof_audit::HandshakeRecord>| {
+        let mut body = coverage_body();
+        body["handshakes"] = serde_json::to_value(records).unwrap();
+        body
+    };
+    let records = vec![record(0, "ok"), record(1, "refused"), record(2, "ok")];
+    for _ in 0..2 {
+        let (status, v) = s
+            .call(Some(&node), "POST", paths::COVERAGE, upload(records.clone()))
+            .await
+            .unwrap();
+        assert_eq!(status, 204, "{v}");
+    }
+    let kept = s.store.handshakes_list(0, i64::MAX, 100).await.unwrap();
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    assert!(kept.iter().all(|r| r.node == "db-1"));
+    assert_eq!(kept[1].reason.as_deref(), Some("unknown_ca"));
+    assert_eq!(kept[2].group.as_deref(), Some("X25519MLKEM768"));
+    let history = s.store.coverage_latest().await.unwrap();
+    assert!(
+        !history[0].report.contains("handshakes"),
+        "records are not copied into the report"
+    );
+
+    let bad = tapproof_audit::HandshakeRecord {
+        side: "sideways".into(),
+        ..record(9, "ok")
+    };
+    let (status, v) = s
+        .call(
+            Some(&node),
+            "POST",
+            paths::COVERAGE,
+            upload(vec![record(8, "ok"), bad]),
+        )
+        .await
+        .unwrap();
+    assert_eq!((status, code(&v)), (400, "bad_request"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("handshakes[1]: side"),
+        "{v}"
+    );
+    let too_many = vec![record(10, "ok"); tapproof_audit::MAX_UPLOAD_HANDSHAKES + 1];
+    let (status, v) = s
+        .call(Some(&node), "POST", paths::COVERAGE, upload(too_many))
+        .await
+        .unwrap();
+    assert_eq!((status, code(&v)), (400, "report_too_large"), "{v}");
+    assert_eq!(
+        s.store.handshakes_list(0, i64::MAX, 100).await.unwrap().len(),
+        3,
+        "nothing of a refused upload"
     );
     s.stop().await;
 }
@@ -1501,6 +1585,7 @@ async fn the_dashboard_shows_each_tunnels_identities_and_tls_the_ca_and_revocati
     let upload = serde_json::to_value(tapproof_audit::CoverageUpload {
         report,
         denials: vec![],
+        handshakes: vec![],
     })
     .unwrap();
     let (status, v) = s.call(Some(&web), "POST", paths::COVERAGE, upload).await.unwrap();
@@ -1572,6 +1657,7 @@ async fn the_dashboard_shows_each_nodes_capture_mode_and_plaintext_attempts_over
         serde_json::to_value(tapproof_audit::CoverageUpload {
             report,
             denials: vec![],
+            handshakes: vec![],
         })
         .unwrap()
     };
@@ -1688,6 +1774,7 @@ async fn the_dashboard_shows_each_gateways_sites_and_interconnect_traffic() {
     let body = serde_json::to_value(tapproof_audit::CoverageUpload {
         report,
         denials: vec![],
+        handshakes: vec![],
     })
     .unwrap();
     assert_eq!(

@@ -603,6 +603,86 @@ macro_rules! impl_store {
                 rows.iter().map(audit_from).collect()
             }
 
+            async fn handshakes_add(&self, rows: &[HandshakeRow], now: i64) -> Result<u64> {
+                let mut added = 0;
+                let mut tx = self.pool.begin().await.map_err(q)?;
+                // 18 parameters a row: 500 rows stay under either backend's parameter limit.
+                for chunk in rows.chunks(500) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO handshakes (node, at_ms, seq, side, local_addr, remote_addr, local_id, local_serial, \
+                         peer_id, peer_serial, tls_version, cipher, grp, signature_scheme, resumed, outcome, reason, received_at) ",
+                    );
+                    insert.push_values(chunk, |mut b, r| {
+                        b.push_bind(r.node.clone())
+                            .push_bind(r.at_ms)
+                            .push_bind(r.seq)
+                            .push_bind(r.side.clone())
+                            .push_bind(r.local_addr.clone())
+                            .push_bind(r.remote_addr.clone())
+                            .push_bind(r.local_id.clone())
+                            .push_bind(r.local_serial.clone())
+                            .push_bind(r.peer_id.clone())
+                            .push_bind(r.peer_serial.clone())
+                            .push_bind(r.tls_version.clone())
+                            .push_bind(r.cipher.clone())
+                            .push_bind(r.group.clone())
+                            .push_bind(r.signature_scheme.clone())
+                            .push_bind(r.resumed)
+                            .push_bind(r.outcome.clone())
+                            .push_bind(r.reason.clone())
+                            .push_bind(now);
+                    });
+                    insert.push(" ON CONFLICT (node, at_ms, seq) DO NOTHING");
+                    added += insert.build().execute(&mut *tx).await.map_err(q)?.rows_affected();
+                }
+                tx.commit().await.map_err(q)?;
+                Ok(added)
+            }
+
+            async fn handshakes_list(&self, from_ms: i64, to_ms: i64, limit: i64) -> Result<Vec<HandshakeRow>> {
+                let rows = sqlx::query(
+                    "SELECT * FROM handshakes WHERE at_ms >= $1 AND at_ms < $2 ORDER BY at_ms, node, seq LIMIT $3",
+                )
+                .bind(from_ms)
+                .bind(to_ms)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(HandshakeRow {
+                            node: r.try_get("node").map_err(q)?,
+                            at_ms: r.try_get("at_ms").map_err(q)?,
+                            seq: r.try_get("seq").map_err(q)?,
+                            side: r.try_get("side").map_err(q)?,
+                            local_addr: r.try_get("local_addr").map_err(q)?,
+                            remote_addr: r.try_get("remote_addr").map_err(q)?,
+                            local_id: r.try_get("local_id").map_err(q)?,
+                            local_serial: r.try_get("local_serial").map_err(q)?,
+                            peer_id: r.try_get("peer_id").map_err(q)?,
+                            peer_serial: r.try_get("peer_serial").map_err(q)?,
+                            tls_version: r.try_get("tls_version").map_err(q)?,
+                            cipher: r.try_get("cipher").map_err(q)?,
+                            group: r.try_get("grp").map_err(q)?,
+                            signature_scheme: r.try_get("signature_scheme").map_err(q)?,
+                            resumed: r.try_get("resumed").map_err(q)?,
+                            outcome: r.try_get("outcome").map_err(q)?,
+                            reason: r.try_get("reason").map_err(q)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn handshakes_prune(&self, before_ms: i64) -> Result<u64> {
+                Ok(sqlx::query("DELETE FROM handshakes WHERE at_ms < $1")
+                    .bind(before_ms)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(q)?
+                    .rows_affected())
+            }
+
             async fn coverage_add(&self, c: NewCoverage) -> Result<()> {
                 sqlx::query(
                     "INSERT INTO coverage (node, at, links, encrypted, plaintext, capture_mode, plaintext_attempts, report) \

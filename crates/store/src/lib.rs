@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 use std::sync::Arc;
 
 /// The newest schema version this build knows (the number of the last migration).
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -119,6 +119,14 @@ pub trait Store: Send + Sync {
     async fn audit_list(&self, after: i64, limit: i64) -> Result<Vec<AuditEntry>>;
     /// The newest `limit` rows, newest first.
     async fn audit_tail(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+
+    /// Keeps handshake records (a record already stored, by node, `at_ms` and `seq`, is kept as
+    /// it was); returns how many were new.
+    async fn handshakes_add(&self, rows: &[HandshakeRow], now: i64) -> Result<u64>;
+    /// Records with `from_ms <= at_ms < to_ms`, oldest first, at most `limit`.
+    async fn handshakes_list(&self, from_ms: i64, to_ms: i64, limit: i64) -> Result<Vec<HandshakeRow>>;
+    /// Removes records older than `before_ms` (retention); returns how many.
+    async fn handshakes_prune(&self, before_ms: i64) -> Result<u64>;
 
     /// Keeps one agent's coverage report (history is kept; the dashboard charts it).
     async fn coverage_add(&self, report: NewCoverage) -> Result<()>;

@@ -175,6 +175,29 @@ fn hex<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
+/// One tunnel handshake as an agent recorded it (see `tapproof_audit::HandshakeRecord`), with
+/// the node that reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakeRow {
+    pub node: String,
+    pub at_ms: i64,
+    pub seq: i64,
+    pub side: String,
+    pub local_addr: String,
+    pub remote_addr: String,
+    pub local_id: String,
+    pub local_serial: String,
+    pub peer_id: Option<String>,
+    pub peer_serial: Option<String>,
+    pub tls_version: Option<String>,
+    pub cipher: Option<String>,
+    pub group: Option<String>,
+    pub signature_scheme: Option<String>,
+    pub resumed: bool,
+    pub outcome: String,
+    pub reason: Option<String>,
+}
+
 /// One agent's coverage report, as it arrives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewCoverage {

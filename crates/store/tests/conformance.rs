@@ -571,6 +571,58 @@ async fn coverage_history_and_latest(db: &Db) {
     );
 }
 
+async fn handshake_records_are_kept_once_and_pruned(db: &Db) {
+    let s = db.open().await;
+    let row = |node: &str, at_ms: i64, seq: i64| HandshakeRow {
+        node: node.into(),
+        at_ms,
+        seq,
+        side: "inbound".into(),
+        local_addr: "10.0.0.1:15008".into(),
+        remote_addr: "10.0.0.2:40000".into(),
+        local_id: format!("spiffe://example.org/node/{node}"),
+        local_serial: "AB".into(),
+        peer_id: Some("spiffe://example.org/node/web-1".into()),
+        peer_serial: Some("CD".into()),
+        tls_version: Some("TLSv1.3".into()),
+        cipher: Some("TLS_AES_256_GCM_SHA384".into()),
+        group: Some("X25519MLKEM768".into()),
+        signature_scheme: Some("ecdsa_secp256r1_sha256".into()),
+        resumed: seq % 2 == 1,
+        outcome: "ok".into(),
+        reason: None,
+    };
+    // More rows than one INSERT takes (500), so the chunking is exercised.
+    let many: Vec<_> = (0..1200).map(|i| row("db-1", 1_000 + i, i)).collect();
+    assert_eq!(s.handshakes_add(&many, 5).await.unwrap(), 1200);
+    assert_eq!(
+        s.handshakes_add(&many[..10], 6).await.unwrap(),
+        0,
+        "an upload sent twice"
+    );
+    let refused = HandshakeRow {
+        outcome: "refused".into(),
+        reason: Some("unknown_ca".into()),
+        peer_id: None,
+        tls_version: None,
+        ..row("db-2", 1_500, 0)
+    };
+    assert_eq!(s.handshakes_add(std::slice::from_ref(&refused), 7).await.unwrap(), 1);
+    let window = s.handshakes_list(1_499, 1_502, 100).await.unwrap();
+    assert_eq!(
+        window,
+        [
+            row("db-1", 1_499, 499),
+            row("db-1", 1_500, 500),
+            refused,
+            row("db-1", 1_501, 501)
+        ]
+    );
+    assert_eq!(s.handshakes_list(0, i64::MAX, 3).await.unwrap().len(), 3, "limit");
+    assert_eq!(s.handshakes_prune(1_100).await.unwrap(), 100);
+    assert_eq!(s.handshakes_list(0, i64::MAX, 10_000).await.unwrap().len(), 1101);
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -588,10 +640,10 @@ macro_rules! suite {
 
 suite!(sqlite: migrations_are_idempotent, cas_round_trip, tokens_are_single_use, a_token_is_used_once_across_replicas,
     a_reusable_token_has_exactly_its_uses, serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
-    refuses_a_newer_schema, change_notices_wake_listeners, coverage_history_and_latest);
+    refuses_a_newer_schema, change_notices_wake_listeners, coverage_history_and_latest, handshake_records_are_kept_once_and_pruned);
 suite!(postgres: migrations_are_idempotent, cas_round_trip, tokens_are_single_use, a_token_is_used_once_across_replicas,
     a_reusable_token_has_exactly_its_uses, serials_are_unique_across_replicas, nodes_registrations_revocations, audit_chain_holds_under_concurrency_and_finds_edits,
-    refuses_a_newer_schema, change_notices_wake_listeners, coverage_history_and_latest);
+    refuses_a_newer_schema, change_notices_wake_listeners, coverage_history_and_latest, handshake_records_are_kept_once_and_pruned);
 
 #[tokio::test]
 async fn postgres_read_only_and_unreachable_are_clear_errors() {

@@ -9,8 +9,8 @@ use anyhow::Context;
 use std::sync::Arc;
 use tapproof_agent::control::{ClientError, ControlClient};
 use tapproof_api::{
-    AuditEntry, AuditQuery, NodeView, Policy, Registration, RegistrationChange, Revocation, RevocationKind,
-    RevocationPropagation, RevokeRequest,
+    AuditEntry, AuditQuery, Handshake, HandshakeQuery, NodeView, Policy, Registration, RegistrationChange,
+    Revocation, RevocationKind, RevocationPropagation, RevokeRequest,
 };
 use tapproof_identity::TrustDomain;
 use tapproof_store::Store;
@@ -84,6 +84,13 @@ impl Admin {
                 local(tapproof_server::admin::revocation_propagation(&**store).await)
             }
             Self::Remote(c) => c.revocation_propagation().await.map_err(remote),
+        }
+    }
+
+    async fn handshakes(&self, query: &HandshakeQuery) -> anyhow::Result<Vec<Handshake>> {
+        match self {
+            Self::Local { store, .. } => local(tapproof_server::admin::handshakes(&**store, query).await),
+            Self::Remote(c) => c.handshakes(query).await.map_err(remote),
         }
     }
 
@@ -199,6 +206,39 @@ pub async fn revoke(
         r.value,
         r.id
     );
+    Ok(())
+}
+
+/// `server handshakes`: one line per record (time, node and side, peers, what TLS agreed or why
+/// it was refused).
+pub async fn handshakes(admin: &Admin, query: &HandshakeQuery, json: bool) -> anyhow::Result<()> {
+    let rows = admin.handshakes(query).await?;
+    if rows.is_empty() && !json {
+        println!("no handshake records in this period");
+    }
+    for r in rows {
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+            continue;
+        }
+        let at = tapproof_identity::when::rfc3339(r.at_ms.div_euclid(1000));
+        let peer = r.peer_id.as_deref().unwrap_or("(no certificate)");
+        let what = match r.outcome.as_str() {
+            "ok" => format!(
+                "{} {} {} {}{}",
+                r.tls_version.as_deref().unwrap_or("?"),
+                r.cipher.as_deref().unwrap_or("?"),
+                r.group.as_deref().unwrap_or("?"),
+                r.signature_scheme.as_deref().unwrap_or("?"),
+                if r.resumed { " resumed" } else { "" }
+            ),
+            _ => format!("REFUSED: {}", r.reason.as_deref().unwrap_or("?")),
+        };
+        println!(
+            "{at} {:<16} {:<8} {} <-> {} {peer}: {what}",
+            r.node, r.side, r.local, r.remote
+        );
+    }
     Ok(())
 }
 

@@ -296,6 +296,9 @@ pub enum ServerCommand {
         /// With --root-max-age: how long a prepared root waits (in every bundle) before it signs.
         #[arg(long, env = "TAPPROOF_ROLLOVER_PROPAGATION", default_value = "1h")]
         rollover_propagation: humantime_arg::Duration,
+        /// How long agents' handshake records are kept (the evidence export's history).
+        #[arg(long, env = "TAPPROOF_HANDSHAKE_RETENTION", default_value = "400d")]
+        handshake_retention: humantime_arg::Duration,
         #[command(flatten)]
         limits: ServerLimitArgs,
     },
@@ -340,6 +343,29 @@ pub enum ServerCommand {
         /// Why (kept in the audit log).
         #[arg(long, default_value = "revoked by operator")]
         reason: String,
+    },
+    /// Agents' tunnel handshake records (both ends, accepted and refused), oldest first.
+    #[command(
+        after_help = "Example:\n  tapproof server handshakes --from 24h\n  tapproof server handshakes --from 2026-12-01 --to 2026-12-08 --json --server 10.0.0.1:15443 --admin-dir ~/alice"
+    )]
+    Handshakes {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// From this time: RFC 3339 (2026-12-01T00:00:00Z), a UTC date (2026-12-01), or how long
+        /// ago (24h, 7d). Default: the oldest kept.
+        #[arg(long, value_parser = when_arg)]
+        from: Option<i64>,
+        /// Up to (not including) this time, written as --from. Default: now.
+        #[arg(long, value_parser = when_arg)]
+        to: Option<i64>,
+        /// At most this many records (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+        /// One JSON document per record instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Revocations: how far each one reached (which nodes applied it, when, which not yet).
     Revocation {
@@ -584,6 +610,31 @@ pub enum AuditCommand {
     },
 }
 
+/// A point in time as an operator writes it, as Unix seconds: RFC 3339 (`2026-12-01T00:00:00Z`),
+/// a UTC date (`2026-12-01`, its midnight), or a duration meaning that long ago (`24h`, `7d`).
+pub fn when_arg(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .map_err(|_| format!("{text:?} is before 1970"))
+    };
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return unix(std::time::SystemTime::now() - ago);
+    }
+    let full = if text.len() == 10 {
+        format!("{text}T00:00:00Z")
+    } else {
+        text.to_owned()
+    };
+    match humantime::parse_rfc3339(&full) {
+        Ok(t) => unix(t),
+        Err(e) => Err(format!(
+            "{text:?}: {e}; write RFC 3339 (2026-12-01T00:00:00Z), a UTC date (2026-12-01) or how long ago (24h, 7d)"
+        )),
+    }
+}
+
 /// A `--profile` value: a crypto profile this build can honour (`fips` is refused here, naming
 /// why, for every command that takes one).
 fn crypto_profile(text: &str) -> Result<tapproof_tls::CryptoProfile, String> {
@@ -671,6 +722,19 @@ pub fn completions(shell: clap_complete::Shell) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn times_read_as_operators_write_them() {
+        use super::when_arg;
+        assert_eq!(when_arg("2026-12-01T00:00:00Z"), Ok(1_796_083_200));
+        assert_eq!(when_arg("2026-12-01"), Ok(1_796_083_200));
+        let now = tapproof_identity::when::now();
+        let ago = when_arg("24h").unwrap();
+        assert!((now - 86_400 - ago).abs() <= 2, "{ago}");
+        let e = when_arg("yesterday").unwrap_err();
+        assert!(e.contains("\"yesterday\"") && e.contains("RFC 3339"), "{e}");
+        assert!(when_arg("2026-13-01").is_err());
+    }
+
     #[test]
     fn cli_is_well_formed() {
         use clap::CommandFactory;

@@ -53,6 +53,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             ready_file,
             root_max_age,
             rollover_propagation,
+            handshake_retention,
             limits,
         } => {
             let fd_limit = crate::fd_limit::raise();
@@ -69,6 +70,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     root_max_age: age.0,
                     propagation: rollover_propagation.0,
                 }),
+                handshake_retention: handshake_retention.0,
             };
             tapproof_server::run(options, crate::run_agent::shutdown_signal())
                 .await
@@ -108,6 +110,21 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         ServerCommand::Node {
             command: NodeCommand::List { store, remote, json },
         } => admin_cmd::node_list(&Admin::open(&store, &remote).await?, json).await,
+        ServerCommand::Handshakes {
+            store,
+            remote,
+            from,
+            to,
+            limit,
+            json,
+        } => {
+            let query = tapproof_api::HandshakeQuery {
+                from_ms: from.map_or(0, |t| t.saturating_mul(1000)),
+                to_ms: to.map_or(i64::MAX, |t| t.saturating_mul(1000)),
+                limit,
+            };
+            admin_cmd::handshakes(&Admin::open(&store, &remote).await?, &query, json).await
+        }
         ServerCommand::Revocation {
             command:
                 RevocationCommand::Show {

@@ -14,7 +14,7 @@ const TD: &str = "example.org";
 
 fn db_config(data_dir: &std::path::Path, token: &str, forward: SocketAddr, tunnel: &str) -> String {
     format!(
-        "trust_domain = \"{TD}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n[tunnel]\nlisten = \"{tunnel}\"\n\
+        "trust_domain = \"{TD}\"\n{}[audit]\nreport_interval_secs = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n[tunnel]\nlisten = \"{tunnel}\"\n\
          [[inbound]]\nservice = \"db\"\nforward = \"{forward}\"\nallow = [\"spiffe://{TD}/node/web-1\"]\n",
         control_section(data_dir, token)
     )
@@ -22,7 +22,7 @@ fn db_config(data_dir: &std::path::Path, token: &str, forward: SocketAddr, tunne
 
 fn web_config(data_dir: &std::path::Path, token: &str, tunnel: SocketAddr) -> String {
     format!(
-        "trust_domain = \"{TD}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n\
+        "trust_domain = \"{TD}\"\n{}[audit]\nreport_interval_secs = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n\
          [[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"db\"\npeers = [\"{tunnel}\"]\nserver_id = \"spiffe://{TD}/node/db-1\"\n",
         control_section(data_dir, token)
     )
@@ -461,6 +461,15 @@ fn revoke_and_check(kind: &str) {
     );
     let (_, out, _) = run_tapproof(EXE, &["server", "audit-log", "show", "--data-dir", &data]);
     assert!(out.contains("revocation.add") && out.contains("stolen"), "{out}");
+    // db-1 recorded the refused handshake and reported it.
+    wait_for_handshakes(&s.server.data_dir, |r| {
+        r.iter().any(|h| {
+            h["node"] == "db-1"
+                && h["outcome"] == "refused"
+                && h["reason"] == "revoked"
+                && h["peer_id"] == format!("spiffe://{TD}/node/web-1")
+        })
+    });
     // The other agent acknowledged it through the state feed within the same five seconds; the
     // revoked node is not expected to; nobody is pending.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -991,6 +1000,74 @@ fn a_cnsa2_fleet_joins_renews_and_talks_on_ml_kem_1024() {
     handle.join().unwrap();
     assert_eq!(failed.load(Ordering::Relaxed), 0, "{}", web.log());
     assert!(ok.load(Ordering::Relaxed) > 10);
+
+    // Both ends' handshake records reach the server with the coverage reports (every 2 s here):
+    // TLS 1.3, AES-256-GCM, ML-KEM-1024 and the peer's ML-DSA-87 signature, each end naming the
+    // other. They were kept on each node's disk (0600) first.
+    let records = wait_for_handshakes(&data, |r| {
+        ["inbound", "outbound"]
+            .iter()
+            .all(|side| r.iter().any(|h| h["side"] == *side && h["outcome"] == "ok"))
+    });
+    for h in records.iter().filter(|h| h["outcome"] == "ok") {
+        let (node, peer) = match h["side"].as_str().unwrap() {
+            "inbound" => ("db-1", "web-1"),
+            _ => ("web-1", "db-1"),
+        };
+        assert_eq!(h["node"], node, "{h}");
+        assert_eq!(h["peer_id"], format!("spiffe://{TD}/node/{peer}"), "{h}");
+        assert_eq!(h["tls_version"], "TLSv1.3", "{h}");
+        assert_eq!(h["cipher"], "TLS_AES_256_GCM_SHA384", "{h}");
+        assert_eq!(h["group"], "MLKEM1024", "{h}");
+        assert_eq!(h["signature_scheme"], "mldsa87", "{h}");
+    }
+    let file = dir.path().join("web-1").join("handshakes.jsonl");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", file.display());
+    let (code, text, err) = run_tapproof(
+        EXE,
+        &[
+            "server",
+            "handshakes",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--from",
+            "1h",
+        ],
+    );
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(
+        text.contains("TLSv1.3 TLS_AES_256_GCM_SHA384 MLKEM1024 mldsa87"),
+        "{text}"
+    );
+}
+
+/// The server's handshake records (`server handshakes --json`) once `done` holds (within 20 s).
+fn wait_for_handshakes(
+    data: &std::path::Path,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) = run_tapproof(
+            EXE,
+            &[
+                "server",
+                "handshakes",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--json",
+            ],
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        let records: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if done(&records) {
+            return records;
+        }
+        assert!(Instant::now() < deadline, "no such handshake records: {out}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// An outbound that names only a service finds its peer and the identity to expect in the

@@ -19,6 +19,9 @@ pub struct SessionInfo {
     pub peer_not_after: Option<i64>,
     /// The peer certificate's serial (hex), for revocation by serial.
     pub peer_serial: Option<String>,
+    /// The signature scheme the peer signed the handshake with, derived from its certificate's
+    /// key (rustls does not expose it per connection; TLS 1.3 fixes it by the key).
+    pub peer_signature: Option<&'static str>,
 }
 
 /// `TLSv1.3`, as OpenSSL and Wireshark write it (rustls spells it `TLSv1_3`).
@@ -49,6 +52,7 @@ fn info(state: &CommonState) -> SessionInfo {
         .and_then(|leaf| inspect_svid(leaf).ok());
     let peer_not_after = svid.as_ref().map(|s| s.not_after);
     let peer_serial = svid.as_ref().map(|s| s.serial.clone());
+    let peer_signature = svid.as_ref().map(|s| s.signature_scheme);
     let peer_id = svid.map(|s| s.id);
     SessionInfo {
         version: state.protocol_version().map(version_name).unwrap_or_default(),
@@ -68,6 +72,7 @@ fn info(state: &CommonState) -> SessionInfo {
         resumed: matches!(state.handshake_kind(), Some(rustls::HandshakeKind::Resumed)),
         peer_not_after,
         peer_serial,
+        peer_signature,
     }
 }
 

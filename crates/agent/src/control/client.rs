@@ -16,9 +16,9 @@ use serde::Serialize;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tapproof_api::{
-    paths, AuditEntry, AuditQuery, Changed, ErrorBody, ErrorCode, JoinRequest, JoinResponse, NodeView,
-    Policy, Registration, RegistrationChange, Revocation, RevocationPropagation, RevokeRequest, SignRequest,
-    SignResponse, StateResponse,
+    paths, AuditEntry, AuditQuery, Changed, ErrorBody, ErrorCode, Handshake, HandshakeQuery, JoinRequest,
+    JoinResponse, NodeView, Policy, Registration, RegistrationChange, Revocation, RevocationPropagation,
+    RevokeRequest, SignRequest, SignResponse, StateResponse,
 };
 use tapproof_tls::ControlClientTls;
 use tokio::net::TcpStream;
@@ -198,6 +198,17 @@ impl ControlClient {
 
     pub async fn audit_log(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, ClientError> {
         let path = format!("{}?after={}&limit={}", paths::AUDIT_LOG, query.after, query.limit);
+        self.json(http::Method::GET, &path, None).await
+    }
+
+    pub async fn handshakes(&self, query: &HandshakeQuery) -> Result<Vec<Handshake>, ClientError> {
+        let path = format!(
+            "{}?from_ms={}&to_ms={}&limit={}",
+            paths::HANDSHAKES,
+            query.from_ms,
+            query.to_ms,
+            query.limit
+        );
         self.json(http::Method::GET, &path, None).await
     }
 

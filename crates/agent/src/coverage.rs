@@ -61,6 +61,11 @@ pub async fn report_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cance
             } else {
                 Vec::new()
             },
+            selftest: if with_records {
+                state.selftest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            } else {
+                None
+            },
         };
         let mut outcome = send(&state, &cfg, &upload).await;
         if let Err(ControlError::Refused {
@@ -69,10 +74,12 @@ pub async fn report_loop(state: Arc<AgentState>, cfg: ControlConfig, stop: Cance
             ..
         }) = &outcome
         {
-            if !upload.handshakes.is_empty() && message.contains("unknown field `handshakes`") {
-                warn!(%message, "coverage: the control plane does not take handshake records (an older server?); reporting without them, trying again in an hour; they stay on this node meanwhile");
+            if message.contains("unknown field `handshakes`") || message.contains("unknown field `selftest`")
+            {
+                warn!(%message, "coverage: the control plane does not take handshake records or self-test rounds (an older server?); reporting without them, trying again in an hour; the records stay on this node meanwhile");
                 records_after = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
                 upload.handshakes.clear();
+                upload.selftest = None;
                 outcome = send(&state, &cfg, &upload).await;
             }
         }

@@ -6,7 +6,6 @@
 
 use crate::metrics::ProbeLabels;
 use crate::state::AgentState;
-use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 use tapproof_tls::selftest::{run, Probe, Verdict};
@@ -15,22 +14,9 @@ use tracing::{error, info};
 /// How long one probe step may wait.
 const WAIT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Round {
-    /// When the round started (Unix seconds).
-    pub at: i64,
-    /// The listener probed.
-    pub target: SocketAddr,
-    pub probes: Vec<ProbeResult>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ProbeResult {
-    pub probe: &'static str,
-    /// `refused` (as it must be), `accepted` (an alarm), `not_applicable` or `error`.
-    pub result: &'static str,
-    pub detail: String,
-}
+/// A round and its probes' results: the audit crate's types, since rounds travel to the control
+/// plane with the coverage report.
+pub use tapproof_audit::{SelftestProbe as ProbeResult, SelftestRound as Round};
 
 /// Where the probes dial: the tunnel listener, on loopback when it listens on every address.
 pub fn target(listen: SocketAddr) -> SocketAddr {
@@ -70,8 +56,8 @@ pub async fn round(state: &AgentState, target: SocketAddr) -> Round {
             error!(probe = probe.name(), %target, "self-test: a connection that must fail was ACCEPTED by this agent's tunnel listener");
         }
         probes.push(ProbeResult {
-            probe: probe.name(),
-            result: verdict.result(),
+            probe: probe.name().to_owned(),
+            result: verdict.result().to_owned(),
             detail,
         });
     }
@@ -79,7 +65,11 @@ pub async fn round(state: &AgentState, target: SocketAddr) -> Round {
     state.metrics.selftest_last_round.set(at);
     let refused = probes.iter().filter(|p| p.result == "refused").count();
     info!(%target, refused, accepted, "self-test round done");
-    let round = Round { at, target, probes };
+    let round = Round {
+        at,
+        target: target.to_string(),
+        probes,
+    };
     *state.selftest.lock().unwrap_or_else(|p| p.into_inner()) = Some(round.clone());
     round
 }

@@ -288,6 +288,28 @@ pub struct HandshakeRecord {
     pub reason: Option<String>,
 }
 
+/// One self-test round of an agent: connections that must fail, tried against its own tunnel
+/// listener (`tapproof_tls::selftest`), each with its result.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelftestRound {
+    /// When the round started (Unix seconds).
+    pub at: i64,
+    /// The listener probed (`ADDR:PORT`).
+    pub target: String,
+    pub probes: Vec<SelftestProbe>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelftestProbe {
+    /// `plaintext`, `tls12`, `no_client_cert`, `foreign_ca`, `wrong_identity`, ...
+    pub probe: String,
+    /// `refused` (as it must be), `accepted` (an alarm), `not_applicable` or `error`.
+    pub result: String,
+    pub detail: String,
+}
+
 /// What an agent sends to `POST /v1/coverage`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -300,6 +322,9 @@ pub struct CoverageUpload {
     /// records still reports to a server older than this field (whose upload type refuses it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub handshakes: Vec<HandshakeRecord>,
+    /// The agent's latest self-test round, if it ran one (omitted otherwise, as `handshakes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selftest: Option<SelftestRound>,
 }
 
 /// Links, denials and handshake records an agent sends at most: a busy host's report stays a

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use std::sync::Arc;
 use tapproof_api::ErrorCode;
 use tapproof_audit::{
-    Class, CoverageUpload, HandshakeRecord, MAX_UPLOAD_DENIALS, MAX_UPLOAD_HANDSHAKES, MAX_UPLOAD_LINKS,
+    Class, CoverageUpload, HandshakeRecord, SelftestRound, MAX_UPLOAD_DENIALS, MAX_UPLOAD_HANDSHAKES,
+    MAX_UPLOAD_LINKS,
 };
 use tapproof_store::{HandshakeRow, NewCoverage};
 use tracing::info;
@@ -34,6 +35,9 @@ pub async fn report(
             ErrorCode::ReportTooLarge,
             format!("send at most {MAX_UPLOAD_LINKS} links, {MAX_UPLOAD_DENIALS} denials and {MAX_UPLOAD_HANDSHAKES} handshake records"),
         ));
+    }
+    if let Some(round) = &upload.selftest {
+        check_selftest(round).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("selftest: {e}")))?;
     }
     // The records are kept on their own (`handshakes`), not in the report's history.
     let handshakes = std::mem::take(&mut upload.handshakes)
@@ -87,6 +91,38 @@ pub async fn report(
 /// Longest text a handshake record's field may hold (a SPIFFE ID is at most 2048 bytes).
 /// Counted in characters, as the OpenAPI document's `maxLength` counts.
 const MAX_FIELD: usize = 2048;
+
+/// Probes a self-test round may report (there are six today).
+pub const MAX_SELFTEST_PROBES: usize = 32;
+
+fn check_selftest(round: &SelftestRound) -> Result<(), String> {
+    if round.probes.len() > MAX_SELFTEST_PROBES {
+        return Err(format!("at most {MAX_SELFTEST_PROBES} probes"));
+    }
+    if round.target.chars().count() > MAX_FIELD {
+        return Err(format!("target is longer than {MAX_FIELD} characters"));
+    }
+    for (i, p) in round.probes.iter().enumerate() {
+        if !matches!(
+            p.result.as_str(),
+            "refused" | "accepted" | "not_applicable" | "error"
+        ) {
+            return Err(format!(
+                "probes[{i}].result {:?}: refused, accepted, not_applicable or error",
+                p.result
+            ));
+        }
+        if [&p.probe, &p.detail]
+            .iter()
+            .any(|t| t.chars().count() > MAX_FIELD)
+        {
+            return Err(format!(
+                "probes[{i}]: a field is longer than {MAX_FIELD} characters"
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// A reported handshake record as the store keeps it, or what is wrong with it.
 fn handshake_row(node: &str, r: HandshakeRecord) -> Result<HandshakeRow, String> {

@@ -68,6 +68,7 @@ fn object(required: &[&str], properties: Value, strict: bool) -> Value {
 }
 
 fn schemas() -> Value {
+    use crate::coverage::MAX_SELFTEST_PROBES;
     use ErrorCode as E;
     let codes: Vec<&str> = E::ALL.iter().map(|c| c.as_str()).collect();
     let kinds = json!({ "type": "string", "enum": ["node", "spiffe_id", "serial"] });
@@ -178,6 +179,7 @@ fn schemas() -> Value {
             "report": { "type": "object", "description": "the report as `tapproof audit --json` prints it" },
             "denials": { "type": "array", "maxItems": tapproof_audit::MAX_UPLOAD_DENIALS, "items": { "type": "object" } },
             "handshakes": { "type": "array", "maxItems": tapproof_audit::MAX_UPLOAD_HANDSHAKES, "items": reference("HandshakeRecord") },
+            "selftest": reference("SelftestRound"),
         }), true),
     });
     // Apart from the map above, which is at json!'s recursion limit.
@@ -288,6 +290,19 @@ fn schemas() -> Value {
             "reason": nullable_string(),
         }),
         false,
+    );
+    all["SelftestRound"] = object(
+        &["at", "target", "probes"],
+        json!({
+            "at": int(), "target": text(),
+            "probes": { "type": "array", "maxItems": MAX_SELFTEST_PROBES, "items": reference("SelftestProbe") },
+        }),
+        true,
+    );
+    all["SelftestProbe"] = object(
+        &["probe", "result", "detail"],
+        json!({ "probe": text(), "result": { "type": "string", "enum": ["refused", "accepted", "not_applicable", "error"] }, "detail": text() }),
+        true,
     );
     all["NodeApplied"] = object(
         &["node", "applied_at", "seconds", "joined_after"],
@@ -628,8 +643,11 @@ mod tests {
                 report,
                 denials: vec![],
                 handshakes: vec![Default::default()],
+                selftest: Some(Default::default()),
             },
         );
+        same_fields("SelftestRound", tapproof_audit::SelftestRound::default());
+        same_fields("SelftestProbe", tapproof_audit::SelftestProbe::default());
         same_fields(
             "HandshakeRecord",
             tapproof_audit::HandshakeRecord {

@@ -248,6 +248,7 @@ fn coverage_body() -> Value {
         report,
         denials: vec![],
         handshakes: vec![],
+        selftest: None,
     })
     .unwrap()
 }
@@ -1586,6 +1587,7 @@ async fn the_dashboard_shows_each_tunnels_identities_and_tls_the_ca_and_revocati
         report,
         denials: vec![],
         handshakes: vec![],
+        selftest: None,
     })
     .unwrap();
     let (status, v) = s.call(Some(&web), "POST", paths::COVERAGE, upload).await.unwrap();
@@ -1658,6 +1660,7 @@ async fn the_dashboard_shows_each_nodes_capture_mode_and_plaintext_attempts_over
             report,
             denials: vec![],
             handshakes: vec![],
+            selftest: None,
         })
         .unwrap()
     };
@@ -1775,6 +1778,7 @@ async fn the_dashboard_shows_each_gateways_sites_and_interconnect_traffic() {
         report,
         denials: vec![],
         handshakes: vec![],
+        selftest: None,
     })
     .unwrap();
     assert_eq!(

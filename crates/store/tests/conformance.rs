@@ -607,7 +607,10 @@ async fn handshake_records_are_kept_once_and_pruned(db: &Db) {
         tls_version: None,
         ..row("db-2", 1_500, 0)
     };
-    assert_eq!(s.handshakes_add(std::slice::from_ref(&refused), 7).await.unwrap(), 1);
+    assert_eq!(
+        s.handshakes_add(std::slice::from_ref(&refused), 7).await.unwrap(),
+        1
+    );
     let window = s.handshakes_list(1_499, 1_502, 100).await.unwrap();
     assert_eq!(
         window,

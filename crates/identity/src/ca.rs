@@ -341,6 +341,21 @@ impl Authority {
         })
     }
 
+    /// Signs `msg` with a key made here for `id` (a leaf of this CA valid `lifetime`), then drops
+    /// the key: nothing can sign with it again. Returns the leaf's chain (PEM) and the signature
+    /// (ECDSA P-256 with SHA-256, ASN.1 DER; or ML-DSA-87, as this CA's algorithm).
+    pub fn sign_once(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+        msg: &[u8],
+    ) -> Result<(String, Vec<u8>), CaError> {
+        let key = KeyPair::generate_for(self.algorithm.rcgen())?;
+        let (chain_pem, _) = self.sign_leaf(id, &key, lifetime)?;
+        let signature = rcgen::SigningKey::sign(&key, msg)?;
+        Ok((chain_pem, signature))
+    }
+
     /// Intermediates a leaf signed by this CA must send: this CA unless it is the root, then its parents.
     fn intermediate_chain_pem(&self) -> String {
         if self.is_root {

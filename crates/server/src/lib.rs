@@ -11,6 +11,8 @@ mod coverage;
 mod dashboard;
 mod enrol;
 mod events;
+pub mod evidence;
+mod evidence_report;
 mod feed;
 pub mod kek;
 pub mod limits;

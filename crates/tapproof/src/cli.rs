@@ -75,11 +75,34 @@ pub enum Command {
         after_help = "Example:\n  tapproof capture status\n  tapproof capture remove --config /etc/tapproof/agent.toml --reason \"decommissioned\""
     )]
     Capture(CaptureCommand),
+    /// Evidence exports (`tapproof server evidence export`): check one offline.
+    #[command(subcommand)]
+    Evidence(EvidenceCommand),
     /// Print shell completions.
     #[command(after_help = "Example:\n  tapproof completions bash > /etc/bash_completion.d/tapproof")]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum EvidenceCommand {
+    /// Check an evidence export offline: its signature (a key of the control plane chaining to
+    /// the bundle), every section's hash, the audit-log chain and the record counts. Exit code 0
+    /// only when everything checks, 1 otherwise, naming what failed.
+    #[command(after_help = "Example:\n  tapproof evidence verify evidence-2026-q4.json --bundle bundle.pem")]
+    Verify {
+        /// The export (`tapproof server evidence export --out`).
+        file: PathBuf,
+        /// The trust domain's bundle (PEM roots), obtained independently of the file (an agent's
+        /// bundle.pem, `GET /v1/bundle`). Without it, the roots listed in the export are used,
+        /// which shows the file is consistent, not who made it.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// One JSON document with every check instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -367,6 +390,13 @@ pub enum ServerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Evidence for auditors: one signed file over a period (flows, crypto per node, keys and
+    /// certificates, self-tests, handshake records, revocations and their propagation, the audit
+    /// log's chain, a control-mapping table) and a printable HTML report.
+    Evidence {
+        #[command(subcommand)]
+        command: ServerEvidenceCommand,
+    },
     /// Revocations: how far each one reached (which nodes applied it, when, which not yet).
     Revocation {
         #[command(subcommand)]
@@ -413,6 +443,35 @@ pub enum ServerCommand {
     AuditLog {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ServerEvidenceCommand {
+    /// Export the evidence of a period into one signed file (and its HTML report beside it). Runs
+    /// on the server host: it signs with a key of the control plane's CA (made for this export,
+    /// then dropped), so it needs the key-encryption key.
+    #[command(
+        after_help = "Example:\n  tapproof server evidence export --data-dir /var/lib/tapproof-server --from 2026-10-01 --to 2027-01-01 --out evidence-2026-q4.json"
+    )]
+    Export {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        /// Key-encryption key file; TAPPROOF_KEK (hex) takes precedence. Default: <data-dir>/kek.key.
+        #[arg(long, env = "TAPPROOF_KEK_FILE")]
+        kek_file: Option<PathBuf>,
+        /// From this time: RFC 3339, a UTC date (2026-10-01), or how long ago (90d). Default: everything.
+        #[arg(long, value_parser = when_arg)]
+        from: Option<i64>,
+        /// Up to (not including) this time, written as --from. Default: now.
+        #[arg(long, value_parser = when_arg)]
+        to: Option<i64>,
+        /// The export file (written 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// The HTML report. Default: --out with the extension .html.
+        #[arg(long)]
+        html: Option<PathBuf>,
     },
 }
 

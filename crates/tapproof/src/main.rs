@@ -7,6 +7,7 @@ mod audit_cmd;
 mod capture_cmd;
 mod cli;
 mod dashboard_cmd;
+mod evidence_cmd;
 mod exit;
 mod fd_limit;
 mod logging;
@@ -65,6 +66,7 @@ fn main() -> ExitCode {
             cli::Command::Selftest(args) => status::selftest(args).await,
             cli::Command::Audit(args) => audit_cmd::run(args).await,
             cli::Command::Capture(cmd) => capture_cmd::run(cmd).await,
+            cli::Command::Evidence(cmd) => evidence_cmd::verify(cmd),
             cli::Command::Completions { shell } => {
                 cli::completions(shell);
                 Ok(())

@@ -5,7 +5,7 @@
 use crate::admin_cmd::{self, Admin};
 use crate::cli::{
     AuditCommand, CaCommand, NodeCommand, PolicyCommand, RegistrationCommand, RevocationCommand,
-    RotateStepArg, ServerArgs, ServerCommand, TokenCommand,
+    RotateStepArg, ServerArgs, ServerCommand, ServerEvidenceCommand, TokenCommand,
 };
 use crate::exit::{classify, ConfigProblem};
 use anyhow::{bail, Context};
@@ -110,6 +110,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         ServerCommand::Node {
             command: NodeCommand::List { store, remote, json },
         } => admin_cmd::node_list(&Admin::open(&store, &remote).await?, json).await,
+        ServerCommand::Evidence {
+            command:
+                ServerEvidenceCommand::Export {
+                    store,
+                    kek_file,
+                    from,
+                    to,
+                    out,
+                    html,
+                },
+        } => {
+            let (td, db, kek) = open_with_kek(&store, kek_file).await?;
+            crate::evidence_cmd::export(&*db, &kek, &td, from, to, &out, html).await
+        }
         ServerCommand::Handshakes {
             store,
             remote,

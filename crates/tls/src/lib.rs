@@ -7,6 +7,7 @@ pub mod admission;
 mod classify;
 mod config;
 mod control;
+mod document;
 mod federation;
 mod material;
 pub mod probe;
@@ -19,6 +20,7 @@ mod verify;
 pub use classify::{failure_reason, failure_text, tls_error_text};
 pub use config::{accept, connect, ClientStream, ClientTls, ServerStream, ServerTls};
 pub use control::{cert_pin, ControlClientTls, ControlServerTls, ControlTlsError, ServerTrust};
+pub use document::{verify_document_signature, DocumentSignatureError};
 pub use federation::ForeignRoots;
 pub use material::{
     write_identity_file, ExportError, ExportedSvid, IdentityFiles, Material, MaterialError, ReloadingMaterial,

@@ -126,6 +126,17 @@ pub struct NodeRow {
     /// The node's capture mode and plaintext attempts over the chart's period: a point where
     /// either changed (the first report, then each change), at most `NODE_CAPTURE_POINTS`.
     pub capture_history: Vec<CapturePoint>,
+    /// The node's latest self-test round, as its latest report carried it; none before one ran.
+    pub selftest: Option<SelftestSummary>,
+}
+
+/// A self-test round in brief: any probe the listener accepted is an alarm.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SelftestSummary {
+    pub at: i64,
+    pub refused: usize,
+    /// The probes the listener ACCEPTED (must be empty).
+    pub accepted: Vec<String>,
 }
 
 /// A node's capture mode and plaintext attempts from one report on.
@@ -250,6 +261,20 @@ pub async fn dashboard_data(
                 .filter(|r| r.capture_mode.is_some())
                 .map(|r| r.plaintext_attempts),
             capture_history: capture_history.remove(n.name.as_str()).unwrap_or_default(),
+            selftest: uploads
+                .iter()
+                .find(|(node, _)| *node == n.name)
+                .and_then(|(_, u)| u.selftest.as_ref())
+                .map(|round| SelftestSummary {
+                    at: round.at,
+                    refused: round.probes.iter().filter(|p| p.result == "refused").count(),
+                    accepted: round
+                        .probes
+                        .iter()
+                        .filter(|p| p.result == "accepted")
+                        .map(|p| p.probe.clone())
+                        .collect(),
+                }),
         });
     }
 

@@ -196,6 +196,11 @@ fn schemas() -> Value {
         "type": "array", "items": reference("DashboardCapturePoint"),
         "description": "the node's capture mode and plaintext attempts where they changed over the chart's period",
     });
+    all["DashboardNode"]["properties"]["selftest"] = json!({
+        "type": ["object", "null"], "description": "the node's latest self-test round: probes refused, and those ACCEPTED (an alarm)",
+        "properties": { "at": int(), "refused": int(), "accepted": { "type": "array", "items": { "type": "string" } } },
+        "required": ["at", "refused", "accepted"], "additionalProperties": false,
+    });
     all["DashboardCapturePoint"] = object(
         &["at", "mode", "plaintext_attempts"],
         json!({ "at": int(), "mode": { "type": ["string", "null"], "enum": ["off", "monitor", "enforce", null] }, "plaintext_attempts": int() }),
@@ -681,6 +686,11 @@ mod tests {
                 mode: None,
                 plaintext_attempts: 0,
             }],
+            selftest: Some(SelftestSummary {
+                at: 0,
+                refused: 5,
+                accepted: vec![],
+            }),
         };
         let link = LinkRow {
             from: String::new(),

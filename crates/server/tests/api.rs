@@ -690,6 +690,59 @@ async fn handshake_records_are_kept_once_and_checked() {
     s.stop().await;
 }
 
+/// A self-test round rides with the coverage report; the dashboard shows it per node, an
+/// accepted probe by name (the page turns it into an alarm); a bad round is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_test_rounds_reach_the_dashboard() {
+    let s = start().await;
+    let admin = s.admin("ops").await;
+    let node = s.join("db-1", &["db"]).await;
+    let probe = |name: &str, result: &str| tapproof_audit::SelftestProbe {
+        probe: name.into(),
+        result: result.into(),
+        detail: String::new(),
+    };
+    let mut body = coverage_body();
+    body["selftest"] = serde_json::to_value(tapproof_audit::SelftestRound {
+        at: 1_800_000_000,
+        target: "127.0.0.1:15008".into(),
+        probes: vec![probe("plaintext", "accepted"), probe("tls12", "refused")],
+    })
+    .unwrap();
+    let (status, v) = s
+        .call(Some(&node), "POST", paths::COVERAGE, body.clone())
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{v}");
+    let (_, d) = s
+        .call(Some(&admin), "GET", paths::DASHBOARD_DATA, Value::Null)
+        .await
+        .unwrap();
+    let row = d["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "db-1")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        row["selftest"],
+        json!({ "at": 1_800_000_000, "refused": 1, "accepted": ["plaintext"] }),
+        "{row}"
+    );
+    body["selftest"]["probes"][0]["result"] = json!("maybe");
+    let (status, v) = s.call(Some(&node), "POST", paths::COVERAGE, body).await.unwrap();
+    assert_eq!((status, code(&v)), (400, "bad_request"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("selftest: probes[0].result"),
+        "{v}"
+    );
+    s.stop().await;
+}
+
 /// Who sends what to which path, and the status and code expected.
 type BadCase<'a> = (Option<&'a Identity>, &'a str, &'a str, Vec<u8>, u16, &'a str);
 

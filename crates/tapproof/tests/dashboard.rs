@@ -143,6 +143,7 @@ fn the_dashboard_shows_the_nodes_and_coverage_the_api_reports() {
             nodes: document.querySelector('#nodes tbody').innerText,
             reporting: document.getElementById('nodes-reporting').textContent,
             ca: document.querySelector('#ca tbody').innerText,
+            alarm: document.getElementById('selftest-alarm').hidden,
             title: document.title
          } : null;",
         Duration::from_secs(30),
@@ -178,6 +179,10 @@ fn the_dashboard_shows_the_nodes_and_coverage_the_api_reports() {
         "{ca}"
     );
     assert_eq!(shown["title"], "tapproof fleet");
+    assert_eq!(
+        shown["alarm"], true,
+        "no self-test alarm without an accepted probe"
+    );
 
     let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();

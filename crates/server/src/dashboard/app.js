@@ -43,6 +43,13 @@ function pct(x) {
   return x === null || x === undefined ? "–" : x.toFixed(1) + "%";
 }
 
+// A node's latest self-test round: ACCEPTED probes in red, else how many were refused and when.
+function selftestCell(t, now) {
+  if (!t) return el("td", {}, "–");
+  if (t.accepted.length) return el("td", { class: "plain" }, "ACCEPTED: " + t.accepted.join(", "));
+  return el("td", { class: "enc" }, `${t.refused} refused, ${ago(t.at, now)}`);
+}
+
 function fill(id, rows, cells) {
   const body = document.querySelector("#" + id + " tbody");
   body.replaceChildren();
@@ -166,7 +173,14 @@ function render(data) {
     el("td", { class: n.capture_mode === "enforce" ? "enc" : "" }, n.capture_mode || "–"),
     el("td", { class: n.plaintext_attempts ? "plain" : "" }, n.plaintext_attempts === null ? "–" : String(n.plaintext_attempts)),
     captureSpark(n.capture_history, t0, now),
+    selftestCell(n.selftest, now),
   ]);
+  // A self-test probe the listener accepted is an alarm: said above everything else.
+  const alarms = data.nodes.filter((n) => n.selftest && n.selftest.accepted.length)
+    .map((n) => `${n.name} accepted ${n.selftest.accepted.join(", ")}`);
+  const alarm = document.getElementById("selftest-alarm");
+  alarm.hidden = alarms.length === 0;
+  alarm.textContent = alarms.length ? "SELF-TEST ALARM: a connection that must fail was accepted: " + alarms.join("; ") : "";
   fill("link-table", data.links, (l) => {
     let [label, cls] = CLASS[l.class] || [l.class, ""];
     // A node's connection to the control plane is not a link between nodes: say which it is.

@@ -341,6 +341,29 @@ impl Authority {
         })
     }
 
+    /// An identity for `id` that expired an hour ago (valid from two hours ago): what the control
+    /// plane's probes present to check that agents refuse expired certificates. Never for use.
+    pub fn issue_expired_for_probe(&self, id: &SpiffeId) -> Result<IssuedIdentity, CaError> {
+        if id.trust_domain() != &self.trust_domain {
+            return Err(CaError::ForeignTrustDomain {
+                id: id.to_string(),
+                trust_domain: self.trust_domain.to_string(),
+            });
+        }
+        let key = KeyPair::generate_for(self.algorithm.rcgen())?;
+        let mut params = leaf_params(id, Duration::minutes(1), self.not_after)?;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(2);
+        params.not_after = now - Duration::hours(1);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedIdentity {
+            id: id.clone(),
+            chain_pem: format!("{}{}", cert.pem(), self.intermediate_chain_pem()),
+            key_pem: key.serialize_pem(),
+            not_after: params.not_after,
+        })
+    }
+
     /// Signs `msg` with a key made here for `id` (a leaf of this CA valid `lifetime`), then drops
     /// the key: nothing can sign with it again. Returns the leaf's chain (PEM) and the signature
     /// (ECDSA P-256 with SHA-256, ASN.1 DER; or ML-DSA-87, as this CA's algorithm).

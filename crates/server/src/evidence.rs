@@ -120,7 +120,7 @@ pub async fn export(store: &dyn Store, ca: &Ca, period: Period, now: i64) -> Res
         "revocations".into(),
         serde_json::to_value(crate::admin::revocation_propagation(store).await?).unwrap_or_default(),
     );
-    sections.insert("selftests".into(), selftest_section(&uploads));
+    sections.insert("selftests".into(), selftest_section(&uploads, &audit_rows));
     sections.insert("capture".into(), capture_section(&points, &audit_rows));
     sections.insert(
         "audit_log".into(),
@@ -379,7 +379,24 @@ async fn pki_section(
     Ok(json!({ "cas": cas, "leaves_issued": leaves, "rotation_and_revocation_events": events }))
 }
 
-fn selftest_section(uploads: &[(String, tapproof_audit::CoverageUpload)]) -> Value {
+fn selftest_section(
+    uploads: &[(String, tapproof_audit::CoverageUpload)],
+    audit: &[&tapproof_store::AuditEntry],
+) -> Value {
+    // The control plane's own rounds (`probes.rs`): one audit row each.
+    let server_rounds: Vec<Value> = audit
+        .iter()
+        .filter(|r| r.action == "selftest.server_round" || r.action == "selftest.accepted")
+        .map(|r| {
+            let details: Value = serde_json::from_str(&r.details).unwrap_or_default();
+            json!({ "seq": r.seq, "at": r.at, "actor": r.actor, "probes": details["probes"] })
+        })
+        .collect();
+    let server_accepted = server_rounds
+        .iter()
+        .flat_map(|r| r["probes"].as_array().cloned().unwrap_or_default())
+        .filter(|p| p["result"] == "accepted")
+        .count();
     let rounds: Vec<Value> = uploads
         .iter()
         .filter_map(|(node, u)| u.selftest.as_ref().map(|r| (node, r)))
@@ -391,7 +408,10 @@ fn selftest_section(uploads: &[(String, tapproof_audit::CoverageUpload)]) -> Val
         .flat_map(|r| &r.probes)
         .filter(|p| p.result == "accepted")
         .count();
-    json!({ "rounds": rounds, "accepted": accepted, "note": "each node's latest round reported in the period" })
+    json!({
+        "rounds": rounds, "server_rounds": server_rounds, "accepted": accepted + server_accepted,
+        "note": "rounds: each node's own latest round reported in the period; server_rounds: every round of the control plane's probes (expired and revoked certificates) in the period",
+    })
 }
 
 fn capture_section(points: &[tapproof_store::CoveragePoint], audit: &[&tapproof_store::AuditEntry]) -> Value {
@@ -453,7 +473,25 @@ fn controls_section(flows: &Value, summary: &Value, sections: &Map<String, Value
         })
         .unwrap_or_default();
     let probe_refused = |name: &str| {
-        let of: Vec<_> = probes.iter().filter(|p| p["probe"] == name).collect();
+        let of: Vec<_> = probes
+            .iter()
+            .filter(|p| p["probe"] == name && p["result"] != "not_applicable")
+            .collect();
+        !of.is_empty() && of.iter().all(|p| p["result"] == "refused")
+    };
+    let server_probes: Vec<&Value> = sections["selftests"]["server_rounds"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .flat_map(|r| r["probes"].as_array().into_iter().flatten())
+                .collect()
+        })
+        .unwrap_or_default();
+    let server_refused = |name: &str| {
+        let of: Vec<_> = server_probes
+            .iter()
+            .filter(|p| p["probe"] == name && p["result"] != "not_applicable")
+            .collect();
         !of.is_empty() && of.iter().all(|p| p["result"] == "refused")
     };
     let fips = sections["crypto"]["control_plane"]["fips_mode"]
@@ -475,8 +513,9 @@ fn controls_section(flows: &Value, summary: &Value, sections: &Map<String, Value
     json!([
         row("PCI DSS 4.0", "4.2.1 a", "strong cryptography protects data in transit", &["handshake_summary", "handshake_records", "crypto"],
             judged(total > 0, tls13), format!("{total} handshakes, TLS 1.3 only: {tls13}")),
-        row("PCI DSS 4.0", "4.2.1 b", "certificates are valid, not expired or revoked; untrusted ones are refused", &["handshake_summary", "revocations", "pki"],
-            judged(total > 0, true), format!("{refused_untrusted} handshakes refused for an untrusted, expired, revoked or missing certificate")),
+        row("PCI DSS 4.0", "4.2.1 b", "certificates are valid, not expired or revoked; untrusted ones are refused", &["handshake_summary", "revocations", "pki", "selftests"],
+            judged(!server_probes.is_empty(), server_refused("expired") && server_refused("revoked")),
+            format!("the control plane's expired and revoked probes refused by every probed node; {refused_untrusted} handshakes refused for an untrusted, expired, revoked or missing certificate")),
         row("PCI DSS 4.0", "4.2.1 c", "connections with untrusted certificates fail (examined)", &["selftests"],
             judged(!probes.is_empty(), probe_refused("foreign_ca") && probe_refused("no_client_cert")), "self-test probes foreign_ca and no_client_cert refused on every node that ran a round".into()),
         row("PCI DSS 4.0", "4.2.1 d", "only secure versions and configurations", &["selftests", "crypto"],

@@ -357,6 +357,30 @@ pub fn render(content: &Value) -> String {
         400,
     );
 
+    out.push_str("<h3>The control plane's probes (expired and revoked certificates)</h3>\n");
+    let server: Vec<Value> = list(&s["selftests"]["server_rounds"])
+        .iter()
+        .flat_map(|r| {
+            list(&r["probes"])
+                .into_iter()
+                .map(|p| serde_json::json!({ "node": p["node"], "at": r["at"], "probe": p["probe"], "result": p["result"], "detail": p["detail"] }))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    table(
+        &mut out,
+        &server,
+        &[
+            ("node", "Node"),
+            ("at", "At"),
+            ("probe", "Probe"),
+            ("result", "Result"),
+            ("detail", "Detail"),
+        ],
+        &["at"],
+        400,
+    );
+
     out.push_str("<h2 id=\"capture\">Monitor / enforce history</h2>\n");
     table(
         &mut out,

@@ -19,6 +19,7 @@ pub mod limits;
 mod metrics;
 mod openapi;
 mod ops;
+pub mod probes;
 pub mod rollover;
 mod routes;
 mod serve;

@@ -45,6 +45,9 @@ pub struct RunOptions {
     pub limits: crate::limits::Limits,
     /// How long handshake records are kept (pruned hourly).
     pub handshake_retention: Duration,
+    /// How often the control plane probes every agent (`probes.rs`); the first round one
+    /// interval after start. None: never on a schedule.
+    pub probe_interval: Option<Duration>,
 }
 
 /// Handshake records are kept this long unless `--handshake-retention` says otherwise: PCI DSS
@@ -134,6 +137,17 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     };
     let prober = tokio::spawn(crate::metrics::probe_loop(state.clone()));
     let pruner = tokio::spawn(prune_loop(store.clone(), options.handshake_retention));
+    let prober_of_agents = options.probe_interval.map(|every| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = crate::probes::round(&*state.store, &state.ca(), "server").await {
+                    tracing::warn!(error = %e, "control-plane probe round failed");
+                }
+            }
+        })
+    });
     info!(listen = %bound, admin = %admin_bound.map_or_else(|| "off".to_owned(), |a| a.to_string()), trust_domain = %td, store = store.backend(), leaf_ttl_s = options.leaf_ttl.as_secs(), "control plane serving");
     if let Some(path) = &options.ready_file {
         let tmp = path.with_extension("tmp");
@@ -393,6 +407,9 @@ pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Res
     watcher.abort();
     prober.abort();
     pruner.abort();
+    if let Some(p) = prober_of_agents {
+        p.abort();
+    }
     admin_stop.cancel();
     if let Some(admin) = admin {
         let _ = admin.await;

@@ -66,6 +66,7 @@ async fn start_with(limits: tapproof_server::Limits, leaf_ttl: Duration) -> Serv
         rollover: None,
         limits,
         handshake_retention: tapproof_server::DEFAULT_HANDSHAKE_RETENTION,
+        probe_interval: None,
     };
     let task = tokio::spawn(tapproof_server::run(options, async move {
         let _ = stopped.await;

@@ -322,6 +322,10 @@ pub enum ServerCommand {
         /// How long agents' handshake records are kept (the evidence export's history).
         #[arg(long, env = "TAPPROOF_HANDSHAKE_RETENTION", default_value = "400d")]
         handshake_retention: humantime_arg::Duration,
+        /// How often the control plane probes every agent's tunnel listener with certificates
+        /// it must refuse (expired, revoked); the first round one interval after start. 0s: never.
+        #[arg(long, env = "TAPPROOF_PROBE_INTERVAL", default_value = "1h")]
+        probe_interval: humantime_arg::Duration,
         #[command(flatten)]
         limits: ServerLimitArgs,
     },
@@ -366,6 +370,20 @@ pub enum ServerCommand {
         /// Why (kept in the audit log).
         #[arg(long, default_value = "revoked by operator")]
         reason: String,
+    },
+    /// Probe every agent's tunnel listener now with certificates it must refuse (one that
+    /// expired, one whose identity is revoked); recorded in the audit log. Exit code 1 when a
+    /// listener accepted one. Runs on the server host (it needs the key-encryption key).
+    #[command(after_help = "Example:\n  tapproof server probe --data-dir /var/lib/tapproof-server")]
+    Probe {
+        #[command(flatten)]
+        store: ServerStoreArgs,
+        /// Key-encryption key file; TAPPROOF_KEK (hex) takes precedence. Default: <data-dir>/kek.key.
+        #[arg(long, env = "TAPPROOF_KEK_FILE")]
+        kek_file: Option<PathBuf>,
+        /// One JSON document per probe instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Agents' tunnel handshake records (both ends, accepted and refused), oldest first.
     #[command(

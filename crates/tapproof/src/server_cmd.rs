@@ -54,6 +54,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             root_max_age,
             rollover_propagation,
             handshake_retention,
+            probe_interval,
             limits,
         } => {
             let fd_limit = crate::fd_limit::raise();
@@ -71,6 +72,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     propagation: rollover_propagation.0,
                 }),
                 handshake_retention: handshake_retention.0,
+                probe_interval: (!probe_interval.0.is_zero()).then_some(probe_interval.0),
             };
             tapproof_server::run(options, crate::run_agent::shutdown_signal())
                 .await
@@ -123,6 +125,39 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         } => {
             let (td, db, kek) = open_with_kek(&store, kek_file).await?;
             crate::evidence_cmd::export(&*db, &kek, &td, from, to, &out, html).await
+        }
+        ServerCommand::Probe {
+            store,
+            kek_file,
+            json,
+        } => {
+            let (td, db, kek) = open_with_kek(&store, kek_file).await?;
+            let ca = tapproof_server::Ca::load(&*db, &kek, &td)
+                .await
+                .map_err(classify)?;
+            let probes = tapproof_server::probes::round(&*db, &ca, "cli")
+                .await
+                .map_err(classify)?;
+            if probes.is_empty() && !json {
+                println!("no live node has announced a tunnel listener: nothing to probe");
+            }
+            for p in &probes {
+                if json {
+                    println!("{}", serde_json::to_string(p)?);
+                } else {
+                    println!(
+                        "{:<20} {:<22} {:<8} {:<15} {}",
+                        p.node, p.target, p.probe, p.result, p.detail
+                    );
+                }
+            }
+            let accepted = probes.iter().filter(|p| p.result == "accepted").count();
+            if accepted > 0 {
+                anyhow::bail!(
+                    "{accepted} probe(s) ACCEPTED: a tunnel listener took a certificate it must refuse"
+                );
+            }
+            Ok(())
         }
         ServerCommand::Handshakes {
             store,

@@ -161,6 +161,34 @@ fn an_export_verifies_and_every_tamper_is_named() {
                 .iter()
                 .any(|r| r["node"] == "db-1")
     });
+    // The control plane's probes: the first round makes the probe identity's revocation (its
+    // revoked probe waits for db-1 to acknowledge it); a later one probes with it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) = run_tapproof(EXE, &["server", "probe", "--data-dir", &d, "--json"]);
+        assert_eq!(code, 0, "{out}{err}");
+        let probes: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let result = |probe: &str| {
+            probes
+                .iter()
+                .find(|p| p["node"] == "db-1" && p["probe"] == probe)
+                .map(|p| p["result"].as_str().unwrap().to_owned())
+        };
+        assert_eq!(result("expired").as_deref(), Some("refused"), "{out}");
+        assert!(
+            probes.iter().all(|p| p["node"] == "db-1"),
+            "web-1 has no tunnel listener: {out}"
+        );
+        if result("revoked").as_deref() == Some("refused") {
+            break;
+        }
+        assert_eq!(result("revoked").as_deref(), Some("not_applicable"), "{out}");
+        assert!(
+            Instant::now() < deadline,
+            "db-1 never applied the probe identity's revocation: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     for step in ["prepare", "activate"] {
         let (code, out, err) = run_tapproof(EXE, &["server", "ca", "rotate", step, "--data-dir", &d]);
         assert_eq!(code, 0, "{step}: {out}{err}");
@@ -179,8 +207,17 @@ fn an_export_verifies_and_every_tamper_is_named() {
         ],
     );
     assert_eq!(code, 0, "{out}{err}");
+    let web_revocation = |s: &Value| {
+        s["revocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["revocation"]["value"] == "web-1")
+            .cloned()
+            .unwrap_or_default()
+    };
     let content = export_until("db-1's acknowledgement of the revocation", &|s| {
-        s["revocations"][0]["applied"]
+        web_revocation(s)["applied"]
             .as_array()
             .is_some_and(|a| !a.is_empty())
     });
@@ -211,8 +248,7 @@ fn an_export_verifies_and_every_tamper_is_named() {
             .all(|p| p["result"] == "refused" || p["result"] == "not_applicable"),
         "{probes}"
     );
-    let revocation = &s["revocations"][0];
-    assert_eq!(revocation["revocation"]["value"], "web-1");
+    let revocation = &web_revocation(s);
     assert_eq!(revocation["applied"][0]["node"], "db-1", "{revocation}");
     let roots = s["pki"]["cas"]
         .as_array()
@@ -238,8 +274,25 @@ fn an_export_verifies_and_every_tamper_is_named() {
         .iter()
         .map(|c| (c["control"].as_str().unwrap(), c["status"].as_str().unwrap()))
         .collect();
+    let server_probes: Vec<(String, String)> = s["selftests"]["server_rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["probes"].as_array().unwrap().clone())
+        .map(|p| {
+            (
+                p["probe"].as_str().unwrap().to_owned(),
+                p["result"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        server_probes.contains(&("revoked".into(), "refused".into())),
+        "{server_probes:?}"
+    );
     for (control, status) in [
         ("4.2.1 a", "met"),
+        ("4.2.1 b", "met"),
         ("4.2.1 c", "met"),
         ("4.2.1 d", "met"),
         ("SC-13", "not met"),
@@ -398,6 +451,7 @@ fn an_export_verifies_and_every_tamper_is_named() {
         "foreign_ca",
         "X25519MLKEM768",
         "web-1",
+        "expired",
     ] {
         assert!(text.contains(expected), "{expected} not shown");
     }

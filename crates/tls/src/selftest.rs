@@ -153,10 +153,14 @@ pub async fn run(
             )
         }
     };
-    let config = match config {
-        Ok(c) => c,
-        Err(e) => return Verdict::Error(format!("cannot build the probe's TLS config: {e}")),
-    };
+    match config {
+        Ok(config) => ask(config, addr, tcp, wait).await,
+        Err(e) => Verdict::Error(format!("cannot build the probe's TLS config: {e}")),
+    }
+}
+
+/// The TLS handshake with `config` on `tcp`, then `answered`.
+async fn ask(config: Arc<ClientConfig>, addr: SocketAddr, tcp: TcpStream, wait: Duration) -> Verdict {
     let connector = tokio_rustls::TlsConnector::from(config);
     let name = ServerName::IpAddress(addr.ip().into());
     match timeout(wait, connector.connect(name, tcp)).await {
@@ -164,6 +168,41 @@ pub async fn run(
         Ok(Err(e)) => Verdict::Refused(failure_reason(&e).to_owned()),
         Err(_) => Verdict::Refused("timeout".into()),
     }
+}
+
+/// A probe by the control plane: TLS 1.3 to the tunnel listener at `addr`, presenting
+/// `chain_pem` and `key_pem` (an identity the listener must refuse: expired, revoked), under
+/// `policy`'s groups; the verdict as for the node's own probes.
+pub async fn run_with_identity(
+    addr: SocketAddr,
+    chain_pem: &str,
+    key_pem: &str,
+    policy: CryptoPolicy,
+    wait: Duration,
+) -> Verdict {
+    use rustls::pki_types::pem::PemObject;
+    let chain = match CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>() {
+        Ok(c) => c,
+        Err(e) => return Verdict::Error(format!("the probe's chain: {e}")),
+    };
+    let key = match PrivateKeyDer::from_pem_slice(key_pem.as_bytes()) {
+        Ok(k) => k,
+        Err(e) => return Verdict::Error(format!("the probe's key: {e}")),
+    };
+    let config = match build(
+        (*crypto_provider(policy)).clone(),
+        &rustls::version::TLS13,
+        Some(Identity::Der(chain, key)),
+    ) {
+        Ok(c) => c,
+        Err(e) => return Verdict::Error(format!("cannot build the probe's TLS config: {e}")),
+    };
+    let tcp = match timeout(wait, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Verdict::Error(format!("cannot connect to {addr}: {e}")),
+        Err(_) => return Verdict::Error(format!("no connection to {addr} in {wait:?}")),
+    };
+    ask(config, addr, tcp, wait).await
 }
 
 /// Sends the HTTP/2 preface and waits for the listener's first bytes: an answer means it took

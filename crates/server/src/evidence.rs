@@ -448,6 +448,25 @@ fn status(ok: bool) -> &'static str {
     }
 }
 
+/// Every probe of every round in `rounds`.
+fn all_probes(rounds: &Value) -> Vec<&Value> {
+    rounds
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["probes"].as_array().into_iter().flatten())
+        .collect()
+}
+
+/// Whether the probe `name` ran at least once (not `not_applicable`) and was refused every time.
+fn every_run_refused(probes: &[&Value], name: &str) -> bool {
+    let ran: Vec<_> = probes
+        .iter()
+        .filter(|p| p["probe"] == name && p["result"] != "not_applicable")
+        .collect();
+    !ran.is_empty() && ran.iter().all(|p| p["result"] == "refused")
+}
+
 fn controls_section(flows: &Value, summary: &Value, sections: &Map<String, Value>) -> Value {
     let days = flows["fleet_daily"].as_array().cloned().unwrap_or_default();
     let plaintext: i64 = days.iter().filter_map(|d| d["plaintext"].as_i64()).sum();
@@ -464,36 +483,10 @@ fn controls_section(flows: &Value, summary: &Value, sections: &Map<String, Value
     .iter()
     .filter_map(|r| summary["by"]["refused_reason"][*r].as_u64())
     .sum();
-    let probes: Vec<&Value> = sections["selftests"]["rounds"]
-        .as_array()
-        .map(|r| {
-            r.iter()
-                .flat_map(|r| r["probes"].as_array().into_iter().flatten())
-                .collect()
-        })
-        .unwrap_or_default();
-    let probe_refused = |name: &str| {
-        let of: Vec<_> = probes
-            .iter()
-            .filter(|p| p["probe"] == name && p["result"] != "not_applicable")
-            .collect();
-        !of.is_empty() && of.iter().all(|p| p["result"] == "refused")
-    };
-    let server_probes: Vec<&Value> = sections["selftests"]["server_rounds"]
-        .as_array()
-        .map(|r| {
-            r.iter()
-                .flat_map(|r| r["probes"].as_array().into_iter().flatten())
-                .collect()
-        })
-        .unwrap_or_default();
-    let server_refused = |name: &str| {
-        let of: Vec<_> = server_probes
-            .iter()
-            .filter(|p| p["probe"] == name && p["result"] != "not_applicable")
-            .collect();
-        !of.is_empty() && of.iter().all(|p| p["result"] == "refused")
-    };
+    let node_probes = all_probes(&sections["selftests"]["rounds"]);
+    let server_probes = all_probes(&sections["selftests"]["server_rounds"]);
+    let probe_refused = |name: &str| every_run_refused(&node_probes, name);
+    let server_refused = |name: &str| every_run_refused(&server_probes, name);
     let fips = sections["crypto"]["control_plane"]["fips_mode"]
         .as_bool()
         .unwrap_or(false);
@@ -517,9 +510,9 @@ fn controls_section(flows: &Value, summary: &Value, sections: &Map<String, Value
             judged(!server_probes.is_empty(), server_refused("expired") && server_refused("revoked")),
             format!("the control plane's expired and revoked probes refused by every probed node; {refused_untrusted} handshakes refused for an untrusted, expired, revoked or missing certificate")),
         row("PCI DSS 4.0", "4.2.1 c", "connections with untrusted certificates fail (examined)", &["selftests"],
-            judged(!probes.is_empty(), probe_refused("foreign_ca") && probe_refused("no_client_cert")), "self-test probes foreign_ca and no_client_cert refused on every node that ran a round".into()),
+            judged(!node_probes.is_empty(), probe_refused("foreign_ca") && probe_refused("no_client_cert")), "self-test probes foreign_ca and no_client_cert refused on every node that ran a round".into()),
         row("PCI DSS 4.0", "4.2.1 d", "only secure versions and configurations", &["selftests", "crypto"],
-            judged(!probes.is_empty(), probe_refused("tls12") && probe_refused("plaintext") && tls13), "TLS 1.2 and plaintext probes refused; TLS 1.3 only negotiated".into()),
+            judged(!node_probes.is_empty(), probe_refused("tls12") && probe_refused("plaintext") && tls13), "TLS 1.2 and plaintext probes refused; TLS 1.3 only negotiated".into()),
         row("PCI DSS 4.0", "4.2.1.1", "inventory of trusted keys and certificates", &["pki"],
             status(cas > 0), format!("{cas} CA certificates, leaves issued in the period listed with their key location")),
         row("SOC 2", "CC6.1", "logical access: identities, issuance and revocation", &["pki", "revocations", "audit_log"],

@@ -85,6 +85,36 @@ fn list(v: &Value) -> Vec<Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
+/// One row per probe of `rounds` (a node's own rounds name the node on the round, the control
+/// plane's on each probe).
+fn probe_table(out: &mut String, rounds: &Value) {
+    let rows: Vec<Value> = list(rounds)
+        .iter()
+        .flat_map(|r| {
+            list(&r["probes"])
+                .into_iter()
+                .map(|p| {
+                    let node = if p["node"].is_null() { &r["node"] } else { &p["node"] };
+                    serde_json::json!({ "node": node, "at": r["at"], "probe": p["probe"], "result": p["result"], "detail": p["detail"] })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    table(
+        out,
+        &rows,
+        &[
+            ("node", "Node"),
+            ("at", "At"),
+            ("probe", "Probe"),
+            ("result", "Result"),
+            ("detail", "Detail"),
+        ],
+        &["at"],
+        400,
+    );
+}
+
 /// Renders the report of an export's `content`.
 pub fn render(content: &Value) -> String {
     let s = &content["sections"];
@@ -334,52 +364,9 @@ pub fn render(content: &Value) -> String {
     );
 
     out.push_str("<h2 id=\"selftests\">Self-test probes</h2>\n");
-    let probes: Vec<Value> = list(&s["selftests"]["rounds"])
-        .iter()
-        .flat_map(|r| {
-            list(&r["probes"])
-                .into_iter()
-                .map(|p| serde_json::json!({ "node": r["node"], "at": r["at"], "probe": p["probe"], "result": p["result"], "detail": p["detail"] }))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    table(
-        &mut out,
-        &probes,
-        &[
-            ("node", "Node"),
-            ("at", "At"),
-            ("probe", "Probe"),
-            ("result", "Result"),
-            ("detail", "Detail"),
-        ],
-        &["at"],
-        400,
-    );
-
+    probe_table(&mut out, &s["selftests"]["rounds"]);
     out.push_str("<h3>The control plane's probes (expired and revoked certificates)</h3>\n");
-    let server: Vec<Value> = list(&s["selftests"]["server_rounds"])
-        .iter()
-        .flat_map(|r| {
-            list(&r["probes"])
-                .into_iter()
-                .map(|p| serde_json::json!({ "node": p["node"], "at": r["at"], "probe": p["probe"], "result": p["result"], "detail": p["detail"] }))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    table(
-        &mut out,
-        &server,
-        &[
-            ("node", "Node"),
-            ("at", "At"),
-            ("probe", "Probe"),
-            ("result", "Result"),
-            ("detail", "Detail"),
-        ],
-        &["at"],
-        400,
-    );
+    probe_table(&mut out, &s["selftests"]["server_rounds"]);
 
     out.push_str("<h2 id=\"capture\">Monitor / enforce history</h2>\n");
     table(

@@ -86,14 +86,12 @@ pub async fn list_revocations(store: &dyn Store) -> Result<Vec<Revocation>, Serv
 /// Every revocation with the nodes that applied it (and when) and the live nodes that have not.
 pub async fn revocation_propagation(store: &dyn Store) -> Result<Vec<RevocationPropagation>, ServerError> {
     let rows = store.revocations().await?;
-    let revoked = crate::app::revocation_set(&rows);
     let nodes = store.node_list().await?;
-    let mut live = Vec::new();
-    for node in &nodes {
-        if crate::app::node_is_live(store, &revoked, node).await? {
-            live.push(node.name.clone());
-        }
-    }
+    let live: Vec<String> = crate::app::live_nodes(store, &rows)
+        .await?
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
     let acks = store.revocation_acks().await?;
     Ok(rows
         .into_iter()
@@ -107,7 +105,7 @@ pub async fn revocation_propagation(store: &dyn Store) -> Result<Vec<RevocationP
                     seconds: a.applied_at - r.revoked_at,
                     joined_after: nodes
                         .iter()
-                        .any(|n| n.name == a.node && n.created_at > r.revoked_at),
+                        .any(|n| n.name == a.node && crate::app::joined_after(n.created_at, r.revoked_at)),
                 })
                 .collect();
             let pending = live

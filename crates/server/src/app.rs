@@ -102,6 +102,27 @@ pub(crate) async fn node_is_live(
     }))
 }
 
+/// The nodes still in the fleet under `revocations` (`node_is_live`), in the store's order.
+pub(crate) async fn live_nodes(
+    store: &dyn Store,
+    revocations: &[tapproof_store::Revocation],
+) -> Result<Vec<tapproof_store::Node>, StoreError> {
+    let revoked = revocation_set(revocations);
+    let mut live = Vec::new();
+    for node in store.node_list().await? {
+        if node_is_live(store, &revoked, &node).await? {
+            live.push(node);
+        }
+    }
+    Ok(live)
+}
+
+/// Whether a node that joined at `joined_at` applied a revocation made at `revoked_at` on joining
+/// (it joined after): its acknowledgement is not a propagation time.
+pub(crate) fn joined_after(joined_at: i64, revoked_at: i64) -> bool {
+    joined_at > revoked_at
+}
+
 fn revoked_by(kind: RevocationKind) -> RevokedBy {
     match kind {
         RevocationKind::Node => RevokedBy::Node,

@@ -92,6 +92,14 @@ pub async fn report(
 /// Counted in characters, as the OpenAPI document's `maxLength` counts.
 const MAX_FIELD: usize = 2048;
 
+/// `text` of `field` is at most `MAX_FIELD` characters, else says which field is too long.
+fn fits(field: &str, text: &str) -> Result<(), String> {
+    if text.chars().count() > MAX_FIELD {
+        return Err(format!("{field} is longer than {MAX_FIELD} characters"));
+    }
+    Ok(())
+}
+
 /// Probes a self-test round may report (there are six today).
 pub const MAX_SELFTEST_PROBES: usize = 32;
 
@@ -99,9 +107,7 @@ fn check_selftest(round: &SelftestRound) -> Result<(), String> {
     if round.probes.len() > MAX_SELFTEST_PROBES {
         return Err(format!("at most {MAX_SELFTEST_PROBES} probes"));
     }
-    if round.target.chars().count() > MAX_FIELD {
-        return Err(format!("target is longer than {MAX_FIELD} characters"));
-    }
+    fits("target", &round.target)?;
     for (i, p) in round.probes.iter().enumerate() {
         if !matches!(
             p.result.as_str(),
@@ -112,14 +118,8 @@ fn check_selftest(round: &SelftestRound) -> Result<(), String> {
                 p.result
             ));
         }
-        if [&p.probe, &p.detail]
-            .iter()
-            .any(|t| t.chars().count() > MAX_FIELD)
-        {
-            return Err(format!(
-                "probes[{i}]: a field is longer than {MAX_FIELD} characters"
-            ));
-        }
+        fits(&format!("probes[{i}].probe"), &p.probe)?;
+        fits(&format!("probes[{i}].detail"), &p.detail)?;
     }
     Ok(())
 }
@@ -146,11 +146,10 @@ fn handshake_row(node: &str, r: HandshakeRecord) -> Result<HandshakeRow, String>
         ("signature_scheme", r.signature_scheme.as_ref()),
         ("reason", r.reason.as_ref()),
     ];
-    if let Some((field, _)) = texts
-        .iter()
-        .find(|(_, v)| v.is_some_and(|v| v.chars().count() > MAX_FIELD))
-    {
-        return Err(format!("{field} is longer than {MAX_FIELD} characters"));
+    for (field, text) in texts {
+        if let Some(text) = text {
+            fits(field, text)?;
+        }
     }
     Ok(HandshakeRow {
         node: node.to_owned(),

@@ -137,7 +137,9 @@ async fn acknowledge(s: &AppState, node: &str, since: i64) -> Result<(), ApiErro
         let joined = s.store.node_get(node).await?.map(|n| n.created_at);
         for r in s.store.revocations().await? {
             // A node that joined after the revocation applied it on joining: not a propagation.
-            if added.contains(&r.id) && joined.is_none_or(|joined| joined <= r.revoked_at) {
+            if added.contains(&r.id)
+                && !joined.is_some_and(|joined| crate::app::joined_after(joined, r.revoked_at))
+            {
                 s.metrics.revocation_applied(now - r.revoked_at);
             }
         }

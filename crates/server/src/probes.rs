@@ -84,15 +84,11 @@ pub async fn round(store: &dyn Store, ca: &Ca, actor: &str) -> Result<Vec<NodePr
         .signer
         .issue_with_new_key(&revoked_id, time::Duration::minutes(10))
         .map_err(issue)?;
-    let revoked_set = crate::app::revocation_set(&revocations);
     // The probes offer what any agent's profile accepts (ML-KEM-1024 too): the identity is
     // what must be refused, not the key exchange.
     let policy = tapproof_tls::CryptoPolicy::PreferPostQuantum;
     let mut out = Vec::new();
-    for node in store.node_list().await? {
-        if !crate::app::node_is_live(store, &revoked_set, &node).await? {
-            continue;
-        }
+    for node in crate::app::live_nodes(store, &revocations).await? {
         let Some(target) = node
             .tunnel_addr
             .as_deref()

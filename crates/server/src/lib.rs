@@ -490,7 +490,23 @@ pub fn parse_policy(text: &str, td: &TrustDomain) -> Result<Policy, ServerError>
         ));
     }
     let policy: Policy = if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?;
+        // serde takes a JSON array for a struct (its fields by position): `"capture": []` would
+        // pass as an empty capture policy. The document's tables must be objects.
+        let tables = value.get("capture").into_iter().chain(
+            value
+                .get("services")
+                .and_then(|s| s.as_object())
+                .into_iter()
+                .flat_map(|s| s.values()),
+        );
+        if tables.into_iter().any(|t| !t.is_object()) {
+            return Err(ServerError::Invalid(
+                "policy: capture and each services entry must be JSON objects".into(),
+            ));
+        }
+        serde_json::from_value(value).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?
     } else {
         toml::from_str(text).map_err(|e| ServerError::Invalid(format!("policy: {e}")))?
     };

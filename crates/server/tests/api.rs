@@ -888,6 +888,14 @@ async fn bad_input_gets_a_code_and_changes_nothing() {
         (
             Some(&admin),
             "POST",
+            paths::POLICY,
+            br#"{"capture": []}"#.to_vec(),
+            400,
+            "bad_policy",
+        ),
+        (
+            Some(&admin),
+            "POST",
             paths::REGISTRATIONS,
             br#"{"node":"../x","service":"s","add":true}"#.to_vec(),
             400,
